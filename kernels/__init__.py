@@ -1,0 +1,1 @@
+"""PillarAttn Triton kernels, each next to its PyTorch reference."""

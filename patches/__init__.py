@@ -1,0 +1,1 @@
+"""HookRegistry hooks into SGLang, one module per hooked target."""

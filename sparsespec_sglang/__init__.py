@@ -1,0 +1,3 @@
+"""SparseSpec: sparse self-speculative decoding for SGLang (PillarAttn)."""
+
+__version__ = "0.1.0"
