@@ -1,0 +1,166 @@
+"""SparseSpecConfig: every SPARSESPEC knob in one validated dataclass.
+
+Values come from SGLang's own speculative flags where they exist (k is
+``--speculative-num-steps``; ``--speculative-num-draft-tokens`` must be k+1 and
+``--speculative-eagle-topk`` must be 1) and from ``--sparsespec-*`` flags (or the
+same names as ``sglang.Engine`` keyword arguments) for the rest. Every bad value
+raises :class:`SparseSpecArgsError` with one line naming the flag and the
+allowed values, before any model is loaded.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping
+
+ALGORITHM_NAME = "SPARSESPEC"
+ATTENTION_BACKEND_NAME = "sparsespec"
+
+# Decoder-only models whose attention is plain MHA/GQA over SGLang's
+# MHATokenToKVPool (RadixAttention); the PillarAttn kernels assume that layout.
+SUPPORTED_ARCHITECTURES = (
+    "Qwen3ForCausalLM",
+    "Qwen2ForCausalLM",
+    "LlamaForCausalLM",
+    "MistralForCausalLM",
+)
+
+# ServerArgs attribute holding the --sparsespec-* values (flags or Engine kwargs).
+# A leading underscore keeps it out of SGLang's read-only field guard; it is a
+# plain instance attribute, so it travels with server_args to scheduler processes.
+SERVER_ARGS_ATTR = "_sparsespec_args"
+
+
+class SparseSpecArgsError(ValueError):
+    """A bad SPARSESPEC setting; the message is one line naming the flag."""
+
+
+@dataclass(frozen=True)
+class Option:
+    """One ``--sparsespec-*`` flag: its config field, parser and help text."""
+
+    field: str
+    flag: str
+    parse: Callable[[str], Any]
+    help: str
+    store_false: bool = False  # a --sparsespec-disable-* switch for a bool field
+
+    @property
+    def dest(self) -> str:
+        return self.flag.lstrip("-").replace("-", "_")
+
+
+OPTIONS = (
+    Option("sparsity", "--sparsespec-sparsity", float,
+           "Fraction s of the context each draft step attends to (0 < s <= 1)."),
+    Option("min_selected", "--sparsespec-min-selected", int,
+           "Floor on selected tokens per KV head (>= 0)."),
+    Option("max_selected", "--sparsespec-max-selected", int,
+           "Cap on selected tokens per KV head (>= min-selected, >= 1)."),
+    Option("num_sink_tokens", "--sparsespec-sink-tokens", int,
+           "First tokens of every request always attended by drafts (>= 0)."),
+    Option("aggregation", "--sparsespec-aggregation", str,
+           "How verify scores are pooled over queries and GQA heads: sum or max."),
+    Option("offload_low_watermark", "--sparsespec-offload-low-watermark", float,
+           "Offload running requests' KV to host when the free GPU KV fraction falls below this."),
+    Option("offload_high_watermark", "--sparsespec-offload-high-watermark", float,
+           "Load parked requests back when the free GPU KV fraction rises above this."),
+    Option("delayed_verification", "--sparsespec-disable-delayed-verify", bool,
+           "Consume verify results in the same pass instead of one pass late.", store_false=True),
+    Option("unified_scheduling", "--sparsespec-disable-unified-schedule", bool,
+           "Run the batch in lockstep (k drafts, then verify) instead of mixed phases.",
+           store_false=True),
+    Option("kv_offload", "--sparsespec-disable-kv-offload", bool,
+           "Use SGLang's retract-and-recompute instead of host offload when KV runs short.",
+           store_false=True),
+)
+OPTIONS_BY_DEST = {o.dest: o for o in OPTIONS}
+
+
+@dataclass(frozen=True)
+class SparseSpecConfig:
+    """Validated SPARSESPEC settings (see README's flag table)."""
+
+    num_draft_steps: int = 8
+    sparsity: float = 0.05
+    min_selected: int = 64
+    max_selected: int = 2048
+    num_sink_tokens: int = 4
+    aggregation: str = "sum"
+    offload_low_watermark: float = 0.05
+    offload_high_watermark: float = 0.15
+    delayed_verification: bool = True
+    unified_scheduling: bool = True
+    kv_offload: bool = True
+
+    def __post_init__(self) -> None:
+        _check(_is_int(self.num_draft_steps) and 1 <= self.num_draft_steps <= 32,
+               "--speculative-num-steps", "an integer in [1, 32]", self.num_draft_steps)
+        _check(_is_real(self.sparsity) and 0.0 < self.sparsity <= 1.0,
+               "--sparsespec-sparsity", "a number in (0, 1]", self.sparsity)
+        _check(_is_int(self.min_selected) and self.min_selected >= 0,
+               "--sparsespec-min-selected", "an integer >= 0", self.min_selected)
+        _check(_is_int(self.max_selected) and self.max_selected >= max(1, self.min_selected),
+               "--sparsespec-max-selected",
+               f"an integer >= max(1, --sparsespec-min-selected={self.min_selected})",
+               self.max_selected)
+        _check(_is_int(self.num_sink_tokens) and self.num_sink_tokens >= 0,
+               "--sparsespec-sink-tokens", "an integer >= 0", self.num_sink_tokens)
+        _check(self.aggregation in ("sum", "max"),
+               "--sparsespec-aggregation", "one of: sum, max", self.aggregation)
+        _check(_is_real(self.offload_low_watermark) and 0.0 <= self.offload_low_watermark < 1.0,
+               "--sparsespec-offload-low-watermark", "a number in [0, 1)",
+               self.offload_low_watermark)
+        _check(_is_real(self.offload_high_watermark)
+               and self.offload_low_watermark < self.offload_high_watermark <= 1.0,
+               "--sparsespec-offload-high-watermark",
+               f"a number in (--sparsespec-offload-low-watermark={self.offload_low_watermark}, 1]",
+               self.offload_high_watermark)
+        for name in ("delayed_verification", "unified_scheduling", "kv_offload"):
+            _check(isinstance(getattr(self, name), bool), f"sparsespec_{name}",
+                   "True or False", getattr(self, name))
+
+    @property
+    def num_verify_tokens(self) -> int:
+        """Tokens per verify pass: the pending token plus k drafts."""
+        return self.num_draft_steps + 1
+
+    def num_selected(self, context_len: int) -> int:
+        """K = clamp(ceil(s * context_len), min_selected, max_selected)."""
+        k = math.ceil(self.sparsity * context_len)
+        return min(max(k, self.min_selected), self.max_selected)
+
+    @classmethod
+    def from_values(cls, num_draft_steps: int | None, values: Mapping[str, Any]) -> "SparseSpecConfig":
+        """Build from k and a ``{dest: value}`` mapping of ``--sparsespec-*`` values."""
+        kwargs: dict[str, Any] = {}
+        if num_draft_steps is not None:
+            kwargs["num_draft_steps"] = num_draft_steps
+        for dest, value in values.items():
+            option = OPTIONS_BY_DEST.get(dest)
+            if option is None:
+                allowed = ", ".join(sorted(OPTIONS_BY_DEST))
+                raise SparseSpecArgsError(f"unknown SPARSESPEC option {dest!r}; allowed: {allowed}")
+            if value is None:
+                continue
+            kwargs[option.field] = (not value) if option.store_false else value
+        return cls(**kwargs)
+
+    @classmethod
+    def from_server_args(cls, server_args: Any) -> "SparseSpecConfig":
+        return cls.from_values(server_args.speculative_num_steps,
+                               getattr(server_args, SERVER_ARGS_ATTR, None) or {})
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_real(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _check(ok: bool, flag: str, allowed: str, got: Any) -> None:
+    if not ok:
+        raise SparseSpecArgsError(f"{ALGORITHM_NAME}: {flag} must be {allowed} (got {got!r})")

@@ -1,0 +1,93 @@
+"""SGLang plugin entry point (group ``sglang.srt.plugins``).
+
+SGLang's ``load_plugins()`` calls :func:`register` once per process (launcher,
+Engine, scheduler, detokenizer); it registers the SPARSESPEC algorithm, the
+``sparsespec`` attention backend and the hooks under ``patches/``.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from sglang.srt.speculative.spec_info import SpeculativeAlgorithm
+from sglang.srt.speculative.spec_registry import CustomSpecAlgo, get_spec
+
+from sparsespec_sglang.config import ALGORITHM_NAME, ATTENTION_BACKEND_NAME, SparseSpecArgsError
+from sparsespec_sglang.server_args import validate_server_args
+
+logger = logging.getLogger(__name__)
+
+
+class SparseSpecAlgo(CustomSpecAlgo):
+    """SPARSESPEC as SGLang's scheduler sees it.
+
+    ``CustomSpecAlgo`` lacks three methods the 0.5.17 scheduler calls on every
+    speculative algorithm (``create_future_map``, ``need_topk``,
+    ``carries_draft_hidden_states``); they are provided here with the values
+    that fit a single-chain self-drafting algorithm.
+    """
+
+    def has_draft_kv(self) -> bool:
+        return True  # drafts write (sparse-computed) KV that verify overwrites
+
+    def need_topk(self) -> bool:
+        return False
+
+    def carries_draft_hidden_states(self) -> bool:
+        return False
+
+    def create_future_map(self, device: torch.device, req_to_token_pool: Any,
+                          needs_cpu_seq_lens: bool = True, needs_confidence_relay: bool = False) -> Any:
+        from sglang.srt.managers.overlap_utils import FutureMap
+
+        return FutureMap(device, self, req_to_token_pool, needs_cpu_seq_lens, needs_confidence_relay)
+
+
+def _validate(server_args: Any) -> None:
+    validate_server_args(server_args)
+
+
+def _worker_factory(server_args: Any) -> type:
+    if server_args.device != "cuda":
+        raise SparseSpecArgsError(
+            f"{ALGORITHM_NAME}: runs on CUDA GPUs only (--device {server_args.device})"
+        )
+    raise NotImplementedError(
+        f"{ALGORITHM_NAME}: the speculative worker is not implemented yet "
+        "(registration, flags and validation are in place)"
+    )
+
+
+def _create_attention_backend(runner: Any) -> Any:
+    raise NotImplementedError(
+        f"--attention-backend {ATTENTION_BACKEND_NAME}: the PillarAttn backend is not implemented yet"
+    )
+
+
+def register() -> None:
+    """Entry point: idempotent, so tests and repeated ``load_plugins()`` are safe."""
+    if get_spec(ALGORITHM_NAME) is None:
+        SpeculativeAlgorithm.register(
+            ALGORITHM_NAME,
+            supports_overlap=True,
+            validate_server_args=_validate,
+            spec_class=SparseSpecAlgo,
+        )(_worker_factory)
+
+    from sglang.srt.layers.attention.attention_registry import (
+        ATTENTION_BACKENDS,
+        register_attention_backend,
+    )
+    from sglang.srt.server_args import ATTENTION_BACKEND_CHOICES, add_attention_backend_choices
+
+    if ATTENTION_BACKEND_NAME not in ATTENTION_BACKENDS:
+        register_attention_backend(ATTENTION_BACKEND_NAME)(_create_attention_backend)
+    if ATTENTION_BACKEND_NAME not in ATTENTION_BACKEND_CHOICES:
+        add_attention_backend_choices([ATTENTION_BACKEND_NAME])
+
+    from sparsespec_sglang.patches import server_args as server_args_patch
+
+    server_args_patch.register()
+    logger.info("sparsespec-sglang: registered %s", ALGORITHM_NAME)

@@ -1,0 +1,94 @@
+"""Validate and default SGLang's ServerArgs for --speculative-algorithm SPARSESPEC.
+
+SGLang calls :func:`validate_server_args` from ``handle_speculative_decoding``
+(inside ``ServerArgs.__post_init__``), i.e. before any model weights load, so a
+bad setting stops the launch with one line instead of failing deep in the
+scheduler process.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sparsespec_sglang.config import (
+    ALGORITHM_NAME,
+    ATTENTION_BACKEND_NAME,
+    SUPPORTED_ARCHITECTURES,
+    SparseSpecArgsError,
+    SparseSpecConfig,
+)
+
+
+def is_sparsespec(server_args: Any) -> bool:
+    return (getattr(server_args, "speculative_algorithm", None) or "").upper() == ALGORITHM_NAME
+
+
+def _fail(flag: str, allowed: str, got: Any) -> None:
+    raise SparseSpecArgsError(f"{ALGORITHM_NAME}: {flag} must be {allowed} (got {got!r})")
+
+
+def validate_server_args(server_args: Any) -> SparseSpecConfig:
+    """Check every SPARSESPEC constraint and fill SGLang's speculative fields.
+
+    Mutates ``server_args`` (this runs before SGLang materialises its resolved
+    configuration): k defaults to 8, num_draft_tokens to k+1, topk to 1, and
+    mixed chunked prefill is turned off (verify passes are not mixed with
+    prefill chunks).
+    """
+    config = SparseSpecConfig.from_server_args(server_args)
+    k = config.num_draft_steps
+
+    if server_args.speculative_eagle_topk not in (None, 1):
+        _fail("--speculative-eagle-topk", "1 (SPARSESPEC drafts one chain)",
+              server_args.speculative_eagle_topk)
+    if server_args.speculative_num_draft_tokens not in (None, k + 1):
+        _fail("--speculative-num-draft-tokens",
+              f"--speculative-num-steps + 1 = {k + 1}", server_args.speculative_num_draft_tokens)
+    if server_args.speculative_draft_model_path is not None:
+        _fail("--speculative-draft-model-path", "unset (SPARSESPEC drafts with the target model)",
+              server_args.speculative_draft_model_path)
+    if server_args.pp_size != 1:
+        _fail("--pp-size", "1 (pipeline parallelism is not supported)", server_args.pp_size)
+    if server_args.enable_dp_attention:
+        _fail("--enable-dp-attention", "off (DP attention is not supported)", True)
+    if server_args.kv_cache_dtype not in ("auto", "bfloat16", "float16"):
+        _fail("--kv-cache-dtype", "auto, bfloat16 or float16", server_args.kv_cache_dtype)
+    if server_args.device not in ("cuda", "cpu"):
+        # cpu is accepted for validation only; the worker refuses to start on it.
+        _fail("--device", "cuda", server_args.device)
+    if server_args.device == "cuda":
+        # Another option (e.g. deterministic inference) may have swapped the backend.
+        from sglang.srt.arg_groups.overrides import attention_backends_of, resolved_view
+
+        for backend in attention_backends_of(resolved_view(server_args)):
+            if backend != ATTENTION_BACKEND_NAME:
+                _fail("--attention-backend", f"{ATTENTION_BACKEND_NAME} (another option selected "
+                      "a different backend)", backend)
+
+    model_config = server_args.get_model_config()
+    archs = list(getattr(model_config.hf_config, "architectures", None) or [])
+    if not archs or archs[0] not in SUPPORTED_ARCHITECTURES:
+        _fail("--model-path", "a decoder-only model with architecture in "
+              + ", ".join(SUPPORTED_ARCHITECTURES), archs[0] if archs else None)
+
+    server_args.speculative_num_steps = k
+    server_args.speculative_num_draft_tokens = k + 1
+    server_args.speculative_eagle_topk = 1
+    server_args.enable_mixed_chunk = False
+    return config
+
+
+def select_attention_backend(server_args: Any) -> None:
+    """Refuse any other attention backend the user asked for, else pick the plugin's.
+
+    Runs on the user's own values, before SGLang's device handlers and its
+    auto-selection fill the field in.
+    """
+    for flag, value in (
+        ("--attention-backend", server_args.attention_backend),
+        ("--decode-attention-backend", server_args.decode_attention_backend),
+        ("--prefill-attention-backend", server_args.prefill_attention_backend),
+    ):
+        if value not in (None, ATTENTION_BACKEND_NAME):
+            _fail(flag, f"{ATTENTION_BACKEND_NAME} or unset", value)
+    server_args.attention_backend = ATTENTION_BACKEND_NAME
