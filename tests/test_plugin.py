@@ -1,0 +1,191 @@
+"""Stock SGLang 0.5.17 finds SPARSESPEC through the entry point and validates its args."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import pickle
+import subprocess
+import sys
+from importlib.metadata import entry_points
+from pathlib import Path
+
+import pytest
+import torch
+
+from sparsespec_sglang.config import SparseSpecArgsError, SparseSpecConfig
+
+
+@pytest.fixture(scope="module")
+def sglang_loaded():
+    from sglang.srt.plugins import load_plugins
+
+    load_plugins()
+
+
+def _model_dir(root: Path, architecture: str, **extra) -> str:
+    config = {
+        "architectures": [architecture], "model_type": "qwen3", "hidden_size": 64,
+        "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "head_dim": 16, "vocab_size": 512,
+        "max_position_embeddings": 4096, "rms_norm_eps": 1e-6, "rope_theta": 1e6,
+        "torch_dtype": "bfloat16", "tie_word_embeddings": False, **extra,
+    }
+    path = root / architecture
+    path.mkdir(exist_ok=True)
+    (path / "config.json").write_text(json.dumps(config))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> str:
+    return _model_dir(tmp_path_factory.mktemp("models"), "Qwen3ForCausalLM")
+
+
+def _server_args(model_dir: str, **kwargs):
+    from sglang.srt.server_args import ServerArgs
+
+    return ServerArgs(model_path=model_dir, device="cpu", skip_tokenizer_init=True,
+                      speculative_algorithm=kwargs.pop("speculative_algorithm", "SPARSESPEC"),
+                      **kwargs)
+
+
+def test_entry_point_declared():
+    eps = {ep.name: ep.value for ep in entry_points(group="sglang.srt.plugins")}
+    assert eps.get("sparsespec") == "sparsespec_sglang.plugin:register"
+
+
+@pytest.mark.parametrize("name", ["SPARSESPEC", "sparsespec", "SparseSpec"])
+def test_from_string_resolves(sglang_loaded, name):
+    from sglang.srt.speculative.spec_info import SpeculativeAlgorithm
+
+    from sparsespec_sglang.plugin import SparseSpecAlgo
+
+    algo = SpeculativeAlgorithm.from_string(name)
+    assert isinstance(algo, SparseSpecAlgo)
+    assert algo.name == "SPARSESPEC" and algo.supports_overlap and algo.has_draft_kv()
+
+
+def test_spec_class_has_every_method_the_enum_has(sglang_loaded):
+    """The scheduler calls these on any algorithm; CustomSpecAlgo misses some."""
+    from sglang.srt.speculative.spec_info import SpeculativeAlgorithm
+
+    from sparsespec_sglang.plugin import SparseSpecAlgo
+
+    enum_methods = {n for n, v in vars(SpeculativeAlgorithm).items()
+                    if callable(v) and not n.startswith("_") and n not in ("register", "from_string")}
+    assert enum_methods - set(dir(SparseSpecAlgo)) == set()
+
+
+def test_server_args_defaults(sglang_loaded, model_dir):
+    sa = _server_args(model_dir)
+    assert sa.speculative_algorithm == "SPARSESPEC"
+    assert (sa.speculative_num_steps, sa.speculative_num_draft_tokens, sa.speculative_eagle_topk) == (8, 9, 1)
+    assert sa.attention_backend == "sparsespec"
+    assert SparseSpecConfig.from_server_args(sa) == SparseSpecConfig()
+
+
+def test_server_args_values_flow_into_config(sglang_loaded, model_dir):
+    sa = _server_args(model_dir, speculative_num_steps=4, sparsespec_sparsity=0.1,
+                      sparsespec_aggregation="max", sparsespec_disable_delayed_verify=True)
+    assert (sa.speculative_num_steps, sa.speculative_num_draft_tokens) == (4, 5)
+    config = SparseSpecConfig.from_server_args(pickle.loads(pickle.dumps(sa)))
+    assert (config.num_draft_steps, config.sparsity, config.aggregation) == (4, 0.1, "max")
+    assert config.delayed_verification is False and config.unified_scheduling is True
+
+
+@pytest.mark.parametrize("kwargs, flag", [
+    (dict(speculative_num_steps=0), "--speculative-num-steps"),
+    (dict(speculative_eagle_topk=4), "--speculative-eagle-topk"),
+    (dict(speculative_num_steps=4, speculative_num_draft_tokens=8), "--speculative-num-draft-tokens"),
+    (dict(sparsespec_sparsity=0.0), "--sparsespec-sparsity"),
+    (dict(sparsespec_sparsity=1.5), "--sparsespec-sparsity"),
+    (dict(sparsespec_min_selected=-1), "--sparsespec-min-selected"),
+    (dict(sparsespec_min_selected=100, sparsespec_max_selected=10), "--sparsespec-max-selected"),
+    (dict(sparsespec_sink_tokens=-2), "--sparsespec-sink-tokens"),
+    (dict(sparsespec_aggregation="mean"), "--sparsespec-aggregation"),
+    (dict(sparsespec_offload_low_watermark=0.5, sparsespec_offload_high_watermark=0.2),
+     "--sparsespec-offload-high-watermark"),
+    (dict(attention_backend="triton"), "--attention-backend"),
+    (dict(decode_attention_backend="flashinfer"), "--decode-attention-backend"),
+    (dict(pp_size=2), "--pp-size"),
+    (dict(speculative_draft_model_path="SELF"), "--speculative-draft-model-path"),
+    (dict(sparsespec_bogus=1), "sparsespec_bogus"),
+])
+def test_bad_values_rejected_with_one_line(sglang_loaded, model_dir, kwargs, flag):
+    kwargs = {k: model_dir if v == "SELF" else v for k, v in kwargs.items()}
+    with pytest.raises(SparseSpecArgsError) as err:
+        _server_args(model_dir, **kwargs)
+    message = str(err.value)
+    assert flag in message and "\n" not in message
+
+
+@pytest.mark.parametrize("arch", ["BertModel", "Qwen3MoeForCausalLM"])
+def test_unsupported_model_rejected(sglang_loaded, tmp_path, arch):
+    with pytest.raises(SparseSpecArgsError, match="--model-path .*Qwen3ForCausalLM"):
+        _server_args(_model_dir(tmp_path, arch))
+
+
+def test_sparsespec_flags_need_the_algorithm(sglang_loaded, model_dir):
+    with pytest.raises(SparseSpecArgsError, match="--sparsespec-sparsity need --speculative-algorithm"):
+        _server_args(model_dir, speculative_algorithm=None, sparsespec_sparsity=0.1)
+    assert _server_args(model_dir, speculative_algorithm=None).speculative_algorithm is None
+
+
+def test_worker_refuses_cpu(sglang_loaded, model_dir):
+    from sglang.srt.speculative.spec_info import SpeculativeAlgorithm
+
+    sa = _server_args(model_dir)
+    with pytest.raises(SparseSpecArgsError, match="CUDA GPUs only"):
+        SpeculativeAlgorithm.from_string("SPARSESPEC").create_worker(sa)
+
+
+def _launch(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "sglang.launch_server", *args],
+                          capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONWARNINGS": "ignore"})
+
+
+def test_cli_flags_parse_and_bad_value_is_one_line(model_dir):
+    proc = _launch("--model-path", model_dir, "--device", "cpu", "--speculative-algorithm",
+                   "sparsespec", "--sparsespec-sparsity", "0")
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "error: SPARSESPEC: --sparsespec-sparsity must be a number in (0, 1] (got 0.0)")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU message")
+def test_launch_without_gpu_is_one_line(model_dir):
+    proc = _launch("--model-path", model_dir, "--speculative-algorithm", "SPARSESPEC")
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: SPARSESPEC: needs a CUDA GPU")
+
+
+# Signatures of the SGLang functions patches/ hooks: a change in SGLang fails here.
+HOOKED_SIGNATURES = {
+    "sglang.srt.server_args.ServerArgs.add_cli_args": ["parser"],
+    "sglang.srt.server_args.ServerArgs.from_cli_args": ["cls", "args"],
+    "sglang.srt.server_args.ServerArgs.__post_init__": ["self"],
+    "sglang.srt.server_args.prepare_server_args": ["argv"],
+}
+
+
+def test_hooked_sglang_signatures_unchanged(sglang_loaded):
+    import pkgutil
+
+    from sparsespec_sglang.patches import server_args as patch
+
+    assert {t for t, _, _ in patch.HOOKS} == set(HOOKED_SIGNATURES) | {
+        "sglang.srt.server_args.ServerArgs.__init__"}
+    for target, params in HOOKED_SIGNATURES.items():
+        owner, attr = target.rsplit(".", 1)
+        fn = inspect.unwrap(inspect.getattr_static(pkgutil.resolve_name(owner), attr))
+        fn = getattr(fn, "__func__", fn)
+        assert list(inspect.signature(inspect.unwrap(fn)).parameters) == params, target
+    # __init__ is the dataclass constructor: every keyword is a field.
+    from sglang.srt.server_args import ServerArgs
+
+    assert "speculative_num_steps" in inspect.signature(inspect.unwrap(ServerArgs.__init__)).parameters
