@@ -23,14 +23,23 @@ logger = logging.getLogger(__name__)
 class SparseSpecAlgo(CustomSpecAlgo):
     """SPARSESPEC as SGLang's scheduler sees it.
 
-    ``CustomSpecAlgo`` lacks three methods the 0.5.17 scheduler calls on every
-    speculative algorithm (``create_future_map``, ``need_topk``,
-    ``carries_draft_hidden_states``); they are provided here with the values
-    that fit a single-chain self-drafting algorithm.
+    To the scheduler a SPARSESPEC step is NGRAM-shaped: no draft model, a chain
+    of k+1 tokens verified through ``NgramVerifyInput`` in TARGET_VERIFY mode,
+    and the draft state relayed through ``batch.spec_info`` rather than the
+    EAGLE FutureMap buffers; ``is_ngram()`` routes it through those branches
+    (verify CUDA graphs, relay, KV sizing). Drafts write KV only into the verify
+    slots of the same step, hence ``has_draft_kv() is False``.
+
+    ``CustomSpecAlgo`` also lacks three methods the 0.5.17 scheduler calls on
+    every speculative algorithm (``create_future_map``, ``need_topk``,
+    ``carries_draft_hidden_states``); they are provided here.
     """
 
+    def is_ngram(self) -> bool:
+        return True
+
     def has_draft_kv(self) -> bool:
-        return True  # drafts write (sparse-computed) KV that verify overwrites
+        return False
 
     def need_topk(self) -> bool:
         return False
@@ -54,16 +63,15 @@ def _worker_factory(server_args: Any) -> type:
         raise SparseSpecArgsError(
             f"{ALGORITHM_NAME}: runs on CUDA GPUs only (--device {server_args.device})"
         )
-    raise NotImplementedError(
-        f"{ALGORITHM_NAME}: the speculative worker is not implemented yet "
-        "(registration, flags and validation are in place)"
-    )
+    from sparsespec_sglang.worker import SparseSpecWorker
+
+    return SparseSpecWorker
 
 
 def _create_attention_backend(runner: Any) -> Any:
-    raise NotImplementedError(
-        f"--attention-backend {ATTENTION_BACKEND_NAME}: the PillarAttn backend is not implemented yet"
-    )
+    from sparsespec_sglang.attention import create_backend
+
+    return create_backend(runner)
 
 
 def register() -> None:

@@ -64,7 +64,7 @@ def test_from_string_resolves(sglang_loaded, name):
 
     algo = SpeculativeAlgorithm.from_string(name)
     assert isinstance(algo, SparseSpecAlgo)
-    assert algo.name == "SPARSESPEC" and algo.supports_overlap and algo.has_draft_kv()
+    assert algo.name == "SPARSESPEC" and algo.supports_overlap and algo.is_ngram() and not algo.has_draft_kv()
 
 
 def test_spec_class_has_every_method_the_enum_has(sglang_loaded):

@@ -1,0 +1,116 @@
+"""GPU check: SPARSESPEC greedy output token ids equal plain SGLang decoding.
+
+Builds a small Qwen3-shaped model with real (random, peaky) weights, runs the
+same prompts through a plain ``sglang.Engine`` (Triton backend) and through
+SPARSESPEC engines (overlap scheduler on and off), and writes per-run token-id
+equality, the first mismatch, throughput and SGLang's spec metrics as JSON.
+
+    python scripts/check_lossless.py --out lossless.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+
+def _engine(model_dir: str, args: argparse.Namespace, **kwargs):
+    import sglang as sgl
+
+    return sgl.Engine(model_path=model_dir, dtype=args.dtype, skip_tokenizer_init=True,
+                      mem_fraction_static=args.mem_fraction, disable_radix_cache=False,
+                      cuda_graph_max_bs=args.cuda_graph_max_bs,
+                      disable_cuda_graph=args.disable_cuda_graph, log_level="warning",
+                      max_running_requests=args.num_prompts, **kwargs)
+
+
+def _run(model_dir: str, args: argparse.Namespace, prompts: list[list[int]], sampling: dict,
+         **kwargs) -> dict:
+    engine = _engine(model_dir, args, **kwargs)
+    try:
+        engine.generate(input_ids=prompts[:2], sampling_params={**sampling, "max_new_tokens": 8})
+        start = time.perf_counter()
+        outs = engine.generate(input_ids=prompts, sampling_params=sampling)
+        elapsed = time.perf_counter() - start
+    finally:
+        engine.shutdown()
+    ids = [o["output_ids"] for o in outs]
+    metas = [o["meta_info"] for o in outs]
+    accept = [m["spec_accept_length"] for m in metas if "spec_accept_length" in m]
+    return {
+        "output_ids": ids,
+        "seconds": elapsed,
+        "output_tok_per_s": sum(map(len, ids)) / elapsed,
+        "mean_spec_accept_length": sum(accept) / len(accept) if accept else None,
+        "meta_info_example": {k: v for k, v in metas[0].items() if k.startswith("spec_")},
+    }
+
+
+def _compare(ref: list[list[int]], got: list[list[int]]) -> dict:
+    mismatches = []
+    for i, (a, b) in enumerate(zip(ref, got)):
+        if a != b:
+            first = next((j for j, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+            mismatches.append({"prompt": i, "first_mismatch": first, "len_ref": len(a),
+                               "len_got": len(b)})
+    return {"equal": not mismatches and len(ref) == len(got), "num_mismatched": len(mismatches),
+            "mismatches": mismatches[:8]}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--shape", default="small")
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--num-prompts", type=int, default=32)
+    ap.add_argument("--prompt-len", type=int, nargs=2, default=(64, 512))
+    ap.add_argument("--max-new-tokens", type=int, default=512)
+    ap.add_argument("--k", type=int, default=8)
+    ap.add_argument("--sparsity", type=float, default=0.05)
+    ap.add_argument("--min-selected", type=int, default=16)
+    ap.add_argument("--mem-fraction", type=float, default=0.3)
+    ap.add_argument("--cuda-graph-max-bs", type=int, default=32)
+    ap.add_argument("--disable-cuda-graph", action="store_true")
+    ap.add_argument("--modes", default="overlap,no-overlap")
+    args = ap.parse_args()
+
+    from sparsespec_sglang.model_dirs import make_model_dir
+
+    model_dir = str(make_model_dir(Path(tempfile.mkdtemp()) / args.shape, args.shape,
+                                   with_weights=True, dtype=args.dtype))
+    rng = random.Random(0)
+    vocab = json.loads((Path(model_dir) / "config.json").read_text())["vocab_size"]
+    prompts = [[rng.randrange(3, vocab) for _ in range(rng.randint(*args.prompt_len))]
+               for _ in range(args.num_prompts)]
+    sampling = {"temperature": 0.0, "max_new_tokens": args.max_new_tokens, "ignore_eos": True}
+
+    report = {"command": " ".join(sys.argv), "gpu": torch.cuda.get_device_name(),
+              "torch": torch.__version__, "shape": args.shape, "dtype": args.dtype,
+              "num_prompts": args.num_prompts, "max_new_tokens": args.max_new_tokens, "runs": {}}
+    base = _run(model_dir, args, prompts, sampling, attention_backend="triton")
+    report["runs"]["plain"] = {k: v for k, v in base.items() if k != "output_ids"}
+    spec_kwargs = dict(speculative_algorithm="SPARSESPEC", speculative_num_steps=args.k,
+                       sparsespec_sparsity=args.sparsity, sparsespec_min_selected=args.min_selected)
+    for mode in args.modes.split(","):
+        run = _run(model_dir, args, prompts, sampling, disable_overlap_schedule=mode == "no-overlap",
+                   **spec_kwargs)
+        entry = {k: v for k, v in run.items() if k != "output_ids"}
+        entry.update(_compare(base["output_ids"], run["output_ids"]))
+        report["runs"][f"sparsespec-{mode}"] = entry
+        print(mode, json.dumps({k: entry[k] for k in ("equal", "num_mismatched",
+                                                       "mean_spec_accept_length")}), flush=True)
+    Path(args.out).write_text(json.dumps(report, indent=1))
+    ok = all(r.get("equal", True) for r in report["runs"].values())
+    print("LOSSLESS" if ok else "MISMATCH", flush=True)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

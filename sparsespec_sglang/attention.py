@@ -1,0 +1,146 @@
+"""The ``sparsespec`` attention backend: SGLang's Triton backend plus the PillarAttn paths.
+
+Prefill and ordinary decode go to :class:`TritonAttnBackend` unchanged. Two
+forwards of the SPARSESPEC cycle take the plugin's kernels instead:
+
+- a *draft step* (DECODE run by the worker inside :meth:`draft_step`): sparse
+  decode over sink + selected + dense-tail slots (``kernels/sparse_decode.py``);
+- a *verify pass* (TARGET_VERIFY): causal attention of the k+1 verify tokens
+  that also dumps per-position scores (``kernels/verify_attention.py``), turned
+  into the next cycle's index table per layer right away
+  (``kernels/topk_select.py``), so no extra pass over the KV is scheduled.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Any, Iterator, Optional
+
+import torch
+from sglang.srt.layers.attention.triton_backend import TritonAttnBackend, logit_capping_mod
+
+from sparsespec_sglang.kernels.sparse_decode import sparse_decode_attention
+from sparsespec_sglang.kernels.topk_select import select_topk
+from sparsespec_sglang.kernels.verify_attention import verify_attention_with_scores
+from sparsespec_sglang.pillar import PillarState
+
+
+@dataclass
+class DraftStep:
+    """What a sparse draft forward needs beyond the ForwardBatch."""
+
+    dense_start: torch.Tensor  # [B] int32, per request in batch order
+    num_kv_splits: int
+
+
+class SparseSpecAttnBackend(TritonAttnBackend):
+    def __init__(self, model_runner: Any, *args: Any, **kwargs: Any) -> None:
+        super().__init__(model_runner, *args, **kwargs)
+        self.state: Optional[PillarState] = None
+        self._draft: Optional[DraftStep] = None
+        self._verify_consts: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def attach(self, state: PillarState) -> None:
+        """Called by the worker once the KV pools (and so the state) exist."""
+        self.state = state
+
+    @contextlib.contextmanager
+    def draft_step(self, step: DraftStep) -> Iterator[None]:
+        self._draft = step
+        try:
+            yield
+        finally:
+            self._draft = None
+
+    def _is_sparse_draft(self, forward_batch: Any) -> bool:
+        return self._draft is not None and forward_batch.forward_mode.is_decode()
+
+    def _is_pillar_verify(self, forward_batch: Any) -> bool:
+        return self.state is not None and forward_batch.forward_mode.is_target_verify()
+
+    def init_forward_metadata(self, forward_batch: Any) -> None:
+        # The PillarAttn kernels read req_to_token / seq_lens straight from the
+        # forward batch; the Triton kv_indices build would be wasted work.
+        if self._is_sparse_draft(forward_batch) or self._is_pillar_verify(forward_batch):
+            return
+        super().init_forward_metadata(forward_batch)
+
+    def _save_kv(self, layer: Any, forward_batch: Any, k: torch.Tensor, v: torch.Tensor) -> None:
+        self.token_to_kv_pool.set_kv_buffer(layer, forward_batch.out_cache_loc, k, v)
+
+    def forward_decode(self, q, k, v, layer, forward_batch, save_kv_cache=True, sinks=None,
+                       score_mod=None, aux_tensors=None):
+        if not self._is_sparse_draft(forward_batch):
+            return super().forward_decode(q, k, v, layer, forward_batch, save_kv_cache, sinks,
+                                          score_mod, aux_tensors)
+        assert sinks is None and score_mod is None, "SPARSESPEC drafts: no attention sinks/score_mod"
+        if save_kv_cache:
+            self._save_kv(layer, forward_batch, k, v)
+        state, step = self.state, self._draft
+        hq, d, dv = layer.tp_q_head_num, layer.qk_head_dim, layer.v_head_dim
+        o = q.new_empty((q.shape[0], hq * dv))
+        sparse_decode_attention(
+            q.view(-1, hq, d),
+            self.token_to_kv_pool.get_key_buffer(layer.layer_id),
+            self.token_to_kv_pool.get_value_buffer(layer.layer_id),
+            o.view(-1, hq, dv),
+            state.req_to_token,
+            forward_batch.req_pool_indices,
+            forward_batch.seq_lens,
+            step.dense_start,
+            state.sel_indices[layer.layer_id],
+            state.sel_lens,
+            state.config.num_sink_tokens,
+            layer.scaling,
+            logit_capping_mod(layer.logit_capping_method, layer.logit_cap),
+            num_kv_splits=step.num_kv_splits,
+        )
+        return o
+
+    def _verify_layout(self, batch_size: int, width: int, device: torch.device):
+        key = (batch_size, width)
+        if key not in self._verify_consts:
+            extend_lens = torch.full((batch_size,), width, dtype=torch.int32, device=device)
+            qo_indptr = torch.arange(0, batch_size + 1, dtype=torch.int32, device=device) * width
+            self._verify_consts[key] = (extend_lens, qo_indptr)
+        return self._verify_consts[key]
+
+    def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache=True, sinks=None,
+                       score_mod=None, aux_tensors=None):
+        if not self._is_pillar_verify(forward_batch):
+            return super().forward_extend(q, k, v, layer, forward_batch, save_kv_cache, sinks,
+                                          score_mod, aux_tensors)
+        assert sinks is None and score_mod is None, "SPARSESPEC verify: no attention sinks/score_mod"
+        if save_kv_cache:
+            self._save_kv(layer, forward_batch, k, v)
+        state, config = self.state, self.state.config
+        hq, d, dv = layer.tp_q_head_num, layer.qk_head_dim, layer.v_head_dim
+        batch_size = forward_batch.batch_size
+        width = q.shape[0] // batch_size
+        extend_lens, qo_indptr = self._verify_layout(batch_size, width, q.device)
+        prefix_lens = forward_batch.seq_lens
+        o = q.new_empty((q.shape[0], hq * dv))
+        scores = state.scores[:batch_size]
+        k_buffer = self.token_to_kv_pool.get_key_buffer(layer.layer_id)
+        verify_attention_with_scores(
+            q.view(-1, hq, d), k_buffer, self.token_to_kv_pool.get_value_buffer(layer.layer_id),
+            o.view(-1, hq, dv), state.req_to_token, forward_batch.req_pool_indices, prefix_lens,
+            extend_lens, qo_indptr, scores, layer.scaling, config.aggregation,
+            logit_capping_mod(layer.logit_capping_method, layer.logit_cap),
+        )
+        # Next cycle: candidates are the positions before this verify window
+        # (the window itself becomes the drafts' dense tail).
+        select_topk(
+            scores, state.req_to_token, forward_batch.req_pool_indices, prefix_lens + width,
+            prefix_lens, config.num_sink_tokens, config.sparsity, config.min_selected,
+            state.max_sel, state.sel_indices[layer.layer_id], state.sel_lens,
+        )
+        return o
+
+
+def create_backend(model_runner: Any) -> SparseSpecAttnBackend:
+    """Factory registered under ``--attention-backend sparsespec``."""
+    if model_runner.use_mla_backend:
+        raise ValueError("--attention-backend sparsespec: MLA models are not supported")
+    return SparseSpecAttnBackend(model_runner)

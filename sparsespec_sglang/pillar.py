@@ -1,0 +1,77 @@
+"""PillarState: per-request sparse index state on the GPU, keyed by req_pool_idx.
+
+Keying by SGLang's request-pool row (stable while a request lives) instead of by
+batch position means requests can join and leave the running batch every step
+without any gather/scatter of the index table: kernels read row
+``req_pool_indices[b]``. A new occupant of a row always passes through prefill,
+which re-initialises the row (:meth:`init_window`).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from sparsespec_sglang.config import SparseSpecConfig
+
+logger = logging.getLogger(__name__)
+
+
+class PillarState:
+    """Selection tables and scratch buffers shared by the worker and the backend.
+
+    - ``sel_indices [L, R, Hkv, max_sel]`` int32 slot ids chosen per layer and KV head;
+    - ``sel_lens [R]`` int32 entries in use (the same K for every layer and head);
+    - ``dense_start [R]`` int32 first position attended densely by drafts;
+    - ``scores [max_bs, Hkv, max_ctx]`` fp32, one layer's verify scores at a time.
+    """
+
+    def __init__(self, config: SparseSpecConfig, num_layers: int, num_kv_heads: int,
+                 req_to_token: torch.Tensor, max_batch_size: int) -> None:
+        self.config = config
+        self.req_to_token = req_to_token
+        num_rows, max_ctx = req_to_token.shape
+        self.max_sel = min(config.max_selected, max_ctx)
+        device = req_to_token.device
+        self.sel_indices = torch.zeros((num_layers, num_rows, num_kv_heads, self.max_sel),
+                                       dtype=torch.int32, device=device)
+        self.sel_lens = torch.zeros((num_rows,), dtype=torch.int32, device=device)
+        self.dense_start = torch.zeros((num_rows,), dtype=torch.int32, device=device)
+        self.scores = torch.zeros((max_batch_size, num_kv_heads, max_ctx),
+                                  dtype=torch.float32, device=device)
+        nbytes = sum(t.numel() * t.element_size() for t in
+                     (self.sel_indices, self.sel_lens, self.dense_start, self.scores))
+        logger.info("SPARSESPEC state: %d layers x %d rows x %d KV heads x %d selected, "
+                    "%.1f MiB", num_layers, num_rows, num_kv_heads, self.max_sel, nbytes / 2**20)
+
+    def num_selected(self, context_lens: torch.Tensor) -> torch.Tensor:
+        """K per request: clamp(ceil(s * len), min, max), never above the table width."""
+        k = torch.ceil(context_lens.to(torch.float64) * self.config.sparsity).to(torch.int32)
+        return k.clamp(min=self.config.min_selected, max=self.config.max_selected).clamp(
+            max=self.max_sel)
+
+    def init_window(self, req_pool_indices: torch.Tensor, seq_lens: torch.Tensor) -> None:
+        """First cycle after prefill: the K most recent prompt tokens (+ sinks, + dense tail).
+
+        No verify scores exist yet; a recent window is what the prefill's last
+        queries attend to most in practice, and it needs no score dump from
+        SGLang's prefill kernels. ``seq_lens`` is the prompt length L, which is
+        also the dense start (the first generated token's position).
+        """
+        if req_pool_indices.numel() == 0:
+            return
+        seq_lens = seq_lens.to(torch.int32)
+        sink = self.config.num_sink_tokens
+        num_cand = (seq_lens - sink).clamp(min=0)
+        k = torch.minimum(self.num_selected(seq_lens), num_cand)
+        j = torch.arange(self.max_sel, device=seq_lens.device, dtype=torch.int32)
+        pos = (seq_lens - k).unsqueeze(1) + j.unsqueeze(0)  # [B, max_sel]
+        valid = j.unsqueeze(0) < k.unsqueeze(1)
+        pos = torch.where(valid, pos, torch.zeros_like(pos)).long()
+        rows = req_pool_indices.long()
+        slots = self.req_to_token[rows.unsqueeze(1), pos]  # [B, max_sel]
+        slots = torch.where(valid, slots, torch.zeros_like(slots))
+        self.sel_indices[:, rows] = slots[None, :, None, :].to(torch.int32)
+        self.sel_lens[rows] = k
+        self.dense_start[rows] = seq_lens

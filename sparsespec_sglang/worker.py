@@ -1,0 +1,237 @@
+"""SparseSpecWorker: SGLang V2 speculative worker that drafts with the target model itself.
+
+One call on a decode batch is one PillarAttn cycle (lockstep over the batch):
+k sparse draft forwards on the target model runner (DECODE, one token per
+request, attention over the selected slots), then one full verify forward
+(TARGET_VERIFY over the pending token + k drafts) whose attention also picks the
+next selection. Acceptance, KV bookkeeping and logprobs reuse SGLang's spec-V2
+helpers exactly as the NGRAM worker does, so the scheduler sees an NGRAM-shaped
+algorithm (``SparseSpecAlgo.is_ngram()``): chain verify through
+``NgramVerifyInput``, draft state relayed through ``batch.spec_info``.
+
+Drafts are the argmax of the sparse model, i.e. a deterministic proposal, so
+SGLang's target-only acceptance (``eagle_sample``) is exact speculative sampling
+for temperature > 0 and exact prefix matching for greedy: output is lossless.
+
+The draft slots are the verify slots: draft j writes KV at position
+``seq_len + j``, which the verify pass then overwrites with full-attention KV,
+so drafting needs no extra KV allocation and rejected slots are freed by
+SGLang's usual spec-V2 path.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, Optional
+
+import torch
+from sglang.kernels.ops.speculative.cache_locs import assign_extend_cache_locs_func
+from sglang.srt.layers.logprob_processor import compute_spec_v2_logprobs
+from sglang.srt.managers.schedule_batch import ScheduleBatch
+from sglang.srt.managers.utils import GenerationBatchResult
+from sglang.srt.model_executor.forward_batch_info import ForwardMode
+from sglang.srt.speculative.base_spec_worker import BaseSpecWorker
+from sglang.srt.speculative.eagle_utils import eagle_sample
+from sglang.srt.speculative.ngram_info import NgramVerifyInput
+from sglang.srt.speculative.spec_utils import (
+    move_accept_tokens_to_target_kvcache,
+    record_stream_for_v2_verify,
+)
+
+from sparsespec_sglang.attention import DraftStep, SparseSpecAttnBackend
+from sparsespec_sglang.config import SparseSpecConfig
+from sparsespec_sglang.kernels.sparse_decode import pick_num_kv_splits
+from sparsespec_sglang.pillar import PillarState
+
+logger = logging.getLogger(__name__)
+
+
+class SparseSpecWorker(BaseSpecWorker):
+    def __init__(self, server_args: Any, gpu_id: int, ps: Any, nccl_port: int,
+                 target_worker: Any) -> None:
+        super().__init__()
+        self.server_args = server_args
+        self.config = SparseSpecConfig.from_server_args(server_args)
+        self._target_worker = target_worker
+        self.model_runner = target_worker.model_runner
+        self.device = self.model_runner.device
+        self.k = self.config.num_draft_steps
+        self.draft_token_num = self.k + 1
+        self.speculative_num_steps = self.k
+        self.speculative_num_draft_tokens = self.k + 1
+        self.topk = 1
+        backend = self.model_runner.attn_backend
+        if not isinstance(backend, SparseSpecAttnBackend):
+            raise ValueError(f"SPARSESPEC needs --attention-backend sparsespec, got {type(backend).__name__}")
+        self.backend = backend
+        self.state: Optional[PillarState] = None
+        self.stats = CycleStats()
+        self._chain_cache: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+
+    @property
+    def draft_worker(self) -> None:
+        return None  # the target model drafts; there is no second model
+
+    def alloc_memory_pool(self, **kwargs: Any) -> None:
+        # The target pools do not exist yet when __init__ runs.
+        self.req_to_token_pool, self.token_to_kv_pool_allocator = self._target_worker.get_memory_pool()
+        mc = self.model_runner.model_config
+        self.state = PillarState(
+            self.config, mc.num_hidden_layers, self.model_runner.token_to_kv_pool.head_num,
+            self.req_to_token_pool.req_to_token, self.model_runner.max_running_requests,
+        )
+        self.backend.attach(self.state)
+
+    def update_weights_from_tensor(self, recv_req: Any):
+        return self.target_worker.update_weights_from_tensor(recv_req)
+
+    # ---- one scheduler step -------------------------------------------------
+
+    def forward_batch_generation(self, batch: ScheduleBatch, on_publish=None) -> GenerationBatchResult:
+        fwd_stream = torch.get_device_module(self.device).current_stream()
+        record_stream_for_v2_verify(batch, None, fwd_stream)
+        if batch.forward_mode.is_decode():
+            return self._cycle(batch, on_publish)
+        return self._prefill(batch, on_publish)
+
+    def _prefill(self, batch: ScheduleBatch, on_publish) -> GenerationBatchResult:
+        bs = len(batch.reqs)
+        result = self.target_worker.forward_batch_generation(batch)
+        if batch.forward_mode.is_extend():
+            # Chunked prefill re-runs this per chunk; the last chunk's window wins.
+            self.state.init_window(batch.req_pool_indices, batch.seq_lens)
+        new_seq_lens = batch.seq_lens.clone()
+        accept_tokens = torch.zeros(bs, self.draft_token_num, dtype=torch.int32, device=self.device)
+        accept_tokens[:, 0] = result.next_token_ids
+        accept_lens = torch.ones(bs, dtype=torch.int32, device=self.device)
+        if on_publish is not None:
+            on_publish(new_seq_lens)
+        return self._result(result.logits_output, result.next_token_ids, result.can_run_cuda_graph,
+                            accept_tokens.flatten(), accept_lens, new_seq_lens)
+
+    def _cycle(self, batch: ScheduleBatch, on_publish) -> GenerationBatchResult:
+        bs = len(batch.reqs)
+        relay: NgramVerifyInput = batch.spec_info
+        width = self.draft_token_num
+        pending = relay.accept_tokens.view(bs, width)[
+            torch.arange(bs, device=self.device), relay.accept_lens.long() - 1]
+        seq_lens = batch.seq_lens
+        out_cache_loc = assign_extend_cache_locs_func(
+            req_pool_indices=batch.req_pool_indices,
+            req_to_token=batch.req_to_token_pool.req_to_token,
+            start_offset=seq_lens, end_offset=seq_lens + width,
+            batch_size=bs, draft_token_num=width, device=self.device,
+        )
+
+        t0 = time.perf_counter()
+        drafts = self._draft(batch, pending, out_cache_loc.view(bs, width))
+        t1 = time.perf_counter()
+
+        # Verify: [pending, d_1..d_k] at positions seq_len .. seq_len+k, full attention.
+        draft_tokens = torch.cat([pending.unsqueeze(1).to(drafts.dtype), drafts], dim=1).flatten()
+        positions = (seq_lens.unsqueeze(1) + torch.arange(width, device=self.device)).flatten()
+        retrieve_index, next_token, next_sibling = self._chain(bs)
+        verify_input = NgramVerifyInput(
+            draft_token=draft_tokens, custom_mask=None, positions=positions,
+            retrieve_index=retrieve_index, retrieve_next_token=next_token,
+            retrieve_next_sibling=next_sibling, draft_token_num=width,
+        )
+        batch.forward_mode = ForwardMode.TARGET_VERIFY
+        batch.input_ids = draft_tokens
+        batch.out_cache_loc = out_cache_loc
+        batch.spec_info = verify_input
+        # The drafts' dense tail starts at this verify window for the next cycle.
+        self.state.dense_start[batch.req_pool_indices] = seq_lens.to(torch.int32)
+        verify = self.target_worker.forward_batch_generation(batch, is_verify=True)
+        logits_output = verify.logits_output
+
+        predict, accept_lens, accept_index = eagle_sample(verify_input, batch, logits_output, None)
+        new_seq_lens = seq_lens + accept_lens
+        accept_tokens = predict[accept_index].flatten()
+        move_accept_tokens_to_target_kvcache(batch, accept_index, accept_lens - 1,
+                                             self.token_to_kv_pool_allocator)
+        if batch.return_logprob:
+            compute_spec_v2_logprobs(batch, logits_output, predict, accept_index, width - 1)
+        if on_publish is not None:
+            on_publish(new_seq_lens)
+        batch.forward_mode = ForwardMode.DECODE
+        self.stats.record(bs, self.k, t1 - t0, time.perf_counter() - t1)
+        return self._result(logits_output, accept_tokens, verify.can_run_cuda_graph,
+                            accept_tokens, accept_lens, new_seq_lens)
+
+    def _draft(self, batch: ScheduleBatch, pending: torch.Tensor, locs: torch.Tensor) -> torch.Tensor:
+        """k sparse decode forwards of the target model; returns drafts [bs, k]."""
+        bs = len(batch.reqs)
+        saved = (batch.forward_mode, batch.input_ids, batch.out_cache_loc, batch.seq_lens,
+                 batch.seq_lens_cpu, batch.seq_lens_sum, batch.spec_info, batch.return_logprob)
+        step = DraftStep(
+            dense_start=self.state.dense_start[batch.req_pool_indices],
+            num_kv_splits=pick_num_kv_splits(bs, self.state.scores.shape[1], self._num_sms()),
+        )
+        drafts = torch.empty((bs, self.k), dtype=torch.int64, device=self.device)
+        token = pending.to(torch.int64)
+        try:
+            batch.forward_mode = ForwardMode.DECODE
+            batch.spec_info = None
+            batch.return_logprob = False
+            with self.backend.draft_step(step):
+                for j in range(self.k):
+                    batch.input_ids = token
+                    batch.out_cache_loc = locs[:, j].contiguous()
+                    batch.seq_lens = saved[3] + (j + 1)
+                    batch.seq_lens_cpu = saved[4] + (j + 1)
+                    batch.seq_lens_sum = None
+                    out = self.target_worker.forward_batch_generation(batch, is_verify=True)
+                    token = torch.argmax(out.logits_output.next_token_logits, dim=-1)
+                    drafts[:, j] = token
+        finally:
+            (batch.forward_mode, batch.input_ids, batch.out_cache_loc, batch.seq_lens,
+             batch.seq_lens_cpu, batch.seq_lens_sum, batch.spec_info, batch.return_logprob) = saved
+        return drafts
+
+    def _chain(self, bs: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Tree arrays of a single chain of k+1 nodes, as eagle_sample expects them."""
+        if bs not in self._chain_cache:
+            w = self.draft_token_num
+            index = torch.arange(bs * w, device=self.device, dtype=torch.int64).view(bs, w)
+            nxt = torch.arange(1, w + 1, device=self.device, dtype=torch.int64).repeat(bs, 1)
+            nxt[:, -1] = -1
+            sibling = torch.full((bs, w), -1, device=self.device, dtype=torch.int64)
+            self._chain_cache[bs] = (index, nxt, sibling)
+        return self._chain_cache[bs]
+
+    def _num_sms(self) -> int:
+        return torch.cuda.get_device_properties(self.device).multi_processor_count
+
+    def _result(self, logits_output, next_token_ids, can_run_cuda_graph, accept_tokens,
+                accept_lens, new_seq_lens) -> GenerationBatchResult:
+        next_draft_input = NgramVerifyInput(
+            draft_token_num=self.draft_token_num, new_seq_lens=new_seq_lens,
+            accept_tokens=accept_tokens, accept_lens=accept_lens,
+        )
+        return GenerationBatchResult(
+            logits_output=logits_output, next_token_ids=next_token_ids,
+            can_run_cuda_graph=can_run_cuda_graph, accept_lens=accept_lens,
+            new_seq_lens=new_seq_lens, next_draft_input=next_draft_input,
+            speculative_num_draft_tokens=self.speculative_num_draft_tokens,
+        )
+
+
+class CycleStats:
+    """Host-side draft/verify timing, logged every ``every`` cycles."""
+
+    def __init__(self, every: int = 200) -> None:
+        self.every = every
+        self.cycles = 0
+        self.draft_s = 0.0
+        self.verify_s = 0.0
+
+    def record(self, bs: int, k: int, draft_s: float, verify_s: float) -> None:
+        self.cycles += 1
+        self.draft_s += draft_s
+        self.verify_s += verify_s
+        if self.cycles % self.every == 0:
+            logger.info("SPARSESPEC: %d cycles, mean host time draft %.2f ms (k=%d), verify %.2f ms",
+                        self.cycles, 1e3 * self.draft_s / self.cycles, k,
+                        1e3 * self.verify_s / self.cycles)
