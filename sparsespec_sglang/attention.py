@@ -31,6 +31,7 @@ class DraftStep:
     """What a sparse draft forward needs beyond the ForwardBatch."""
 
     dense_start: torch.Tensor  # [B] int32, per request in batch order
+    sel_lens: torch.Tensor  # [B] int32
     num_kv_splits: int
 
 
@@ -89,8 +90,8 @@ class SparseSpecAttnBackend(TritonAttnBackend):
             forward_batch.req_pool_indices,
             forward_batch.seq_lens,
             step.dense_start,
-            state.sel_indices[layer.layer_id],
-            state.sel_lens,
+            state.sel_indices[layer.layer_id].index_select(0, forward_batch.req_pool_indices),
+            step.sel_lens,
             state.config.num_sink_tokens,
             layer.scaling,
             logit_capping_mod(layer.logit_capping_method, layer.logit_cap),
@@ -131,11 +132,15 @@ class SparseSpecAttnBackend(TritonAttnBackend):
         )
         # Next cycle: candidates are the positions before this verify window
         # (the window itself becomes the drafts' dense tail).
+        rows = forward_batch.req_pool_indices
+        sel, sel_lens = state.batch_buffers(batch_size)
         select_topk(
-            scores, state.req_to_token, forward_batch.req_pool_indices, prefix_lens + width,
-            prefix_lens, config.num_sink_tokens, config.sparsity, config.min_selected,
-            state.max_sel, state.sel_indices[layer.layer_id], state.sel_lens,
+            scores, state.req_to_token, rows, prefix_lens + width, prefix_lens,
+            config.num_sink_tokens, config.sparsity, config.min_selected, state.max_sel,
+            sel, sel_lens,
         )
+        state.sel_indices[layer.layer_id].index_copy_(0, rows, sel)
+        state.sel_lens.index_copy_(0, rows, sel_lens)
         return o
 
 

@@ -24,11 +24,12 @@ class PillarState:
     - ``sel_indices [L, R, Hkv, max_sel]`` int32 slot ids chosen per layer and KV head;
     - ``sel_lens [R]`` int32 entries in use (the same K for every layer and head);
     - ``dense_start [R]`` int32 first position attended densely by drafts;
-    - ``scores [max_bs, Hkv, max_ctx]`` fp32, one layer's verify scores at a time.
+    - ``scores [R, Hkv, max_ctx]`` fp32, one layer's verify scores at a time
+      (batch order; a batch never has more requests than pool rows R).
     """
 
     def __init__(self, config: SparseSpecConfig, num_layers: int, num_kv_heads: int,
-                 req_to_token: torch.Tensor, max_batch_size: int) -> None:
+                 req_to_token: torch.Tensor) -> None:
         self.config = config
         self.req_to_token = req_to_token
         num_rows, max_ctx = req_to_token.shape
@@ -38,12 +39,18 @@ class PillarState:
                                        dtype=torch.int32, device=device)
         self.sel_lens = torch.zeros((num_rows,), dtype=torch.int32, device=device)
         self.dense_start = torch.zeros((num_rows,), dtype=torch.int32, device=device)
-        self.scores = torch.zeros((max_batch_size, num_kv_heads, max_ctx),
+        self.scores = torch.zeros((num_rows, num_kv_heads, max_ctx),
                                   dtype=torch.float32, device=device)
+        self._batch_sel = torch.zeros_like(self.sel_indices[0])
+        self._batch_sel_lens = torch.zeros_like(self.sel_lens)
         nbytes = sum(t.numel() * t.element_size() for t in
                      (self.sel_indices, self.sel_lens, self.dense_start, self.scores))
         logger.info("SPARSESPEC state: %d layers x %d rows x %d KV heads x %d selected, "
                     "%.1f MiB", num_layers, num_rows, num_kv_heads, self.max_sel, nbytes / 2**20)
+
+    def batch_buffers(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Batch-ordered scratch for one layer's selection before it is scattered to rows."""
+        return self._batch_sel[:batch_size], self._batch_sel_lens[:batch_size]
 
     def num_selected(self, context_lens: torch.Tensor) -> torch.Tensor:
         """K per request: clamp(ceil(s * len), min, max), never above the table width."""

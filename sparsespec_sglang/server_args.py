@@ -19,6 +19,9 @@ from sparsespec_sglang.config import (
 )
 
 
+DEFAULT_MAX_RUNNING_REQUESTS = 128
+
+
 def is_sparsespec(server_args: Any) -> bool:
     return (getattr(server_args, "speculative_algorithm", None) or "").upper() == ALGORITHM_NAME
 
@@ -31,9 +34,9 @@ def validate_server_args(server_args: Any) -> SparseSpecConfig:
     """Check every SPARSESPEC constraint and fill SGLang's speculative fields.
 
     Mutates ``server_args`` (this runs before SGLang materialises its resolved
-    configuration): k defaults to 8, num_draft_tokens to k+1, topk to 1, and
-    mixed chunked prefill is turned off (verify passes are not mixed with
-    prefill chunks).
+    configuration): k defaults to 8, num_draft_tokens to k+1, topk to 1,
+    max_running_requests to 128, and mixed chunked prefill is turned off
+    (verify passes are not mixed with prefill chunks).
     """
     config = SparseSpecConfig.from_server_args(server_args)
     k = config.num_draft_steps
@@ -71,6 +74,9 @@ def validate_server_args(server_args: Any) -> SparseSpecConfig:
         _fail("--model-path", "a decoder-only model with architecture in "
               + ", ".join(SUPPORTED_ARCHITECTURES), archs[0] if archs else None)
 
+    if server_args.max_running_requests is None:
+        # Selection tables and score buffers are sized per request-pool row.
+        server_args.max_running_requests = DEFAULT_MAX_RUNNING_REQUESTS
     server_args.speculative_num_steps = k
     server_args.speculative_num_draft_tokens = k + 1
     server_args.speculative_eagle_topk = 1

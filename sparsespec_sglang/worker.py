@@ -61,10 +61,7 @@ class SparseSpecWorker(BaseSpecWorker):
         self.speculative_num_steps = self.k
         self.speculative_num_draft_tokens = self.k + 1
         self.topk = 1
-        backend = self.model_runner.attn_backend
-        if not isinstance(backend, SparseSpecAttnBackend):
-            raise ValueError(f"SPARSESPEC needs --attention-backend sparsespec, got {type(backend).__name__}")
-        self.backend = backend
+        self.backend: Optional[SparseSpecAttnBackend] = None
         self.state: Optional[PillarState] = None
         self.stats = CycleStats()
         self._chain_cache: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
@@ -79,9 +76,19 @@ class SparseSpecWorker(BaseSpecWorker):
         mc = self.model_runner.model_config
         self.state = PillarState(
             self.config, mc.num_hidden_layers, self.model_runner.token_to_kv_pool.head_num,
-            self.req_to_token_pool.req_to_token, self.model_runner.max_running_requests,
+            self.req_to_token_pool.req_to_token,
         )
-        self.backend.attach(self.state)
+
+    def init_attention_backends(self) -> None:
+        # Runs after the target runner built its backend and before CUDA graph
+        # capture, so captured verify graphs take the PillarAttn path.
+        super().init_attention_backends()
+        backend = self.model_runner.attn_backend
+        if not isinstance(backend, SparseSpecAttnBackend):
+            raise ValueError("SPARSESPEC needs --attention-backend sparsespec, got "
+                             f"{type(backend).__name__}")
+        backend.attach(self.state)
+        self.backend = backend
 
     def update_weights_from_tensor(self, recv_req: Any):
         return self.target_worker.update_weights_from_tensor(recv_req)
@@ -167,6 +174,7 @@ class SparseSpecWorker(BaseSpecWorker):
                  batch.seq_lens_cpu, batch.seq_lens_sum, batch.spec_info, batch.return_logprob)
         step = DraftStep(
             dense_start=self.state.dense_start[batch.req_pool_indices],
+            sel_lens=self.state.sel_lens[batch.req_pool_indices],
             num_kv_splits=pick_num_kv_splits(bs, self.state.scores.shape[1], self._num_sms()),
         )
         drafts = torch.empty((bs, self.k), dtype=torch.int64, device=self.device)
