@@ -25,6 +25,7 @@ special tokens sit at Qwen's real ids (151643..151645).
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -51,6 +52,21 @@ SHAPES: dict[str, dict] = {
         # meaningful. (Attention itself stays non-trivial: Qwen3's q/k RMSNorm fixes the
         # q.k scale, so the attention pattern still depends on context.)
         initializer_range=0.5,
+        special_ids={"<|endoftext|>": 0, "<|im_start|>": 1, "<|im_end|>": 2},
+    ),
+    # GPU end-to-end checks: SGLang/Triton-friendly head_dim 64, GQA 4, real (peaky) weights.
+    "small": dict(
+        num_hidden_layers=4,
+        hidden_size=256,
+        intermediate_size=512,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        head_dim=64,
+        vocab_size=1024,
+        max_position_embeddings=8192,
+        rope_theta=1_000_000.0,
+        tie_word_embeddings=False,
+        initializer_range=0.25,  # peaky logits, as for "tiny" (std ~ 0.25 * sqrt(256) = 4)
         special_ids={"<|endoftext|>": 0, "<|im_start|>": 1, "<|im_end|>": 2},
     ),
     "qwen3-1.7b": dict(
@@ -137,7 +153,12 @@ def build_tokenizer(vocab_size: int, special_ids: dict[str, int]):
 
 
 def _byte_value(sym: str) -> int:
-    # Inverse of GPT-2's bytes_to_unicode for a single symbol.
+    """Inverse of GPT-2's bytes_to_unicode for a single byte symbol."""
+    return _unicode_to_byte()[sym]
+
+
+@functools.lru_cache(maxsize=1)
+def _unicode_to_byte() -> dict[str, int]:
     bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
     cs = bs[:]
     n = 0
@@ -146,7 +167,7 @@ def _byte_value(sym: str) -> int:
             bs.append(b)
             cs.append(256 + n)
             n += 1
-    return dict(zip(map(chr, cs), bs))[sym]
+    return dict(zip(map(chr, cs), bs))
 
 
 def _make_config(shape: str, dtype: str):

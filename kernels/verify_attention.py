@@ -1,0 +1,478 @@
+"""Verify attention with the PillarAttn score dump.
+
+Why this kernel exists: the verify pass of SparseSpec runs full causal attention for the k+1
+verify tokens of each request, and PillarAttn reuses that pass to decide which KV tokens the next
+k draft steps attend to. For every request b, KV head h and cached position p it writes
+
+    score[b, h, p] = AGG_{i, hq in group(h)} exp(s[i, hq, p] - lse[i, hq])
+
+(the softmax probability of p under verify query i and query head hq, normalised with the row's
+log-sum-exp; a position after the query, p > prefix + i, contributes 0; AGG is sum or max).
+``select_topk`` turns these scores into the next sparse index set.
+
+Design (three launches, no host sync; ``verify_attention`` is launches 1-2 alone, the plain
+verify that the bench compares against):
+
+1. ``_verify_fwd``: flash attention over the paged KV, one program per (request, KV head,
+   KV split) covering all ``G * extend_len`` rows (query token x query head of the GQA group) of
+   that request, so each K/V row is read once per group. Query i sees positions
+   ``[0, prefix + i]`` read through ``req_to_token`` (the verify tokens' own KV is already in
+   the pool). With one split it writes ``out`` and the row lse directly; with several it writes
+   fp32 partials that
+2. ``_verify_reduce`` merges (flash-decoding style, for small batches where B * Hkv programs
+   cannot fill the GPU).
+3. ``_verify_scores``: the score needs the *final* row lse, which is only known after the whole
+   row has been seen, so a second, K-only pass recomputes ``q . k`` for every position with the
+   known lse, aggregates over the G * extend_len rows in registers and writes one fp32 per
+   (request, KV head, position). It never reads V.
+
+Cost relative to a plain verify (``verify_attention``), per request and layer, with context
+length C, Hkv KV heads, head dims D/Dv, KV element size e bytes:
+
+* plain verify reads K+V once: ``C * Hkv * (D + Dv) * e`` bytes (+ q, out, and with S > 1 KV
+  splits ``(k+1) * Hq * S * (Dv + 1) * 4`` bytes of partials written and read back: negligible
+  next to the KV at long contexts).
+* the score pass reads K again: ``+ C * Hkv * D * e`` bytes, i.e. **+50% KV bytes for D == Dv**,
+  writes ``C * Hkv * 4`` bytes of scores (+0.8% for D = Dv = 128 in bf16), and does one more
+  QK^T matmul (+50% matmul FLOPs). So the "free" score dump of the paper is not free here: it
+  costs one extra K read per verify.
+
+The alternatives are not cheaper: keeping the per-row logits of pass 1 and normalising later
+means writing and re-reading ``G * (k+1) * 4`` bytes per position and KV head (288 B for G=4,
+k+1=9 — more than the 256 B of one bf16 K row of D=128), and the unnormalised running sum of
+pass 1 cannot be corrected afterwards because every row has its own (changing) running max.
+So this kernel is ~1.5x the memory traffic of a plain verify; it runs once per k+1 tokens.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from .sparse_decode import pick_num_kv_splits
+
+_BLOCK_N = 64
+
+
+@triton.jit
+def _tanh(x):
+    return 2 * tl.sigmoid(2 * x) - 1
+
+
+@triton.jit
+def _verify_fwd(
+    Q,
+    K_Buffer,
+    V_Buffer,
+    Req_To_Token,
+    Req_Pool_Indices,
+    Prefix_Lens,
+    Extend_Lens,
+    Qo_Indptr,
+    Out,
+    Lse,
+    sm_scale,
+    num_kv_splits,
+    stride_qt,
+    stride_qh,
+    stride_kbs,
+    stride_kh,
+    stride_vbs,
+    stride_vh,
+    stride_r2t,
+    stride_ot,
+    stride_oh,
+    stride_os,
+    stride_lt,
+    stride_lh,
+    G: tl.constexpr,
+    D: tl.constexpr,
+    DV: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    LOGIT_CAP: tl.constexpr,
+    SPLIT: tl.constexpr,
+):
+    """Out/Lse are the final out [T, Hq, Dv] / lse [T, Hq] when not SPLIT, else fp32 partials
+    [T, Hq, splits, Dv] / [T, Hq, splits] (stride_os is the split stride of both)."""
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    split = tl.program_id(2)
+
+    r = tl.load(Req_Pool_Indices + b).to(tl.int64)
+    prefix = tl.load(Prefix_Lens + b)
+    n_ext = tl.load(Extend_Lens + b)
+    q_start = tl.load(Qo_Indptr + b).to(tl.int64)
+    total = prefix + n_ext
+    chunk = tl.cdiv(tl.cdiv(total, num_kv_splits), BLOCK_N) * BLOCK_N
+    kv_start = split * chunk
+    kv_end = tl.minimum(kv_start + chunk, total)
+
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    mask_d = offs_d < D
+    mask_dv = offs_dv < DV
+    r2t_row = Req_To_Token + r * stride_r2t
+
+    for m0 in range(0, n_ext * G, BLOCK_M):
+        rows = m0 + tl.arange(0, BLOCK_M)
+        row_ok = rows < n_ext * G
+        qi = rows // G
+        hq = h * G + rows % G
+        tok = q_start + qi
+        last_pos = prefix + qi
+        q = tl.load(
+            Q + tok[:, None] * stride_qt + hq[:, None] * stride_qh + offs_d[None, :],
+            mask=row_ok[:, None] & mask_d[None, :],
+            other=0.0,
+        ).to(K_Buffer.dtype.element_ty)
+        # No row of this block sees past its last query token.
+        block_end = tl.minimum(kv_end, prefix + tl.minimum((m0 + BLOCK_M - 1) // G, n_ext - 1) + 1)
+
+        e_max = tl.zeros([BLOCK_M], dtype=tl.float32) - float("inf")
+        e_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+        for n0 in range(kv_start, block_end, BLOCK_N):
+            pos = n0 + tl.arange(0, BLOCK_N)
+            pos_ok = pos < block_end
+            slot = tl.load(r2t_row + pos, mask=pos_ok, other=0).to(tl.int64)
+            k = tl.load(
+                K_Buffer + slot[None, :] * stride_kbs + h * stride_kh + offs_d[:, None],
+                mask=pos_ok[None, :] & mask_d[:, None],
+                other=0.0,
+            )
+            qk = tl.dot(q, k) * sm_scale
+            if LOGIT_CAP > 0:
+                qk = LOGIT_CAP * _tanh(qk / LOGIT_CAP)
+            qk = tl.where(pos_ok[None, :] & (pos[None, :] <= last_pos[:, None]), qk, float("-inf"))
+            v = tl.load(
+                V_Buffer + slot[:, None] * stride_vbs + h * stride_vh + offs_dv[None, :],
+                mask=pos_ok[:, None] & mask_dv[None, :],
+                other=0.0,
+            )
+            n_e_max = tl.maximum(tl.max(qk, 1), e_max)
+            # A row with nothing visible yet keeps max -inf; shift by 0 so it stays 0, not NaN.
+            shift = tl.where(n_e_max == float("-inf"), 0.0, n_e_max)
+            re_scale = tl.exp(e_max - shift)
+            p = tl.exp(qk - shift[:, None])
+            acc = acc * re_scale[:, None] + tl.dot(p.to(v.dtype), v)
+            e_sum = e_sum * re_scale + tl.sum(p, 1)
+            e_max = n_e_max
+
+        has = e_sum > 0
+        acc = acc / tl.where(has, e_sum, 1.0)[:, None]
+        lse = tl.where(has, e_max + tl.log(tl.where(has, e_sum, 1.0)), float("-inf"))
+        o_ptrs = Out + tok[:, None] * stride_ot + hq[:, None] * stride_oh + offs_dv[None, :]
+        l_ptrs = Lse + tok * stride_lt + hq * stride_lh
+        if SPLIT:
+            tl.store(o_ptrs + split * stride_os, acc, mask=row_ok[:, None] & mask_dv[None, :])
+            tl.store(l_ptrs + split, lse, mask=row_ok)
+        else:
+            tl.store(o_ptrs, acc.to(Out.dtype.element_ty), mask=row_ok[:, None] & mask_dv[None, :])
+            tl.store(l_ptrs, lse, mask=row_ok)
+
+
+@triton.jit
+def _verify_reduce(
+    Part_Out,
+    Part_Lse,
+    Out,
+    Lse,
+    num_kv_splits,
+    stride_pt,
+    stride_ph,
+    stride_ps,
+    stride_plt,
+    stride_plh,
+    stride_ot,
+    stride_oh,
+    stride_lt,
+    stride_lh,
+    DV: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+):
+    t = tl.program_id(0).to(tl.int64)
+    hq = tl.program_id(1)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    mask_dv = offs_dv < DV
+    e_max = -float("inf")
+    e_sum = 0.0
+    acc = tl.zeros([BLOCK_DV], dtype=tl.float32)
+    for s in range(0, num_kv_splits):
+        lse_s = tl.load(Part_Lse + t * stride_plt + hq * stride_plh + s)
+        if lse_s > float("-inf"):
+            part = tl.load(
+                Part_Out + t * stride_pt + hq * stride_ph + s * stride_ps + offs_dv,
+                mask=mask_dv,
+                other=0.0,
+            )
+            n_e_max = tl.maximum(e_max, lse_s)
+            old_scale = tl.exp(e_max - n_e_max)
+            w = tl.exp(lse_s - n_e_max)
+            acc = acc * old_scale + w * part
+            e_sum = e_sum * old_scale + w
+            e_max = n_e_max
+    tl.store(
+        Out + t * stride_ot + hq * stride_oh + offs_dv,
+        (acc / tl.where(e_sum > 0, e_sum, 1.0)).to(Out.dtype.element_ty),
+        mask=mask_dv,
+    )
+    tl.store(Lse + t * stride_lt + hq * stride_lh, e_max + tl.log(e_sum))
+
+
+@triton.jit
+def _verify_scores(
+    Q,
+    K_Buffer,
+    Req_To_Token,
+    Req_Pool_Indices,
+    Prefix_Lens,
+    Extend_Lens,
+    Qo_Indptr,
+    Lse,
+    Scores,
+    sm_scale,
+    num_kv_splits,
+    stride_qt,
+    stride_qh,
+    stride_kbs,
+    stride_kh,
+    stride_r2t,
+    stride_lt,
+    stride_lh,
+    stride_sb,
+    stride_sh,
+    G: tl.constexpr,
+    D: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    LOGIT_CAP: tl.constexpr,
+    AGG_MAX: tl.constexpr,
+):
+    b = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1)
+    split = tl.program_id(2)
+
+    r = tl.load(Req_Pool_Indices + b).to(tl.int64)
+    prefix = tl.load(Prefix_Lens + b)
+    n_ext = tl.load(Extend_Lens + b)
+    q_start = tl.load(Qo_Indptr + b).to(tl.int64)
+    total = prefix + n_ext
+    chunk = tl.cdiv(tl.cdiv(total, num_kv_splits), BLOCK_N) * BLOCK_N
+    kv_start = split * chunk
+    kv_end = tl.minimum(kv_start + chunk, total)
+
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_d = offs_d < D
+    r2t_row = Req_To_Token + r * stride_r2t
+    score_row = Scores + b * stride_sb + h * stride_sh
+
+    # Usually a single row block (G * (k+1) <= BLOCK_M); later blocks fold into the stored value.
+    for m0 in range(0, n_ext * G, BLOCK_M):
+        rows = m0 + tl.arange(0, BLOCK_M)
+        row_ok = rows < n_ext * G
+        qi = rows // G
+        hq = h * G + rows % G
+        tok = q_start + qi
+        last_pos = prefix + qi
+        q = tl.load(
+            Q + tok[:, None] * stride_qt + hq[:, None] * stride_qh + offs_d[None, :],
+            mask=row_ok[:, None] & mask_d[None, :],
+            other=0.0,
+        ).to(K_Buffer.dtype.element_ty)
+        lse = tl.load(Lse + tok * stride_lt + hq * stride_lh, mask=row_ok, other=0.0)
+        for n0 in range(kv_start, kv_end, BLOCK_N):
+            pos = n0 + tl.arange(0, BLOCK_N)
+            pos_ok = pos < kv_end
+            slot = tl.load(r2t_row + pos, mask=pos_ok, other=0).to(tl.int64)
+            k = tl.load(
+                K_Buffer + slot[None, :] * stride_kbs + h * stride_kh + offs_d[:, None],
+                mask=pos_ok[None, :] & mask_d[:, None],
+                other=0.0,
+            )
+            qk = tl.dot(q, k) * sm_scale
+            if LOGIT_CAP > 0:
+                qk = LOGIT_CAP * _tanh(qk / LOGIT_CAP)
+            seen = row_ok[:, None] & pos_ok[None, :] & (pos[None, :] <= last_pos[:, None])
+            prob = tl.where(seen, tl.exp(qk - lse[:, None]), 0.0)
+            if AGG_MAX:
+                agg = tl.max(prob, 0)
+            else:
+                agg = tl.sum(prob, 0)
+            if m0 > 0:
+                prev = tl.load(score_row + pos, mask=pos_ok, other=0.0)
+                if AGG_MAX:
+                    agg = tl.maximum(agg, prev)
+                else:
+                    agg = agg + prev
+            tl.store(score_row + pos, agg, mask=pos_ok)
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 1
+
+
+def _blocks(num_tokens: int, batch: int, group: int, dv: int) -> tuple[int, int]:
+    """(BLOCK_M, num_warps): rows per program are G * tokens per request; the mean sizes the
+    block (shape-only), a longer request loops over row blocks."""
+    block_m = max(16, min(128, triton.next_power_of_2(group * triton.cdiv(num_tokens, batch))))
+    return block_m, 8 if block_m * triton.next_power_of_2(dv) >= 64 * 128 else 4
+
+
+def verify_attention(
+    q: torch.Tensor,
+    k_buffer: torch.Tensor,
+    v_buffer: torch.Tensor,
+    out: torch.Tensor,
+    req_to_token: torch.Tensor,
+    req_pool_indices: torch.Tensor,
+    prefix_lens: torch.Tensor,
+    extend_lens: torch.Tensor,
+    qo_indptr: torch.Tensor,
+    sm_scale: float,
+    logit_cap: float = 0.0,
+    num_kv_splits: int | None = None,
+) -> torch.Tensor:
+    """Plain causal verify attention (passes 1-2, no scores); writes ``out``, returns lse [T, Hq]."""
+    num_tokens, num_q_heads, head_dim = q.shape
+    batch = prefix_lens.shape[0]
+    num_kv_heads = k_buffer.shape[1]
+    dv = v_buffer.shape[-1]
+    assert num_q_heads % num_kv_heads == 0, "Hq must be a multiple of Hkv"
+    assert k_buffer.stride(-1) == 1 and v_buffer.stride(-1) == 1 and q.stride(-1) == 1
+    assert req_to_token.stride(1) == 1 and out.stride(-1) == 1
+    group = num_q_heads // num_kv_heads
+    if num_kv_splits is None:
+        num_kv_splits = pick_num_kv_splits(batch, num_kv_heads, _num_sms(q.device))
+    block_m, num_warps = _blocks(num_tokens, batch, group, dv)
+    block_dv = triton.next_power_of_2(dv)
+    lse = torch.empty((num_tokens, num_q_heads), dtype=torch.float32, device=q.device)
+    split = num_kv_splits > 1
+    if split:
+        part_out = torch.empty(
+            (num_tokens, num_q_heads, num_kv_splits, dv), dtype=torch.float32, device=q.device
+        )
+        part_lse = torch.empty((num_tokens, num_q_heads, num_kv_splits), dtype=torch.float32, device=q.device)
+        fwd_out, fwd_lse, stride_os = part_out, part_lse, part_out.stride(2)
+    else:
+        fwd_out, fwd_lse, stride_os = out, lse, 0
+
+    _verify_fwd[(batch, num_kv_heads, num_kv_splits)](
+        q, k_buffer, v_buffer, req_to_token, req_pool_indices, prefix_lens, extend_lens, qo_indptr,
+        fwd_out, fwd_lse, sm_scale, num_kv_splits,
+        q.stride(0), q.stride(1), k_buffer.stride(0), k_buffer.stride(1),
+        v_buffer.stride(0), v_buffer.stride(1), req_to_token.stride(0),
+        fwd_out.stride(0), fwd_out.stride(1), stride_os, fwd_lse.stride(0), fwd_lse.stride(1),
+        G=group, D=head_dim, DV=dv, BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_DV=block_dv,
+        BLOCK_M=block_m, BLOCK_N=_BLOCK_N, LOGIT_CAP=float(logit_cap), SPLIT=split,
+        num_warps=num_warps, num_stages=2,
+    )
+    if split:
+        _verify_reduce[(num_tokens, num_q_heads)](
+            part_out, part_lse, out, lse, num_kv_splits,
+            part_out.stride(0), part_out.stride(1), part_out.stride(2),
+            part_lse.stride(0), part_lse.stride(1),
+            out.stride(0), out.stride(1), lse.stride(0), lse.stride(1),
+            DV=dv, BLOCK_DV=block_dv, num_warps=4,
+        )
+    return lse
+
+
+def verify_attention_with_scores(
+    q: torch.Tensor,
+    k_buffer: torch.Tensor,
+    v_buffer: torch.Tensor,
+    out: torch.Tensor,
+    req_to_token: torch.Tensor,
+    req_pool_indices: torch.Tensor,
+    prefix_lens: torch.Tensor,
+    extend_lens: torch.Tensor,
+    qo_indptr: torch.Tensor,
+    scores: torch.Tensor,
+    sm_scale: float,
+    aggregation: str = "sum",
+    logit_cap: float = 0.0,
+    num_kv_splits: int | None = None,
+) -> None:
+    """Causal verify attention over the paged KV plus the per-position PillarAttn scores.
+
+    Shapes: q [T, Hq, D] (request b owns rows qo_indptr[b]:qo_indptr[b+1]); out [T, Hq, Dv]
+    (written); req_to_token [max_reqs, max_ctx] int32; req_pool_indices, prefix_lens,
+    extend_lens [B] int32; qo_indptr [B+1] int32; scores [B, Hkv, >= max context] fp32, written
+    for positions [0, prefix_lens[b] + extend_lens[b]) only (nothing for a request with no
+    verify tokens). ``num_kv_splits`` (optional) fixes the KV split count; by default it is
+    chosen from B * Hkv and the SM count (shape-only, no sync).
+    """
+    if aggregation not in ("sum", "max"):
+        raise ValueError(f"aggregation must be 'sum' or 'max', got {aggregation!r}")
+    num_tokens, num_q_heads, head_dim = q.shape
+    batch = prefix_lens.shape[0]
+    num_kv_heads = k_buffer.shape[1]
+    assert scores.shape[:2] == (batch, num_kv_heads) and scores.dtype == torch.float32
+    assert scores.stride(2) == 1
+    if batch == 0 or num_tokens == 0:
+        return
+    if num_kv_splits is None:
+        num_kv_splits = pick_num_kv_splits(batch, num_kv_heads, _num_sms(q.device))
+    lse = verify_attention(q, k_buffer, v_buffer, out, req_to_token, req_pool_indices, prefix_lens,
+                           extend_lens, qo_indptr, sm_scale, logit_cap, num_kv_splits)
+    group = num_q_heads // num_kv_heads
+    block_m, num_warps = _blocks(num_tokens, batch, group, v_buffer.shape[-1])
+    _verify_scores[(batch, num_kv_heads, num_kv_splits)](
+        q, k_buffer, req_to_token, req_pool_indices, prefix_lens, extend_lens, qo_indptr,
+        lse, scores, sm_scale, num_kv_splits,
+        q.stride(0), q.stride(1), k_buffer.stride(0), k_buffer.stride(1), req_to_token.stride(0),
+        lse.stride(0), lse.stride(1), scores.stride(0), scores.stride(1),
+        G=group, D=head_dim, BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_M=block_m,
+        BLOCK_N=_BLOCK_N, LOGIT_CAP=float(logit_cap), AGG_MAX=aggregation == "max",
+        num_warps=num_warps, num_stages=2,
+    )
+
+
+def verify_attention_with_scores_ref(
+    q: torch.Tensor,
+    k_buffer: torch.Tensor,
+    v_buffer: torch.Tensor,
+    out: torch.Tensor,
+    req_to_token: torch.Tensor,
+    req_pool_indices: torch.Tensor,
+    prefix_lens: torch.Tensor,
+    extend_lens: torch.Tensor,
+    qo_indptr: torch.Tensor,
+    scores: torch.Tensor,
+    sm_scale: float,
+    aggregation: str = "sum",
+    logit_cap: float = 0.0,
+) -> None:
+    """PyTorch reference: explicit gather, causal softmax per request; writes out and scores."""
+    num_q_heads = q.shape[1]
+    num_kv_heads = k_buffer.shape[1]
+    group = num_q_heads // num_kv_heads
+    for b in range(prefix_lens.shape[0]):
+        prefix, n_ext = int(prefix_lens[b]), int(extend_lens[b])
+        total = prefix + n_ext
+        if n_ext == 0:
+            continue
+        slots = req_to_token[int(req_pool_indices[b]), :total].long()
+        rows = slice(int(qo_indptr[b]), int(qo_indptr[b]) + n_ext)
+        k = k_buffer[slots].float().repeat_interleave(group, dim=1)  # [total, Hq, D]
+        v = v_buffer[slots].float().repeat_interleave(group, dim=1)
+        s = torch.einsum("ihd,phd->hip", q[rows].float(), k) * sm_scale  # [Hq, n_ext, total]
+        if logit_cap > 0:
+            s = logit_cap * torch.tanh(s / logit_cap)
+        visible = torch.arange(total)[None, :] <= prefix + torch.arange(n_ext)[:, None]
+        s = s.masked_fill(~visible.to(s.device), float("-inf"))
+        prob = torch.softmax(s, dim=-1)
+        out[rows] = torch.einsum("hip,phd->ihd", prob, v).to(out.dtype)
+        per_group = prob.view(num_kv_heads, group * n_ext, total)
+        agg = per_group.sum(1) if aggregation == "sum" else per_group.amax(1)
+        scores[b, :, :total] = agg

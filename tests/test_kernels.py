@@ -1,0 +1,511 @@
+"""PillarAttn Triton kernels vs their PyTorch references.
+
+Without CUDA the kernels run in the Triton interpreter (TRITON_INTERPRET=1) at small shapes;
+with CUDA the same tests run compiled on the GPU, and the `gpu`-marked tests repeat them at
+Qwen3-8B sizes (B 32, ctx 4K, Hq 32, Hkv 8, D 128, bf16).
+
+The KV pool used everywhere is adversarial: request rows of req_to_token are shuffled, pages
+are shuffled (page size 1 or 16, so slot ids are non-contiguous), and slot 0 is a "poison" slot
+with huge K/V that no valid mapping uses but every padding entry points to; a kernel that reads
+past a length picks it up and fails the comparison.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before any Triton kernel module is imported
+
+import numpy as np  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+from sparsespec_sglang.kernels.sparse_decode import (  # noqa: E402
+    sparse_decode_attention,
+    sparse_decode_attention_ref,
+)
+from sparsespec_sglang.kernels.topk_select import select_topk, select_topk_ref  # noqa: E402
+from sparsespec_sglang.kernels.verify_attention import (  # noqa: E402
+    verify_attention_with_scores,
+    verify_attention_with_scores_ref,
+)
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+if INTERPRET:
+    # The Triton interpreter multiplies bfloat16 dot operands as their raw uint16 bits
+    # (triton 3.x InterpreterBuilder.create_dot); upcast them to float32 first. Compiled
+    # kernels are unaffected.
+    from triton.runtime import interpreter as _interp
+
+    _create_dot = _interp.InterpreterBuilder.create_dot
+
+    def _create_dot_bf16_safe(self, a, b, d, input_precision, max_num_imprecise_acc):
+        def up(x):
+            if x.dtype.scalar != tl.bfloat16:
+                return x
+            data = _interp._convert_float(x.data, tl.bfloat16, tl.float32, None).view(np.float32)
+            return _interp.TensorHandle(data, tl.float32)
+
+        return _create_dot(self, up(a), up(b), d, input_precision, max_num_imprecise_acc)
+
+    _interp.InterpreterBuilder.create_dot = _create_dot_bf16_safe
+
+
+def _tol(dtype: torch.dtype) -> dict:
+    if dtype == torch.bfloat16:
+        return dict(atol=3e-2, rtol=3e-2)
+    if dtype == torch.float16:
+        return dict(atol=3e-3, rtol=3e-3)
+    # fp32 on the GPU goes through TF32 tensor cores.
+    return dict(atol=2e-2, rtol=2e-2) if DEVICE.type == "cuda" else dict(atol=1e-5, rtol=1e-5)
+
+
+def _score_tol(dtype: torch.dtype) -> dict:
+    """Scores come from the same fp32-accumulated logits in kernel and reference (only `out`
+    sees the low-precision P @ V), except fp32 on the GPU, where the kernel's dot is TF32."""
+    if DEVICE.type != "cuda":
+        return dict(atol=1e-5, rtol=1e-3)
+    return dict(atol=5e-3, rtol=1e-2) if dtype == torch.float32 else dict(atol=1e-4, rtol=1e-3)
+
+
+class Pool:
+    """One layer of a paged MHATokenToKVPool plus a req_to_token table for a batch."""
+
+    def __init__(self, lens, page_size, num_kv_heads, head_dim, dtype, seed, v_dim=None, pad_cols=8):
+        gen = torch.Generator().manual_seed(seed)
+        batch = len(lens)
+        pages = [math.ceil(n / page_size) for n in lens]
+        # Page 0 holds the poison slot 0; the others are handed out in a random order.
+        page_ids = torch.randperm(sum(pages) + 3, generator=gen) + 1
+        num_rows = batch + 3
+        self.req_to_token = torch.zeros(num_rows, max(lens) + pad_cols, dtype=torch.int32)
+        self.req_pool_indices = torch.randperm(num_rows, generator=gen)[:batch].int()
+        used = 0
+        for b, n in enumerate(lens):
+            mine = page_ids[used: used + pages[b]]
+            used += pages[b]
+            slots = (mine[:, None] * page_size + torch.arange(page_size)).flatten()[:n]
+            self.req_to_token[self.req_pool_indices[b], :n] = slots.int()
+        num_slots = (len(page_ids) + 1) * page_size
+        v_dim = v_dim or head_dim
+        self.k = torch.randn(num_slots, num_kv_heads, head_dim, generator=gen)
+        self.v = torch.randn(num_slots, num_kv_heads, v_dim, generator=gen)
+        self.k[0], self.v[0] = 30.0, 1e3
+        self.k, self.v = self.k.to(DEVICE, dtype), self.v.to(DEVICE, dtype)
+        self.rows_cpu = self.req_to_token[self.req_pool_indices.long()]  # [B, ctx] host copy
+        self.req_to_token = self.req_to_token.to(DEVICE)
+        self.req_pool_indices = self.req_pool_indices.to(DEVICE)
+        self.gen = gen
+
+    def slot(self, b: int, pos: int) -> int:
+        return int(self.rows_cpu[b, pos])
+
+
+def _ints(values) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.int32, device=DEVICE)
+
+
+# --------------------------------------------------------------------------------------------
+# sparse decode
+# --------------------------------------------------------------------------------------------
+
+
+def _decode_case(seq_lens, dense_start, sel_counts, num_sink, group, num_kv_heads=2, head_dim=64,
+                 page_size=1, dtype=torch.float32, seed=0, max_sel=None):
+    """Pool + query + per-head random selections from the positions between sinks and dense."""
+    pool = Pool(seq_lens, page_size, num_kv_heads, head_dim, dtype, seed)
+    batch = len(seq_lens)
+    max_sel = max_sel or max(max(sel_counts), 1) + 3
+    sel = torch.zeros(batch, num_kv_heads, max_sel, dtype=torch.int32)  # padding -> poison slot 0
+    sel_lens = []
+    for b in range(batch):
+        lo = min(num_sink, dense_start[b])
+        n = min(sel_counts[b], dense_start[b] - lo)
+        sel_lens.append(n)
+        for h in range(num_kv_heads):
+            pos = torch.randperm(dense_start[b] - lo, generator=pool.gen)[:n] + lo
+            sel[b, h, :n] = pool.rows_cpu[b, pos]
+    q = torch.randn(batch, group * num_kv_heads, head_dim, generator=pool.gen).to(DEVICE, dtype)
+    return pool, q, sel.to(DEVICE), _ints(sel_lens)
+
+
+def _run_decode(pool, q, seq_lens, dense_start, sel, sel_lens, num_sink, splits, logit_cap=0.0,
+                extra_rows=1, extra_splits=2):
+    """Kernel vs reference; outputs and workspace are views into larger sentinel buffers."""
+    batch, hq, _ = q.shape
+    dv = pool.v.shape[-1]
+    out_big = torch.full((batch + extra_rows, hq, dv), 7.0, dtype=q.dtype, device=DEVICE)
+    logits = torch.full((batch + extra_rows, hq, splits + extra_splits, dv), 5.0, device=DEVICE)
+    lse_ws = torch.full((batch + extra_rows, hq, splits + extra_splits), 5.0, device=DEVICE)
+    sm_scale = 1.0 / math.sqrt(q.shape[-1])
+    args = (pool.req_to_token, pool.req_pool_indices, _ints(seq_lens), _ints(dense_start), sel, sel_lens,
+            num_sink, sm_scale, logit_cap)
+    lse = sparse_decode_attention(q, pool.k, pool.v, out_big[:batch], *args, num_kv_splits=splits,
+                                  workspace=(logits, lse_ws))
+    ref_out = torch.empty(batch, hq, dv, dtype=q.dtype, device=DEVICE)
+    ref_lse = sparse_decode_attention_ref(q, pool.k, pool.v, ref_out, *args)
+    assert lse.shape == (batch, hq)
+    assert torch.all(out_big[batch:] == 7.0), "rows past the batch were written"
+    assert torch.all(logits[batch:] == 5.0) and torch.all(logits[:, :, splits:] == 5.0)
+    assert torch.all(lse_ws[batch:] == 5.0) and torch.all(lse_ws[:, :, splits:] == 5.0)
+    return out_big[:batch], lse, ref_out, ref_lse
+
+
+@pytest.mark.parametrize(
+    "group,page_size,num_sink,dtype,splits",
+    [
+        (1, 1, 0, torch.float32, 1),
+        (4, 16, 4, torch.float32, 3),
+        (8, 1, 4, torch.float16, 4),
+        (4, 1, 0, torch.bfloat16, 8),
+        (8, 16, 0, torch.float32, 2),
+        (1, 16, 4, torch.bfloat16, 3),
+    ],
+)
+def test_sparse_decode_matches_ref(group, page_size, num_sink, dtype, splits):
+    seq_lens = [150, 61, 9, 240]
+    dense_start = [141, 40, 2, 232]  # request 2: fewer positions than sinks, nothing selectable
+    sel_counts = [40, 0, 5, 77]  # request 1: empty selection
+    pool, q, sel, sel_lens = _decode_case(seq_lens, dense_start, sel_counts, num_sink, group,
+                                          page_size=page_size, dtype=dtype, seed=group + page_size)
+    out, lse, ref_out, ref_lse = _run_decode(pool, q, seq_lens, dense_start, sel, sel_lens, num_sink, splits)
+    torch.testing.assert_close(out.float(), ref_out.float(), **_tol(dtype))
+    torch.testing.assert_close(lse, ref_lse, **_tol(dtype))
+
+
+def test_sparse_decode_head_dim_128_and_logit_cap():
+    seq_lens, dense_start, sel_counts = [200, 33], [190, 25], [60, 20]
+    pool, q, sel, sel_lens = _decode_case(seq_lens, dense_start, sel_counts, 4, 4, num_kv_heads=2,
+                                          head_dim=128, page_size=16, dtype=torch.float16, seed=3)
+    q = q * 4  # large logits so the cap matters
+    out, lse, ref_out, ref_lse = _run_decode(pool, q, seq_lens, dense_start, sel, sel_lens, 4, 4,
+                                             logit_cap=5.0)
+    torch.testing.assert_close(out.float(), ref_out.float(), **_tol(torch.float16))
+    torch.testing.assert_close(lse, ref_lse, **_tol(torch.float16))
+
+
+def _dense_attention(q, k, v, sm_scale):
+    """softmax(q k^T) v for q [Hq, D], k/v [N, Hkv, D] in float32 (GQA by repetition)."""
+    group = q.shape[0] // k.shape[1]
+    k = k.float().repeat_interleave(group, 1)
+    v = v.float().repeat_interleave(group, 1)
+    p = torch.softmax(torch.einsum("hd,nhd->hn", q.float(), k) * sm_scale, -1)
+    return torch.einsum("hn,nhd->hd", p, v)
+
+
+def test_sparse_decode_full_selection_equals_dense_attention():
+    """Selecting every position between the sinks and the dense tail is plain full attention."""
+    seq_lens, dense_start, num_sink = [120, 47], [111, 40], 4
+    pool, q, _, _ = _decode_case(seq_lens, dense_start, [0, 0], num_sink, 4, page_size=16, seed=5)
+    max_sel = max(dense_start) - num_sink
+    sel = torch.zeros(2, 2, max_sel, dtype=torch.int32, device=DEVICE)
+    for b in range(2):
+        middle = torch.tensor([pool.slot(b, p) for p in range(num_sink, dense_start[b])], dtype=torch.int32)
+        sel[b, :, : len(middle)] = middle.flip(0).to(DEVICE)  # order inside the list is irrelevant
+    sel_lens = _ints([d - num_sink for d in dense_start])
+    out, _, _, _ = _run_decode(pool, q, seq_lens, dense_start, sel, sel_lens, num_sink, 3)
+    for b in range(2):
+        slots = pool.req_to_token[pool.req_pool_indices[b], : seq_lens[b]].long()
+        want = _dense_attention(q[b], pool.k[slots], pool.v[slots], 1.0 / math.sqrt(q.shape[-1]))
+        torch.testing.assert_close(out[b].float(), want, **_tol(torch.float32))
+
+
+def test_sparse_decode_reads_exactly_the_attended_set():
+    seq_lens, dense_start, sel_counts, num_sink = [150, 90], [140, 80], [10, 10], 4
+    pool, q, sel, sel_lens = _decode_case(seq_lens, dense_start, sel_counts, num_sink, 4, seed=7)
+    base, _, _, _ = _run_decode(pool, q, seq_lens, dense_start, sel, sel_lens, num_sink, 3)
+
+    chosen = {int(s) for s in sel[0, 0, :10]}
+    unused = next(p for p in range(num_sink, dense_start[0]) if pool.slot(0, p) not in chosen
+                  and pool.slot(0, p) not in {int(s) for s in sel[0, 1, :10]})
+    pool.k[pool.slot(0, unused)] += 3.0  # not attended by anyone: output must not move
+    same, _, _, _ = _run_decode(pool, q, seq_lens, dense_start, sel, sel_lens, num_sink, 3)
+    assert torch.equal(same, base)
+
+    pool.k[int(sel[0, 1, 3]), 1] += 3.0  # selected by request 0, KV head 1 only
+    moved, _, _, _ = _run_decode(pool, q, seq_lens, dense_start, sel, sel_lens, num_sink, 3)
+    assert not torch.allclose(moved[0, 4:], base[0, 4:])  # query heads 4..7 use KV head 1
+    assert torch.equal(moved[0, :4], base[0, :4]) and torch.equal(moved[1], base[1])
+
+
+# --------------------------------------------------------------------------------------------
+# verify attention with scores
+# --------------------------------------------------------------------------------------------
+
+
+def _verify_case(prefix_lens, extend_lens, group, num_kv_heads=2, head_dim=64, page_size=1,
+                 dtype=torch.float32, seed=0):
+    lens = [p + e for p, e in zip(prefix_lens, extend_lens)]
+    pool = Pool(lens, page_size, num_kv_heads, head_dim, dtype, seed)
+    qo = [0]
+    for e in extend_lens:
+        qo.append(qo[-1] + e)
+    q = torch.randn(qo[-1], group * num_kv_heads, head_dim, generator=pool.gen).to(DEVICE, dtype)
+    return pool, q, _ints(qo)
+
+
+def _run_verify(pool, q, prefix_lens, extend_lens, qo, aggregation, splits, logit_cap=0.0, extra_rows=2):
+    """Kernel vs reference; out and scores start as sentinels so untouched entries can be checked."""
+    tokens, hq, _ = q.shape
+    batch, num_kv_heads = len(prefix_lens), pool.k.shape[1]
+    ctx = pool.req_to_token.shape[1]
+    out_big = torch.full((tokens + extra_rows, hq, pool.v.shape[-1]), 7.0, dtype=q.dtype, device=DEVICE)
+    scores = torch.full((batch, num_kv_heads, ctx), -1.0, device=DEVICE)
+    sm_scale = 1.0 / math.sqrt(q.shape[-1])
+    args = (pool.req_to_token, pool.req_pool_indices, _ints(prefix_lens), _ints(extend_lens), qo)
+    verify_attention_with_scores(q, pool.k, pool.v, out_big[:tokens], *args, scores, sm_scale, aggregation,
+                                 logit_cap, num_kv_splits=splits)
+    ref_out = torch.empty_like(out_big[:tokens])
+    ref_scores = torch.full_like(scores, -1.0)
+    verify_attention_with_scores_ref(q, pool.k, pool.v, ref_out, *args, ref_scores, sm_scale, aggregation,
+                                     logit_cap)
+    assert torch.all(out_big[tokens:] == 7.0), "rows past the verify tokens were written"
+    for b, (p, e) in enumerate(zip(prefix_lens, extend_lens)):
+        assert torch.all(scores[b, :, p + e:] == -1.0), "scores past the request length were written"
+        assert torch.all(scores[b, :, : p + e] >= 0)
+    return out_big[:tokens], scores, ref_out, ref_scores
+
+
+@pytest.mark.parametrize(
+    "group,page_size,dtype,aggregation,splits",
+    [
+        (1, 1, torch.float32, "sum", 1),
+        (4, 16, torch.float32, "max", 3),
+        (8, 1, torch.float32, "sum", 2),
+        (4, 1, torch.bfloat16, "sum", None),
+        (8, 16, torch.float16, "max", 1),
+        (1, 16, torch.bfloat16, "max", 4),
+    ],
+)
+def test_verify_matches_ref(group, page_size, dtype, aggregation, splits):
+    prefix_lens, extend_lens = [150, 7, 230, 40], [9, 9, 3, 20]  # ragged; request 3 needs 2 row blocks
+    pool, q, qo = _verify_case(prefix_lens, extend_lens, group, page_size=page_size, dtype=dtype,
+                               seed=group * 10 + page_size)
+    out, scores, ref_out, ref_scores = _run_verify(pool, q, prefix_lens, extend_lens, qo, aggregation, splits)
+    torch.testing.assert_close(out.float(), ref_out.float(), **_tol(dtype))
+    torch.testing.assert_close(scores, ref_scores, **_score_tol(dtype))
+
+
+def test_verify_head_dim_128_logit_cap():
+    prefix_lens, extend_lens = [100, 31], [9, 5]
+    pool, q, qo = _verify_case(prefix_lens, extend_lens, 4, head_dim=128, page_size=16,
+                               dtype=torch.float16, seed=11)
+    q = q * 4
+    out, scores, ref_out, ref_scores = _run_verify(pool, q, prefix_lens, extend_lens, qo, "sum", 2, logit_cap=5.0)
+    torch.testing.assert_close(out.float(), ref_out.float(), **_tol(torch.float16))
+    torch.testing.assert_close(scores, ref_scores, **_score_tol(torch.float16))
+
+
+def test_verify_sum_scores_are_probability_mass():
+    """Every (query, query head) row is a distribution, so a KV head's summed scores = G * (k+1)."""
+    prefix_lens, extend_lens, group = [80, 33], [9, 4], 4
+    pool, q, qo = _verify_case(prefix_lens, extend_lens, group, seed=13)
+    _, scores, _, _ = _run_verify(pool, q, prefix_lens, extend_lens, qo, "sum", 2)
+    for b, (p, e) in enumerate(zip(prefix_lens, extend_lens)):
+        torch.testing.assert_close(scores[b, :, : p + e].sum(-1), torch.full((2,), float(group * e), device=DEVICE),
+                                   atol=1e-3, rtol=1e-4)
+        # The last verify token is seen only by the last query.
+        assert torch.all(scores[b, :, p + e - 1] <= group + 1e-5)
+
+
+def test_verify_scores_follow_the_keys():
+    prefix_lens, extend_lens = [60, 50], [9, 9]
+    pool, q, qo = _verify_case(prefix_lens, extend_lens, 4, seed=17)
+    _, base, _, _ = _run_verify(pool, q, prefix_lens, extend_lens, qo, "sum", 2)
+    # Make position 23 of request 0 align with every query of KV head 1.
+    hot = pool.slot(0, 23)
+    pool.k[hot, 1] = q[:9, 4:8].float().mean((0, 1)).to(pool.k.dtype) * 20
+    _, moved, _, _ = _run_verify(pool, q, prefix_lens, extend_lens, qo, "sum", 2)
+    assert moved[0, 1, 23] > base[0, 1, 23] + 1.0
+    assert torch.equal(moved[0, 0], base[0, 0]) and torch.equal(moved[1], base[1])
+
+
+# --------------------------------------------------------------------------------------------
+# top-K selection
+# --------------------------------------------------------------------------------------------
+
+
+def _topk_case(seq_lens, cand_end, num_kv_heads=3, page_size=1, seed=0):
+    pool = Pool(seq_lens, page_size, num_kv_heads, 16, torch.float32, seed)
+    batch = len(seq_lens)
+    ctx = pool.req_to_token.shape[1]
+    scores = torch.rand(batch, num_kv_heads, ctx, generator=pool.gen)
+    scores[0, 0, 20:60] = 0.25  # a long run of ties
+    scores[-1] = (scores[-1] * 8).floor() / 8  # few distinct values -> ties at the threshold
+    scores[1, 1, 5:30] = 0.0
+    return pool, scores.to(DEVICE)
+
+
+def _run_topk(pool, scores, seq_lens, cand_end, num_sink, sparsity, min_sel, max_sel):
+    batch, num_kv_heads, _ = scores.shape
+    out = torch.full((batch, num_kv_heads, max_sel), -5, dtype=torch.int32, device=DEVICE)
+    lens = torch.full((batch,), -5, dtype=torch.int32, device=DEVICE)
+    args = (pool.req_to_token, pool.req_pool_indices, _ints(seq_lens), _ints(cand_end), num_sink, sparsity,
+            min_sel, max_sel)
+    select_topk(scores, *args, out, lens)
+    ref_out, ref_lens = torch.full_like(out, -5), torch.full_like(lens, -5)
+    select_topk_ref(scores, *args, ref_out, ref_lens)
+    for b in range(batch):
+        assert torch.all(out[b, :, int(lens[b]):] == -5), "entries past K were written"
+    return out, lens, ref_out, ref_lens
+
+
+@pytest.mark.parametrize(
+    "num_sink,sparsity,min_sel,max_sel,page_size",
+    [
+        (4, 0.05, 8, 64, 1),  # floor dominates
+        (0, 0.3, 4, 64, 16),
+        (4, 0.5, 0, 40, 16),  # cap dominates
+        (0, 1.0, 0, 300, 1),  # K >= candidates: clamped, take all
+        (4, 0.0, 0, 64, 1),  # K = 0
+    ],
+)
+def test_topk_matches_ref(num_sink, sparsity, min_sel, max_sel, page_size):
+    seq_lens, cand_end = [300, 120, 45, 290], [291, 111, 3, 290]  # request 2: no candidates
+    pool, scores = _topk_case(seq_lens, cand_end, page_size=page_size, seed=page_size)
+    out, lens, ref_out, ref_lens = _run_topk(pool, scores, seq_lens, cand_end, num_sink, sparsity, min_sel,
+                                             max_sel)
+    assert torch.equal(lens, ref_lens)
+    assert torch.equal(out, ref_out)
+    for b in range(len(seq_lens)):  # independent check of the selected values with torch.topk
+        k = int(lens[b])
+        n_cand = max(cand_end[b] - num_sink, 0)
+        assert k == min(max(math.ceil(sparsity * seq_lens[b] - 1e-6), min_sel), max_sel, n_cand)
+        if k == 0:
+            continue
+        row = pool.req_to_token[pool.req_pool_indices[b]].long()
+        pos_of = {int(row[p]): p for p in range(num_sink, cand_end[b])}
+        for h in range(scores.shape[1]):
+            picked = sorted(pos_of[int(s)] for s in out[b, h, :k])
+            assert picked == sorted(set(picked)), "duplicate selection"
+            want = torch.topk(scores[b, h, num_sink: cand_end[b]], k).values
+            torch.testing.assert_close(scores[b, h, picked].sort().values, want.sort().values)
+
+
+def test_topk_ties_prefer_lower_positions():
+    pool = Pool([200], 1, 1, 16, torch.float32, 4)
+    scores = torch.full((1, 1, pool.req_to_token.shape[1]), 0.5, device=DEVICE)
+    scores[0, 0, 150] = 0.9
+    out, lens, _, _ = _run_topk(pool, scores, [200], [200], 4, 0.05, 0, 64)
+    want = [pool.slot(0, 150)] + [pool.slot(0, p) for p in range(4, 13)]
+    assert int(lens[0]) == 10 and sorted(out[0, 0].tolist()[:10]) == sorted(want)
+
+
+def test_topk_packed_counters_at_their_limit(monkeypatch):
+    """Byte counters are folded every 255 blocks: fill them to exactly 255 and wrap into a 2nd chunk."""
+    from sparsespec_sglang.kernels import topk_select
+
+    block = 16
+    monkeypatch.setattr(topk_select, "_BLOCK", block)
+    n = block * 255 + 3 * block + 5  # two flush chunks, the second one ragged
+    pool = Pool([n], 1, 1, 16, torch.float32, 6)
+    scores = torch.full((1, 2, pool.req_to_token.shape[1]), 0.75)  # every lane hits one byte 255 times
+    scores[0, 1, : n // 2] = 0.5  # second head: two values, threshold sits in the larger group
+    scores[0, :, 100] = 2.0
+    out, lens, ref_out, ref_lens = _run_topk(pool, scores.to(DEVICE), [n], [n], 0, 0.6, 0, n)
+    assert torch.equal(lens, ref_lens) and torch.equal(out, ref_out)
+
+
+def test_topk_follows_the_scores():
+    seq_lens, cand_end, num_sink = [200, 150], [190, 150], 4
+    pool, scores = _topk_case(seq_lens, cand_end, seed=9)
+    base, lens, _, _ = _run_topk(pool, scores, seq_lens, cand_end, num_sink, 0.1, 0, 64)
+    ignored = scores.clone()
+    ignored[0, 2, :num_sink] = 9.0  # sinks and positions past cand_end are not candidates
+    ignored[0, 2, cand_end[0]:seq_lens[0]] = 9.0
+    same, _, _, _ = _run_topk(pool, ignored, seq_lens, cand_end, num_sink, 0.1, 0, 64)
+    assert torch.equal(same, base)
+    loser = next(p for p in range(num_sink, cand_end[0]) if pool.slot(0, p) not in base[0, 2, :20].tolist())
+    promoted = scores.clone()
+    promoted[0, 2, loser] = 9.0
+    moved, _, _, _ = _run_topk(pool, promoted, seq_lens, cand_end, num_sink, 0.1, 0, 64)
+    assert pool.slot(0, loser) in moved[0, 2, : int(lens[0])].tolist()
+    assert torch.equal(moved[1], base[1]) and torch.equal(moved[0, :2], base[0, :2])
+
+
+# --------------------------------------------------------------------------------------------
+# the three together: verify -> top-K -> sparse draft decode
+# --------------------------------------------------------------------------------------------
+
+
+def test_cycle_with_full_budget_is_dense_attention():
+    """With a budget covering every candidate, a draft step after a verify is exact attention."""
+    prefix_lens, k1, num_sink, group = [70, 130], 9, 4, 4
+    pool, q_verify, qo = _verify_case(prefix_lens, [k1, k1], group, page_size=16, seed=21)
+    scores = torch.zeros(2, 2, pool.req_to_token.shape[1], device=DEVICE)
+    out = torch.empty_like(q_verify)
+    sm_scale = 1.0 / math.sqrt(q_verify.shape[-1])
+    verify_attention_with_scores(q_verify, pool.k, pool.v, out, pool.req_to_token, pool.req_pool_indices,
+                                 _ints(prefix_lens), _ints([k1, k1]), qo, scores, sm_scale)
+    # Next draft token sits after the accepted prefix + 3 tokens; candidates are the verified prefix.
+    seq_lens = [p + 3 for p in prefix_lens]
+    max_sel = 200
+    sel = torch.zeros(2, 2, max_sel, dtype=torch.int32, device=DEVICE)
+    sel_lens = torch.zeros(2, dtype=torch.int32, device=DEVICE)
+    select_topk(scores, pool.req_to_token, pool.req_pool_indices, _ints(seq_lens), _ints(prefix_lens),
+                num_sink, 1.0, 0, max_sel, sel, sel_lens)
+    assert sel_lens.tolist() == [p - num_sink for p in prefix_lens]
+    q = torch.randn(2, 2 * group, 64, generator=pool.gen).to(DEVICE)
+    dec = torch.empty_like(q)
+    sparse_decode_attention(q, pool.k, pool.v, dec, pool.req_to_token, pool.req_pool_indices, _ints(seq_lens),
+                            _ints(prefix_lens), sel, sel_lens, num_sink, sm_scale, num_kv_splits=4)
+    for b in range(2):
+        slots = pool.req_to_token[pool.req_pool_indices[b], : seq_lens[b]].long()
+        torch.testing.assert_close(dec[b], _dense_attention(q[b], pool.k[slots], pool.v[slots], sm_scale),
+                                   **_tol(torch.float32))
+
+
+# --------------------------------------------------------------------------------------------
+# GPU, real sizes (Qwen3-8B attention: Hq 32, Hkv 8, D 128, bf16)
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("page_size", [1, 16])
+def test_gpu_sparse_decode_real_size(page_size):
+    batch, ctx, num_sink = 32, 4096, 4
+    gen = torch.Generator().manual_seed(page_size)
+    seq_lens = (ctx - torch.randint(0, 512, (batch,), generator=gen)).tolist()
+    dense_start = [s - 1 - int(torch.randint(0, 8, (1,), generator=gen)) for s in seq_lens]
+    sel_counts = [math.ceil(0.05 * s) for s in seq_lens]
+    pool, q, sel, sel_lens = _decode_case(seq_lens, dense_start, sel_counts, num_sink, 4, num_kv_heads=8,
+                                          head_dim=128, page_size=page_size, dtype=torch.bfloat16, seed=page_size)
+    out, lse, ref_out, ref_lse = _run_decode(pool, q, seq_lens, dense_start, sel, sel_lens, num_sink, 8)
+    torch.testing.assert_close(out.float(), ref_out.float(), **_tol(torch.bfloat16))
+    torch.testing.assert_close(lse, ref_lse, atol=1e-2, rtol=1e-3)
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("aggregation", ["sum", "max"])
+def test_gpu_verify_real_size(aggregation):
+    batch, ctx = 32, 4096
+    gen = torch.Generator().manual_seed(1)
+    prefix_lens = (ctx - 9 - torch.randint(0, 512, (batch,), generator=gen)).tolist()
+    pool, q, qo = _verify_case(prefix_lens, [9] * batch, 4, num_kv_heads=8, head_dim=128, page_size=16,
+                               dtype=torch.bfloat16, seed=2)
+    out, scores, ref_out, ref_scores = _run_verify(pool, q, prefix_lens, [9] * batch, qo, aggregation, None)
+    torch.testing.assert_close(out.float(), ref_out.float(), **_tol(torch.bfloat16))
+    torch.testing.assert_close(scores, ref_scores, **_score_tol(torch.bfloat16))
+
+
+@pytest.mark.gpu
+@gpu
+def test_gpu_topk_real_size():
+    batch, ctx, num_sink = 32, 4096, 4
+    gen = torch.Generator().manual_seed(3)
+    seq_lens = (ctx - torch.randint(0, 512, (batch,), generator=gen)).tolist()
+    cand_end = [s - 9 for s in seq_lens]
+    pool = Pool(seq_lens, 16, 8, 16, torch.float32, 3)
+    # Softmax-like scores: many tiny values sharing exponents, a few large ones.
+    scores = torch.softmax(torch.randn(batch, 8, pool.req_to_token.shape[1], generator=gen) * 3, -1).to(DEVICE)
+    out, lens, ref_out, ref_lens = _run_topk(pool, scores, seq_lens, cand_end, num_sink, 0.05, 64, 4096)
+    assert torch.equal(lens, ref_lens) and torch.equal(out, ref_out)
