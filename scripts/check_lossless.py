@@ -26,8 +26,9 @@ def _engine(model_dir: str, args: argparse.Namespace, **kwargs):
 
     return sgl.Engine(model_path=model_dir, dtype=args.dtype, skip_tokenizer_init=True,
                       mem_fraction_static=args.mem_fraction, disable_radix_cache=False,
-                      cuda_graph_max_bs=args.cuda_graph_max_bs,
-                      disable_cuda_graph=args.disable_cuda_graph, log_level="warning",
+                      cuda_graph_max_bs_decode=args.cuda_graph_max_bs,
+                      disable_decode_cuda_graph=args.disable_cuda_graph,
+                      disable_prefill_cuda_graph=True, log_level="warning",
                       max_running_requests=args.num_prompts, **kwargs)
 
 
@@ -77,7 +78,7 @@ def main() -> int:
     ap.add_argument("--min-selected", type=int, default=16)
     ap.add_argument("--mem-fraction", type=float, default=0.3)
     ap.add_argument("--cuda-graph-max-bs", type=int, default=32)
-    ap.add_argument("--disable-cuda-graph", action="store_true")
+    ap.add_argument("--disable-cuda-graph", action="store_true", help="decode/verify graphs off")
     ap.add_argument("--modes", default="overlap,no-overlap")
     args = ap.parse_args()
 
