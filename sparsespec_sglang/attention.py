@@ -67,6 +67,18 @@ class SparseSpecAttnBackend(TritonAttnBackend):
             return
         super().init_forward_metadata(forward_batch)
 
+    def init_forward_metadata_out_graph(self, forward_batch: Any, in_capture: bool = False) -> None:
+        # Verify CUDA graphs (SGLang captures TARGET_VERIFY graphs for NGRAM-shaped
+        # algorithms) read only graph-static forward-batch buffers on this path.
+        if self._is_pillar_verify(forward_batch):
+            return
+        super().init_forward_metadata_out_graph(forward_batch, in_capture)
+
+    def init_forward_metadata_in_graph(self, forward_batch: Any) -> None:
+        if self._is_pillar_verify(forward_batch):
+            return
+        super().init_forward_metadata_in_graph(forward_batch)
+
     def _save_kv(self, layer: Any, forward_batch: Any, k: torch.Tensor, v: torch.Tensor) -> None:
         self.token_to_kv_pool.set_kv_buffer(layer, forward_batch.out_cache_loc, k, v)
 

@@ -139,10 +139,12 @@ class SparseSpecWorker(BaseSpecWorker):
         draft_tokens = torch.cat([pending.unsqueeze(1).to(drafts.dtype), drafts], dim=1).flatten()
         positions = (seq_lens.unsqueeze(1) + torch.arange(width, device=self.device)).flatten()
         retrieve_index, next_token, next_sibling = self._chain(bs)
+        # No tree mask: the PillarAttn verify kernel is causal over the chain.
+        # (NgramVerifyInput takes its device from new_seq_lens when there is no mask.)
         verify_input = NgramVerifyInput(
             draft_token=draft_tokens, custom_mask=None, positions=positions,
             retrieve_index=retrieve_index, retrieve_next_token=next_token,
-            retrieve_next_sibling=next_sibling, draft_token_num=width,
+            retrieve_next_sibling=next_sibling, draft_token_num=width, new_seq_lens=seq_lens,
         )
         batch.forward_mode = ForwardMode.TARGET_VERIFY
         batch.input_ids = draft_tokens

@@ -1,0 +1,568 @@
+"""PyTorch reference implementation of SparseSpec (PillarAttn sparse self-speculation).
+
+This module is the oracle for the Triton kernels and the SGLang worker, and the tool that
+measures acceptance on real weights. It favours clarity over speed: one request at a time
+(batch size 1), a Hugging Face causal LM (Qwen3 / Qwen2 / Llama style) whose attention is
+routed through one custom function registered with transformers' `AttentionInterface`,
+and a `DynamicCache` that is cropped to drop KV.
+
+Request state and one cycle
+---------------------------
+* Committed tokens; the last committed token is *pending* at position P (no KV yet).
+  The cache holds full-attention KV for positions [0, P).
+* Prefill: full forward over the prompt (length L); the first token (argmax, or sampled)
+  becomes pending at P = L.
+* Draft (k steps): step j feeds the current token (the pending token, then the previous
+  draft) at position P + j - 1 with SPARSE attention in every layer. For layer l and KV
+  head h the query attends to
+      (a) sink positions      [0, min(num_sink, dense_start))
+      (b) selected positions  sel[l][h]                (top-K, all < dense_start)
+      (c) the dense window    [dense_start, current position]
+  The step's KV is written to the cache. Output d_j = argmax (or a sample of q_j).
+* Verify: crop the cache back to P (drop the sparse-computed draft KV) and feed
+  [pending, d_1..d_k] at positions [P, P+k] with FULL causal attention -> p_0..p_k.
+  Greedy: m = longest prefix with d_j == argmax p_{j-1}; bonus = argmax p_m.
+  Sampling: standard speculative sampling (`speculative_accept`).
+  Commit d_1..d_m, bonus (new pending at P+m+1), crop the cache to [0, P+m].
+  EOS / max_new_tokens stop the request mid-cycle; nothing past them is emitted.
+* Selection (PillarAttn): the verify forward also yields, per layer and KV head,
+  scores[p] = AGG over (verify query rows, query heads of the GQA group) of the softmax
+  probability exp(s - row_lse) of key p; AGG is "sum" (default) or "max". For the next
+  cycle dense_start = P (the verify window start), candidates = [num_sink, P),
+  K = min(clamp(ceil(sparsity * context_len), min_selected, max_selected), #candidates)
+  with context_len = P + m + 1 (tokens in cache after the verify), selection = top-K
+  candidates by score, ties toward the lower position, returned sorted ascending.
+* First cycle after prefill ("window" choice): dense_start = L, selection = the K most
+  recent candidates [max(num_sink, L - K), L) with K computed for context_len = L.
+
+`ceil(sparsity * context_len)` is evaluated in float64 with a 1e-9 slack
+(`num_selected`), so 0.07 * 100 gives 7, not 8.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields
+from typing import Any, Sequence
+
+import torch
+
+__all__ = [
+    "ATTN_IMPLEMENTATION",
+    "PillarConfig",
+    "resolve_config",
+    "register_attention",
+    "prepare_model",
+    "load_model",
+    "num_selected",
+    "aggregate_scores",
+    "select_topk",
+    "window_selection",
+    "draft_key_mask",
+    "pillar_attention",
+    "sampling_probs",
+    "greedy_accept",
+    "acceptance_probabilities",
+    "residual_distribution",
+    "speculative_accept",
+    "CycleStats",
+    "GenerationOutput",
+    "eos_token_ids",
+    "SpecOutput",
+    "plain_generate",
+    "sparsespec_generate",
+]
+
+ATTN_IMPLEMENTATION = "sparsespec_reference"
+
+
+# ----------------------------------------------------------------------------- config
+
+
+@dataclass
+class PillarConfig:
+    """Algorithm knobs. Field names match `sparsespec_sglang.config.SparseSpecConfig`."""
+
+    num_draft_steps: int = 8
+    sparsity: float = 0.05
+    min_selected: int = 64
+    max_selected: int = 2048
+    num_sink_tokens: int = 4
+    aggregation: str = "sum"  # "sum" | "max"
+
+    def __post_init__(self):
+        if self.num_draft_steps < 1:
+            raise ValueError(f"num_draft_steps must be >= 1, got {self.num_draft_steps}")
+        if not (0.0 < self.sparsity <= 1.0):
+            raise ValueError(f"sparsity must be in (0, 1], got {self.sparsity}")
+        if self.min_selected < 0 or self.max_selected < self.min_selected:
+            raise ValueError(
+                f"need 0 <= min_selected <= max_selected, got {self.min_selected}, {self.max_selected}"
+            )
+        if self.num_sink_tokens < 0:
+            raise ValueError(f"num_sink_tokens must be >= 0, got {self.num_sink_tokens}")
+        if self.aggregation not in ("sum", "max"):
+            raise ValueError(f"aggregation must be 'sum' or 'max', got {self.aggregation!r}")
+
+
+_ALIASES = {
+    "k": "num_draft_steps",
+    "min_sel": "min_selected",
+    "max_sel": "max_selected",
+    "num_sink": "num_sink_tokens",
+}
+
+
+def resolve_config(config: Any = None, **overrides) -> PillarConfig:
+    """Build a `PillarConfig` from a duck-typed object and/or keywords.
+
+    `config` may be None, a PillarConfig, or any object with some of the attributes
+    num_draft_steps, sparsity, min_selected, max_selected, num_sink_tokens, aggregation
+    (e.g. `SparseSpecConfig`). Keywords override it; the short aliases k, min_sel,
+    max_sel, num_sink are accepted. Unknown keywords raise TypeError.
+    """
+    names = [f.name for f in fields(PillarConfig)]
+    values: dict[str, Any] = {}
+    if config is not None:
+        for n in names:
+            if hasattr(config, n):
+                values[n] = getattr(config, n)
+    for key, val in overrides.items():
+        name = _ALIASES.get(key, key)
+        if name not in names:
+            raise TypeError(f"unknown SparseSpec option {key!r}")
+        if val is not None:
+            values[name] = val
+    return PillarConfig(**values)
+
+
+# ----------------------------------------------------------------------------- selection
+
+
+def num_selected(context_len: int, num_candidates: int, cfg: PillarConfig) -> int:
+    """K = min(clamp(ceil(sparsity * context_len), min_selected, max_selected), #candidates)."""
+    raw = math.ceil(cfg.sparsity * context_len - 1e-9)
+    return max(0, min(max(raw, cfg.min_selected), cfg.max_selected, num_candidates))
+
+
+def aggregate_scores(probs: torch.Tensor, num_kv_heads: int, aggregation: str = "sum") -> torch.Tensor:
+    """Per-KV-head scores from verify attention probabilities.
+
+    probs: [num_q_heads, q_len, kv_len] softmax rows (float32). Query head h belongs to KV
+    head h // (num_q_heads // num_kv_heads) (the `repeat_kv` grouping). Returns
+    [num_kv_heads, kv_len]: AGG over the group's heads and all query rows.
+    """
+    hq, q_len, kv_len = probs.shape
+    g = probs.view(num_kv_heads, hq // num_kv_heads, q_len, kv_len)
+    if aggregation == "sum":
+        return g.sum(dim=(1, 2))
+    if aggregation == "max":
+        return g.amax(dim=(1, 2))
+    raise ValueError(f"unknown aggregation {aggregation!r}")
+
+
+def select_topk(scores: torch.Tensor, num_sink: int, candidate_end: int, k: int) -> torch.Tensor:
+    """Top-k candidate positions in [num_sink, candidate_end) per (layer, kv head).
+
+    scores: [..., T] with T >= candidate_end. Ties go to the lower position. Returns int64
+    [..., k], each row sorted ascending.
+    """
+    lead = scores.shape[:-1]
+    start = min(num_sink, candidate_end)
+    cand = scores[..., start:candidate_end].float()
+    k = min(k, cand.shape[-1])
+    if k <= 0:
+        return torch.empty(*lead, 0, dtype=torch.long, device=scores.device)
+    # Stable descending sort keeps equal scores in ascending position order.
+    order = torch.sort(cand, dim=-1, descending=True, stable=True).indices[..., :k]
+    return torch.sort(order + start, dim=-1).values
+
+
+def window_selection(num_layers: int, num_kv_heads: int, prompt_len: int, num_sink: int, k: int,
+                     device=None) -> torch.Tensor:
+    """First-cycle selection ("window"): the k most recent candidates [max(num_sink, L-k), L)."""
+    start = max(num_sink, prompt_len - k)
+    pos = torch.arange(start, prompt_len, dtype=torch.long, device=device)
+    return pos.expand(num_layers, num_kv_heads, pos.numel()).clone()
+
+
+def draft_key_mask(kv_len: int, num_sink: int, dense_start: int, selection: torch.Tensor) -> torch.Tensor:
+    """Keys a draft query may attend to, per KV head (before the causal limit).
+
+    selection: [num_kv_heads, K] positions. Returns bool [num_kv_heads, kv_len]:
+    sink [0, min(num_sink, dense_start)) | selection | [dense_start, kv_len).
+    """
+    hkv = selection.shape[0]
+    mask = torch.zeros(hkv, kv_len, dtype=torch.bool, device=selection.device)
+    mask[:, : min(num_sink, dense_start, kv_len)] = True
+    mask[:, dense_start:] = True
+    if selection.numel():
+        mask.scatter_(1, selection.to(mask.device), True)
+    return mask
+
+
+# ----------------------------------------------------------------------------- attention
+
+
+@dataclass
+class _AttnState:
+    """Per-forward instructions for `pillar_attention` (passed as a model kwarg)."""
+
+    mode: str = "full"  # "full" | "draft" | "verify"
+    num_sink: int = 0
+    dense_start: int = 0
+    selection: torch.Tensor | None = None  # [num_layers, num_kv_heads, K] (draft)
+    aggregation: str = "sum"
+    scores: dict = field(default_factory=dict)  # layer -> [num_kv_heads, kv_len] (verify)
+
+
+def pillar_attention(module, query, key, value, attention_mask=None, scaling=None, dropout=0.0,
+                     sparsespec_state: _AttnState | None = None, **kwargs):
+    """Attention function for transformers' AttentionInterface.
+
+    query [1, Hq, q_len, D]; key/value [1, Hkv, kv_len, D] = the whole cache after this
+    step's update; the queries are the last q_len positions. The (absent) transformers
+    mask is ignored: the causal / sparse mask is built here from positions alone.
+    Math mirrors transformers' eager attention (matmul in the input dtype, float32 softmax).
+    """
+    if query.shape[0] != 1:
+        raise ValueError("the reference runs one request at a time (batch size 1)")
+    st = sparsespec_state or _AttnState()
+    hq, q_len = query.shape[1], query.shape[2]
+    hkv, kv_len = key.shape[1], key.shape[2]
+    group = hq // hkv
+    if scaling is None:
+        scaling = query.shape[-1] ** -0.5
+
+    q_pos = torch.arange(kv_len - q_len, kv_len, device=query.device)
+    k_pos = torch.arange(kv_len, device=query.device)
+    allowed = (k_pos[None, :] <= q_pos[:, None])[None].expand(hkv, q_len, kv_len)  # causal
+    if st.mode == "draft":
+        sel = st.selection[module.layer_idx]
+        allowed = allowed & draft_key_mask(kv_len, st.num_sink, st.dense_start, sel)[:, None, :]
+    allowed = allowed.repeat_interleave(group, dim=0)  # [Hq, q_len, kv_len]
+
+    k_rep = key[0].repeat_interleave(group, dim=0)
+    v_rep = value[0].repeat_interleave(group, dim=0)
+    logits = torch.matmul(query[0], k_rep.transpose(-1, -2)) * scaling
+    logits = logits.masked_fill(~allowed, float("-inf"))
+    probs = torch.softmax(logits, dim=-1, dtype=torch.float32)  # = exp(s - row_lse)
+    if st.mode == "verify":
+        st.scores[module.layer_idx] = aggregate_scores(probs, hkv, st.aggregation)
+    out = torch.matmul(probs.to(query.dtype), v_rep)  # [Hq, q_len, D]
+    return out.transpose(0, 1).unsqueeze(0).contiguous(), probs.unsqueeze(0)
+
+
+def register_attention() -> None:
+    """Register `pillar_attention` under ATTN_IMPLEMENTATION (idempotent)."""
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(ATTN_IMPLEMENTATION, pillar_attention)
+
+
+def prepare_model(model):
+    """Route `model`'s attention through `pillar_attention` (in place) and set eval mode."""
+    register_attention()
+    if model.config._attn_implementation != ATTN_IMPLEMENTATION:
+        model.set_attn_implementation(ATTN_IMPLEMENTATION)
+    return model.eval()
+
+
+def load_model(model_dir, device: str = "cpu", dtype: str = "float32"):
+    """AutoModelForCausalLM.from_pretrained(model_dir) with the reference attention."""
+    from transformers import AutoModelForCausalLM
+
+    register_attention()
+    model = AutoModelForCausalLM.from_pretrained(
+        model_dir, dtype=getattr(torch, dtype), attn_implementation=ATTN_IMPLEMENTATION
+    )
+    return prepare_model(model.to(device))
+
+
+@torch.no_grad()
+def _forward(model, cache, token_ids: Sequence[int], start_pos: int, state: _AttnState) -> torch.Tensor:
+    """Run tokens at positions [start_pos, start_pos + n); returns float32 logits [n, V]."""
+    if cache.get_seq_length() != start_pos:
+        raise AssertionError(f"cache holds {cache.get_seq_length()} positions, expected {start_pos}")
+    dev = model.device
+    ids = torch.tensor([list(token_ids)], dtype=torch.long, device=dev)
+    pos = torch.arange(start_pos, start_pos + len(token_ids), device=dev)[None]
+    out = model(input_ids=ids, position_ids=pos, past_key_values=cache, use_cache=True,
+                sparsespec_state=state)
+    return out.logits[0].float()
+
+
+def _new_cache(model):
+    from transformers import DynamicCache
+
+    return DynamicCache(config=model.config)
+
+
+# ----------------------------------------------------------------------------- sampling
+
+
+def sampling_probs(logits: torch.Tensor, temperature: float, top_k: int = -1, top_p: float = 1.0) -> torch.Tensor:
+    """Sampling distribution: softmax(logits / T), then top-k, then top-p, renormalised.
+
+    Applied identically to target (p) and draft (q) logits. top_k <= 0 or >= V: off
+    (tokens tied with the k-th largest logit are all kept).
+    top_p keeps the smallest descending-probability prefix whose mass reaches top_p
+    (SGLang's rule: drop tokens whose preceding cumulative mass already exceeds top_p).
+    """
+    if temperature <= 0:
+        raise ValueError("sampling_probs needs temperature > 0 (temperature 0 means greedy)")
+    x = logits.float() / temperature
+    if 0 < top_k < x.shape[-1]:
+        kth = torch.topk(x, top_k, dim=-1).values[..., -1:]
+        x = x.masked_fill(x < kth, float("-inf"))
+    probs = torch.softmax(x, dim=-1)
+    if top_p < 1.0:
+        sp, idx = torch.sort(probs, dim=-1, descending=True)
+        drop = (sp.cumsum(-1) - sp) > top_p
+        sp = sp.masked_fill(drop, 0.0)
+        probs = torch.zeros_like(probs).scatter(-1, idx, sp)
+        probs = probs / probs.sum(-1, keepdim=True)
+    return probs
+
+
+def _sample(dist: torch.Tensor, generator: torch.Generator | None) -> int:
+    return int(torch.multinomial(dist.float().cpu(), 1, generator=generator).item())
+
+
+def greedy_accept(target_logits: torch.Tensor, drafts: Sequence[int]) -> tuple[int, int]:
+    """target_logits [k+1, V] (p_0..p_k). Returns (m, bonus): m = longest prefix with
+    d_j == argmax p_{j-1}; bonus = argmax p_m."""
+    tgt = target_logits.argmax(dim=-1).tolist()
+    m = 0
+    while m < len(drafts) and drafts[m] == tgt[m]:
+        m += 1
+    return m, tgt[m]
+
+
+def acceptance_probabilities(p: torch.Tensor, q: torch.Tensor, drafts: Sequence[int]) -> torch.Tensor:
+    """min(1, p_{j-1}(d_j) / q_j(d_j)) for j = 1..k. p: [k+1, V], q: [k, V]."""
+    d = torch.as_tensor(list(drafts), dtype=torch.long, device=p.device)
+    j = torch.arange(len(drafts), device=p.device)
+    pd, qd = p[j, d].double(), q[j, d].double()
+    ratio = torch.where(qd > 0, pd / qd.clamp_min(1e-300), torch.ones_like(pd))
+    return ratio.clamp(max=1.0)
+
+
+def residual_distribution(p_row: torch.Tensor, q_row: torch.Tensor) -> torch.Tensor:
+    """normalize(max(p - q, 0)); falls back to p if that is all zero (only when p == q)."""
+    r = (p_row.double() - q_row.double()).clamp_min(0.0)
+    s = r.sum()
+    return (r / s).to(p_row.dtype) if s > 0 else p_row
+
+
+def speculative_accept(p: torch.Tensor, q: torch.Tensor, drafts: Sequence[int],
+                       uniforms: torch.Tensor) -> tuple[int, torch.Tensor]:
+    """Speculative-sampling decision with explicit randomness (pure function).
+
+    p: [k+1, V] target distributions, q: [k, V] draft distributions, drafts d_1..d_k,
+    uniforms: k values in [0, 1). d_j is accepted iff u_j < min(1, p_{j-1}(d_j)/q_j(d_j)),
+    stopping at the first rejection. Returns (m, dist): m accepted drafts and the
+    distribution of the next token: normalize(max(p_{m} - q_{m+1}, 0)) after a rejection
+    at draft m+1, or p_k if all k were accepted.
+    """
+    acc = acceptance_probabilities(p, q, drafts)
+    for j in range(len(drafts)):
+        if not float(uniforms[j]) < float(acc[j]):
+            return j, residual_distribution(p[j], q[j])
+    return len(drafts), p[len(drafts)]
+
+
+# ----------------------------------------------------------------------------- generation
+
+
+@dataclass
+class CycleStats:
+    position: int  # P: position of the pending token when the cycle started
+    output_offset: int  # P - prompt_len: index of the pending token in the output
+    num_drafts: int  # k
+    accepted: int  # m (drafts accepted by verification)
+    committed: int  # tokens appended to the output this cycle (m + 1 unless stopped)
+    dense_start: int
+    num_selected: int  # K
+    drafts: list[int]
+    bonus: int
+    selection: torch.Tensor | None = None  # [layers, kv_heads, K] (trace=True)
+    scores: torch.Tensor | None = None  # verify scores [layers, kv_heads, P+k+1] (trace=True)
+
+    @property
+    def tokens_per_cycle(self) -> int:
+        return self.accepted + 1
+
+
+@dataclass
+class GenerationOutput:
+    tokens: list[int]  # generated ids (includes the EOS token if it stopped on one)
+    finish_reason: str  # "stop" (EOS) | "length"
+
+
+@dataclass
+class SpecOutput(GenerationOutput):
+    prompt_len: int = 0
+    cycles: list[CycleStats] = field(default_factory=list)
+    config: PillarConfig | None = None
+
+    @property
+    def accepted_counts(self) -> list[int]:
+        return [c.accepted for c in self.cycles]
+
+    @property
+    def mean_accepted(self) -> float:
+        return sum(self.accepted_counts) / len(self.cycles) if self.cycles else 0.0
+
+
+def eos_token_ids(model, eos_token_id=None) -> set[int]:
+    """Stop ids: eos_token_id (int or list) or, if None, the model's generation_config / config eos."""
+    if eos_token_id is None:
+        eos_token_id = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+        if eos_token_id is None:
+            eos_token_id = model.config.eos_token_id
+    if eos_token_id is None:
+        return set()
+    if isinstance(eos_token_id, int):
+        return {eos_token_id}
+    return set(int(e) for e in eos_token_id)
+
+
+def _pick(logits_row, temperature, top_k, top_p, generator) -> int:
+    if temperature <= 0:
+        return int(logits_row.argmax())
+    return _sample(sampling_probs(logits_row, temperature, top_k, top_p), generator)
+
+
+@torch.no_grad()
+def plain_generate(model, prompt_ids: Sequence[int], max_new_tokens: int, *, eos_token_id=None,
+                   temperature: float = 0.0, top_k: int = -1, top_p: float = 1.0,
+                   generator: torch.Generator | None = None, ignore_eos: bool = False) -> GenerationOutput:
+    """Plain autoregressive decoding with the same attention function and cache type.
+
+    eos_token_id: int, list, or None (model's generation_config / config eos).
+    """
+    prepare_model(model)
+    eos = set() if ignore_eos else eos_token_ids(model, eos_token_id)
+    prompt = list(prompt_ids)
+    out: list[int] = []
+    if max_new_tokens <= 0:
+        return GenerationOutput(out, "length")
+    cache = _new_cache(model)
+    logits = _forward(model, cache, prompt, 0, _AttnState())
+    pos = len(prompt)
+    while True:
+        tok = _pick(logits[-1], temperature, top_k, top_p, generator)
+        out.append(tok)
+        if tok in eos:
+            return GenerationOutput(out, "stop")
+        if len(out) >= max_new_tokens:
+            return GenerationOutput(out, "length")
+        logits = _forward(model, cache, [tok], pos, _AttnState())
+        pos += 1
+
+
+@torch.no_grad()
+def sparsespec_generate(model, prompt_ids: Sequence[int], max_new_tokens: int, config: Any = None, *,
+                        eos_token_id=None, temperature: float = 0.0, top_k: int = -1, top_p: float = 1.0,
+                        generator: torch.Generator | None = None, ignore_eos: bool = False,
+                        trace: bool = False, **config_overrides) -> SpecOutput:
+    """SparseSpec decoding of one request (see the module docstring for the algorithm).
+
+    config: PillarConfig / SparseSpecConfig-like object; config_overrides: num_draft_steps
+    (k), sparsity, min_selected (min_sel), max_selected (max_sel), num_sink_tokens
+    (num_sink), aggregation. temperature 0 = greedy (lossless: identical ids to
+    `plain_generate`); > 0 = speculative sampling with the same top_k / top_p filters on
+    the target and draft distributions. trace=True keeps each cycle's selection and
+    verify scores in its CycleStats.
+    """
+    cfg = resolve_config(config, **config_overrides)
+    prepare_model(model)
+    eos = set() if ignore_eos else eos_token_ids(model, eos_token_id)
+    greedy = temperature <= 0
+    k, num_sink = cfg.num_draft_steps, cfg.num_sink_tokens
+    n_layers = model.config.num_hidden_layers
+    n_kv = model.config.num_key_value_heads
+    dev = model.device
+
+    prompt = list(prompt_ids)
+    L = len(prompt)
+    result = SpecOutput(tokens=[], finish_reason="length", prompt_len=L, config=cfg)
+    if max_new_tokens <= 0:
+        return result
+    out = result.tokens
+
+    def commit(tok: int) -> bool:
+        """Append tok; True if the request is finished."""
+        out.append(tok)
+        if tok in eos:
+            result.finish_reason = "stop"
+            return True
+        return len(out) >= max_new_tokens
+
+    # Prefill (full attention); the first token becomes pending at position L.
+    cache = _new_cache(model)
+    logits = _forward(model, cache, prompt, 0, _AttnState())
+    pending = _pick(logits[-1], temperature, top_k, top_p, generator)
+    if commit(pending):
+        return result
+    P = L
+
+    # First cycle: "window" selection over the prompt.
+    n_sel = num_selected(L, max(0, L - num_sink), cfg)
+    dense_start = L
+    selection = window_selection(n_layers, n_kv, L, num_sink, n_sel, device=dev)
+
+    while True:
+        # ---- draft: k sparse steps, each writing (sparse-computed) KV at P + j.
+        draft_state = _AttnState("draft", num_sink=num_sink, dense_start=dense_start, selection=selection)
+        drafts: list[int] = []
+        q_rows = []
+        cur = pending
+        for j in range(k):
+            lg = _forward(model, cache, [cur], P + j, draft_state)[-1]
+            if greedy:
+                cur = int(lg.argmax())
+            else:
+                q = sampling_probs(lg, temperature, top_k, top_p)
+                q_rows.append(q)
+                cur = _sample(q, generator)
+            drafts.append(cur)
+
+        # ---- verify: drop draft KV, recompute [pending, d_1..d_k] with full attention.
+        cache.crop(P)
+        vstate = _AttnState("verify", aggregation=cfg.aggregation)
+        tlogits = _forward(model, cache, [pending] + drafts, P, vstate)  # p_0..p_k
+        if greedy:
+            m, bonus = greedy_accept(tlogits, drafts)
+        else:
+            p = sampling_probs(tlogits, temperature, top_k, top_p)
+            u = torch.rand(k, generator=generator, dtype=torch.float64)
+            m, nxt = speculative_accept(p, torch.stack(q_rows), drafts, u)
+            bonus = _sample(nxt, generator)
+
+        stats = CycleStats(position=P, output_offset=P - L, num_drafts=k, accepted=m, committed=0,
+                           dense_start=dense_start, num_selected=int(selection.shape[-1]),
+                           drafts=drafts, bonus=bonus)
+        if trace:
+            stats.selection = selection.cpu()
+            stats.scores = torch.stack([vstate.scores[i] for i in range(n_layers)]).cpu()
+        result.cycles.append(stats)
+
+        done = False
+        for tok in drafts[:m] + [bonus]:
+            stats.committed += 1
+            if commit(tok):
+                done = True
+                break
+        if done:
+            return result
+
+        # Keep positions [0, P + m]; the bonus is the new pending token at P + m + 1.
+        cache.crop(P + m + 1)
+        context_len = P + m + 1
+        scores = torch.stack([vstate.scores[i] for i in range(n_layers)])  # [L, Hkv, P+k+1]
+        n_sel = num_selected(context_len, max(0, P - num_sink), cfg)
+        selection = select_topk(scores, num_sink, P, n_sel)
+        dense_start = P
+        P, pending = P + m + 1, bonus

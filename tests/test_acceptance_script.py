@@ -1,0 +1,78 @@
+"""Runs scripts/acceptance.py on a tiny random model through a subprocess and checks the JSON."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "scripts" / "acceptance.py"
+
+
+def _run(*args, check=True):
+    proc = subprocess.run([sys.executable, str(SCRIPT), *map(str, args)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+    if check:
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc
+
+
+@pytest.fixture(scope="module")
+def greedy_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("acc")
+    model_dir, out = tmp / "tiny", tmp / "results.json"
+    proc = _run("--model-dir", model_dir, "--make-tiny", "--num-prompts", 2, "--prompt-len", 24,
+                "--max-new-tokens", 24, "--k", "2,4", "--sparsity", "0.05,1.0", "--min-selected", 1,
+                "--ignore-eos", "--check-lossless", "--bucket-size", 8, "--out", out)
+    return model_dir, json.loads(out.read_text()), proc
+
+
+def test_greedy_sweep_json(greedy_run):
+    model_dir, res, proc = greedy_run
+    assert (model_dir / "config.json").exists() and (model_dir / "tokenizer.json").exists()
+    assert "acceptance.py" in res["command"] and "--k" in res["argv"]
+    assert set(res["versions"]) >= {"python", "torch", "transformers", "sparsespec_sglang"}
+    assert res["num_prompts"] == 2 and res["prompt_lens"] == [24, 24] and res["max_new_tokens"] == 24
+    assert res["selection"]["first_cycle"] == "window" and res["selection"]["min_selected"] == 1
+    assert [(r["k"], r["sparsity"]) for r in res["results"]] == [(2, 0.05), (2, 1.0), (4, 0.05), (4, 1.0)]
+    for r in res["results"]:
+        k, hist, n = r["k"], r["acceptance_histogram"], r["num_cycles"]
+        assert len(hist) == k + 1 and sum(hist) == n > 0
+        mean = sum(i * c for i, c in enumerate(hist)) / n
+        assert r["mean_accepted"] == pytest.approx(mean)
+        assert r["mean_tokens_per_cycle"] == pytest.approx(mean + 1)
+        assert r["acceptance_rate"] == pytest.approx(mean / k)
+        assert r["generated_tokens"] == 2 * 24 and r["finish_reasons"] == ["length", "length"]
+        assert r["lossless"] is True
+        buckets = r["by_position"]
+        assert sum(b["num_cycles"] for b in buckets) == n
+        assert all(b["end"] - b["start"] == 8 and b["start"] < 24 for b in buckets)
+        assert sum(b["mean_accepted"] * b["num_cycles"] for b in buckets) == pytest.approx(mean * n)
+        if r["sparsity"] == 1.0:  # dense drafts: everything accepted
+            assert hist[k] == n and r["mean_accepted"] == k
+        else:  # heavily sparse drafts on a random model: far from all accepted
+            assert r["mean_accepted"] < k / 2
+    assert "mean accepted" in proc.stdout
+
+
+def test_prompt_file_sampling_and_errors(greedy_run, tmp_path):
+    model_dir = greedy_run[0]
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "What is 2 + 2?"}\n"Tell me a story."\n')
+    out = tmp_path / "r.json"
+    _run("--model-dir", model_dir, "--prompts", prompts, "--chat", "--max-new-tokens", 12, "--k", 3,
+         "--sparsity", 0.1, "--temperature", 1.0, "--top-k", 20, "--out", out)
+    res = json.loads(out.read_text())
+    assert res["num_prompts"] == 2 and res["sampling"]["temperature"] == 1.0
+    # ChatML, one token per byte: "<|im_start|>user\n" (6) + content + "<|im_end|>\n" (2)
+    # + "<|im_start|>assistant\n" (11).
+    assert res["prompt_lens"] == [6 + len(s) + 2 + 11 for s in ("What is 2 + 2?", "Tell me a story.")]
+    (r,) = res["results"]
+    assert r["k"] == 3 and len(r["acceptance_histogram"]) == 4 and "lossless" not in r
+
+    proc = _run("--model-dir", tmp_path / "missing", "--max-new-tokens", 4, "--out", out, check=False)
+    assert proc.returncode != 0 and "--make-tiny" in proc.stderr

@@ -1,0 +1,481 @@
+"""CPU tests of the PyTorch SparseSpec reference (sparsespec_sglang/reference.py).
+
+All on a tiny random Qwen3 built by sparsespec_sglang.model_dirs (float32).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from sparsespec_sglang import reference as R
+from sparsespec_sglang.model_dirs import make_model_dir
+
+MAX_NEW = 32
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    # The tiny model's ops are far too small to gain from intra-op threads; one thread keeps
+    # the runtime stable on a busy 2-core machine. Restored for other test modules.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return make_model_dir(tmp_path_factory.mktemp("tiny") / "model", "tiny", seed=0)
+
+
+@pytest.fixture(scope="module")
+def model(model_dir):
+    torch.manual_seed(0)
+    return R.load_model(model_dir)
+
+
+@pytest.fixture(scope="module")
+def prompts():
+    g = torch.Generator().manual_seed(1234)
+    # Byte tokens only (ids 3..258), never the EOS id 2.
+    return [torch.randint(3, 259, (n,), generator=g).tolist() for n in (6, 33, 80)]
+
+
+@pytest.fixture(scope="module")
+def plain(model, prompts):
+    """Plain greedy outputs (no EOS stop) for every prompt."""
+    return [R.plain_generate(model, p, MAX_NEW, ignore_eos=True).tokens for p in prompts]
+
+
+def _hf(model_dir, impl):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation=impl).eval()
+
+
+# ----------------------------------------------------------------------------- plain decoding
+
+
+@pytest.mark.parametrize("impl", ["eager", "sdpa"])
+def test_plain_greedy_matches_hf_generate(model_dir, model, prompts, plain, impl):
+    hf = _hf(model_dir, impl)
+    for p, ref in zip(prompts, plain):
+        ids = hf.generate(torch.tensor([p]), max_new_tokens=MAX_NEW, do_sample=False, eos_token_id=None,
+                          pad_token_id=0)[0, len(p):].tolist()
+        assert ids == ref
+    # With EOS stopping: pick a token from the middle of an output as the EOS id.
+    p, ref = prompts[1], plain[1]
+    eos = ref[10]
+    stop = ref.index(eos)
+    ids = hf.generate(torch.tensor([p]), max_new_tokens=MAX_NEW, do_sample=False, eos_token_id=eos,
+                      pad_token_id=0)[0, len(p):].tolist()
+    out = R.plain_generate(model, p, MAX_NEW, eos_token_id=eos)
+    assert out.tokens == ids == ref[: stop + 1]
+    assert out.finish_reason == "stop"
+    # prepare_model() switches an already loaded model to the reference attention.
+    R.prepare_model(hf)
+    assert hf.config._attn_implementation == R.ATTN_IMPLEMENTATION
+    assert R.sparsespec_generate(hf, p, MAX_NEW, k=4, sparsity=0.3, min_sel=1, ignore_eos=True).tokens == ref
+
+
+def test_tiny_model_has_no_near_ties(model, prompts, plain):
+    """The tiny model is built to be peaky: greedy margins are far above float32 noise."""
+    for p, ref in zip(prompts, plain):
+        logits = R._forward(model, R._new_cache(model), p + ref[:-1], 0, R._AttnState())[len(p) - 1:]
+        top2 = logits.topk(2, dim=-1).values
+        assert (top2[:, 0] - top2[:, 1]).min() > 1e-3
+
+
+# ----------------------------------------------------------------------------- losslessness
+
+
+@pytest.mark.parametrize("k,sparsity,num_sink,aggregation",
+                         list(itertools.product([1, 4, 8], [0.05, 0.5, 1.0], [0, 4], ["sum", "max"])))
+def test_greedy_lossless(model, prompts, plain, k, sparsity, num_sink, aggregation):
+    for p, ref in zip(prompts, plain):
+        out = R.sparsespec_generate(model, p, MAX_NEW, k=k, sparsity=sparsity, min_sel=1, max_sel=4096,
+                                    num_sink=num_sink, aggregation=aggregation, ignore_eos=True)
+        assert out.tokens == ref
+        assert out.finish_reason == "length"
+        assert all(0 <= c.accepted <= k for c in out.cycles)
+        # Every output token after the first comes from exactly one cycle.
+        assert sum(c.committed for c in out.cycles) == len(ref) - 1
+
+
+def test_greedy_lossless_default_config_and_duck_typed_config(model, prompts, plain):
+    cfg = SimpleNamespace(num_draft_steps=4, sparsity=0.1, min_selected=2, max_selected=16,
+                          num_sink_tokens=2, aggregation="max", unrelated_field=123)
+    for p, ref in zip(prompts, plain):
+        assert R.sparsespec_generate(model, p, MAX_NEW, ignore_eos=True).tokens == ref
+        out = R.sparsespec_generate(model, p, MAX_NEW, cfg, ignore_eos=True)
+        assert out.tokens == ref
+        assert out.config == R.PillarConfig(4, 0.1, 2, 16, 2, "max")
+        assert all(c.num_selected <= 16 for c in out.cycles)
+
+
+@pytest.mark.parametrize("k,sparsity", [(4, 1.0), (4, 0.05), (8, 0.05), (1, 0.05)])
+def test_eos_and_max_new_tokens_stop_mid_cycle(model, prompts, plain, k, sparsity):
+    p, ref = prompts[1], plain[1]
+    kw = dict(k=k, sparsity=sparsity, min_sel=1, num_sink=4)
+    # EOS = the token at output index 7, first occurrence (index 7 is mid-cycle for k=4 dense:
+    # prefill emits index 0, cycles emit 1-5, 6-10, ...).
+    i = next(i for i in range(7, len(ref)) if ref[i] not in ref[:i])
+    eos = ref[i]
+    out = R.sparsespec_generate(model, p, MAX_NEW, eos_token_id=[eos], **kw)
+    assert out.tokens == ref[: i + 1] == R.plain_generate(model, p, MAX_NEW, eos_token_id=eos).tokens
+    assert out.finish_reason == "stop"
+    for n in (1, 2, 8, 9):
+        out = R.sparsespec_generate(model, p, n, ignore_eos=True, **kw)
+        assert out.tokens == ref[:n]
+        assert out.finish_reason == "length"
+    if sparsity == 1.0:
+        # Dense drafts: every cycle accepts all k, so the stops above cut cycles short.
+        out = R.sparsespec_generate(model, p, MAX_NEW, eos_token_id=eos, **kw)
+        assert out.cycles[-1].accepted == k and out.cycles[-1].committed < k + 1
+        out = R.sparsespec_generate(model, p, 8, ignore_eos=True, **kw)
+        assert out.cycles[-1].committed < out.cycles[-1].accepted + 1
+    assert R.sparsespec_generate(model, p, 0, **kw).tokens == []
+
+
+def test_first_token_eos_stops_after_prefill(model, prompts, plain):
+    out = R.sparsespec_generate(model, prompts[0], MAX_NEW, eos_token_id=plain[0][0], k=4)
+    assert out.tokens == plain[0][:1] and out.cycles == [] and out.finish_reason == "stop"
+
+
+# ----------------------------------------------------------------------------- draft quality
+
+
+@pytest.mark.parametrize("k", [1, 4, 8])
+@pytest.mark.parametrize("num_sink", [0, 4])
+def test_dense_drafts_accept_everything(model, prompts, plain, k, num_sink):
+    """sparsity 1.0 -> the selection covers every candidate -> the draft forward IS the full
+    model, so every cycle accepts all k drafts."""
+    for p, ref in zip(prompts, plain):
+        out = R.sparsespec_generate(model, p, MAX_NEW, k=k, sparsity=1.0, min_sel=0, max_sel=10**6,
+                                    num_sink=num_sink, ignore_eos=True)
+        assert out.tokens == ref
+        assert [c.accepted for c in out.cycles] == [k] * len(out.cycles)
+        # With the defaults (min_selected=64) a short context is fully selected as well.
+    out = R.sparsespec_generate(model, prompts[1], MAX_NEW, k=k, ignore_eos=True)
+    assert out.accepted_counts == [k] * len(out.cycles)
+
+
+def test_sparse_drafts_are_lossless_but_accept_less(model, prompts, plain):
+    k = 8
+    for p, ref in zip(prompts[1:], plain[1:]):
+        sparse = R.sparsespec_generate(model, p, MAX_NEW, k=k, sparsity=0.05, min_sel=1, num_sink=4,
+                                       ignore_eos=True, trace=True)
+        assert sparse.tokens == ref
+        assert sparse.mean_accepted < 0.5 * k
+        assert len(sparse.cycles) > math.ceil((len(ref) - 1) / (k + 1))
+        assert all(c.num_selected < c.dense_start - 4 for c in sparse.cycles)
+
+
+# ----------------------------------------------------------------------------- selection
+
+
+def test_num_selected_clamping():
+    cfg = R.PillarConfig(sparsity=0.05, min_selected=64, max_selected=2048)
+    assert R.num_selected(1000, 10**6, cfg) == 64  # floor
+    assert R.num_selected(2000, 10**6, cfg) == 100  # ceil(0.05 * 2000)
+    assert R.num_selected(2001, 10**6, cfg) == 101  # ceil(100.05)
+    assert R.num_selected(10**6, 10**6, cfg) == 2048  # cap
+    assert R.num_selected(1000, 30, cfg) == 30  # #candidates
+    assert R.num_selected(1000, 0, cfg) == 0
+    cfg = R.PillarConfig(sparsity=0.07, min_selected=0, max_selected=10**6)
+    assert R.num_selected(100, 10**6, cfg) == 7  # 0.07 * 100 = 7.000000000000001 in float
+    assert R.num_selected(1, 10**6, cfg) == 1
+    with pytest.raises(ValueError):
+        R.PillarConfig(min_selected=10, max_selected=5)
+    with pytest.raises(ValueError):
+        R.PillarConfig(aggregation="mean")
+    with pytest.raises(TypeError):
+        R.resolve_config(bogus=1)
+    assert R.resolve_config(R.PillarConfig(sparsity=0.2), k=3, num_sink=0) == R.PillarConfig(
+        num_draft_steps=3, sparsity=0.2, num_sink_tokens=0)
+
+
+def test_select_topk_ties_sinks_and_order():
+    scores = torch.tensor([[9.0, 9.0, 1.0, 5.0, 5.0, 5.0, 0.0, 7.0, 100.0, 100.0]])
+    # sinks [0, 2) and positions >= 8 are never candidates; ties (5, 5, 5) go to lower positions.
+    assert R.select_topk(scores, 2, 8, 3).tolist() == [[3, 4, 7]]
+    assert R.select_topk(scores, 2, 8, 2).tolist() == [[3, 7]]
+    assert R.select_topk(scores, 2, 8, 100).tolist() == [[2, 3, 4, 5, 6, 7]]
+    assert R.select_topk(scores, 0, 8, 1).tolist() == [[0]]
+    assert R.select_topk(scores, 9, 8, 3).shape == (1, 0)
+    s3 = torch.rand(2, 3, 50)
+    sel = R.select_topk(s3, 4, 40, 5)
+    assert sel.shape == (2, 3, 5)
+    for l, h in itertools.product(range(2), range(3)):
+        assert sel[l, h].tolist() == sorted((torch.topk(s3[l, h, 4:40], 5).indices + 4).tolist())
+
+
+def test_window_selection():
+    sel = R.window_selection(2, 3, 20, 4, 5)
+    assert sel.shape == (2, 3, 5) and (sel == torch.arange(15, 20)).all()
+    assert R.window_selection(1, 1, 6, 4, 5).tolist() == [[[4, 5]]]  # clipped at the sinks
+
+
+def test_aggregate_scores_gqa_grouping():
+    probs = torch.zeros(4, 2, 5)  # 4 q heads, 2 kv heads -> group of 2
+    probs[0, 0, 1] = 1.0  # q head 0 -> kv head 0
+    probs[1, 1, 2] = 0.5  # q head 1 -> kv head 0
+    probs[1, 0, 2] = 0.25
+    probs[2, 0, 3] = 1.0  # q head 2 -> kv head 1
+    s = R.aggregate_scores(probs, 2, "sum")
+    assert s.tolist() == [[0, 1.0, 0.75, 0, 0], [0, 0, 0, 1.0, 0]]
+    m = R.aggregate_scores(probs, 2, "max")
+    assert m.tolist() == [[0, 1.0, 0.5, 0, 0], [0, 0, 0, 1.0, 0]]
+
+
+def test_draft_key_mask_and_sparse_attention_against_naive_loop():
+    torch.manual_seed(0)
+    hq, hkv, d, kv_len = 4, 2, 8, 30
+    sel = torch.tensor([[5, 9, 12], [6, 7, 20]])
+    mask = R.draft_key_mask(kv_len, 4, 22, sel)
+    expect = torch.zeros(hkv, kv_len, dtype=torch.bool)
+    expect[:, :4] = True
+    expect[:, 22:] = True
+    expect[0, [5, 9, 12]] = True
+    expect[1, [6, 7, 20]] = True
+    assert torch.equal(mask, expect)
+    no_sel = sel[:, :0]
+    assert R.draft_key_mask(10, 4, 6, no_sel).tolist() == [[True] * 4 + [False] * 2 + [True] * 4] * 2
+    assert R.draft_key_mask(10, 2, 6, no_sel).tolist() == [[True] * 2 + [False] * 4 + [True] * 4] * 2
+    assert R.draft_key_mask(10, 0, 6, no_sel).tolist() == [[False] * 6 + [True] * 4] * 2
+
+    q = torch.randn(1, hq, 1, d)
+    k = torch.randn(1, hkv, kv_len, d)
+    v = torch.randn(1, hkv, kv_len, d)
+    module = SimpleNamespace(layer_idx=1)
+    st = R._AttnState("draft", num_sink=4, dense_start=22, selection=torch.stack([sel * 0, sel]))
+    out, _ = R.pillar_attention(module, q, k, v, None, scaling=d ** -0.5, sparsespec_state=st)
+    for h in range(hq):
+        keep = expect[h // 2].nonzero().flatten()
+        w = torch.softmax((q[0, h, 0] @ k[0, h // 2, keep].T) * d ** -0.5, -1)
+        torch.testing.assert_close(out[0, 0, h], w @ v[0, h // 2, keep])
+
+
+def test_selection_wiring_and_window_first_cycle(model, prompts):
+    k, num_sink = 4, 4
+    cfg = R.PillarConfig(num_draft_steps=k, sparsity=0.1, min_selected=3, max_selected=6, num_sink_tokens=num_sink)
+    p = prompts[2]
+    L = len(p)
+    out = R.sparsespec_generate(model, p, MAX_NEW, cfg, ignore_eos=True, trace=True)
+    c0 = out.cycles[0]
+    k0 = R.num_selected(L, L - num_sink, cfg)
+    assert c0.dense_start == L and c0.position == L and c0.num_selected == k0 == 6
+    assert (c0.selection == torch.arange(L - k0, L)).all()
+    for prev, cur in zip(out.cycles, out.cycles[1:]):
+        assert cur.position == prev.position + prev.accepted + 1
+        assert cur.dense_start == prev.position
+        n = R.num_selected(cur.position, prev.position - num_sink, cfg)  # context_len = P + m + 1
+        assert cur.num_selected == n == min(max(math.ceil(0.1 * cur.position), 3), 6)
+        assert torch.equal(cur.selection, R.select_topk(prev.scores, num_sink, prev.position, n))
+        assert ((cur.selection >= num_sink) & (cur.selection < cur.dense_start)).all()
+
+
+@pytest.mark.parametrize("aggregation", ["sum", "max"])
+def test_verify_scores_match_eager_attention(model_dir, model, prompts, aggregation):
+    """Scores recomputed independently from transformers' eager attention weights."""
+    hf = _hf(model_dir, "eager")
+    cfg = hf.config
+    group = cfg.num_attention_heads // cfg.num_key_value_heads
+    k = 4
+    p = prompts[1]
+    out = R.sparsespec_generate(model, p, 20, k=k, sparsity=0.2, min_sel=1, aggregation=aggregation,
+                                ignore_eos=True, trace=True)
+    L = len(p)
+    for c in out.cycles:
+        P = c.position
+        seq = p + out.tokens[: P - L + 1] + c.drafts  # committed prefix incl. pending, then drafts
+        assert len(seq) == P + k + 1 == c.scores.shape[-1]
+        with torch.no_grad():
+            att = hf(torch.tensor([seq]), output_attentions=True).attentions
+        for layer, a in enumerate(att):
+            rows = a[0, :, P:, :]  # [Hq, k+1, T]
+            g = rows.reshape(cfg.num_key_value_heads, group, k + 1, -1)
+            ref = g.sum((1, 2)) if aggregation == "sum" else g.amax((1, 2))
+            torch.testing.assert_close(c.scores[layer], ref, atol=1e-5, rtol=1e-4)
+        if aggregation == "sum":
+            # Each softmax row sums to 1: total mass = (k+1) rows * group heads.
+            torch.testing.assert_close(c.scores.sum(-1), torch.full(c.scores.shape[:2], float((k + 1) * group)))
+        else:
+            assert (c.scores <= 1 + 1e-6).all() and (c.scores.amax(-1) >= 1.0 / (P + k + 1)).all()
+
+
+# ----------------------------------------------------------------------------- sampling
+
+
+def test_sampling_probs_filters():
+    logits = torch.log(torch.tensor([0.5, 0.2, 0.15, 0.1, 0.05]))
+    torch.testing.assert_close(R.sampling_probs(logits, 1.0), torch.tensor([0.5, 0.2, 0.15, 0.1, 0.05]))
+    torch.testing.assert_close(R.sampling_probs(logits, 1.0, top_k=2), torch.tensor([5 / 7, 2 / 7, 0, 0, 0]))
+    # top_p 0.6: 0.5 alone < 0.6, so 0.2 is kept too; 0.15 is dropped (0.7 > 0.6 before it).
+    torch.testing.assert_close(R.sampling_probs(logits, 1.0, top_p=0.6), torch.tensor([5 / 7, 2 / 7, 0, 0, 0]))
+    torch.testing.assert_close(R.sampling_probs(logits, 1.0, top_k=3, top_p=0.99),
+                               torch.tensor([0.5, 0.2, 0.15, 0, 0]) / 0.85)
+    hot = R.sampling_probs(logits, 1e6)
+    torch.testing.assert_close(hot, torch.full((5,), 0.2), atol=1e-5, rtol=0)
+
+
+def _random_dist(g, v, sparse=False):
+    x = torch.rand(v, generator=g, dtype=torch.float64) ** 3
+    if sparse:
+        x[torch.randint(v, (1,), generator=g)] = 0.0
+    return x / x.sum()
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_speculative_sampling_rule_is_exact(k, seed):
+    """Enumerate every draft sequence and accept/reject outcome of one cycle (prefix-dependent
+    p and q, some zero entries) and continue with the exact target afterwards: the distribution
+    of the first k+1 output tokens must equal the target's, to float64 precision."""
+    V = 3
+    g = torch.Generator().manual_seed(seed)
+    tables: dict = {}
+
+    def dist(kind, prefix):
+        key = (kind, prefix)
+        if key not in tables:
+            tables[key] = _random_dist(g, V, sparse=(len(prefix) + seed) % 2 == 0)
+        return tables[key]
+
+    target = lambda prefix: dist("p", prefix)  # noqa: E731
+    draft = lambda prefix: dist("q", prefix)  # noqa: E731
+    T = k + 1
+    got: dict = {}
+
+    def emit(prefix, prob):
+        """prefix already emitted with probability prob; continue with the exact target."""
+        if len(prefix) == T:
+            got[prefix] = got.get(prefix, 0.0) + prob
+            return
+        pt = target(prefix)
+        for y in range(V):
+            if pt[y] > 0:
+                emit(prefix + (y,), prob * float(pt[y]))
+
+    for ds in itertools.product(range(V), repeat=k):
+        qs = [draft(ds[:j]) for j in range(k)]
+        prob_d = math.prod(float(qs[j][ds[j]]) for j in range(k))
+        if prob_d == 0:
+            continue
+        p = torch.stack([target(ds[:j]) for j in range(k + 1)])
+        q = torch.stack(qs)
+        acc = R.acceptance_probabilities(p, q, ds)
+        reach = 1.0
+        for m in range(k + 1):
+            if m < k:
+                w = reach * (1 - float(acc[m]))  # accept d_1..d_m, reject d_{m+1}
+                nxt = R.residual_distribution(p[m], q[m])
+            else:
+                w, nxt = reach, p[k]
+            for y in range(V):
+                if w * float(nxt[y]) > 0:
+                    emit(tuple(ds[:m]) + (y,), prob_d * w * float(nxt[y]))
+            if m < k:
+                reach *= float(acc[m])
+
+    want: dict = {}
+
+    def exact(prefix, prob):
+        if len(prefix) == T:
+            want[prefix] = prob
+            return
+        pt = target(prefix)
+        for y in range(V):
+            if pt[y] > 0:
+                exact(prefix + (y,), prob * float(pt[y]))
+
+    exact((), 1.0)
+    keys = set(got) | set(want)
+    assert max(abs(got.get(x, 0.0) - want.get(x, 0.0)) for x in keys) < 1e-12
+    assert abs(sum(got.values()) - 1) < 1e-12
+
+
+def test_speculative_accept_uses_the_rule():
+    g = torch.Generator().manual_seed(5)
+    for _ in range(200):
+        k, V = 4, 6
+        p = torch.stack([_random_dist(g, V, sparse=True) for _ in range(k + 1)])
+        q = torch.stack([_random_dist(g, V) for _ in range(k)])
+        ds = [int(torch.multinomial(q[j], 1, generator=g)) for j in range(k)]
+        acc = R.acceptance_probabilities(p, q, ds)
+        torch.testing.assert_close(acc, torch.clamp(p[torch.arange(k), ds] / q[torch.arange(k), ds], max=1.0))
+        u = torch.rand(k, generator=g, dtype=torch.float64)
+        m, nxt = R.speculative_accept(p, q, ds, u)
+        want_m = next((j for j in range(k) if u[j] >= acc[j]), k)
+        assert m == want_m
+        want = p[k] if m == k else torch.clamp(p[m] - q[m], min=0) / torch.clamp(p[m] - q[m], min=0).sum()
+        torch.testing.assert_close(nxt, want)
+    # The boundary: u just below / at the acceptance probability.
+    p = torch.tensor([[0.2, 0.8], [0.5, 0.5]], dtype=torch.float64)
+    q = torch.tensor([[0.4, 0.6]], dtype=torch.float64)
+    assert R.speculative_accept(p, q, [0], torch.tensor([0.4999]))[0] == 1
+    assert R.speculative_accept(p, q, [0], torch.tensor([0.5]))[0] == 0
+
+
+def _exact_target(model, prompt, n, temperature, top_k):
+    """Exact joint target distribution of the first n sampled tokens (by enumeration)."""
+    res = {}
+
+    def rec(prefix, prob):
+        if len(prefix) == n:
+            res[prefix] = prob
+            return
+        logits = R._forward(model, R._new_cache(model), prompt + list(prefix), 0, R._AttnState())[-1]
+        pr = R.sampling_probs(logits, temperature, top_k)
+        for y in pr.nonzero().flatten().tolist():
+            rec(prefix + (y,), prob * float(pr[y]))
+
+    rec((), 1.0)
+    return res
+
+
+def _chi2(counts: dict, expect: dict, n: int) -> float:
+    small = [x for x in expect if expect[x] * n < 5]
+    obs_small = sum(counts.get(x, 0) for x in small)
+    exp_small = sum(expect[x] for x in small) * n
+    stat = sum((counts.get(x, 0) - expect[x] * n) ** 2 / (expect[x] * n) for x in expect if x not in small)
+    if exp_small > 0:
+        stat += (obs_small - exp_small) ** 2 / exp_small
+    stat += 1e9 * sum(c for x, c in counts.items() if x not in expect)  # outside the support
+    return stat
+
+
+def test_speculative_sampling_end_to_end_matches_target(model, prompts, monkeypatch):
+    """Seeded runs of sparse self-speculative sampling vs the exact target distribution of the
+    first 3 tokens (top_k=3 -> at most 27 outcomes). The setting (6-token prompt, s=0.5,
+    2 sinks) gives a mix of full acceptances and rejections (mean ~1.2 of 2 accepted), and
+    q != p, so a wrong rule shows: the same harness with an always-accept rule must fail."""
+    p = prompts[0]
+    n_tok, temp, top_k, k = 3, 3.0, 3, 2
+    expect = _exact_target(model, p, n_tok, temp, top_k)
+    gen = torch.Generator().manual_seed(0)
+
+    def run(n):
+        counts: dict = {}
+        acc = []
+        for _ in range(n):
+            out = R.sparsespec_generate(model, p, n_tok, k=k, sparsity=0.5, min_sel=1, num_sink=2,
+                                        temperature=temp, top_k=top_k, generator=gen, ignore_eos=True)
+            counts[tuple(out.tokens)] = counts.get(tuple(out.tokens), 0) + 1
+            acc += out.accepted_counts
+        return counts, sum(acc) / len(acc)
+
+    n = 1200
+    counts, mean_acc = run(n)
+    # chi-square with <= 27 bins: mean ~26, sd ~7; 80 is beyond p = 1e-6.
+    assert _chi2(counts, expect, n) < 80
+    assert 0.5 < mean_acc < k - 0.5  # drafts are often accepted and often rejected
+
+    monkeypatch.setattr(R, "acceptance_probabilities", lambda p_, q_, d_: torch.ones(len(d_), dtype=torch.float64))
+    bad_counts, _ = run(400)
+    assert _chi2(bad_counts, expect, 400) > 80
