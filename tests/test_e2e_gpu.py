@@ -18,11 +18,17 @@ def test_greedy_output_equals_plain_decoding(tmp_path):
     out = tmp_path / "lossless.json"
     proc = subprocess.run(
         [sys.executable, str(ROOT / "scripts/check_lossless.py"), "--out", str(out),
-         "--num-prompts", "8", "--max-new-tokens", "128", "--prompt-len", "64", "256"],
+         "--num-prompts", "8", "--max-new-tokens", "128", "--prompt-len", "64", "256",
+         "--dense-check"],
         capture_output=True, text=True, timeout=900)
     assert out.exists(), proc.stderr[-3000:]
-    runs = json.loads(out.read_text())["runs"]
-    for name, run in runs.items():
+    report = json.loads(out.read_text())
+    # Output depends only on the verify passes: identical whatever the drafts did.
+    assert report["spec_runs_identical"]
+    for name, run in report["runs"].items():
         if name != "plain":
-            assert run["equal"], (name, run["mismatches"])
-            assert run["mean_spec_accept_length"] > 1.0, name
+            # bf16 (SGLang has no fp32 rmsnorm): a divergence from plain decoding is only
+            # allowed where plain's own top-2 logprobs are within bf16 rounding of a tie.
+            assert run["num_clear_mismatches"] == 0, (name, run["mismatches"])
+    # Dense drafts equal the full model up to rounding: nearly every draft is accepted.
+    assert report["runs"]["sparsespec-no-overlap-s1.0"]["mean_spec_accept_length"] > 6.0
