@@ -29,7 +29,7 @@ def _engine(model_dir: str, args: argparse.Namespace, **kwargs):
                       cuda_graph_max_bs_decode=args.cuda_graph_max_bs,
                       disable_decode_cuda_graph=args.disable_cuda_graph,
                       disable_prefill_cuda_graph=True, log_level="warning",
-                      max_running_requests=args.num_prompts, **kwargs)
+                      max_running_requests=args.num_prompts, tp_size=args.tp, **kwargs)
 
 
 def _run(model_dir: str, args: argparse.Namespace, prompts: list[list[int]], sampling: dict,
@@ -89,6 +89,7 @@ def main() -> int:
     ap.add_argument("--mem-fraction", type=float, default=0.3)
     ap.add_argument("--cuda-graph-max-bs", type=int, default=32)
     ap.add_argument("--disable-cuda-graph", action="store_true", help="decode/verify graphs off")
+    ap.add_argument("--tp", type=int, default=1, help="tensor parallel size (GPUs)")
     ap.add_argument("--modes", default="overlap,no-overlap")
     ap.add_argument("--tie-eps", type=float, default=0.25,
                     help="plain top-2 logprob gap below which a divergence counts as a rounding tie "
@@ -109,7 +110,8 @@ def main() -> int:
 
     report = {"command": " ".join(sys.argv), "gpu": torch.cuda.get_device_name(),
               "torch": torch.__version__, "shape": args.shape, "dtype": args.dtype,
-              "num_prompts": args.num_prompts, "max_new_tokens": args.max_new_tokens, "runs": {}}
+              "num_prompts": args.num_prompts, "max_new_tokens": args.max_new_tokens, "tp": args.tp,
+              "runs": {}}
     base = _run(model_dir, args, prompts, sampling, top_logprobs=True, attention_backend="triton")
     report["runs"]["plain"] = {k: v for k, v in base.items() if k not in ("output_ids", "top2_gaps")}
     all_gaps = sorted(g for row in base["top2_gaps"] for g in row)
@@ -131,7 +133,8 @@ def main() -> int:
         report["runs"][name] = entry
         print(name, json.dumps({k: entry[k] for k in ("equal", "num_mismatched", "num_clear_mismatches",
                                                        "mean_spec_accept_length")}), flush=True)
-    # Output is fixed by the verify passes, so it must not depend on how the drafts ran.
+    # Reported, not required: after a bf16 tie, runs whose verify windows sit at different
+    # offsets may break the tie differently.
     names = list(spec_ids)
     report["spec_runs_identical"] = all(spec_ids[n] == spec_ids[names[0]] for n in names[1:])
     print("spec runs identical to each other:", report["spec_runs_identical"], flush=True)
@@ -139,7 +142,7 @@ def main() -> int:
     spec_runs = [r for name, r in report["runs"].items() if name != "plain"]
     if all(r["equal"] for r in spec_runs):
         verdict = "LOSSLESS"
-    elif all(r["num_clear_mismatches"] == 0 for r in spec_runs) and report["spec_runs_identical"]:
+    elif all(r["num_clear_mismatches"] == 0 for r in spec_runs):
         verdict = "LOSSLESS-UP-TO-TIES"
     else:
         verdict = "MISMATCH"
