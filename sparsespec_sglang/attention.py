@@ -14,25 +14,15 @@ forwards of the SPARSESPEC cycle take the plugin's kernels instead:
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
 from typing import Any, Iterator, Optional
 
 import torch
 from sglang.srt.layers.attention.triton_backend import TritonAttnBackend, logit_capping_mod
 
-from sparsespec_sglang.kernels.sparse_decode import sparse_decode_attention
+from sparsespec_sglang.kernels.sparse_decode import pick_num_kv_splits, sparse_decode_attention
 from sparsespec_sglang.kernels.topk_select import select_topk
 from sparsespec_sglang.kernels.verify_attention import verify_attention_with_scores
-from sparsespec_sglang.pillar import PillarState
-
-
-@dataclass
-class DraftStep:
-    """What a sparse draft forward needs beyond the ForwardBatch."""
-
-    dense_start: torch.Tensor  # [B] int32, per request in batch order
-    sel_lens: torch.Tensor  # [B] int32
-    num_kv_splits: int
+from sparsespec_sglang.pillar import DraftStep, PillarState
 
 
 class SparseSpecAttnBackend(TritonAttnBackend):
@@ -41,6 +31,16 @@ class SparseSpecAttnBackend(TritonAttnBackend):
         self.state: Optional[PillarState] = None
         self._draft: Optional[DraftStep] = None
         self._verify_consts: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._graph_state_size: tuple[int, int] = (0, 0)
+        self._num_sms = torch.cuda.get_device_properties(self.device).multi_processor_count
+
+    def init_cuda_graph_state(self, max_bs: int, max_num_tokens: int, *args: Any, **kwargs: Any) -> None:
+        # The verify and the draft graph runners share this backend; keep the
+        # larger buffers instead of reallocating for the smaller draft width.
+        if max_bs <= self._graph_state_size[0] and max_num_tokens <= self._graph_state_size[1]:
+            return
+        super().init_cuda_graph_state(max_bs, max_num_tokens, *args, **kwargs)
+        self._graph_state_size = (max_bs, max_num_tokens)
 
     def attach(self, state: PillarState) -> None:
         """Called by the worker once the KV pools (and so the state) exist."""
@@ -68,14 +68,13 @@ class SparseSpecAttnBackend(TritonAttnBackend):
         super().init_forward_metadata(forward_batch)
 
     def init_forward_metadata_out_graph(self, forward_batch: Any, in_capture: bool = False) -> None:
-        # Verify CUDA graphs (SGLang captures TARGET_VERIFY graphs for NGRAM-shaped
-        # algorithms) read only graph-static forward-batch buffers on this path.
-        if self._is_pillar_verify(forward_batch):
+        # Verify and draft CUDA graphs read only graph-static buffers on the PillarAttn paths.
+        if self._is_sparse_draft(forward_batch) or self._is_pillar_verify(forward_batch):
             return
         super().init_forward_metadata_out_graph(forward_batch, in_capture)
 
     def init_forward_metadata_in_graph(self, forward_batch: Any) -> None:
-        if self._is_pillar_verify(forward_batch):
+        if self._is_sparse_draft(forward_batch) or self._is_pillar_verify(forward_batch):
             return
         super().init_forward_metadata_in_graph(forward_batch)
 
@@ -92,7 +91,8 @@ class SparseSpecAttnBackend(TritonAttnBackend):
             self._save_kv(layer, forward_batch, k, v)
         state, step = self.state, self._draft
         hq, d, dv = layer.tp_q_head_num, layer.qk_head_dim, layer.v_head_dim
-        o = q.new_empty((q.shape[0], hq * dv))
+        bs = q.shape[0]
+        o = q.new_empty((bs, hq * dv))
         sparse_decode_attention(
             q.view(-1, hq, d),
             self.token_to_kv_pool.get_key_buffer(layer.layer_id),
@@ -101,13 +101,13 @@ class SparseSpecAttnBackend(TritonAttnBackend):
             state.req_to_token,
             forward_batch.req_pool_indices,
             forward_batch.seq_lens,
-            step.dense_start,
+            step.dense_start[:bs],
             state.sel_indices[layer.layer_id].index_select(0, forward_batch.req_pool_indices),
-            step.sel_lens,
+            step.sel_lens[:bs],
             state.config.num_sink_tokens,
             layer.scaling,
             logit_capping_mod(layer.logit_capping_method, layer.logit_cap),
-            num_kv_splits=step.num_kv_splits,
+            num_kv_splits=pick_num_kv_splits(bs, self.token_to_kv_pool.head_num, self._num_sms),
         )
         return o
 

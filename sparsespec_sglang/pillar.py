@@ -10,10 +10,23 @@ which re-initialises the row (:meth:`init_window`).
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import torch
 
 from sparsespec_sglang.config import SparseSpecConfig
+
+
+@dataclass
+class DraftStep:
+    """Per-request draft inputs beyond the ForwardBatch, in batch order.
+
+    Full-size static buffers (rows >= any batch): a step of batch size B reads
+    ``[:B]``, so the same buffers serve eager steps and captured draft graphs.
+    """
+
+    dense_start: torch.Tensor  # [R] int32
+    sel_lens: torch.Tensor  # [R] int32
 
 logger = logging.getLogger(__name__)
 
@@ -25,7 +38,9 @@ class PillarState:
     - ``sel_lens [R]`` int32 entries in use (the same K for every layer and head);
     - ``dense_start [R]`` int32 first position attended densely by drafts;
     - ``scores [R, Hkv, max_ctx]`` fp32, one layer's verify scores at a time
-      (batch order; a batch never has more requests than pool rows R).
+      (batch order; a batch never has more requests than pool rows R);
+    - ``draft_step``: batch-ordered copies of ``dense_start``/``sel_lens`` that the
+      draft steps (and their CUDA graphs) read, refreshed once per cycle.
     """
 
     def __init__(self, config: SparseSpecConfig, num_layers: int, num_kv_heads: int,
@@ -41,12 +56,24 @@ class PillarState:
         self.dense_start = torch.zeros((num_rows,), dtype=torch.int32, device=device)
         self.scores = torch.zeros((num_rows, num_kv_heads, max_ctx),
                                   dtype=torch.float32, device=device)
+        self.draft_step = DraftStep(dense_start=torch.zeros_like(self.dense_start),
+                                    sel_lens=torch.zeros_like(self.sel_lens))
         self._batch_sel = torch.zeros_like(self.sel_indices[0])
         self._batch_sel_lens = torch.zeros_like(self.sel_lens)
         nbytes = sum(t.numel() * t.element_size() for t in
                      (self.sel_indices, self.sel_lens, self.dense_start, self.scores))
         logger.info("SPARSESPEC state: %d layers x %d rows x %d KV heads x %d selected, "
                     "%.1f MiB", num_layers, num_rows, num_kv_heads, self.max_sel, nbytes / 2**20)
+
+    def load_draft_step(self, req_pool_indices: torch.Tensor) -> DraftStep:
+        """Gather this cycle's per-request draft inputs into batch order (rows past B zeroed)."""
+        bs = req_pool_indices.shape[0]
+        step = self.draft_step
+        step.dense_start[:bs] = self.dense_start[req_pool_indices]
+        step.sel_lens[:bs] = self.sel_lens[req_pool_indices]
+        step.dense_start[bs:].zero_()
+        step.sel_lens[bs:].zero_()
+        return step
 
     def batch_buffers(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Batch-ordered scratch for one layer's selection before it is scattered to rows."""

@@ -30,7 +30,7 @@ from sglang.kernels.ops.speculative.cache_locs import assign_extend_cache_locs_f
 from sglang.srt.layers.logprob_processor import compute_spec_v2_logprobs
 from sglang.srt.managers.schedule_batch import ScheduleBatch
 from sglang.srt.managers.utils import GenerationBatchResult
-from sglang.srt.model_executor.forward_batch_info import ForwardMode
+from sglang.srt.model_executor.forward_batch_info import ForwardBatch, ForwardMode
 from sglang.srt.speculative.base_spec_worker import BaseSpecWorker
 from sglang.srt.speculative.eagle_utils import eagle_sample
 from sglang.srt.speculative.ngram_info import NgramVerifyInput
@@ -39,9 +39,9 @@ from sglang.srt.speculative.spec_utils import (
     record_stream_for_v2_verify,
 )
 
-from sparsespec_sglang.attention import DraftStep, SparseSpecAttnBackend
+from sparsespec_sglang.attention import SparseSpecAttnBackend
 from sparsespec_sglang.config import SparseSpecConfig
-from sparsespec_sglang.kernels.sparse_decode import pick_num_kv_splits
+from sparsespec_sglang.draft_graph import DraftGraphs
 from sparsespec_sglang.pillar import PillarState
 
 logger = logging.getLogger(__name__)
@@ -63,6 +63,7 @@ class SparseSpecWorker(BaseSpecWorker):
         self.topk = 1
         self.backend: Optional[SparseSpecAttnBackend] = None
         self.state: Optional[PillarState] = None
+        self.draft_graphs: Optional[DraftGraphs] = None
         self.stats = CycleStats()
         self._chain_cache: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
@@ -89,6 +90,12 @@ class SparseSpecWorker(BaseSpecWorker):
                              f"{type(backend).__name__}")
         backend.attach(self.state)
         self.backend = backend
+
+    def init_cuda_graphs(self) -> None:
+        # The target runner captured the verify graphs; drafts need width-1 graphs.
+        super().init_cuda_graphs()
+        if self.model_runner.decode_cuda_graph_runner is not None:
+            self.draft_graphs = DraftGraphs(self.model_runner, self.backend, self.state.draft_step)
 
     def update_weights_from_tensor(self, recv_req: Any):
         return self.target_worker.update_weights_from_tensor(recv_req)
@@ -174,11 +181,7 @@ class SparseSpecWorker(BaseSpecWorker):
         bs = len(batch.reqs)
         saved = (batch.forward_mode, batch.input_ids, batch.out_cache_loc, batch.seq_lens,
                  batch.seq_lens_cpu, batch.seq_lens_sum, batch.spec_info, batch.return_logprob)
-        step = DraftStep(
-            dense_start=self.state.dense_start[batch.req_pool_indices],
-            sel_lens=self.state.sel_lens[batch.req_pool_indices],
-            num_kv_splits=pick_num_kv_splits(bs, self.state.scores.shape[1], self._num_sms()),
-        )
+        step = self.state.load_draft_step(batch.req_pool_indices)
         drafts = torch.empty((bs, self.k), dtype=torch.int64, device=self.device)
         token = pending.to(torch.int64)
         try:
@@ -192,8 +195,12 @@ class SparseSpecWorker(BaseSpecWorker):
                     batch.seq_lens = saved[3] + (j + 1)
                     batch.seq_lens_cpu = saved[4] + (j + 1)
                     batch.seq_lens_sum = None
-                    out = self.target_worker.forward_batch_generation(batch, is_verify=True)
-                    token = torch.argmax(out.logits_output.next_token_logits, dim=-1)
+                    forward_batch = ForwardBatch.init_new(batch, self.model_runner)
+                    if self.draft_graphs is not None:
+                        logits = self.draft_graphs.run(forward_batch)
+                    else:
+                        logits = self.model_runner.forward(forward_batch).logits_output.next_token_logits
+                    token = torch.argmax(logits, dim=-1)
                     drafts[:, j] = token
         finally:
             (batch.forward_mode, batch.input_ids, batch.out_cache_loc, batch.seq_lens,
@@ -210,9 +217,6 @@ class SparseSpecWorker(BaseSpecWorker):
             sibling = torch.full((bs, w), -1, device=self.device, dtype=torch.int64)
             self._chain_cache[bs] = (index, nxt, sibling)
         return self._chain_cache[bs]
-
-    def _num_sms(self) -> int:
-        return torch.cuda.get_device_properties(self.device).multi_processor_count
 
     def _result(self, logits_output, next_token_ids, can_run_cuda_graph, accept_tokens,
                 accept_lens, new_seq_lens) -> GenerationBatchResult:
