@@ -195,7 +195,8 @@ class SparseSpecWorker(BaseSpecWorker):
                     batch.seq_lens = saved[3] + (j + 1)
                     batch.seq_lens_cpu = saved[4] + (j + 1)
                     batch.seq_lens_sum = None
-                    forward_batch = ForwardBatch.init_new(batch, self.model_runner)
+                    forward_batch = ForwardBatch.init_new(batch, self.model_runner,
+                                                         return_hidden_states_before_norm=False)
                     if self.draft_graphs is not None:
                         logits = self.draft_graphs.run(forward_batch)
                     else:
