@@ -30,7 +30,8 @@ Request state and one cycle
   probability exp(s - row_lse) of key p; AGG is "sum" (default) or "max". For the next
   cycle dense_start = P (the verify window start), candidates = [num_sink, P),
   K = min(clamp(ceil(sparsity * context_len), min_selected, max_selected), #candidates)
-  with context_len = P + m + 1 (tokens in cache after the verify), selection = top-K
+  with context_len = P + k + 1 (tokens in cache during the verify pass: the GPU path picks
+  the selection inside the verify forward, before acceptance is known), selection = top-K
   candidates by score, ties toward the lower position, returned sorted ascending.
 * First cycle after prefill ("window" choice): dense_start = L, selection = the K most
   recent candidates [max(num_sink, L - K), L) with K computed for context_len = L.
@@ -560,9 +561,8 @@ def sparsespec_generate(model, prompt_ids: Sequence[int], max_new_tokens: int, c
 
         # Keep positions [0, P + m]; the bonus is the new pending token at P + m + 1.
         cache.crop(P + m + 1)
-        context_len = P + m + 1
         scores = torch.stack([vstate.scores[i] for i in range(n_layers)])  # [L, Hkv, P+k+1]
-        n_sel = num_selected(context_len, max(0, P - num_sink), cfg)
+        n_sel = num_selected(scores.shape[-1], max(0, P - num_sink), cfg)
         selection = select_topk(scores, num_sink, P, n_sel)
         dense_start = P
         P, pending = P + m + 1, bonus
