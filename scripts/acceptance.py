@@ -173,7 +173,7 @@ def main(argv=None) -> int:
     results = []
     for k in args.k:
         for s in args.sparsity:
-            cfg = R.PillarConfig(num_draft_steps=k, sparsity=s, min_selected=args.min_selected,
+            cfg = R.SparseSpecConfig(num_draft_steps=k, sparsity=s, min_selected=args.min_selected,
                                  max_selected=args.max_selected, num_sink_tokens=args.num_sink,
                                  aggregation=args.aggregation)
             gen = torch.Generator().manual_seed(args.seed)

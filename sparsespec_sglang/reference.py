@@ -48,9 +48,11 @@ from typing import Any, Sequence
 
 import torch
 
+from sparsespec_sglang.config import SparseSpecConfig
+
 __all__ = [
     "ATTN_IMPLEMENTATION",
-    "PillarConfig",
+    "SparseSpecConfig",
     "resolve_config",
     "register_attention",
     "prepare_model",
@@ -80,32 +82,6 @@ ATTN_IMPLEMENTATION = "sparsespec_reference"
 # ----------------------------------------------------------------------------- config
 
 
-@dataclass
-class PillarConfig:
-    """Algorithm knobs. Field names match `sparsespec_sglang.config.SparseSpecConfig`."""
-
-    num_draft_steps: int = 8
-    sparsity: float = 0.05
-    min_selected: int = 64
-    max_selected: int = 2048
-    num_sink_tokens: int = 4
-    aggregation: str = "sum"  # "sum" | "max"
-
-    def __post_init__(self):
-        if self.num_draft_steps < 1:
-            raise ValueError(f"num_draft_steps must be >= 1, got {self.num_draft_steps}")
-        if not (0.0 < self.sparsity <= 1.0):
-            raise ValueError(f"sparsity must be in (0, 1], got {self.sparsity}")
-        if self.min_selected < 0 or self.max_selected < self.min_selected:
-            raise ValueError(
-                f"need 0 <= min_selected <= max_selected, got {self.min_selected}, {self.max_selected}"
-            )
-        if self.num_sink_tokens < 0:
-            raise ValueError(f"num_sink_tokens must be >= 0, got {self.num_sink_tokens}")
-        if self.aggregation not in ("sum", "max"):
-            raise ValueError(f"aggregation must be 'sum' or 'max', got {self.aggregation!r}")
-
-
 _ALIASES = {
     "k": "num_draft_steps",
     "min_sel": "min_selected",
@@ -114,15 +90,15 @@ _ALIASES = {
 }
 
 
-def resolve_config(config: Any = None, **overrides) -> PillarConfig:
-    """Build a `PillarConfig` from a duck-typed object and/or keywords.
+def resolve_config(config: Any = None, **overrides) -> SparseSpecConfig:
+    """Build a `SparseSpecConfig` from a duck-typed object and/or keywords.
 
-    `config` may be None, a PillarConfig, or any object with some of the attributes
+    `config` may be None, a SparseSpecConfig, or any object with some of the attributes
     num_draft_steps, sparsity, min_selected, max_selected, num_sink_tokens, aggregation
     (e.g. `SparseSpecConfig`). Keywords override it; the short aliases k, min_sel,
     max_sel, num_sink are accepted. Unknown keywords raise TypeError.
     """
-    names = [f.name for f in fields(PillarConfig)]
+    names = [f.name for f in fields(SparseSpecConfig)]
     values: dict[str, Any] = {}
     if config is not None:
         for n in names:
@@ -134,13 +110,13 @@ def resolve_config(config: Any = None, **overrides) -> PillarConfig:
             raise TypeError(f"unknown SparseSpec option {key!r}")
         if val is not None:
             values[name] = val
-    return PillarConfig(**values)
+    return SparseSpecConfig(**values)
 
 
 # ----------------------------------------------------------------------------- selection
 
 
-def num_selected(context_len: int, num_candidates: int, cfg: PillarConfig) -> int:
+def num_selected(context_len: int, num_candidates: int, cfg: SparseSpecConfig) -> int:
     """K = min(clamp(ceil(sparsity * context_len), min_selected, max_selected), #candidates)."""
     raw = math.ceil(cfg.sparsity * context_len - 1e-9)
     return max(0, min(max(raw, cfg.min_selected), cfg.max_selected, num_candidates))
@@ -405,7 +381,7 @@ class GenerationOutput:
 class SpecOutput(GenerationOutput):
     prompt_len: int = 0
     cycles: list[CycleStats] = field(default_factory=list)
-    config: PillarConfig | None = None
+    config: SparseSpecConfig | None = None
 
     @property
     def accepted_counts(self) -> list[int]:
@@ -470,7 +446,7 @@ def sparsespec_generate(model, prompt_ids: Sequence[int], max_new_tokens: int, c
                         trace: bool = False, **config_overrides) -> SpecOutput:
     """SparseSpec decoding of one request (see the module docstring for the algorithm).
 
-    config: PillarConfig / SparseSpecConfig-like object; config_overrides: num_draft_steps
+    config: SparseSpecConfig or an object with its attribute names; config_overrides: num_draft_steps
     (k), sparsity, min_selected (min_sel), max_selected (max_sel), num_sink_tokens
     (num_sink), aggregation. temperature 0 = greedy (lossless: identical ids to
     `plain_generate`); > 0 = speculative sampling with the same top_k / top_p filters on

@@ -114,7 +114,7 @@ def test_greedy_lossless_default_config_and_duck_typed_config(model, prompts, pl
         assert R.sparsespec_generate(model, p, MAX_NEW, ignore_eos=True).tokens == ref
         out = R.sparsespec_generate(model, p, MAX_NEW, cfg, ignore_eos=True)
         assert out.tokens == ref
-        assert out.config == R.PillarConfig(4, 0.1, 2, 16, 2, "max")
+        assert out.config == R.SparseSpecConfig(4, 0.1, 2, 16, 2, "max")
         assert all(c.num_selected <= 16 for c in out.cycles)
 
 
@@ -180,23 +180,23 @@ def test_sparse_drafts_are_lossless_but_accept_less(model, prompts, plain):
 
 
 def test_num_selected_clamping():
-    cfg = R.PillarConfig(sparsity=0.05, min_selected=64, max_selected=2048)
+    cfg = R.SparseSpecConfig(sparsity=0.05, min_selected=64, max_selected=2048)
     assert R.num_selected(1000, 10**6, cfg) == 64  # floor
     assert R.num_selected(2000, 10**6, cfg) == 100  # ceil(0.05 * 2000)
     assert R.num_selected(2001, 10**6, cfg) == 101  # ceil(100.05)
     assert R.num_selected(10**6, 10**6, cfg) == 2048  # cap
     assert R.num_selected(1000, 30, cfg) == 30  # #candidates
     assert R.num_selected(1000, 0, cfg) == 0
-    cfg = R.PillarConfig(sparsity=0.07, min_selected=0, max_selected=10**6)
+    cfg = R.SparseSpecConfig(sparsity=0.07, min_selected=0, max_selected=10**6)
     assert R.num_selected(100, 10**6, cfg) == 7  # 0.07 * 100 = 7.000000000000001 in float
     assert R.num_selected(1, 10**6, cfg) == 1
     with pytest.raises(ValueError):
-        R.PillarConfig(min_selected=10, max_selected=5)
+        R.SparseSpecConfig(min_selected=10, max_selected=5)
     with pytest.raises(ValueError):
-        R.PillarConfig(aggregation="mean")
+        R.SparseSpecConfig(aggregation="mean")
     with pytest.raises(TypeError):
         R.resolve_config(bogus=1)
-    assert R.resolve_config(R.PillarConfig(sparsity=0.2), k=3, num_sink=0) == R.PillarConfig(
+    assert R.resolve_config(R.SparseSpecConfig(sparsity=0.2), k=3, num_sink=0) == R.SparseSpecConfig(
         num_draft_steps=3, sparsity=0.2, num_sink_tokens=0)
 
 
@@ -263,7 +263,7 @@ def test_draft_key_mask_and_sparse_attention_against_naive_loop():
 
 def test_selection_wiring_and_window_first_cycle(model, prompts):
     k, num_sink = 4, 4
-    cfg = R.PillarConfig(num_draft_steps=k, sparsity=0.1, min_selected=3, max_selected=6, num_sink_tokens=num_sink)
+    cfg = R.SparseSpecConfig(num_draft_steps=k, sparsity=0.1, min_selected=3, max_selected=6, num_sink_tokens=num_sink)
     p = prompts[2]
     L = len(p)
     out = R.sparsespec_generate(model, p, MAX_NEW, cfg, ignore_eos=True, trace=True)
