@@ -2,9 +2,11 @@
 
 Keying by SGLang's request-pool row (stable while a request lives) instead of by
 batch position means requests can join and leave the running batch every step
-without any gather/scatter of the index table: kernels read row
-``req_pool_indices[b]``. A new occupant of a row always passes through prefill,
-which re-initialises the row (:meth:`init_window`).
+with no bookkeeping: the backend reads row ``req_pool_indices[b]`` (today by
+gathering one layer's rows per draft step and scattering the verify's new
+selection back; kernels that index rows directly would drop both copies). A new
+occupant of a row always passes through prefill, which re-initialises the row
+(:meth:`init_window`).
 """
 
 from __future__ import annotations
