@@ -35,6 +35,8 @@ from sglang.srt.speculative.base_spec_worker import BaseSpecWorker
 from sglang.srt.speculative.eagle_utils import eagle_sample
 from sglang.srt.speculative.ngram_info import NgramVerifyInput
 from sglang.srt.speculative.spec_utils import (
+    GrammarTree,
+    build_grammar_vocab_mask,
     move_accept_tokens_to_target_kvcache,
     record_stream_for_v2_verify,
 )
@@ -153,6 +155,11 @@ class SparseSpecWorker(BaseSpecWorker):
             retrieve_index=retrieve_index, retrieve_next_token=next_token,
             retrieve_next_sibling=next_sibling, draft_token_num=width, new_seq_lens=seq_lens,
         )
+        # Constrained decoding: the drafts ignore the grammar, the verify must not.
+        # (Copy the chain to the host before the verify launch, as SGLang's chain
+        # verifiers do; the scheduler advances the grammar after acceptance.)
+        grammar_tree = (GrammarTree.from_linear_chain(draft_tokens.view(bs, width))
+                        if batch.has_grammar else None)
         batch.forward_mode = ForwardMode.TARGET_VERIFY
         batch.input_ids = draft_tokens
         batch.out_cache_loc = out_cache_loc
@@ -162,7 +169,13 @@ class SparseSpecWorker(BaseSpecWorker):
         verify = self.target_worker.forward_batch_generation(batch, is_verify=True)
         logits_output = verify.logits_output
 
-        predict, accept_lens, accept_index = eagle_sample(verify_input, batch, logits_output, None)
+        grammar_mask = None
+        if grammar_tree is not None:
+            grammar_mask = build_grammar_vocab_mask(
+                reqs=batch.reqs, tree=grammar_tree, sampling_info=batch.sampling_info,
+                device=self.device, barrier=None)
+        predict, accept_lens, accept_index = eagle_sample(verify_input, batch, logits_output,
+                                                          grammar_mask)
         new_seq_lens = seq_lens + accept_lens
         accept_tokens = predict[accept_index].flatten()
         move_accept_tokens_to_target_kvcache(batch, accept_index, accept_lens - 1,

@@ -23,6 +23,8 @@ def test_spec_v2_helpers_used_by_the_worker():
     from sglang.srt.speculative.eagle_utils import eagle_sample
     from sglang.srt.speculative.ngram_info import NgramVerifyInput
     from sglang.srt.speculative.spec_utils import (
+        GrammarTree,
+        build_grammar_vocab_mask,
         move_accept_tokens_to_target_kvcache,
         record_stream_for_v2_verify,
     )
@@ -38,6 +40,8 @@ def test_spec_v2_helpers_used_by_the_worker():
     assert _params(move_accept_tokens_to_target_kvcache) == [
         "batch", "accept_index", "num_correct_drafts", "token_to_kv_pool_allocator"]
     assert _params(record_stream_for_v2_verify) == ["batch", "verify_input", "fwd_stream"]
+    assert _params(GrammarTree.from_linear_chain) == ["verify_ids_2d"]
+    assert _params(build_grammar_vocab_mask) == ["reqs", "tree", "sampling_info", "device", "barrier"]
     assert {"draft_token", "custom_mask", "positions", "retrieve_index", "retrieve_next_token",
             "retrieve_next_sibling", "draft_token_num", "new_seq_lens", "accept_tokens",
             "accept_lens"} <= set(_params(NgramVerifyInput.__init__))
