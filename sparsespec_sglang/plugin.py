@@ -54,10 +54,6 @@ class SparseSpecAlgo(CustomSpecAlgo):
         return FutureMap(device, self, req_to_token_pool, needs_cpu_seq_lens, needs_confidence_relay)
 
 
-def _validate(server_args: Any) -> None:
-    validate_server_args(server_args)
-
-
 def _worker_factory(server_args: Any) -> type:
     if server_args.device != "cuda":
         raise SparseSpecArgsError(
@@ -80,7 +76,7 @@ def register() -> None:
         SpeculativeAlgorithm.register(
             ALGORITHM_NAME,
             supports_overlap=True,
-            validate_server_args=_validate,
+            validate_server_args=validate_server_args,
             spec_class=SparseSpecAlgo,
         )(_worker_factory)
 
