@@ -121,16 +121,6 @@ class SparseSpecConfig:
             _check(isinstance(getattr(self, name), bool), f"sparsespec_{name}",
                    "True or False", getattr(self, name))
 
-    @property
-    def num_verify_tokens(self) -> int:
-        """Tokens per verify pass: the pending token plus k drafts."""
-        return self.num_draft_steps + 1
-
-    def num_selected(self, context_len: int) -> int:
-        """K = clamp(ceil(s * context_len), min_selected, max_selected)."""
-        k = math.ceil(self.sparsity * context_len)
-        return min(max(k, self.min_selected), self.max_selected)
-
     @classmethod
     def from_values(cls, num_draft_steps: int | None, values: Mapping[str, Any]) -> "SparseSpecConfig":
         """Build from k and a ``{dest: value}`` mapping of ``--sparsespec-*`` values."""
