@@ -167,6 +167,8 @@ def _sparse_decode_reduce(
     Att_Out,
     Att_Lse,
     O,
+    Seq_Lens,
+    Lse_Ring,
     num_kv_splits,
     stride_ab,
     stride_ah,
@@ -175,8 +177,11 @@ def _sparse_decode_reduce(
     stride_lh,
     stride_ob,
     stride_oh,
+    stride_rb,
+    stride_rh,
     DV: tl.constexpr,
     BLOCK_DV: tl.constexpr,
+    RING: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
     hq = tl.program_id(1)
@@ -209,7 +214,12 @@ def _sparse_decode_reduce(
         mask=mask_dv,
     )
     # The merged lse lands in split slot 0 (all of this row's splits were read above).
-    tl.store(lse_row, e_max + tl.log(e_sum))
+    lse = e_max + tl.log(e_sum)
+    tl.store(lse_row, lse)
+    if RING > 0:
+        # Keyed by the query's position, so the verify finds it by position (no step counter).
+        pos = tl.load(Seq_Lens + b) - 1
+        tl.store(Lse_Ring + b * stride_rb + hq * stride_rh + pos % RING, lse)
 
 
 def pick_num_kv_splits(batch_size: int, num_kv_heads: int, num_sms: int, max_splits: int = 16) -> int:
@@ -233,6 +243,7 @@ def sparse_decode_attention(
     logit_cap: float = 0.0,
     num_kv_splits: int = 8,
     workspace: tuple[torch.Tensor, torch.Tensor] | None = None,
+    lse_ring: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention of one decode token per request over sink + selected + dense KV slots.
 
@@ -242,7 +253,9 @@ def sparse_decode_attention(
     ``workspace = (attn_logits [>=B, Hq, >=num_kv_splits, Dv] fp32, attn_lse [>=B, Hq, same] fp32)``.
 
     Returns the log-sum-exp [B, Hq] fp32 of each row. It is a view of ``attn_lse[:B, :, 0]``
-    (no allocation), valid until the workspace is reused.
+    (no allocation), valid until the workspace is reused. ``lse_ring [>=B, Hq, W]`` fp32, if
+    given, also receives it at ``[b, :, (seq_lens[b] - 1) % W]`` (the query's position), where
+    the draft-normalised verify score dump reads it.
     """
     batch, num_q_heads, head_dim = q.shape
     num_kv_heads = k_buffer.shape[1]
@@ -305,10 +318,16 @@ def sparse_decode_attention(
         num_warps=4,
         num_stages=2,
     )
+    if lse_ring is not None:
+        assert lse_ring.shape[0] >= batch and lse_ring.shape[1] == num_q_heads
+        assert lse_ring.dtype == torch.float32 and lse_ring.stride(2) == 1
+    ring = lse_ring if lse_ring is not None else attn_lse  # placeholder, never written
     _sparse_decode_reduce[(batch, num_q_heads)](
         attn_logits,
         attn_lse,
         out,
+        seq_lens,
+        ring,
         num_kv_splits,
         attn_logits.stride(0),
         attn_logits.stride(1),
@@ -317,8 +336,11 @@ def sparse_decode_attention(
         attn_lse.stride(1),
         out.stride(0),
         out.stride(1),
+        ring.stride(0),
+        ring.stride(1),
         DV=dv,
         BLOCK_DV=triton.next_power_of_2(dv),
+        RING=lse_ring.shape[2] if lse_ring is not None else 0,
         num_warps=4,
     )
     return attn_lse[:batch, :, 0]

@@ -74,6 +74,8 @@ def _verify_fwd(
     Qo_Indptr,
     Out,
     Lse,
+    Row_Lse,
+    Scores,
     sm_scale,
     num_kv_splits,
     stride_qt,
@@ -88,6 +90,10 @@ def _verify_fwd(
     stride_os,
     stride_lt,
     stride_lh,
+    stride_rlb,
+    stride_rlh,
+    stride_sb,
+    stride_sh,
     G: tl.constexpr,
     D: tl.constexpr,
     DV: tl.constexpr,
@@ -97,9 +103,15 @@ def _verify_fwd(
     BLOCK_N: tl.constexpr,
     LOGIT_CAP: tl.constexpr,
     SPLIT: tl.constexpr,
+    RING: tl.constexpr,
+    AGG_MAX: tl.constexpr,
 ):
     """Out/Lse are the final out [T, Hq, Dv] / lse [T, Hq] when not SPLIT, else fp32 partials
-    [T, Hq, splits, Dv] / [T, Hq, splits] (stride_os is the split stride of both)."""
+    [T, Hq, splits, Dv] / [T, Hq, splits] (stride_os is the split stride of both).
+
+    RING > 0 fuses the score dump: Row_Lse [B, Hq, RING] holds each row's normaliser ahead of
+    time (the draft steps' sparse lse by position modulo RING; see ``score_lse`` below) and
+    every tile adds its aggregated probabilities to Scores [B, Hkv, ctx]."""
     b = tl.program_id(0)
     h = tl.program_id(1)
     split = tl.program_id(2)
@@ -131,8 +143,17 @@ def _verify_fwd(
             mask=row_ok[:, None] & mask_d[None, :],
             other=0.0,
         ).to(K_Buffer.dtype.element_ty)
-        # No row of this block sees past its last query token.
-        block_end = tl.minimum(kv_end, prefix + tl.minimum((m0 + BLOCK_M - 1) // G, n_ext - 1) + 1)
+        # No row of this block sees past its last query token (the fused score dump walks the
+        # whole split so that every position of it is written by the first row block).
+        if RING > 0:
+            block_end = kv_end
+            # Row i was draft step min(i, n_ext - 2)'s query (the bonus row reuses the last).
+            lse_pos = prefix + tl.maximum(tl.minimum(qi, n_ext - 2), 0)
+            row_lse = tl.load(
+                Row_Lse + b * stride_rlb + hq * stride_rlh + lse_pos % RING, mask=row_ok, other=0.0
+            )
+        else:
+            block_end = tl.minimum(kv_end, prefix + tl.minimum((m0 + BLOCK_M - 1) // G, n_ext - 1) + 1)
 
         e_max = tl.zeros([BLOCK_M], dtype=tl.float32) - float("inf")
         e_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -150,6 +171,21 @@ def _verify_fwd(
             if LOGIT_CAP > 0:
                 qk = LOGIT_CAP * _tanh(qk / LOGIT_CAP)
             qk = tl.where(pos_ok[None, :] & (pos[None, :] <= last_pos[:, None]), qk, float("-inf"))
+            if RING > 0:
+                # Capped at e^60: a row whose normaliser is far off must not overflow the sum.
+                prob = tl.where(row_ok[:, None], tl.exp(tl.minimum(qk - row_lse[:, None], 60.0)), 0.0)
+                if AGG_MAX:
+                    agg = tl.max(prob, 0)
+                else:
+                    agg = tl.sum(prob, 0)
+                score_ptrs = Scores + b.to(tl.int64) * stride_sb + h * stride_sh + pos
+                if m0 > 0:
+                    prev = tl.load(score_ptrs, mask=pos_ok, other=0.0)
+                    if AGG_MAX:
+                        agg = tl.maximum(agg, prev)
+                    else:
+                        agg = agg + prev
+                tl.store(score_ptrs, agg, mask=pos_ok)
             v = tl.load(
                 V_Buffer + slot[:, None] * stride_vbs + h * stride_vh + offs_dv[None, :],
                 mask=pos_ok[:, None] & mask_dv[None, :],
@@ -341,8 +377,20 @@ def verify_attention(
     sm_scale: float,
     logit_cap: float = 0.0,
     num_kv_splits: int | None = None,
+    *,
+    scores: torch.Tensor | None = None,
+    score_lse: torch.Tensor | None = None,
+    aggregation: str = "sum",
+    block_n: int = _BLOCK_N,
+    num_warps: int | None = None,
+    num_stages: int = 2,
 ) -> torch.Tensor:
-    """Plain causal verify attention (passes 1-2, no scores); writes ``out``, returns lse [T, Hq]."""
+    """Causal verify attention (passes 1-2); writes ``out``, returns lse [T, Hq].
+
+    With ``scores`` and ``score_lse`` it also dumps the scores in the same pass (see
+    :func:`verify_attention_with_scores`). ``block_n``/``num_warps``/``num_stages`` override
+    the launch shape (``scripts/bench_kernels.py --sweep`` measures them).
+    """
     num_tokens, num_q_heads, head_dim = q.shape
     batch = prefix_lens.shape[0]
     num_kv_heads = k_buffer.shape[1]
@@ -353,7 +401,7 @@ def verify_attention(
     group = num_q_heads // num_kv_heads
     if num_kv_splits is None:
         num_kv_splits = pick_num_kv_splits(batch, num_kv_heads, _num_sms(q.device))
-    block_m, num_warps = _blocks(num_tokens, batch, group, dv)
+    block_m, default_warps = _blocks(num_tokens, batch, group, dv)
     block_dv = triton.next_power_of_2(dv)
     lse = torch.empty((num_tokens, num_q_heads), dtype=torch.float32, device=q.device)
     split = num_kv_splits > 1
@@ -365,16 +413,24 @@ def verify_attention(
         fwd_out, fwd_lse, stride_os = part_out, part_lse, part_out.stride(2)
     else:
         fwd_out, fwd_lse, stride_os = out, lse, 0
+    fused = score_lse is not None
+    if fused:
+        assert scores is not None and score_lse.shape[:2] == (batch, num_q_heads)
+        assert score_lse.dtype == torch.float32 and score_lse.stride(2) == 1
+    row_lse = score_lse if fused else lse  # placeholders when not fused (never read)
+    score_buf = scores if fused else lse
 
     _verify_fwd[(batch, num_kv_heads, num_kv_splits)](
         q, k_buffer, v_buffer, req_to_token, req_pool_indices, prefix_lens, extend_lens, qo_indptr,
-        fwd_out, fwd_lse, sm_scale, num_kv_splits,
+        fwd_out, fwd_lse, row_lse, score_buf, sm_scale, num_kv_splits,
         q.stride(0), q.stride(1), k_buffer.stride(0), k_buffer.stride(1),
         v_buffer.stride(0), v_buffer.stride(1), req_to_token.stride(0),
         fwd_out.stride(0), fwd_out.stride(1), stride_os, fwd_lse.stride(0), fwd_lse.stride(1),
+        row_lse.stride(0), row_lse.stride(1), score_buf.stride(0), score_buf.stride(1),
         G=group, D=head_dim, DV=dv, BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_DV=block_dv,
-        BLOCK_M=block_m, BLOCK_N=_BLOCK_N, LOGIT_CAP=float(logit_cap), SPLIT=split,
-        num_warps=num_warps, num_stages=2,
+        BLOCK_M=block_m, BLOCK_N=block_n, LOGIT_CAP=float(logit_cap), SPLIT=split,
+        RING=score_lse.shape[2] if fused else 0, AGG_MAX=aggregation == "max",
+        num_warps=num_warps or default_warps, num_stages=num_stages,
     )
     if split:
         _verify_reduce[(num_tokens, num_q_heads)](
@@ -402,6 +458,8 @@ def verify_attention_with_scores(
     aggregation: str = "sum",
     logit_cap: float = 0.0,
     num_kv_splits: int | None = None,
+    score_lse: torch.Tensor | None = None,
+    **launch: int,
 ) -> None:
     """Causal verify attention over the paged KV plus the per-position PillarAttn scores.
 
@@ -411,6 +469,17 @@ def verify_attention_with_scores(
     for positions [0, prefix_lens[b] + extend_lens[b]) only (nothing for a request with no
     verify tokens). ``num_kv_splits`` (optional) fixes the KV split count; by default it is
     chosen from B * Hkv and the SM count (shape-only, no sync).
+
+    ``score_lse`` selects the normaliser of each row's probabilities:
+
+    * ``None`` (exact): the row's own lse, known only after pass 1, so pass 3 re-reads K;
+    * ``[B, Hq, W]`` fp32 (draft-normalised, one pass): row i of request b is normalised by
+      ``score_lse[b, hq, (prefix_b + min(i, n_ext_b - 2)) % W]``, which the caller filled with
+      the lse of the draft step that had row i's token as its query (``sparse_decode_attention``
+      writes it there with ``lse_ring``). That lse covers only the draft's sparse set, so it is
+      at most the full one: row i's probabilities are scaled by 1 / (mass the draft's sparse
+      attention captured), which up-weights rows the last selection served badly. No extra
+      KV read: the scores come out of pass 1's QK^T tiles.
     """
     if aggregation not in ("sum", "max"):
         raise ValueError(f"aggregation must be 'sum' or 'max', got {aggregation!r}")
@@ -424,7 +493,10 @@ def verify_attention_with_scores(
     if num_kv_splits is None:
         num_kv_splits = pick_num_kv_splits(batch, num_kv_heads, _num_sms(q.device))
     lse = verify_attention(q, k_buffer, v_buffer, out, req_to_token, req_pool_indices, prefix_lens,
-                           extend_lens, qo_indptr, sm_scale, logit_cap, num_kv_splits)
+                           extend_lens, qo_indptr, sm_scale, logit_cap, num_kv_splits,
+                           scores=scores, score_lse=score_lse, aggregation=aggregation, **launch)
+    if score_lse is not None:
+        return
     group = num_q_heads // num_kv_heads
     block_m, num_warps = _blocks(num_tokens, batch, group, v_buffer.shape[-1])
     _verify_scores[(batch, num_kv_heads, num_kv_splits)](
@@ -452,6 +524,7 @@ def verify_attention_with_scores_ref(
     sm_scale: float,
     aggregation: str = "sum",
     logit_cap: float = 0.0,
+    score_lse: torch.Tensor | None = None,
 ) -> None:
     """PyTorch reference: explicit gather, causal softmax per request; writes out and scores."""
     num_q_heads = q.shape[1]
@@ -473,6 +546,11 @@ def verify_attention_with_scores_ref(
         s = s.masked_fill(~visible.to(s.device), float("-inf"))
         prob = torch.softmax(s, dim=-1)
         out[rows] = torch.einsum("hip,phd->ihd", prob, v).to(out.dtype)
+        if score_lse is not None:
+            ring = score_lse.shape[2]
+            lse_pos = prefix + torch.arange(n_ext).clamp(max=max(n_ext - 2, 0))
+            row_lse = score_lse[b][:, lse_pos % ring].float()  # [Hq, n_ext]
+            prob = torch.exp((s - row_lse[:, :, None]).clamp(max=60.0))
         per_group = prob.view(num_kv_heads, group * n_ext, total)
         agg = per_group.sum(1) if aggregation == "sum" else per_group.amax(1)
         scores[b, :, :total] = agg

@@ -30,6 +30,7 @@ from sparsespec_sglang.kernels.sparse_decode import (  # noqa: E402
 )
 from sparsespec_sglang.kernels.topk_select import select_topk, select_topk_ref  # noqa: E402
 from sparsespec_sglang.kernels.verify_attention import (  # noqa: E402
+    verify_attention,
     verify_attention_with_scores,
     verify_attention_with_scores_ref,
 )
@@ -147,11 +148,17 @@ def _run_decode(pool, q, seq_lens, dense_start, sel, sel_lens, num_sink, splits,
     sm_scale = 1.0 / math.sqrt(q.shape[-1])
     args = (pool.req_to_token, pool.req_pool_indices, _ints(seq_lens), _ints(dense_start), sel, sel_lens,
             num_sink, sm_scale, logit_cap)
+    ring = torch.full((batch + extra_rows, hq, 5), -3.0, device=DEVICE)
     lse = sparse_decode_attention(q, pool.k, pool.v, out_big[:batch], *args, num_kv_splits=splits,
-                                  workspace=(logits, lse_ws))
+                                  workspace=(logits, lse_ws), lse_ring=ring)
     ref_out = torch.empty(batch, hq, dv, dtype=q.dtype, device=DEVICE)
     ref_lse = sparse_decode_attention_ref(q, pool.k, pool.v, ref_out, *args)
     assert lse.shape == (batch, hq)
+    # The lse ring holds each row's lse at (seq_len - 1) % 5 and nothing else.
+    expect = torch.full_like(ring, -3.0)
+    for b, n in enumerate(seq_lens):
+        expect[b, :, (n - 1) % 5] = lse[b]
+    assert torch.equal(ring, expect)
     assert torch.all(out_big[batch:] == 7.0), "rows past the batch were written"
     assert torch.all(logits[batch:] == 5.0) and torch.all(logits[:, :, splits:] == 5.0)
     assert torch.all(lse_ws[batch:] == 5.0) and torch.all(lse_ws[:, :, splits:] == 5.0)
@@ -251,7 +258,8 @@ def _verify_case(prefix_lens, extend_lens, group, num_kv_heads=2, head_dim=64, p
     return pool, q, _ints(qo)
 
 
-def _run_verify(pool, q, prefix_lens, extend_lens, qo, aggregation, splits, logit_cap=0.0, extra_rows=2):
+def _run_verify(pool, q, prefix_lens, extend_lens, qo, aggregation, splits, logit_cap=0.0, extra_rows=2,
+                score_lse=None):
     """Kernel vs reference; out and scores start as sentinels so untouched entries can be checked."""
     tokens, hq, _ = q.shape
     batch, num_kv_heads = len(prefix_lens), pool.k.shape[1]
@@ -261,11 +269,11 @@ def _run_verify(pool, q, prefix_lens, extend_lens, qo, aggregation, splits, logi
     sm_scale = 1.0 / math.sqrt(q.shape[-1])
     args = (pool.req_to_token, pool.req_pool_indices, _ints(prefix_lens), _ints(extend_lens), qo)
     verify_attention_with_scores(q, pool.k, pool.v, out_big[:tokens], *args, scores, sm_scale, aggregation,
-                                 logit_cap, num_kv_splits=splits)
+                                 logit_cap, num_kv_splits=splits, score_lse=score_lse)
     ref_out = torch.empty_like(out_big[:tokens])
     ref_scores = torch.full_like(scores, -1.0)
     verify_attention_with_scores_ref(q, pool.k, pool.v, ref_out, *args, ref_scores, sm_scale, aggregation,
-                                     logit_cap)
+                                     logit_cap, score_lse=score_lse)
     assert torch.all(out_big[tokens:] == 7.0), "rows past the verify tokens were written"
     for b, (p, e) in enumerate(zip(prefix_lens, extend_lens)):
         assert torch.all(scores[b, :, p + e:] == -1.0), "scores past the request length were written"
@@ -291,6 +299,51 @@ def test_verify_matches_ref(group, page_size, dtype, aggregation, splits):
     out, scores, ref_out, ref_scores = _run_verify(pool, q, prefix_lens, extend_lens, qo, aggregation, splits)
     torch.testing.assert_close(out.float(), ref_out.float(), **_tol(dtype))
     torch.testing.assert_close(scores, ref_scores, **_score_tol(dtype))
+
+
+def _ring_lse(prefix_lens, num_q_heads, ring, seed):
+    """Plausible per-row normalisers (about log(context)) in a ring of ``ring`` positions."""
+    gen = torch.Generator().manual_seed(seed)
+    lse = torch.rand(len(prefix_lens), num_q_heads, ring, generator=gen) * 2
+    lse += torch.tensor([math.log(p + 1) for p in prefix_lens])[:, None, None]
+    return lse.to(DEVICE)
+
+
+@pytest.mark.parametrize(
+    "group,page_size,dtype,aggregation,splits",
+    [
+        (1, 1, torch.float32, "sum", 1),
+        (4, 16, torch.float32, "max", 3),
+        (8, 1, torch.bfloat16, "sum", 2),
+        (4, 16, torch.float16, "sum", None),
+    ],
+)
+def test_verify_draft_normalised_scores_match_ref(group, page_size, dtype, aggregation, splits):
+    prefix_lens, extend_lens = [150, 7, 230, 40], [9, 9, 3, 20]  # request 3 needs 2 row blocks
+    pool, q, qo = _verify_case(prefix_lens, extend_lens, group, page_size=page_size, dtype=dtype,
+                               seed=group * 10 + page_size + 1)
+    score_lse = _ring_lse(prefix_lens, q.shape[1], 9, seed=group)
+    out, scores, ref_out, ref_scores = _run_verify(pool, q, prefix_lens, extend_lens, qo, aggregation,
+                                                   splits, score_lse=score_lse)
+    torch.testing.assert_close(out.float(), ref_out.float(), **_tol(dtype))
+    torch.testing.assert_close(scores, ref_scores, **_score_tol(dtype))
+
+
+def test_verify_draft_normalised_with_the_true_lse_is_exact():
+    """One verify token whose ring slot holds its own final lse: both score modes agree."""
+    prefix_lens, extend_lens = [120, 33, 64], [1, 1, 1]
+    pool, q, qo = _verify_case(prefix_lens, extend_lens, 4, page_size=16, seed=5)
+    _, exact, _, _ = _run_verify(pool, q, prefix_lens, extend_lens, qo, "sum", 2)
+    out = torch.empty_like(q)
+    sm_scale = 1.0 / math.sqrt(q.shape[-1])
+    args = (pool.req_to_token, pool.req_pool_indices, _ints(prefix_lens), _ints(extend_lens), qo)
+    true_lse = verify_attention(q, pool.k, pool.v, out, *args, sm_scale)  # [B, Hq]: one row each
+    ring = 9
+    score_lse = torch.zeros(len(prefix_lens), q.shape[1], ring, device=DEVICE)
+    for b, p in enumerate(prefix_lens):
+        score_lse[b, :, p % ring] = true_lse[b]
+    _, fused, _, _ = _run_verify(pool, q, prefix_lens, extend_lens, qo, "sum", 2, score_lse=score_lse)
+    torch.testing.assert_close(fused, exact, rtol=1e-4, atol=1e-6)
 
 
 def test_verify_head_dim_128_logit_cap():
