@@ -80,7 +80,8 @@ def _paged_req_to_token(batch: int, ctx: int, page_size: int, gen: torch.Generat
     return slots.int().to(DEVICE)
 
 
-def _bench_case(batch: int, ctx: int, sparsity: float, page_size: int, kv, flush, num_sms, peak_tbps, gen):
+def _bench_case(batch: int, ctx: int, sparsity: float, page_size: int, kv, flush, num_sms, peak_tbps, gen,
+                sweep_verify: bool = False):
     k_buffer, v_buffer = kv
     sm_scale = 1.0 / math.sqrt(HEAD_DIM)
     kv_bytes_per_token = HKV * 2 * HEAD_DIM * k_buffer.element_size()
@@ -177,11 +178,40 @@ def _bench_case(batch: int, ctx: int, sparsity: float, page_size: int, kv, flush
         verify_attention_with_scores(qv, k_buffer, v_buffer, ov, req_to_token, req_pool_indices, prefix_lens,
                                      extend_lens, qo_indptr, scores, sm_scale, "sum")
 
+    # Draft-normalised scores read their row normaliser from a ring the drafts fill.
+    score_lse = torch.full((batch, HQ, VERIFY_TOKENS), math.log(ctx), dtype=torch.float32, device=DEVICE)
+
+    def fused_verify():
+        verify_attention_with_scores(qv, k_buffer, v_buffer, ov, req_to_token, req_pool_indices, prefix_lens,
+                                     extend_lens, qo_indptr, scores, sm_scale, "sum", score_lse=score_lse)
+
     ext_ms = _time_ms(sglang_verify, flush)
     expected = ov.float().clone()
     plain_ms = _time_ms(plain_verify, flush)
     max_diff = (ov.float() - expected).abs().max().item()  # same attention, two kernels
     scored_ms = _time_ms(scored_verify, flush)
+    fused_ms = _time_ms(fused_verify, flush)
+    sweep = []
+    if sweep_verify:
+        # Launch shapes of the plain verify (the fused score dump shares them).
+        for splits in (1, 2, 4, 8):
+            for block_n in (32, 64):
+                for warps in (4, 8):
+                    for stages in (2, 3):
+                        launch = dict(block_n=block_n, num_warps=warps, num_stages=stages)
+
+                        def tuned():
+                            verify_attention(qv, k_buffer, v_buffer, ov, req_to_token, req_pool_indices,
+                                             prefix_lens, extend_lens, qo_indptr, sm_scale, 0.0, splits, **launch)
+
+                        try:
+                            ms = _time_ms(tuned, flush, budget_s=0.1, max_iters=20)
+                        except Exception as exc:  # e.g. out of shared memory for this shape
+                            sweep.append({"num_kv_splits": splits, **launch, "error": str(exc)[:120]})
+                            continue
+                        sweep.append({"num_kv_splits": splits, **launch, "ms": ms})
+        best = min((c for c in sweep if "ms" in c), key=lambda c: c["ms"])
+        print(f"  verify sweep B={batch} ctx={ctx}: default {plain_ms:.3f} ms, best {best}", flush=True)
     plain_bytes = batch * ctx * kv_bytes_per_token
     scored_bytes = plain_bytes + batch * ctx * (HKV * HEAD_DIM * k_buffer.element_size() + HKV * 4)
     result["verify"] = {
@@ -189,6 +219,9 @@ def _bench_case(batch: int, ctx: int, sparsity: float, page_size: int, kv, flush
         "sglang_extend_ms": ext_ms, "plain_ms": plain_ms, "with_scores_ms": scored_ms,
         "score_overhead_vs_plain_pct": 100 * (scored_ms / plain_ms - 1),
         "score_overhead_vs_sglang_pct": 100 * (scored_ms / ext_ms - 1),
+        "with_draft_normalised_scores_ms": fused_ms,
+        "draft_normalised_overhead_vs_plain_pct": 100 * (fused_ms / plain_ms - 1),
+        "launch_sweep": sweep,
         "plain_bytes": plain_bytes, "with_scores_bytes": scored_bytes,
         "plain_TBps": plain_bytes / plain_ms / 1e9, "with_scores_TBps": scored_bytes / scored_ms / 1e9,
         "sglang_extend_TBps": plain_bytes / ext_ms / 1e9,
@@ -218,6 +251,8 @@ def main() -> None:
     parser.add_argument("--contexts", default="4096,16384,32768")
     parser.add_argument("--sparsity", type=float, default=0.05)
     parser.add_argument("--page-size", type=int, default=16)
+    parser.add_argument("--sweep-verify", action="store_true",
+                        help="also time the verify kernel over its launch shapes (splits, BLOCK_N, warps, stages)")
     parser.add_argument("--peak-tbps", type=float, default=None,
                         help="HBM peak for the bandwidth fraction (default: 4.8 on H200, else 3.35)")
     args = parser.parse_args()
@@ -250,7 +285,7 @@ def main() -> None:
                 continue
             try:
                 res = _bench_case(batch, ctx, args.sparsity, args.page_size, (k_buffer, v_buffer), flush,
-                                  props.multi_processor_count, peak_tbps, gen)
+                                  props.multi_processor_count, peak_tbps, gen, args.sweep_verify)
             except torch.cuda.OutOfMemoryError:
                 torch.cuda.empty_cache()
                 skipped.append({"batch": batch, "context": ctx, "reason": "out of memory"})
@@ -260,7 +295,8 @@ def main() -> None:
             print(f"B={batch:4d} ctx={ctx:6d} | decode sglang {d['sglang_full_ms']:.3f} ms sparse {d['sparse_ms']:.3f} ms "
                   f"x{d['speedup']:.1f} (ideal x{d['ideal_speedup']:.1f}) | verify ext {v['sglang_extend_ms']:.3f} "
                   f"plain {v['plain_ms']:.3f} +scores {v['with_scores_ms']:.3f} ms "
-                  f"(+{v['score_overhead_vs_plain_pct']:.0f}%) | topk {t['ms']:.3f} ms", flush=True)
+                  f"(+{v['score_overhead_vs_plain_pct']:.0f}%) draft-normalised {v['with_draft_normalised_scores_ms']:.3f} ms "
+                  f"(+{v['draft_normalised_overhead_vs_plain_pct']:.0f}%) | topk {t['ms']:.3f} ms", flush=True)
 
     report = {
         "command": " ".join([sys.executable, *sys.argv]),

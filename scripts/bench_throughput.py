@@ -34,9 +34,16 @@ def _run(name: str, model_dir: str, args: argparse.Namespace, prompts: list[list
               f"{forced_accept} (outputs are not the model's)", flush=True)
     else:
         os.environ.pop("SGLANG_SIMULATE_ACC_LEN", None)
+    profile_path = None
+    if args.profile and kwargs.get("speculative_algorithm") == "SPARSESPEC":
+        profile_path = Path(tempfile.mkdtemp()) / "cycles.json"
+        os.environ["SPARSESPEC_PROFILE"] = str(profile_path)
+    else:
+        os.environ.pop("SPARSESPEC_PROFILE", None)
     engine = sgl.Engine(model_path=model_dir, load_format="dummy", skip_tokenizer_init=True,
                         mem_fraction_static=args.mem_fraction, disable_prefill_cuda_graph=True,
-                        max_running_requests=args.batch, cuda_graph_max_bs_decode=args.batch,
+                        max_running_requests=args.batch,
+                        cuda_graph_max_bs_decode=args.cuda_graph_bs or args.batch,
                         log_level="warning", **kwargs)
     sampling = {"temperature": 0.0, "max_new_tokens": args.output_len, "ignore_eos": True}
     try:
@@ -48,6 +55,7 @@ def _run(name: str, model_dir: str, args: argparse.Namespace, prompts: list[list
     finally:
         engine.shutdown()
         os.environ.pop("SGLANG_SIMULATE_ACC_LEN", None)
+        os.environ.pop("SPARSESPEC_PROFILE", None)
     metas = [o["meta_info"] for o in outs]
     tokens = sum(m["completion_tokens"] for m in metas)
     latencies = sorted(m.get("e2e_latency", elapsed) for m in metas)
@@ -56,6 +64,10 @@ def _run(name: str, model_dir: str, args: argparse.Namespace, prompts: list[list
               "latency_p50_s": latencies[len(latencies) // 2], "latency_max_s": latencies[-1],
               "mean_accept_length": sum(accept) / len(accept) if accept else None,
               "forced_accept": forced_accept, "engine_kwargs": kwargs}
+    if profile_path is not None and profile_path.exists():
+        # Per-cycle GPU times (the profiler syncs every cycle, so tok/s of this run is lower).
+        result["cycle_profile"] = json.loads(profile_path.read_text())
+        print(name, "cycle profile", json.dumps(result["cycle_profile"]), flush=True)
     print(name, json.dumps({k: result[k] for k in ("output_tok_per_s", "mean_accept_length")}),
           flush=True)
     return result
@@ -72,7 +84,12 @@ def main() -> int:
     ap.add_argument("--forced-accept", type=float, default=7.0,
                     help="accepted tokens per cycle incl. the bonus (7 = 6 of 8 drafts)")
     ap.add_argument("--mem-fraction", type=float, default=0.85)
-    ap.add_argument("--runs", default="plain,ngram,sparsespec")
+    ap.add_argument("--runs", default="plain,ngram,sparsespec",
+                    help="comma list of: plain, ngram, sparsespec, sparsespec-draftnorm")
+    ap.add_argument("--profile", action="store_true",
+                    help="SPARSESPEC runs record per-cycle GPU phase times (SPARSESPEC_PROFILE; syncs)")
+    ap.add_argument("--cuda-graph-bs", type=int, default=None,
+                    help="largest CUDA-graph batch (default: --batch)")
     args = ap.parse_args()
 
     from sparsespec_sglang.model_dirs import make_model_dir
@@ -89,6 +106,8 @@ def main() -> int:
                       speculative_algorithm="NGRAM", speculative_num_draft_tokens=args.k + 1),
         "sparsespec": dict(forced_accept=args.forced_accept, speculative_algorithm="SPARSESPEC",
                            speculative_num_steps=args.k),
+        "sparsespec-draftnorm": dict(forced_accept=args.forced_accept, speculative_algorithm="SPARSESPEC",
+                                     speculative_num_steps=args.k, sparsespec_score_norm="draft"),
     }
     report = {"command": " ".join(sys.argv), "gpu": torch.cuda.get_device_name(),
               "torch": torch.__version__, "shape": args.shape, "batch": args.batch,

@@ -108,6 +108,7 @@ class SparseSpecAttnBackend(TritonAttnBackend):
             layer.scaling,
             logit_capping_mod(layer.logit_capping_method, layer.logit_cap),
             num_kv_splits=pick_num_kv_splits(bs, self.token_to_kv_pool.head_num, self._num_sms),
+            lse_ring=None if state.draft_lse is None else state.draft_lse[layer.layer_id],
         )
         return o
 
@@ -141,6 +142,7 @@ class SparseSpecAttnBackend(TritonAttnBackend):
             o.view(-1, hq, dv), state.req_to_token, forward_batch.req_pool_indices, prefix_lens,
             extend_lens, qo_indptr, scores, layer.scaling, config.aggregation,
             logit_capping_mod(layer.logit_capping_method, layer.logit_cap),
+            score_lse=None if state.draft_lse is None else state.draft_lse[layer.layer_id][:batch_size],
         )
         # Next cycle: candidates are the positions before this verify window
         # (the window itself becomes the drafts' dense tail).

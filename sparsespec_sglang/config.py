@@ -62,6 +62,9 @@ OPTIONS = (
            "First tokens of every request always attended by drafts (>= 0)."),
     Option("aggregation", "--sparsespec-aggregation", str,
            "How verify scores are pooled over queries and GQA heads: sum or max."),
+    Option("score_norm", "--sparsespec-score-norm", str,
+           "Normaliser of the verify's selection scores: exact (each row's own lse; one more "
+           "K read per verify) or draft (the draft step's sparse lse; fused into the verify pass)."),
     Option("offload_low_watermark", "--sparsespec-offload-low-watermark", float,
            "Offload running requests' KV to host when the free GPU KV fraction falls below this."),
     Option("offload_high_watermark", "--sparsespec-offload-high-watermark", float,
@@ -88,6 +91,7 @@ class SparseSpecConfig:
     max_selected: int = 2048
     num_sink_tokens: int = 4
     aggregation: str = "sum"
+    score_norm: str = "exact"
     offload_low_watermark: float = 0.05
     offload_high_watermark: float = 0.15
     delayed_verification: bool = True
@@ -109,6 +113,8 @@ class SparseSpecConfig:
                "--sparsespec-sink-tokens", "an integer >= 0", self.num_sink_tokens)
         _check(self.aggregation in ("sum", "max"),
                "--sparsespec-aggregation", "one of: sum, max", self.aggregation)
+        _check(self.score_norm in ("exact", "draft"),
+               "--sparsespec-score-norm", "one of: exact, draft", self.score_norm)
         _check(_is_real(self.offload_low_watermark) and 0.0 <= self.offload_low_watermark < 1.0,
                "--sparsespec-offload-low-watermark", "a number in [0, 1)",
                self.offload_low_watermark)

@@ -42,11 +42,13 @@ class PillarState:
     - ``scores [R, Hkv, max_ctx]`` fp32, one layer's verify scores at a time
       (batch order; a batch never has more requests than pool rows R);
     - ``draft_step``: batch-ordered copies of ``dense_start``/``sel_lens`` that the
-      draft steps (and their CUDA graphs) read, refreshed once per cycle.
+      draft steps (and their CUDA graphs) read, refreshed once per cycle;
+    - ``draft_lse [L, R, Hq, k+1]`` fp32 (``--sparsespec-score-norm draft`` only), batch order:
+      each draft step's sparse lse by position modulo k+1, the verify's score normaliser.
     """
 
-    def __init__(self, config: SparseSpecConfig, num_layers: int, num_kv_heads: int,
-                 req_to_token: torch.Tensor) -> None:
+    def __init__(self, config: SparseSpecConfig, num_layers: int, num_q_heads: int,
+                 num_kv_heads: int, req_to_token: torch.Tensor) -> None:
         self.config = config
         self.req_to_token = req_to_token
         num_rows, max_ctx = req_to_token.shape
@@ -58,12 +60,18 @@ class PillarState:
         self.dense_start = torch.zeros((num_rows,), dtype=torch.int32, device=device)
         self.scores = torch.zeros((num_rows, num_kv_heads, max_ctx),
                                   dtype=torch.float32, device=device)
+        self.draft_lse = (
+            torch.zeros((num_layers, num_rows, num_q_heads, config.num_draft_steps + 1),
+                        dtype=torch.float32, device=device)
+            if config.score_norm == "draft" else None
+        )
         self.draft_step = DraftStep(dense_start=torch.zeros_like(self.dense_start),
                                     sel_lens=torch.zeros_like(self.sel_lens))
         self._batch_sel = torch.zeros_like(self.sel_indices[0])
         self._batch_sel_lens = torch.zeros_like(self.sel_lens)
         nbytes = sum(t.numel() * t.element_size() for t in
-                     (self.sel_indices, self.sel_lens, self.dense_start, self.scores))
+                     (self.sel_indices, self.sel_lens, self.dense_start, self.scores, self.draft_lse)
+                     if t is not None)
         logger.info("SPARSESPEC state: %d layers x %d rows x %d KV heads x %d selected, "
                     "%.1f MiB", num_layers, num_rows, num_kv_heads, self.max_sel, nbytes / 2**20)
 

@@ -22,7 +22,6 @@ SGLang's usual spec-V2 path.
 from __future__ import annotations
 
 import logging
-import time
 from typing import Any, Optional
 
 import torch
@@ -45,6 +44,7 @@ from sparsespec_sglang.attention import SparseSpecAttnBackend
 from sparsespec_sglang.config import SparseSpecConfig
 from sparsespec_sglang.draft_graph import DraftGraphs
 from sparsespec_sglang.pillar import PillarState
+from sparsespec_sglang.profiling import CycleProfiler
 
 logger = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ class SparseSpecWorker(BaseSpecWorker):
         self.backend: Optional[SparseSpecAttnBackend] = None
         self.state: Optional[PillarState] = None
         self.draft_graphs: Optional[DraftGraphs] = None
-        self.stats = CycleStats()
+        self.profiler = CycleProfiler.from_env(getattr(self.model_runner.ps, "tp_rank", 0))
         self._chain_cache: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
     @property
@@ -78,8 +78,8 @@ class SparseSpecWorker(BaseSpecWorker):
         self.req_to_token_pool, self.token_to_kv_pool_allocator = self._target_worker.get_memory_pool()
         mc = self.model_runner.model_config
         self.state = PillarState(
-            self.config, mc.num_hidden_layers, self.model_runner.token_to_kv_pool.head_num,
-            self.req_to_token_pool.req_to_token,
+            self.config, mc.num_hidden_layers, mc.get_num_attention_heads(self.server_args.tp_size),
+            self.model_runner.token_to_kv_pool.head_num, self.req_to_token_pool.req_to_token,
         )
 
     def init_attention_backends(self) -> None:
@@ -140,9 +140,9 @@ class SparseSpecWorker(BaseSpecWorker):
             batch_size=bs, draft_token_num=width, device=self.device,
         )
 
-        t0 = time.perf_counter()
+        self.profiler.mark()
         drafts = self._draft(batch, pending, out_cache_loc.view(bs, width))
-        t1 = time.perf_counter()
+        self.profiler.mark()
 
         # Verify: [pending, d_1..d_k] at positions seq_len .. seq_len+k, full attention.
         draft_tokens = torch.cat([pending.unsqueeze(1).to(drafts.dtype), drafts], dim=1).flatten()
@@ -168,6 +168,7 @@ class SparseSpecWorker(BaseSpecWorker):
         self.state.dense_start[batch.req_pool_indices] = seq_lens.to(torch.int32)
         verify = self.target_worker.forward_batch_generation(batch, is_verify=True)
         logits_output = verify.logits_output
+        self.profiler.mark()
 
         grammar_mask = None
         if grammar_tree is not None:
@@ -185,7 +186,8 @@ class SparseSpecWorker(BaseSpecWorker):
         if on_publish is not None:
             on_publish(new_seq_lens)
         batch.forward_mode = ForwardMode.DECODE
-        self.stats.record(bs, self.k, t1 - t0, time.perf_counter() - t1)
+        self.profiler.mark()
+        self.profiler.end_cycle(bs, accept_lens)
         return self._result(logits_output, accept_tokens, verify.can_run_cuda_graph,
                             accept_tokens, accept_lens, new_seq_lens)
 
@@ -245,21 +247,3 @@ class SparseSpecWorker(BaseSpecWorker):
             speculative_num_draft_tokens=self.speculative_num_draft_tokens,
         )
 
-
-class CycleStats:
-    """Host-side draft/verify timing, logged every ``every`` cycles."""
-
-    def __init__(self, every: int = 200) -> None:
-        self.every = every
-        self.cycles = 0
-        self.draft_s = 0.0
-        self.verify_s = 0.0
-
-    def record(self, bs: int, k: int, draft_s: float, verify_s: float) -> None:
-        self.cycles += 1
-        self.draft_s += draft_s
-        self.verify_s += verify_s
-        if self.cycles % self.every == 0:
-            logger.info("SPARSESPEC: %d cycles, mean host time draft %.2f ms (k=%d), verify %.2f ms",
-                        self.cycles, 1e3 * self.draft_s / self.cycles, k,
-                        1e3 * self.verify_s / self.cycles)

@@ -9,7 +9,8 @@ from sparsespec_sglang.pillar import PillarState
 def _state(**cfg):
     req_to_token = torch.arange(4 * 64, dtype=torch.int32).view(4, 64).flip(1).contiguous()
     config = SparseSpecConfig(sparsity=0.25, min_selected=2, max_selected=8, num_sink_tokens=2, **cfg)
-    return PillarState(config, num_layers=3, num_kv_heads=2, req_to_token=req_to_token), req_to_token
+    return (PillarState(config, num_layers=3, num_q_heads=4, num_kv_heads=2, req_to_token=req_to_token),
+            req_to_token)
 
 
 def test_init_window_selects_most_recent_prompt_tokens():
@@ -44,3 +45,9 @@ def test_load_draft_step_gathers_in_batch_order_and_clears_the_rest():
 def test_num_selected_clamps_to_table_width():
     state, _ = _state()
     assert state.num_selected(torch.tensor([1, 8, 100])).tolist() == [2, 2, 8]
+
+
+def test_draft_lse_ring_only_for_draft_normalised_scores():
+    assert _state()[0].draft_lse is None
+    state, _ = _state(num_draft_steps=3, score_norm="draft")
+    assert state.draft_lse.shape == (3, 4, 4, 4)  # [L, R, Hq, k+1]

@@ -88,11 +88,13 @@ def test_server_args_defaults(sglang_loaded, model_dir):
 
 def test_server_args_values_flow_into_config(sglang_loaded, model_dir):
     sa = _server_args(model_dir, speculative_num_steps=4, sparsespec_sparsity=0.1,
-                      sparsespec_aggregation="max", sparsespec_disable_delayed_verify=True)
+                      sparsespec_aggregation="max", sparsespec_disable_delayed_verify=True,
+                      sparsespec_score_norm="draft")
     assert (sa.speculative_num_steps, sa.speculative_num_draft_tokens) == (4, 5)
     config = SparseSpecConfig.from_server_args(pickle.loads(pickle.dumps(sa)))
     assert (config.num_draft_steps, config.sparsity, config.aggregation) == (4, 0.1, "max")
     assert config.delayed_verification is False and config.unified_scheduling is True
+    assert config.score_norm == "draft"
 
 
 @pytest.mark.parametrize("kwargs, flag", [
@@ -105,6 +107,7 @@ def test_server_args_values_flow_into_config(sglang_loaded, model_dir):
     (dict(sparsespec_min_selected=100, sparsespec_max_selected=10), "--sparsespec-max-selected"),
     (dict(sparsespec_sink_tokens=-2), "--sparsespec-sink-tokens"),
     (dict(sparsespec_aggregation="mean"), "--sparsespec-aggregation"),
+    (dict(sparsespec_score_norm="approx"), "--sparsespec-score-norm"),
     (dict(sparsespec_offload_low_watermark=0.5, sparsespec_offload_high_watermark=0.2),
      "--sparsespec-offload-high-watermark"),
     (dict(attention_backend="triton"), "--attention-backend"),
