@@ -244,6 +244,9 @@ def sparse_decode_attention(
     num_kv_splits: int = 8,
     workspace: tuple[torch.Tensor, torch.Tensor] | None = None,
     lse_ring: torch.Tensor | None = None,
+    block_n: int = _BLOCK_N,
+    num_warps: int = 4,
+    num_stages: int = 2,
 ) -> torch.Tensor:
     """Attention of one decode token per request over sink + selected + dense KV slots.
 
@@ -313,10 +316,10 @@ def sparse_decode_attention(
         DV=dv,
         BLOCK_D=triton.next_power_of_2(head_dim),
         BLOCK_DV=triton.next_power_of_2(dv),
-        BLOCK_N=_BLOCK_N,
+        BLOCK_N=block_n,
         LOGIT_CAP=float(logit_cap),
-        num_warps=4,
-        num_stages=2,
+        num_warps=num_warps,
+        num_stages=num_stages,
     )
     if lse_ring is not None:
         assert lse_ring.shape[0] >= batch and lse_ring.shape[1] == num_q_heads

@@ -72,6 +72,18 @@ def _time_ms(fn: Callable[[], None], flush: torch.Tensor, budget_s: float = 0.25
     return statistics.median(times)
 
 
+def _sweep(fn: Callable[..., None], configs: list[dict], flush: torch.Tensor) -> list[dict]:
+    """Time ``fn(**config)`` for each launch config; fastest first (failures at the end)."""
+    rows = []
+    for config in configs:
+        kwargs = dict(config)
+        try:
+            rows.append({**kwargs, "ms": _time_ms(lambda: fn(**kwargs), flush, budget_s=0.1, max_iters=20)})
+        except Exception as exc:  # e.g. out of shared memory for this shape
+            rows.append({**kwargs, "error": str(exc)[:120]})
+    return sorted(rows, key=lambda r: r.get("ms", float("inf")))
+
+
 def _paged_req_to_token(batch: int, ctx: int, page_size: int, gen: torch.Generator) -> torch.Tensor:
     """[batch, ctx] slot ids: each request owns shuffled pages of page_size consecutive slots."""
     pages_per_req = math.ceil(ctx / page_size)
@@ -123,7 +135,7 @@ def _bench_case(batch: int, ctx: int, sparsity: float, page_size: int, kv, flush
     sel_indices = torch.gather(req_to_token[:, None, :].expand(-1, HKV, -1), 2, positions).int().contiguous()
     sel_lens = torch.full((batch,), n_sel, dtype=torch.int32, device=DEVICE)
     splits = pick_num_kv_splits(batch, HKV, num_sms)
-    workspace = (
+    sparse_ws = (
         torch.empty(batch, HQ, splits, HEAD_DIM, dtype=torch.float32, device=DEVICE),
         torch.empty(batch, HQ, splits, dtype=torch.float32, device=DEVICE),
     )
@@ -131,7 +143,7 @@ def _bench_case(batch: int, ctx: int, sparsity: float, page_size: int, kv, flush
 
     def sparse_decode():
         sparse_decode_attention(q, k_buffer, v_buffer, o_sparse, req_to_token, req_pool_indices, seq_lens,
-                                dense_start, sel_indices, sel_lens, NUM_SINK, sm_scale, 0.0, splits, workspace)
+                                dense_start, sel_indices, sel_lens, NUM_SINK, sm_scale, 0.0, splits, sparse_ws)
 
     attended = NUM_SINK + n_sel + DRAFT_TOKENS
     dense_ms = _time_ms(sglang_decode, flush)
@@ -148,7 +160,7 @@ def _bench_case(batch: int, ctx: int, sparsity: float, page_size: int, kv, flush
         "sglang_bw_fraction": dense_bytes / dense_ms / 1e9 / peak_tbps,
         "sparse_bw_fraction": sparse_bytes / sparse_ms / 1e9 / peak_tbps,
     }
-    del attn_logits, attn_lse, kv_indices, positions, workspace
+    del attn_logits, attn_lse, kv_indices, positions
 
     # ---- verify: SGLang extend vs ours without / with the score pass ---------------------------
     from sglang.kernels.ops.attention.extend_attention import extend_attention_fwd
@@ -191,27 +203,35 @@ def _bench_case(batch: int, ctx: int, sparsity: float, page_size: int, kv, flush
     max_diff = (ov.float() - expected).abs().max().item()  # same attention, two kernels
     scored_ms = _time_ms(scored_verify, flush)
     fused_ms = _time_ms(fused_verify, flush)
-    sweep = []
+    sweep = {}
     if sweep_verify:
-        # Launch shapes of the plain verify (the fused score dump shares them).
-        for splits in (1, 2, 4, 8):
-            for block_n in (32, 64):
-                for warps in (4, 8):
-                    for stages in (2, 3):
-                        launch = dict(block_n=block_n, num_warps=warps, num_stages=stages)
+        def plain_with(num_kv_splits=None, **launch):
+            verify_attention(qv, k_buffer, v_buffer, ov, req_to_token, req_pool_indices, prefix_lens,
+                             extend_lens, qo_indptr, sm_scale, 0.0, num_kv_splits, **launch)
 
-                        def tuned():
-                            verify_attention(qv, k_buffer, v_buffer, ov, req_to_token, req_pool_indices,
-                                             prefix_lens, extend_lens, qo_indptr, sm_scale, 0.0, splits, **launch)
+        def fused_with(**launch):
+            verify_attention_with_scores(qv, k_buffer, v_buffer, ov, req_to_token, req_pool_indices, prefix_lens,
+                                         extend_lens, qo_indptr, scores, sm_scale, "sum", score_lse=score_lse,
+                                         **launch)
 
-                        try:
-                            ms = _time_ms(tuned, flush, budget_s=0.1, max_iters=20)
-                        except Exception as exc:  # e.g. out of shared memory for this shape
-                            sweep.append({"num_kv_splits": splits, **launch, "error": str(exc)[:120]})
-                            continue
-                        sweep.append({"num_kv_splits": splits, **launch, "ms": ms})
-        best = min((c for c in sweep if "ms" in c), key=lambda c: c["ms"])
-        print(f"  verify sweep B={batch} ctx={ctx}: default {plain_ms:.3f} ms, best {best}", flush=True)
+        def exact_with(**launch):
+            verify_attention_with_scores(qv, k_buffer, v_buffer, ov, req_to_token, req_pool_indices, prefix_lens,
+                                         extend_lens, qo_indptr, scores, sm_scale, "sum", **launch)
+
+        def sparse_with(**launch):
+            sparse_decode_attention(q, k_buffer, v_buffer, o_sparse, req_to_token, req_pool_indices, seq_lens,
+                                    dense_start, sel_indices, sel_lens, NUM_SINK, sm_scale, 0.0, splits,
+                                    sparse_ws, **launch)
+
+        shapes = [dict(block_n=n, num_warps=w, num_stages=st) for n in (32, 64) for w in (4, 8) for st in (2, 3, 4)]
+        sweep["verify_plain"] = _sweep(plain_with, [dict(num_kv_splits=x, **c) for x in (1, 2) for c in shapes
+                                                    if c["num_warps"] == 4], flush)
+        sweep["verify_draft_normalised"] = _sweep(fused_with, shapes, flush)
+        sweep["verify_exact_score_pass"] = _sweep(
+            exact_with, [dict(score_pass_warps=w, score_pass_stages=st) for w in (4, 8) for st in (2, 3, 4)], flush)
+        sweep["sparse_decode"] = _sweep(sparse_with, shapes, flush)
+        for name, rows in sweep.items():
+            print(f"  sweep {name} B={batch} ctx={ctx}: best {rows[0] if rows else None}", flush=True)
     plain_bytes = batch * ctx * kv_bytes_per_token
     scored_bytes = plain_bytes + batch * ctx * (HKV * HEAD_DIM * k_buffer.element_size() + HKV * 4)
     result["verify"] = {
