@@ -171,9 +171,21 @@ def _verify_fwd(
             if LOGIT_CAP > 0:
                 qk = LOGIT_CAP * _tanh(qk / LOGIT_CAP)
             qk = tl.where(pos_ok[None, :] & (pos[None, :] <= last_pos[:, None]), qk, float("-inf"))
+            v = tl.load(
+                V_Buffer + slot[:, None] * stride_vbs + h * stride_vh + offs_dv[None, :],
+                mask=pos_ok[:, None] & mask_dv[None, :],
+                other=0.0,
+            )
+            n_e_max = tl.maximum(tl.max(qk, 1), e_max)
+            # A row with nothing visible yet keeps max -inf; shift by 0 so it stays 0, not NaN.
+            shift = tl.where(n_e_max == float("-inf"), 0.0, n_e_max)
+            re_scale = tl.exp(e_max - shift)
+            p = tl.exp(qk - shift[:, None])
             if RING > 0:
-                # Capped at e^60: a row whose normaliser is far off must not overflow the sum.
-                prob = tl.where(row_ok[:, None], tl.exp(tl.minimum(qk - row_lse[:, None], 60.0)), 0.0)
+                # exp(qk - row_lse) = p * exp(shift - row_lse): one exp per row, not per element.
+                # Capped at e^60 so a row whose normaliser is far off cannot overflow the sum.
+                to_row = tl.where(row_ok, tl.exp(tl.minimum(shift - row_lse, 60.0)), 0.0)
+                prob = p * to_row[:, None]
                 if AGG_MAX:
                     agg = tl.max(prob, 0)
                 else:
@@ -186,16 +198,6 @@ def _verify_fwd(
                     else:
                         agg = agg + prev
                 tl.store(score_ptrs, agg, mask=pos_ok)
-            v = tl.load(
-                V_Buffer + slot[:, None] * stride_vbs + h * stride_vh + offs_dv[None, :],
-                mask=pos_ok[:, None] & mask_dv[None, :],
-                other=0.0,
-            )
-            n_e_max = tl.maximum(tl.max(qk, 1), e_max)
-            # A row with nothing visible yet keeps max -inf; shift by 0 so it stays 0, not NaN.
-            shift = tl.where(n_e_max == float("-inf"), 0.0, n_e_max)
-            re_scale = tl.exp(e_max - shift)
-            p = tl.exp(qk - shift[:, None])
             acc = acc * re_scale[:, None] + tl.dot(p.to(v.dtype), v)
             e_sum = e_sum * re_scale + tl.sum(p, 1)
             e_max = n_e_max
@@ -461,8 +463,8 @@ def verify_attention_with_scores(
     logit_cap: float = 0.0,
     num_kv_splits: int | None = None,
     score_lse: torch.Tensor | None = None,
-    score_pass_warps: int | None = None,
-    score_pass_stages: int = 2,
+    score_pass_warps: int = 4,
+    score_pass_stages: int = 3,
     **launch: int,
 ) -> None:
     """Causal verify attention over the paged KV plus the per-position PillarAttn scores.
@@ -502,7 +504,7 @@ def verify_attention_with_scores(
     if score_lse is not None:
         return
     group = num_q_heads // num_kv_heads
-    block_m, num_warps = _blocks(num_tokens, batch, group, v_buffer.shape[-1])
+    block_m, _ = _blocks(num_tokens, batch, group, v_buffer.shape[-1])
     _verify_scores[(batch, num_kv_heads, num_kv_splits)](
         q, k_buffer, req_to_token, req_pool_indices, prefix_lens, extend_lens, qo_indptr,
         lse, scores, sm_scale, num_kv_splits,
@@ -510,7 +512,7 @@ def verify_attention_with_scores(
         lse.stride(0), lse.stride(1), scores.stride(0), scores.stride(1),
         G=group, D=head_dim, BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_M=block_m,
         BLOCK_N=_BLOCK_N, LOGIT_CAP=float(logit_cap), AGG_MAX=aggregation == "max",
-        num_warps=score_pass_warps or num_warps, num_stages=score_pass_stages,
+        num_warps=score_pass_warps, num_stages=score_pass_stages,
     )
 
 

@@ -16,6 +16,7 @@ import argparse
 import json
 import os
 import random
+import shutil
 import sys
 import tempfile
 import time
@@ -68,6 +69,10 @@ def _run(name: str, model_dir: str, args: argparse.Namespace, prompts: list[list
         # Per-cycle GPU times (the profiler syncs every cycle, so tok/s of this run is lower).
         result["cycle_profile"] = json.loads(profile_path.read_text())
         print(name, "cycle profile", json.dumps(result["cycle_profile"]), flush=True)
+        for suffix in (".ops.txt", ".trace.json"):  # torch.profiler output of a few cycles
+            extra = Path(f"{profile_path}{suffix}")
+            if extra.exists():
+                shutil.copy(extra, Path(args.out).with_name(f"{Path(args.out).stem}.{name}{suffix}"))
     print(name, json.dumps({k: result[k] for k in ("output_tok_per_s", "mean_accept_length")}),
           flush=True)
     return result

@@ -9,7 +9,10 @@ the verify forward and the acceptance tail, synchronises at the cycle's end, and
 ``<path.json>`` every ``every`` cycles with the means. The sync removes the overlap of the
 next step's CPU work with this cycle's GPU work, so throughput under profiling is lower; the
 per-phase GPU times are what it is for. ``gpu_*`` > ``host_*`` for a phase means the GPU was
-the bottleneck there; ``gpu_*`` ~= ``host_*`` means the GPU waited for the host.
+the bottleneck there; ``gpu_*`` ~= ``host_*`` means the GPU waited for the host. Cycles
+``TRACE_FROM`` to ``TRACE_FROM + TRACE_CYCLES`` also run under ``torch.profiler`` (scheduler
+work between them included): ``<path>.ops.txt`` (top CPU and CUDA ops) and
+``<path>.trace.json`` (Chrome trace) are written next to the summary.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ logger = logging.getLogger(__name__)
 
 PROFILE_ENV = "SPARSESPEC_PROFILE"
 PHASES = ("draft", "verify", "accept")
+TRACE_FROM, TRACE_CYCLES = 100, 3
 
 
 class CycleProfiler:
@@ -42,6 +46,7 @@ class CycleProfiler:
         self._marks: list[tuple[float, Optional[torch.cuda.Event]]] = []
         self._last_end: Optional[float] = None
         self.between = 0.0
+        self._trace: Optional[torch.profiler.profile] = None
 
     @classmethod
     def from_env(cls, tp_rank: int = 0) -> "CycleProfiler":
@@ -54,6 +59,10 @@ class CycleProfiler:
     def mark(self) -> None:
         """Phase boundary: call once before the drafts and after each phase in PHASES."""
         event = None
+        if self.path is not None and not self._marks and self.cycles == TRACE_FROM:
+            self._trace = torch.profiler.profile(
+                activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA])
+            self._trace.start()
         if self.path is not None:
             event = torch.cuda.Event(enable_timing=True)
             event.record()
@@ -74,8 +83,20 @@ class CycleProfiler:
             self.host[name] += b - a
         self.batch += batch_size
         self.cycles += 1
+        if self._trace is not None and self.cycles == TRACE_FROM + TRACE_CYCLES:
+            self._write_trace()
         if self.cycles % self.every == 0:
             self._report()
+
+    def _write_trace(self) -> None:
+        trace, self._trace = self._trace, None
+        trace.stop()
+        averages = trace.key_averages()
+        tables = [f"{TRACE_CYCLES} cycles from cycle {TRACE_FROM}, batch {self.batch / self.cycles:.1f}"]
+        for key in ("self_cuda_time_total", "cpu_time_total", "self_cpu_time_total"):
+            tables.append(f"== sorted by {key}\n" + averages.table(sort_by=key, row_limit=40))
+        Path(f"{self.path}.ops.txt").write_text("\n\n".join(tables))
+        trace.export_chrome_trace(f"{self.path}.trace.json")
 
     def summary(self) -> dict:
         n = max(self.cycles, 1)
