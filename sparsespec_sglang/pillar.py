@@ -39,6 +39,7 @@ class PillarState:
     - ``sel_indices [L, R, Hkv, max_sel]`` int32 slot ids chosen per layer and KV head;
     - ``sel_lens [R]`` int32 entries in use (the same K for every layer and head);
     - ``dense_start [R]`` int32 first position attended densely by drafts;
+    - ``pending [R]`` int64 each request's last emitted token, the next cycle's first input;
     - ``scores [R, Hkv, max_ctx]`` fp32, one layer's verify scores at a time
       (batch order; a batch never has more requests than pool rows R);
     - ``draft_step``: batch-ordered copies of ``dense_start``/``sel_lens`` that the
@@ -58,6 +59,7 @@ class PillarState:
                                        dtype=torch.int32, device=device)
         self.sel_lens = torch.zeros((num_rows,), dtype=torch.int32, device=device)
         self.dense_start = torch.zeros((num_rows,), dtype=torch.int32, device=device)
+        self.pending = torch.zeros((num_rows,), dtype=torch.int64, device=device)
         self.scores = torch.zeros((num_rows, num_kv_heads, max_ctx),
                                   dtype=torch.float32, device=device)
         self.draft_lse = (

@@ -116,6 +116,8 @@ class SparseSpecWorker(BaseSpecWorker):
         if batch.forward_mode.is_extend():
             # Chunked prefill re-runs this per chunk; the last chunk's window wins.
             self.state.init_window(batch.req_pool_indices, batch.seq_lens)
+        if result.next_token_ids is not None:
+            self.state.pending[batch.req_pool_indices] = result.next_token_ids.to(torch.int64)
         new_seq_lens = batch.seq_lens.clone()
         accept_tokens = torch.zeros(bs, self.draft_token_num, dtype=torch.int32, device=self.device)
         accept_tokens[:, 0] = result.next_token_ids
@@ -127,10 +129,13 @@ class SparseSpecWorker(BaseSpecWorker):
 
     def _cycle(self, batch: ScheduleBatch, on_publish) -> GenerationBatchResult:
         bs = len(batch.reqs)
-        relay: NgramVerifyInput = batch.spec_info
         width = self.draft_token_num
-        pending = relay.accept_tokens.view(bs, width)[
-            torch.arange(bs, device=self.device), relay.accept_lens.long() - 1]
+        # The cycle starts from each request's last emitted token, kept by req_pool_idx on the
+        # forward stream. Not from the relay in batch.spec_info: the scheduler filters and
+        # merges that (retraction, joins) on its own stream while the previous cycle may still
+        # be computing it, which read garbage token ids on the H100 (device-side assert in the
+        # embedding at the first retraction of a B 128 run).
+        pending = self.state.pending[batch.req_pool_indices]
         seq_lens = batch.seq_lens
         out_cache_loc = assign_extend_cache_locs_func(
             req_pool_indices=batch.req_pool_indices,
@@ -178,6 +183,8 @@ class SparseSpecWorker(BaseSpecWorker):
                                                           grammar_mask)
         new_seq_lens = seq_lens + accept_lens
         accept_tokens = predict[accept_index].flatten()
+        self.state.pending[batch.req_pool_indices] = accept_tokens.view(bs, width)[
+            torch.arange(bs, device=self.device), accept_lens.long() - 1].to(torch.int64)
         # No KV move (SGLang's move_accept_tokens_to_target_kvcache): the verify chain is
         # written at positions seq_len .. seq_len + k and the accepted tokens are its prefix,
         # so every accepted token's KV already sits in its final slot (H100 trace: the

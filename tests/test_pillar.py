@@ -51,3 +51,8 @@ def test_draft_lse_ring_only_for_draft_normalised_scores():
     assert _state()[0].draft_lse is None
     state, _ = _state(num_draft_steps=3, score_norm="draft")
     assert state.draft_lse.shape == (3, 4, 4, 4)  # [L, R, Hq, k+1]
+
+
+def test_pending_token_row_per_request():
+    state, _ = _state()
+    assert state.pending.shape == (4,) and state.pending.dtype == torch.int64
