@@ -11,6 +11,7 @@ equality, the first mismatch, throughput and SGLang's spec metrics as JSON.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import random
 import sys
@@ -24,6 +25,8 @@ import torch
 def _engine(model_dir: str, args: argparse.Namespace, **kwargs):
     import sglang as sgl
 
+    if args.max_total_tokens:
+        kwargs["max_total_tokens"] = args.max_total_tokens
     return sgl.Engine(model_path=model_dir, dtype=args.dtype, skip_tokenizer_init=True,
                       mem_fraction_static=args.mem_fraction, disable_radix_cache=False,
                       cuda_graph_max_bs_decode=args.cuda_graph_max_bs,
@@ -32,14 +35,28 @@ def _engine(model_dir: str, args: argparse.Namespace, **kwargs):
                       max_running_requests=args.num_prompts, tp_size=args.tp, **kwargs)
 
 
-def _run(model_dir: str, args: argparse.Namespace, prompts: list[list[int]], sampling: dict,
+async def _staggered(engine, prompts: list[list[int]], sampling: list[dict], extra: dict,
+                     stagger_s: float) -> list[dict]:
+    """Request i arrives i * stagger_s after the first, so requests join a running batch."""
+
+    async def one(i: int) -> dict:
+        await asyncio.sleep(i * stagger_s)
+        return await engine.async_generate(input_ids=prompts[i], sampling_params=sampling[i], **extra)
+
+    return list(await asyncio.gather(*(one(i) for i in range(len(prompts)))))
+
+
+def _run(model_dir: str, args: argparse.Namespace, prompts: list[list[int]], sampling: list[dict],
          top_logprobs: bool = False, **kwargs) -> dict:
     engine = _engine(model_dir, args, **kwargs)
     extra = {"return_logprob": True, "top_logprobs_num": 2} if top_logprobs else {}
     try:
-        engine.generate(input_ids=prompts[:2], sampling_params={**sampling, "max_new_tokens": 8})
+        engine.generate(input_ids=prompts[:2], sampling_params={**sampling[0], "max_new_tokens": 8})
         start = time.perf_counter()
-        outs = engine.generate(input_ids=prompts, sampling_params=sampling, **extra)
+        if args.stagger_s > 0:
+            outs = engine.loop.run_until_complete(_staggered(engine, prompts, sampling, extra, args.stagger_s))
+        else:
+            outs = engine.generate(input_ids=prompts, sampling_params=sampling, **extra)
         elapsed = time.perf_counter() - start
     finally:
         engine.shutdown()
@@ -91,6 +108,14 @@ def main() -> int:
     ap.add_argument("--disable-cuda-graph", action="store_true", help="decode/verify graphs off")
     ap.add_argument("--tp", type=int, default=1, help="tensor parallel size (GPUs)")
     ap.add_argument("--modes", default="overlap,no-overlap")
+    ap.add_argument("--ragged-max-new-tokens", action="store_true",
+                    help="max_new_tokens drawn per request from [max/4, max]: requests finish mid-cycle")
+    ap.add_argument("--stagger-s", type=float, default=0.0,
+                    help="request i arrives i * STAGGER_S seconds after the first (joins a running batch)")
+    ap.add_argument("--max-total-tokens", type=int, default=None,
+                    help="cap SGLang's KV pool (tokens) so that decoding runs out and retracts requests")
+    ap.add_argument("--score-norm", default=None, choices=("exact", "draft"),
+                    help="--sparsespec-score-norm of the SPARSESPEC runs (default: the plugin's)")
     ap.add_argument("--tie-eps", type=float, default=0.25,
                     help="plain top-2 logprob gap below which a divergence counts as a rounding tie "
                          "(0.25 = 4 bf16 ulps for logits of magnitude 8..16)")
@@ -106,7 +131,10 @@ def main() -> int:
     vocab = json.loads((Path(model_dir) / "config.json").read_text())["vocab_size"]
     prompts = [[rng.randrange(3, vocab) for _ in range(rng.randint(*args.prompt_len))]
                for _ in range(args.num_prompts)]
-    sampling = {"temperature": 0.0, "max_new_tokens": args.max_new_tokens, "ignore_eos": True}
+    sampling = [{"temperature": 0.0, "ignore_eos": True,
+                 "max_new_tokens": (rng.randint(max(1, args.max_new_tokens // 4), args.max_new_tokens)
+                                    if args.ragged_max_new_tokens else args.max_new_tokens)}
+                for _ in prompts]
 
     report = {"command": " ".join(sys.argv), "gpu": torch.cuda.get_device_name(),
               "torch": torch.__version__, "shape": args.shape, "dtype": args.dtype,
@@ -119,6 +147,8 @@ def main() -> int:
                                           for q in (0.0, 0.01, 0.05, 0.5)}
     spec_kwargs = dict(speculative_algorithm="SPARSESPEC", speculative_num_steps=args.k,
                        sparsespec_sparsity=args.sparsity, sparsespec_min_selected=args.min_selected)
+    if args.score_norm:
+        spec_kwargs["sparsespec_score_norm"] = args.score_norm
     modes = [(m, args.sparsity) for m in args.modes.split(",")]
     if args.dense_check:
         modes.append(("no-overlap", 1.0))
