@@ -133,8 +133,8 @@ class SparseSpecWorker(BaseSpecWorker):
         # The cycle starts from each request's last emitted token, kept by req_pool_idx on the
         # forward stream. Not from the relay in batch.spec_info: the scheduler filters and
         # merges that (retraction, joins) on its own stream while the previous cycle may still
-        # be computing it, which read garbage token ids on the H100 (device-side assert in the
-        # embedding at the first retraction of a B 128 run).
+        # be computing it (suspected cause of a device-side assert at the first retraction of
+        # a B 128 H100 run; docs/results.md).
         pending = self.state.pending[batch.req_pool_indices]
         seq_lens = batch.seq_lens
         out_cache_loc = assign_extend_cache_locs_func(
