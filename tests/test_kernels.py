@@ -281,6 +281,15 @@ def _run_verify(pool, q, prefix_lens, extend_lens, qo, aggregation, splits, logi
     return out_big[:tokens], scores, ref_out, ref_scores
 
 
+def _ring_lse(prefix_lens, num_q_heads, ring, seed):
+    """Plausible per-row normalisers (about log(context)) in a ring of ``ring`` positions."""
+    gen = torch.Generator().manual_seed(seed)
+    lse = torch.rand(len(prefix_lens), num_q_heads, ring, generator=gen) * 2
+    lse += torch.tensor([math.log(p + 1) for p in prefix_lens])[:, None, None]
+    return lse.to(DEVICE)
+
+
+@pytest.mark.parametrize("draft_normalised", [False, True], ids=["exact", "draft"])
 @pytest.mark.parametrize(
     "group,page_size,dtype,aggregation,splits",
     [
@@ -292,39 +301,13 @@ def _run_verify(pool, q, prefix_lens, extend_lens, qo, aggregation, splits, logi
         (1, 16, torch.bfloat16, "max", 4),
     ],
 )
-def test_verify_matches_ref(group, page_size, dtype, aggregation, splits):
+def test_verify_matches_ref(group, page_size, dtype, aggregation, splits, draft_normalised):
     prefix_lens, extend_lens = [150, 7, 230, 40], [9, 9, 3, 20]  # ragged; request 3 needs 2 row blocks
     pool, q, qo = _verify_case(prefix_lens, extend_lens, group, page_size=page_size, dtype=dtype,
                                seed=group * 10 + page_size)
-    out, scores, ref_out, ref_scores = _run_verify(pool, q, prefix_lens, extend_lens, qo, aggregation, splits)
-    torch.testing.assert_close(out.float(), ref_out.float(), **_tol(dtype))
-    torch.testing.assert_close(scores, ref_scores, **_score_tol(dtype))
-
-
-def _ring_lse(prefix_lens, num_q_heads, ring, seed):
-    """Plausible per-row normalisers (about log(context)) in a ring of ``ring`` positions."""
-    gen = torch.Generator().manual_seed(seed)
-    lse = torch.rand(len(prefix_lens), num_q_heads, ring, generator=gen) * 2
-    lse += torch.tensor([math.log(p + 1) for p in prefix_lens])[:, None, None]
-    return lse.to(DEVICE)
-
-
-@pytest.mark.parametrize(
-    "group,page_size,dtype,aggregation,splits",
-    [
-        (1, 1, torch.float32, "sum", 1),
-        (4, 16, torch.float32, "max", 3),
-        (8, 1, torch.bfloat16, "sum", 2),
-        (4, 16, torch.float16, "sum", None),
-    ],
-)
-def test_verify_draft_normalised_scores_match_ref(group, page_size, dtype, aggregation, splits):
-    prefix_lens, extend_lens = [150, 7, 230, 40], [9, 9, 3, 20]  # request 3 needs 2 row blocks
-    pool, q, qo = _verify_case(prefix_lens, extend_lens, group, page_size=page_size, dtype=dtype,
-                               seed=group * 10 + page_size + 1)
-    score_lse = _ring_lse(prefix_lens, q.shape[1], 9, seed=group)
-    out, scores, ref_out, ref_scores = _run_verify(pool, q, prefix_lens, extend_lens, qo, aggregation,
-                                                   splits, score_lse=score_lse)
+    score_lse = _ring_lse(prefix_lens, q.shape[1], 9, seed=group) if draft_normalised else None
+    out, scores, ref_out, ref_scores = _run_verify(pool, q, prefix_lens, extend_lens, qo, aggregation, splits,
+                                                   score_lse=score_lse)
     torch.testing.assert_close(out.float(), ref_out.float(), **_tol(dtype))
     torch.testing.assert_close(scores, ref_scores, **_score_tol(dtype))
 
