@@ -1,29 +1,30 @@
 """Per-cycle timing of the SPARSESPEC worker: where a cycle's time goes.
 
-Always on: host time of each phase, logged every ``every`` cycles (cheap, no sync; without
-a sync it measures how long the host takes to *enqueue* a phase, not the GPU's time).
+Always on, without host syncs: every cycle records CUDA events around the draft steps, the
+verify forward and the acceptance tail; a cycle's GPU phase times are read once its last event
+has completed (``query()``, a few cycles later), so timing never stalls the overlap scheduler.
+Every ``every`` cycles the means are logged and, with ``--enable-metrics``, exported as
+Prometheus gauges ``sparsespec:{draft,verify,accept}_gpu_ms_per_cycle`` next to SGLang's own
+``sglang:spec_*`` metrics. Host (enqueue) time per phase is kept too: ``gpu_*`` > ``host_*``
+means the GPU was the bottleneck of that phase, ``gpu_*`` ~= ``host_*`` that it waited for the host.
 
 With ``SPARSESPEC_PROFILE=<path.json>`` in the server's environment (a measurement switch for
-``scripts/``, not a server flag), every cycle also records CUDA events around the draft steps,
-the verify forward and the acceptance tail, synchronises at the cycle's end, and rewrites
-``<path.json>`` every ``every`` cycles with the means. The sync removes the overlap of the
-next step's CPU work with this cycle's GPU work, so throughput under profiling is lower; the
-per-phase GPU times are what it is for. ``gpu_*`` > ``host_*`` for a phase means the GPU was
-the bottleneck there; ``gpu_*`` ~= ``host_*`` means the GPU waited for the host. Cycles
-``TRACE_FROM`` to ``TRACE_FROM + TRACE_CYCLES`` also run under ``torch.profiler`` (scheduler
-work between them included): ``<path>.ops.txt`` (top CPU and CUDA ops) and
-``<path>.trace.json`` (Chrome trace) are written next to the summary.
+``scripts/``, not a server flag), every cycle also synchronises at its end (so accepted tokens
+per cycle and the host time *between* cycles are exact, and throughput drops), ``<path.json>``
+is rewritten every 50 cycles with the means, and cycles ``TRACE_FROM`` to
+``TRACE_FROM + TRACE_CYCLES`` run under ``torch.profiler`` (scheduler work between them
+included): ``<path>.ops.txt`` (top CPU and CUDA ops) and ``<path>.trace.json`` (Chrome trace).
 """
 
 from __future__ import annotations
 
+import collections
 import json
 import logging
 import os
 import time
-from collections import defaultdict
 from pathlib import Path
-from typing import Optional
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -35,18 +36,25 @@ TRACE_FROM, TRACE_CYCLES = 100, 3
 
 
 class CycleProfiler:
-    def __init__(self, every: int = 200, path: Optional[str] = None) -> None:
+    def __init__(self, every: int = 200, path: Optional[str] = None,
+                 event_factory: Optional[Callable[[], Any]] = None) -> None:
         self.every = every
         self.path = Path(path) if path else None
+        if event_factory is None and torch.cuda.is_available():
+            event_factory = lambda: torch.cuda.Event(enable_timing=True)  # noqa: E731
+        self._new_event = event_factory
         self.cycles = 0
-        self.host = defaultdict(float)
-        self.gpu = defaultdict(float)
-        self.tokens = 0
         self.batch = 0
-        self._marks: list[tuple[float, Optional[torch.cuda.Event]]] = []
-        self._last_end: Optional[float] = None
+        self.host = collections.defaultdict(float)
+        self.gpu = collections.defaultdict(float)
+        self.gpu_cycles = 0
+        self.tokens = 0
         self.between = 0.0
+        self._marks: list[tuple[float, Any]] = []
+        self._in_flight: collections.deque = collections.deque()
+        self._last_end: Optional[float] = None
         self._trace: Optional[torch.profiler.profile] = None
+        self._gauges: Optional[dict[str, Any]] = None
 
     @classmethod
     def from_env(cls, tp_rank: int = 0) -> "CycleProfiler":
@@ -56,37 +64,80 @@ class CycleProfiler:
             return cls(every=50, path=path)
         return cls()
 
+    def export_metrics(self, labels: dict[str, str], registry: Any = None) -> None:
+        """Publish the GPU phase means as Prometheus gauges (call when --enable-metrics)."""
+        from prometheus_client import REGISTRY, Gauge
+
+        self._gauges = {
+            phase: Gauge(name=f"sparsespec:{phase}_gpu_ms_per_cycle",
+                         documentation=f"SPARSESPEC: mean GPU time of the {phase} phase per cycle (ms).",
+                         labelnames=list(labels), multiprocess_mode="mostrecent",
+                         registry=registry or REGISTRY).labels(**labels)
+            for phase in PHASES
+        }
+
     def mark(self) -> None:
         """Phase boundary: call once before the drafts and after each phase in PHASES."""
-        event = None
         if self.path is not None and not self._marks and self.cycles == TRACE_FROM:
             self._trace = torch.profiler.profile(
                 activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA])
             self._trace.start()
-        if self.path is not None:
-            event = torch.cuda.Event(enable_timing=True)
+        event = None
+        if self._new_event is not None:
+            event = self._new_event()
             event.record()
         self._marks.append((time.perf_counter(), event))
 
     def end_cycle(self, batch_size: int, accept_lens: torch.Tensor) -> None:
         marks, self._marks = self._marks, []
         assert len(marks) == len(PHASES) + 1, "mark() once before and once after each phase"
+        for name, (a, _), (b, _) in zip(PHASES, marks, marks[1:]):
+            self.host[name] += b - a
+        if marks[0][1] is not None:
+            self._in_flight.append([event for _, event in marks])
         if self.path is not None:
-            marks[-1][1].synchronize()
-            for name, (_, a), (_, b) in zip(PHASES, marks, marks[1:]):
-                self.gpu[name] += a.elapsed_time(b) / 1e3
+            if self._in_flight:
+                self._in_flight[-1][-1].synchronize()
             self.tokens += int(accept_lens.sum())
             if self._last_end is not None:
                 self.between += marks[0][0] - self._last_end
             self._last_end = time.perf_counter()
-        for name, (a, _), (b, _) in zip(PHASES, marks, marks[1:]):
-            self.host[name] += b - a
+        self._collect()
         self.batch += batch_size
         self.cycles += 1
         if self._trace is not None and self.cycles == TRACE_FROM + TRACE_CYCLES:
             self._write_trace()
         if self.cycles % self.every == 0:
             self._report()
+
+    def _collect(self) -> None:
+        """Fold in the GPU times of every finished cycle, oldest first, without waiting."""
+        while self._in_flight and self._in_flight[0][-1].query():
+            events = self._in_flight.popleft()
+            for name, a, b in zip(PHASES, events, events[1:]):
+                self.gpu[name] += a.elapsed_time(b) / 1e3
+            self.gpu_cycles += 1
+
+    def summary(self) -> dict:
+        n = max(self.cycles, 1)
+        out = {"cycles": self.cycles, "mean_batch": self.batch / n}
+        out.update({f"host_{k}_ms": 1e3 * self.host[k] / n for k in PHASES})
+        if self.gpu_cycles:
+            out.update({f"gpu_{k}_ms": 1e3 * self.gpu[k] / self.gpu_cycles for k in PHASES})
+            out["gpu_cycle_ms"] = sum(out[f"gpu_{k}_ms"] for k in PHASES)
+        if self.path is not None:
+            out["host_between_cycles_ms"] = 1e3 * self.between / max(n - 1, 1)
+            out["tokens_per_cycle"] = self.tokens / n
+        return out
+
+    def _report(self) -> None:
+        summary = self.summary()
+        logger.info("SPARSESPEC cycles: %s", json.dumps({k: round(v, 3) for k, v in summary.items()}))
+        if self._gauges is not None and self.gpu_cycles:
+            for phase, gauge in self._gauges.items():
+                gauge.set(summary[f"gpu_{phase}_ms"])
+        if self.path is not None:
+            self.path.write_text(json.dumps(summary, indent=1))
 
     def _write_trace(self) -> None:
         trace, self._trace = self._trace, None
@@ -97,20 +148,3 @@ class CycleProfiler:
             tables.append(f"== sorted by {key}\n" + averages.table(sort_by=key, row_limit=40))
         Path(f"{self.path}.ops.txt").write_text("\n\n".join(tables))
         trace.export_chrome_trace(f"{self.path}.trace.json")
-
-    def summary(self) -> dict:
-        n = max(self.cycles, 1)
-        out = {"cycles": self.cycles, "mean_batch": self.batch / n}
-        out.update({f"host_{k}_ms": 1e3 * v / n for k, v in self.host.items()})
-        if self.path is not None:
-            out.update({f"gpu_{k}_ms": 1e3 * v / n for k, v in self.gpu.items()})
-            out["gpu_cycle_ms"] = sum(out[f"gpu_{k}_ms"] for k in PHASES)
-            out["host_between_cycles_ms"] = 1e3 * self.between / max(n - 1, 1)
-            out["tokens_per_cycle"] = self.tokens / n
-        return out
-
-    def _report(self) -> None:
-        summary = self.summary()
-        logger.info("SPARSESPEC cycles: %s", json.dumps({k: round(v, 3) for k, v in summary.items()}))
-        if self.path is not None:
-            self.path.write_text(json.dumps(summary, indent=1))

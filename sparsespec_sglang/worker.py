@@ -65,7 +65,10 @@ class SparseSpecWorker(BaseSpecWorker):
         self.backend: Optional[SparseSpecAttnBackend] = None
         self.state: Optional[PillarState] = None
         self.draft_graphs: Optional[DraftGraphs] = None
-        self.profiler = CycleProfiler.from_env(getattr(self.model_runner.ps, "tp_rank", 0))
+        tp_rank = getattr(self.model_runner.ps, "tp_rank", 0)
+        self.profiler = CycleProfiler.from_env(tp_rank)
+        if getattr(server_args, "enable_metrics", False) and tp_rank == 0:
+            self.profiler.export_metrics({"model_name": str(server_args.served_model_name)})
         self._chain_cache: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
     @property

@@ -1,33 +1,92 @@
-"""CycleProfiler host-side bookkeeping (CPU; the CUDA-event mode runs on the GPU host)."""
+"""CycleProfiler bookkeeping on CPU, with fake CUDA events (the real ones run on the GPU host)."""
 
 import pytest
 import torch
+from prometheus_client import CollectorRegistry
 
 from sparsespec_sglang.profiling import PHASES, CycleProfiler
 
 
-def test_host_phase_means_over_cycles():
-    prof = CycleProfiler(every=1000)
-    for _ in range(3):
-        for _ in range(len(PHASES) + 1):
-            prof.mark()
-        prof.end_cycle(4, torch.tensor([2, 3, 1, 1]))
+class FakeEvent:
+    """A CUDA event stand-in: a GPU timestamp, and whether the GPU has reached it yet."""
+
+    clock = 0.0
+
+    def __init__(self):
+        self.t = None
+        self.done = False
+
+    def record(self):
+        FakeEvent.clock += 1.0  # every phase takes 1 ms of "GPU" time
+        self.t = FakeEvent.clock
+
+    def query(self):
+        return self.done
+
+    def synchronize(self):
+        self.done = True
+
+    def elapsed_time(self, other):
+        return other.t - self.t
+
+
+def _cycle(prof):
+    for _ in range(len(PHASES) + 1):
+        prof.mark()
+    prof.end_cycle(4, torch.tensor([2, 3, 1, 1]))
+
+
+def test_gpu_times_are_folded_in_only_once_the_gpu_is_done():
+    events = []
+
+    def factory():
+        events.append(FakeEvent())
+        return events[-1]
+
+    prof = CycleProfiler(every=1000, event_factory=factory)
+    _cycle(prof)
+    _cycle(prof)
+    assert "gpu_cycle_ms" not in prof.summary()  # nothing finished: no wait, no numbers
+    for e in events[:4]:
+        e.done = True  # the first cycle completed on the GPU
+    _cycle(prof)
     summary = prof.summary()
-    assert summary["cycles"] == 3 and summary["mean_batch"] == 4
-    assert {f"host_{p}_ms" for p in PHASES} <= summary.keys()
+    assert prof.gpu_cycles == 1 and summary["cycles"] == 3 and summary["mean_batch"] == 4
+    assert all(summary[f"gpu_{p}_ms"] == pytest.approx(1.0) for p in PHASES)
+    assert summary["gpu_cycle_ms"] == pytest.approx(3.0)
     assert all(summary[f"host_{p}_ms"] >= 0 for p in PHASES)
-    assert "gpu_cycle_ms" not in summary  # no CUDA events without SPARSESPEC_PROFILE
 
 
 def test_a_missing_phase_mark_is_an_error():
-    prof = CycleProfiler()
+    prof = CycleProfiler(event_factory=FakeEvent)
     prof.mark()
     prof.mark()
     with pytest.raises(AssertionError, match="mark"):
         prof.end_cycle(1, torch.tensor([1]))
 
 
+def test_profile_mode_syncs_and_counts_tokens(tmp_path):
+    prof = CycleProfiler(every=2, path=str(tmp_path / "p.json"), event_factory=FakeEvent)
+    _cycle(prof)
+    _cycle(prof)
+    summary = prof.summary()
+    assert prof.gpu_cycles == 2 and summary["tokens_per_cycle"] == 7
+    assert (tmp_path / "p.json").exists()
+
+
 def test_env_enables_profiling_on_rank_zero_only(monkeypatch, tmp_path):
     monkeypatch.setenv("SPARSESPEC_PROFILE", str(tmp_path / "p.json"))
     assert CycleProfiler.from_env(0).path == tmp_path / "p.json"
     assert CycleProfiler.from_env(1).path is None
+
+
+def test_gauges_carry_the_gpu_phase_means():
+    registry = CollectorRegistry()
+    prof = CycleProfiler(every=1, event_factory=FakeEvent)
+    prof.export_metrics({"model_name": "m"}, registry=registry)
+    for _ in range(len(PHASES) + 1):
+        prof.mark()
+    prof._marks[-1][1].done = True  # the cycle's last event has completed
+    prof.end_cycle(2, torch.tensor([1, 1]))
+    value = registry.get_sample_value("sparsespec:verify_gpu_ms_per_cycle", {"model_name": "m"})
+    assert value == pytest.approx(1.0)
