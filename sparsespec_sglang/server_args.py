@@ -54,6 +54,11 @@ def validate_server_args(server_args: Any) -> SparseSpecConfig:
         _fail("--pp-size", "1 (pipeline parallelism is not supported)", server_args.pp_size)
     if server_args.enable_dp_attention:
         _fail("--enable-dp-attention", "off (DP attention is not supported)", True)
+    if server_args.disaggregation_mode != "null":
+        # A decode-only server gets requests whose prefill ran elsewhere: the worker's
+        # per-request state (selection window, pending token) is set up by its own prefill.
+        _fail("--disaggregation-mode", "null (PD disaggregation is not supported)",
+              server_args.disaggregation_mode)
     if server_args.kv_cache_dtype not in ("auto", "bfloat16", "float16"):
         _fail("--kv-cache-dtype", "auto, bfloat16 or float16", server_args.kv_cache_dtype)
     if server_args.device not in ("cuda", "cpu"):

@@ -113,6 +113,7 @@ def test_server_args_values_flow_into_config(sglang_loaded, model_dir):
     (dict(attention_backend="triton"), "--attention-backend"),
     (dict(decode_attention_backend="flashinfer"), "--decode-attention-backend"),
     (dict(pp_size=2), "--pp-size"),
+    (dict(disaggregation_mode="decode"), "--disaggregation-mode"),
     (dict(speculative_draft_model_path="SELF"), "--speculative-draft-model-path"),
     (dict(sparsespec_bogus=1), "sparsespec_bogus"),
 ])
