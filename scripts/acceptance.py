@@ -20,6 +20,7 @@ output is identical.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import platform
@@ -31,6 +32,14 @@ from pathlib import Path
 
 def _floats(s: str) -> list[float]:
     return [float(x) for x in s.split(",") if x.strip()]
+
+
+def _norms(s: str) -> list[str]:
+    norms = [x.strip() for x in s.split(",") if x.strip()]
+    bad = [n for n in norms if n not in ("exact", "draft")]
+    if bad or not norms:
+        raise argparse.ArgumentTypeError(f"allowed: exact, draft (got {s!r})")
+    return norms
 
 
 def _ints(s: str) -> list[int]:
@@ -53,6 +62,8 @@ def parse_args(argv=None):
     ap.add_argument("--max-selected", type=int, default=2048)
     ap.add_argument("--num-sink", type=int, default=4)
     ap.add_argument("--aggregation", choices=["sum", "max"], default="sum")
+    ap.add_argument("--score-norm", type=_norms, default=["exact"],
+                    help="comma list of verify-score normalisers to compare: exact, draft")
     ap.add_argument("--temperature", type=float, default=0.0)
     ap.add_argument("--top-k", type=int, default=-1)
     ap.add_argument("--top-p", type=float, default=1.0)
@@ -171,23 +182,22 @@ def main(argv=None) -> int:
         plain = [R.plain_generate(model, p, args.max_new_tokens, **sampling).tokens for p in prompts]
 
     results = []
-    for k in args.k:
-        for s in args.sparsity:
-            cfg = R.SparseSpecConfig(num_draft_steps=k, sparsity=s, min_selected=args.min_selected,
+    for k, s, norm in itertools.product(args.k, args.sparsity, args.score_norm):
+        cfg = R.SparseSpecConfig(num_draft_steps=k, sparsity=s, min_selected=args.min_selected,
                                  max_selected=args.max_selected, num_sink_tokens=args.num_sink,
-                                 aggregation=args.aggregation)
-            gen = torch.Generator().manual_seed(args.seed)
-            t0 = time.perf_counter()
-            outs = [R.sparsespec_generate(model, p, args.max_new_tokens, cfg, generator=gen, **sampling)
-                    for p in prompts]
-            entry = {"k": k, "sparsity": s, "wall_s": time.perf_counter() - t0}
-            entry.update(summarize(outs, k, args.bucket_size))
-            if plain is not None:
-                entry["lossless"] = all(o.tokens == t for o, t in zip(outs, plain))
-            results.append(entry)
-            print(f"k={k} s={s}: mean accepted {entry['mean_accepted']:.3f}/{k}, "
-                  f"tokens/cycle {entry['mean_tokens_per_cycle']:.3f}, cycles {entry['num_cycles']}"
-                  + (f", lossless={entry['lossless']}" if "lossless" in entry else ""), flush=True)
+                                 aggregation=args.aggregation, score_norm=norm)
+        gen = torch.Generator().manual_seed(args.seed)
+        t0 = time.perf_counter()
+        outs = [R.sparsespec_generate(model, p, args.max_new_tokens, cfg, generator=gen, **sampling)
+                for p in prompts]
+        entry = {"k": k, "sparsity": s, "score_norm": norm, "wall_s": time.perf_counter() - t0}
+        entry.update(summarize(outs, k, args.bucket_size))
+        if plain is not None:
+            entry["lossless"] = all(o.tokens == t for o, t in zip(outs, plain))
+        results.append(entry)
+        print(f"k={k} s={s} score-norm={norm}: mean accepted {entry['mean_accepted']:.3f}/{k}, "
+              f"tokens/cycle {entry['mean_tokens_per_cycle']:.3f}, cycles {entry['num_cycles']}"
+              + (f", lossless={entry['lossless']}" if "lossless" in entry else ""), flush=True)
 
     report = {
         "command": " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]),

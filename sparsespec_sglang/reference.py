@@ -33,6 +33,10 @@ Request state and one cycle
   with context_len = P + k + 1 (tokens in cache during the verify pass: the GPU path picks
   the selection inside the verify forward, before acceptance is known), selection = top-K
   candidates by score, ties toward the lower position, returned sorted ascending.
+* Score normaliser (`score_norm`): "exact" uses each verify row's own lse as above; "draft"
+  uses, for verify row i, the lse that draft step min(i, k-1) computed over its sparse set
+  (the same query token; the bonus row reuses the last draft's), i.e.
+  scores[p] = AGG exp(s - draft_lse), the exponent capped at 60 as in the Triton kernel.
 * First cycle after prefill ("window" choice): dense_start = L, selection = the K most
   recent candidates [max(num_sink, L - K), L) with K computed for context_len = L.
 
@@ -191,6 +195,9 @@ class _AttnState:
     selection: torch.Tensor | None = None  # [num_layers, num_kv_heads, K] (draft)
     aggregation: str = "sum"
     scores: dict = field(default_factory=dict)  # layer -> [num_kv_heads, kv_len] (verify)
+    # Draft steps append each layer's row lse [Hq] here; a verify given these normalises row i
+    # by entry min(i, len - 1) instead of its own lse (score_norm "draft").
+    row_lse: dict | None = None  # layer -> list of [Hq] tensors
 
 
 def pillar_attention(module, query, key, value, attention_mask=None, scaling=None, dropout=0.0,
@@ -224,8 +231,16 @@ def pillar_attention(module, query, key, value, attention_mask=None, scaling=Non
     logits = torch.matmul(query[0], k_rep.transpose(-1, -2)) * scaling
     logits = logits.masked_fill(~allowed, float("-inf"))
     probs = torch.softmax(logits, dim=-1, dtype=torch.float32)  # = exp(s - row_lse)
+    if st.mode == "draft" and st.row_lse is not None:
+        st.row_lse.setdefault(module.layer_idx, []).append(
+            torch.logsumexp(logits.float(), dim=-1)[:, -1])
     if st.mode == "verify":
-        st.scores[module.layer_idx] = aggregate_scores(probs, hkv, st.aggregation)
+        scored = probs
+        if st.row_lse is not None:
+            drafts = torch.stack(st.row_lse[module.layer_idx], dim=1)  # [Hq, k]
+            rows = torch.arange(q_len, device=query.device).clamp(max=drafts.shape[1] - 1)
+            scored = torch.exp((logits.float() - drafts[:, rows, None]).clamp(max=60.0))
+        st.scores[module.layer_idx] = aggregate_scores(scored, hkv, st.aggregation)
     out = torch.matmul(probs.to(query.dtype), v_rep)  # [Hq, q_len, D]
     return out.transpose(0, 1).unsqueeze(0).contiguous(), probs.unsqueeze(0)
 
@@ -448,7 +463,7 @@ def sparsespec_generate(model, prompt_ids: Sequence[int], max_new_tokens: int, c
 
     config: SparseSpecConfig or an object with its attribute names; config_overrides: num_draft_steps
     (k), sparsity, min_selected (min_sel), max_selected (max_sel), num_sink_tokens
-    (num_sink), aggregation. temperature 0 = greedy (lossless: identical ids to
+    (num_sink), aggregation, score_norm. temperature 0 = greedy (lossless: identical ids to
     `plain_generate`); > 0 = speculative sampling with the same top_k / top_p filters on
     the target and draft distributions. trace=True keeps each cycle's selection and
     verify scores in its CycleStats.
@@ -492,7 +507,8 @@ def sparsespec_generate(model, prompt_ids: Sequence[int], max_new_tokens: int, c
 
     while True:
         # ---- draft: k sparse steps, each writing (sparse-computed) KV at P + j.
-        draft_state = _AttnState("draft", num_sink=num_sink, dense_start=dense_start, selection=selection)
+        draft_state = _AttnState("draft", num_sink=num_sink, dense_start=dense_start, selection=selection,
+                                 row_lse={} if cfg.score_norm == "draft" else None)
         drafts: list[int] = []
         q_rows = []
         cur = pending
@@ -508,7 +524,7 @@ def sparsespec_generate(model, prompt_ids: Sequence[int], max_new_tokens: int, c
 
         # ---- verify: drop draft KV, recompute [pending, d_1..d_k] with full attention.
         cache.crop(P)
-        vstate = _AttnState("verify", aggregation=cfg.aggregation)
+        vstate = _AttnState("verify", aggregation=cfg.aggregation, row_lse=draft_state.row_lse)
         tlogits = _forward(model, cache, [pending] + drafts, P, vstate)  # p_0..p_k
         if greedy:
             m, bonus = greedy_accept(tlogits, drafts)

@@ -27,7 +27,8 @@ def greedy_run(tmp_path_factory):
     model_dir, out = tmp / "tiny", tmp / "results.json"
     proc = _run("--model-dir", model_dir, "--make-tiny", "--num-prompts", 2, "--prompt-len", 24,
                 "--max-new-tokens", 24, "--k", "2,4", "--sparsity", "0.05,1.0", "--min-selected", 1,
-                "--ignore-eos", "--check-lossless", "--bucket-size", 8, "--out", out)
+                "--score-norm", "exact,draft", "--ignore-eos", "--check-lossless", "--bucket-size", 8,
+                "--out", out)
     return model_dir, json.loads(out.read_text()), proc
 
 
@@ -38,7 +39,8 @@ def test_greedy_sweep_json(greedy_run):
     assert set(res["versions"]) >= {"python", "torch", "transformers", "sparsespec_sglang"}
     assert res["num_prompts"] == 2 and res["prompt_lens"] == [24, 24] and res["max_new_tokens"] == 24
     assert res["selection"]["first_cycle"] == "window" and res["selection"]["min_selected"] == 1
-    assert [(r["k"], r["sparsity"]) for r in res["results"]] == [(2, 0.05), (2, 1.0), (4, 0.05), (4, 1.0)]
+    assert [(r["k"], r["sparsity"], r["score_norm"]) for r in res["results"]] == [
+        (k, s, n) for k in (2, 4) for s in (0.05, 1.0) for n in ("exact", "draft")]
     for r in res["results"]:
         k, hist, n = r["k"], r["acceptance_histogram"], r["num_cycles"]
         assert len(hist) == k + 1 and sum(hist) == n > 0

@@ -107,6 +107,34 @@ def test_greedy_lossless(model, prompts, plain, k, sparsity, num_sink, aggregati
         assert sum(c.committed for c in out.cycles) == len(ref) - 1
 
 
+def test_draft_normalised_scores_stay_lossless_and_change_the_scores(model, prompts, plain):
+    kw = dict(k=4, sparsity=0.05, min_sel=1, num_sink=2, ignore_eos=True, trace=True)
+    for p, ref in zip(prompts, plain):
+        exact = R.sparsespec_generate(model, p, MAX_NEW, score_norm="exact", **kw)
+        draft = R.sparsespec_generate(model, p, MAX_NEW, score_norm="draft", **kw)
+        assert exact.tokens == draft.tokens == ref
+    # Same first cycle (window selection, same drafts): only the row normaliser differs.
+    first_exact, first_draft = exact.cycles[0].scores, draft.cycles[0].scores
+    assert first_exact.shape == first_draft.shape
+    assert not torch.allclose(first_exact, first_draft)
+
+
+def test_verify_scores_with_the_true_row_lse_equal_exact_scores():
+    torch.manual_seed(3)
+    hq, hkv, q_len, kv_len, d = 4, 2, 3, 10, 8
+    module = SimpleNamespace(layer_idx=0)
+    q, key, value = torch.randn(1, hq, q_len, d), torch.randn(1, hkv, kv_len, d), torch.randn(1, hkv, kv_len, d)
+    exact = R._AttnState("verify")
+    R.pillar_attention(module, q, key, value, sparsespec_state=exact)
+    # The rows' own lse, computed independently (causal: row i sees positions <= kv_len - q_len + i).
+    logits = torch.einsum("hqd,hkd->hqk", q[0], key[0].repeat_interleave(hq // hkv, 0)) * d ** -0.5
+    visible = torch.arange(kv_len)[None, :] <= torch.arange(kv_len - q_len, kv_len)[:, None]
+    lse = torch.logsumexp(logits.masked_fill(~visible, float("-inf")), dim=-1)  # [Hq, q_len]
+    given = R._AttnState("verify", row_lse={0: [lse[:, i] for i in range(q_len)]})
+    R.pillar_attention(module, q, key, value, sparsespec_state=given)
+    torch.testing.assert_close(given.scores[0], exact.scores[0], rtol=1e-5, atol=1e-6)
+
+
 def test_greedy_lossless_default_config_and_duck_typed_config(model, prompts, plain):
     cfg = SimpleNamespace(num_draft_steps=4, sparsity=0.1, min_selected=2, max_selected=16,
                           num_sink_tokens=2, aggregation="max", unrelated_field=123)
