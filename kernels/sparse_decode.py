@@ -79,6 +79,7 @@ def _sparse_decode_stage1(
     BLOCK_DV: tl.constexpr,
     BLOCK_N: tl.constexpr,
     LOGIT_CAP: tl.constexpr,
+    SEL_BY_ROW: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
@@ -116,7 +117,10 @@ def _sparse_decode_stage1(
             other=0.0,
         ).to(K_Buffer.dtype.element_ty)
         r2t_row = Req_To_Token + r * stride_r2t
-        sel_row = Sel_Indices + b * stride_sel_b + h * stride_sel_h
+        if SEL_BY_ROW:  # the whole table, one row per request-pool row
+            sel_row = Sel_Indices + r * stride_sel_b + h * stride_sel_h
+        else:
+            sel_row = Sel_Indices + b * stride_sel_b + h * stride_sel_h
         for n0 in range(start, end, BLOCK_N):
             j = n0 + tl.arange(0, BLOCK_N)
             valid = j < end
@@ -247,12 +251,15 @@ def sparse_decode_attention(
     block_n: int = _BLOCK_N,
     num_warps: int = 4,
     num_stages: int = 2,
+    sel_by_row: bool = False,
 ) -> torch.Tensor:
     """Attention of one decode token per request over sink + selected + dense KV slots.
 
     Shapes: q [B, Hq, D]; out [B, Hq, Dv] (written); k_buffer [slots, Hkv, D]; v_buffer
     [slots, Hkv, Dv]; req_to_token [max_reqs, max_ctx] int32; req_pool_indices, seq_lens,
-    dense_start, sel_lens [B] int32; sel_indices [B, Hkv, max_sel] int32 slot ids.
+    dense_start, sel_lens [B] int32; sel_indices [B, Hkv, max_sel] int32 slot ids in batch
+    order, or with ``sel_by_row`` the whole table [rows, Hkv, max_sel] read at row
+    ``req_pool_indices[b]`` (no per-step gather of the batch's rows).
     ``workspace = (attn_logits [>=B, Hq, >=num_kv_splits, Dv] fp32, attn_lse [>=B, Hq, same] fp32)``.
 
     Returns the log-sum-exp [B, Hq] fp32 of each row. It is a view of ``attn_lse[:B, :, 0]``
@@ -264,7 +271,7 @@ def sparse_decode_attention(
     num_kv_heads = k_buffer.shape[1]
     dv = v_buffer.shape[-1]
     assert num_q_heads % num_kv_heads == 0, "Hq must be a multiple of Hkv"
-    assert sel_indices.shape[:2] == (batch, num_kv_heads)
+    assert sel_indices.shape[1] == num_kv_heads and (sel_by_row or sel_indices.shape[0] == batch)
     assert k_buffer.stride(-1) == 1 and v_buffer.stride(-1) == 1 and q.stride(-1) == 1
     assert req_to_token.stride(1) == 1 and sel_indices.stride(2) == 1 and out.stride(-1) == 1
     group = num_q_heads // num_kv_heads
@@ -318,6 +325,7 @@ def sparse_decode_attention(
         BLOCK_DV=triton.next_power_of_2(dv),
         BLOCK_N=block_n,
         LOGIT_CAP=float(logit_cap),
+        SEL_BY_ROW=sel_by_row,
         num_warps=num_warps,
         num_stages=num_stages,
     )

@@ -97,9 +97,12 @@ def _select_topk_kernel(
     stride_oh,
     BLOCK: tl.constexpr,
     FLUSH_BLOCKS: tl.constexpr,
+    OUT_BY_ROW: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
+    r = tl.load(Req_Pool_Indices + b).to(tl.int64)
+    out_b = r if OUT_BY_ROW else b
 
     seq_len = tl.load(Seq_Lens + b)
     cand_end = tl.load(Cand_End + b)
@@ -109,7 +112,7 @@ def _select_topk_kernel(
     k += (k.to(tl.float32) < want).to(tl.int32)  # ceil for non-negative values
     k = tl.minimum(tl.minimum(tl.maximum(k, min_sel), max_sel), n_cand)
     if h == 0:
-        tl.store(Out_Lens + b, k)
+        tl.store(Out_Lens + out_b, k)
 
     if k > 0:
         score_row = Scores + b * stride_sb + h * stride_sh
@@ -130,8 +133,8 @@ def _select_topk_kernel(
             threshold = prefix
             ties_to_take = remaining
 
-        r2t_row = Req_To_Token + tl.load(Req_Pool_Indices + b).to(tl.int64) * stride_r2t
-        out_row = Out_Indices + b * stride_ob + h * stride_oh
+        r2t_row = Req_To_Token + r * stride_r2t
+        out_row = Out_Indices + out_b * stride_ob + h * stride_oh
         taken = 0
         ties_seen = 0
         for n0 in range(num_sink, cand_end, BLOCK):
@@ -163,6 +166,7 @@ def select_topk(
     out_indices: torch.Tensor,
     out_lens: torch.Tensor,
     workspace: torch.Tensor | None = None,
+    out_by_row: bool = False,
 ) -> None:
     """Slot ids of the K_b best candidate positions [num_sink, cand_end[b]) per (b, KV head).
 
@@ -170,12 +174,15 @@ def select_topk(
     with ceil computed in fp32. Shapes: scores [B, Hkv, >= max cand_end] fp32; req_to_token
     [max_reqs, max_ctx] int32; req_pool_indices, seq_lens, cand_end [B] int32; out_indices
     [B, Hkv, max_sel] int32 (entries [b, h, :K_b] written, sorted by position, rest untouched);
-    out_lens [B] int32. ``workspace`` is accepted for interface stability and unused: the select
-    keeps all of its state in registers.
+    out_lens [B] int32. With ``out_by_row`` they are whole-pool tables ([rows, Hkv, max_sel] and
+    [rows]) written at row ``req_pool_indices[b]``, so no scatter from batch order is needed.
+    ``workspace`` is accepted for interface stability and unused: the select keeps all of its
+    state in registers.
     """
     del workspace
     batch, num_kv_heads = scores.shape[:2]
-    assert out_indices.shape[:2] == (batch, num_kv_heads) and out_indices.shape[2] >= max_sel
+    assert out_indices.shape[1] == num_kv_heads and out_indices.shape[2] >= max_sel
+    assert out_by_row or (out_indices.shape[0] == batch and out_lens.shape[0] >= batch)
     assert scores.dtype == torch.float32 and scores.stride(2) == 1
     assert req_to_token.stride(1) == 1 and out_indices.stride(2) == 1
     assert 0 <= min_sel <= max_sel
@@ -200,6 +207,7 @@ def select_topk(
         out_indices.stride(1),
         BLOCK=_BLOCK,
         FLUSH_BLOCKS=_FLUSH_BLOCKS,
+        OUT_BY_ROW=out_by_row,
         num_warps=8,
     )
 

@@ -102,13 +102,14 @@ class SparseSpecAttnBackend(TritonAttnBackend):
             forward_batch.req_pool_indices,
             forward_batch.seq_lens,
             step.dense_start[:bs],
-            state.sel_indices[layer.layer_id].index_select(0, forward_batch.req_pool_indices),
+            state.sel_indices[layer.layer_id],
             step.sel_lens[:bs],
             state.config.num_sink_tokens,
             layer.scaling,
             logit_capping_mod(layer.logit_capping_method, layer.logit_cap),
             num_kv_splits=pick_num_kv_splits(bs, self.token_to_kv_pool.head_num, self._num_sms),
             lse_ring=None if state.draft_lse is None else state.draft_lse[layer.layer_id],
+            sel_by_row=True,
         )
         return o
 
@@ -146,15 +147,12 @@ class SparseSpecAttnBackend(TritonAttnBackend):
         )
         # Next cycle: candidates are the positions before this verify window
         # (the window itself becomes the drafts' dense tail).
-        rows = forward_batch.req_pool_indices
-        sel, sel_lens = state.batch_buffers(batch_size)
+        # Written straight into each request's row (CUDA-graph padding uses the reserved row 0).
         select_topk(
-            scores, state.req_to_token, rows, prefix_lens + width, prefix_lens,
-            config.num_sink_tokens, config.sparsity, config.min_selected, state.max_sel,
-            sel, sel_lens,
+            scores, state.req_to_token, forward_batch.req_pool_indices, prefix_lens + width,
+            prefix_lens, config.num_sink_tokens, config.sparsity, config.min_selected,
+            state.max_sel, state.sel_indices[layer.layer_id], state.sel_lens, out_by_row=True,
         )
-        state.sel_indices[layer.layer_id].index_copy_(0, rows, sel)
-        state.sel_lens.index_copy_(0, rows, sel_lens)
         return o
 
 

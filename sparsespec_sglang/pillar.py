@@ -2,11 +2,10 @@
 
 Keying by SGLang's request-pool row (stable while a request lives) instead of by
 batch position means requests can join and leave the running batch every step
-with no bookkeeping: the backend reads row ``req_pool_indices[b]`` (today by
-gathering one layer's rows per draft step and scattering the verify's new
-selection back; kernels that index rows directly would drop both copies). A new
+with no bookkeeping: the kernels read and write row ``req_pool_indices[b]``
+directly (sparse decode reads the selection there, top-K writes it there). A new
 occupant of a row always passes through prefill, which re-initialises the row
-(:meth:`init_window`).
+(:meth:`init_window`). Row 0 is SGLang's reserved CUDA-graph padding row.
 """
 
 from __future__ import annotations
@@ -69,8 +68,6 @@ class PillarState:
         )
         self.draft_step = DraftStep(dense_start=torch.zeros_like(self.dense_start),
                                     sel_lens=torch.zeros_like(self.sel_lens))
-        self._batch_sel = torch.zeros_like(self.sel_indices[0])
-        self._batch_sel_lens = torch.zeros_like(self.sel_lens)
         nbytes = sum(t.numel() * t.element_size() for t in
                      (self.sel_indices, self.sel_lens, self.dense_start, self.scores, self.draft_lse)
                      if t is not None)
@@ -86,10 +83,6 @@ class PillarState:
         step.dense_start[bs:].zero_()
         step.sel_lens[bs:].zero_()
         return step
-
-    def batch_buffers(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Batch-ordered scratch for one layer's selection before it is scattered to rows."""
-        return self._batch_sel[:batch_size], self._batch_sel_lens[:batch_size]
 
     def num_selected(self, context_lens: torch.Tensor) -> torch.Tensor:
         """K per request: clamp(ceil(s * len), min, max), never above the table width."""

@@ -137,8 +137,16 @@ def _decode_case(seq_lens, dense_start, sel_counts, num_sink, group, num_kv_head
     return pool, q, sel.to(DEVICE), _ints(sel_lens)
 
 
+def _by_row(pool, sel):
+    """The selection as a whole-pool table: request b's entries at row req_pool_indices[b], every
+    other row pointing at the poison slot 0 (reading a wrong row fails the comparison)."""
+    table = torch.zeros(pool.req_to_token.shape[0], *sel.shape[1:], dtype=sel.dtype, device=DEVICE)
+    table[pool.req_pool_indices.long()] = sel
+    return table
+
+
 def _run_decode(pool, q, seq_lens, dense_start, sel, sel_lens, num_sink, splits, logit_cap=0.0,
-                extra_rows=1, extra_splits=2):
+                extra_rows=1, extra_splits=2, sel_by_row=False):
     """Kernel vs reference; outputs and workspace are views into larger sentinel buffers."""
     batch, hq, _ = q.shape
     dv = pool.v.shape[-1]
@@ -148,9 +156,10 @@ def _run_decode(pool, q, seq_lens, dense_start, sel, sel_lens, num_sink, splits,
     sm_scale = 1.0 / math.sqrt(q.shape[-1])
     args = (pool.req_to_token, pool.req_pool_indices, _ints(seq_lens), _ints(dense_start), sel, sel_lens,
             num_sink, sm_scale, logit_cap)
+    kernel_args = (*args[:4], _by_row(pool, sel) if sel_by_row else sel, *args[5:])
     ring = torch.full((batch + extra_rows, hq, 5), -3.0, device=DEVICE)
-    lse = sparse_decode_attention(q, pool.k, pool.v, out_big[:batch], *args, num_kv_splits=splits,
-                                  workspace=(logits, lse_ws), lse_ring=ring)
+    lse = sparse_decode_attention(q, pool.k, pool.v, out_big[:batch], *kernel_args, num_kv_splits=splits,
+                                  workspace=(logits, lse_ws), lse_ring=ring, sel_by_row=sel_by_row)
     ref_out = torch.empty(batch, hq, dv, dtype=q.dtype, device=DEVICE)
     ref_lse = sparse_decode_attention_ref(q, pool.k, pool.v, ref_out, *args)
     assert lse.shape == (batch, hq)
@@ -176,13 +185,15 @@ def _run_decode(pool, q, seq_lens, dense_start, sel, sel_lens, num_sink, splits,
         (1, 16, 4, torch.bfloat16, 3),
     ],
 )
-def test_sparse_decode_matches_ref(group, page_size, num_sink, dtype, splits):
+@pytest.mark.parametrize("sel_by_row", [False, True], ids=["batch-order", "by-row"])
+def test_sparse_decode_matches_ref(group, page_size, num_sink, dtype, splits, sel_by_row):
     seq_lens = [150, 61, 9, 240]
     dense_start = [141, 40, 2, 232]  # request 2: fewer positions than sinks, nothing selectable
     sel_counts = [40, 0, 5, 77]  # request 1: empty selection
     pool, q, sel, sel_lens = _decode_case(seq_lens, dense_start, sel_counts, num_sink, group,
                                           page_size=page_size, dtype=dtype, seed=group + page_size)
-    out, lse, ref_out, ref_lse = _run_decode(pool, q, seq_lens, dense_start, sel, sel_lens, num_sink, splits)
+    out, lse, ref_out, ref_lse = _run_decode(pool, q, seq_lens, dense_start, sel, sel_lens, num_sink, splits,
+                                             sel_by_row=sel_by_row)
     torch.testing.assert_close(out.float(), ref_out.float(), **_tol(dtype))
     torch.testing.assert_close(lse, ref_lse, **_tol(dtype))
 
@@ -390,6 +401,16 @@ def _run_topk(pool, scores, seq_lens, cand_end, num_sink, sparsity, min_sel, max
     select_topk_ref(scores, *args, ref_out, ref_lens)
     for b in range(batch):
         assert torch.all(out[b, :, int(lens[b]):] == -5), "entries past K were written"
+    # The same selection written straight into whole-pool tables at each request's row.
+    rows = pool.req_pool_indices.long()
+    table = torch.full((pool.req_to_token.shape[0], num_kv_heads, max_sel), -5, dtype=torch.int32,
+                       device=DEVICE)
+    table_lens = torch.full((pool.req_to_token.shape[0],), -5, dtype=torch.int32, device=DEVICE)
+    select_topk(scores, *args, table, table_lens, out_by_row=True)
+    assert torch.equal(table[rows], out) and torch.equal(table_lens[rows], lens)
+    others = torch.ones(table.shape[0], dtype=torch.bool, device=DEVICE)
+    others[rows] = False
+    assert torch.all(table[others] == -5) and torch.all(table_lens[others] == -5)
     return out, lens, ref_out, ref_lens
 
 
