@@ -508,10 +508,40 @@ def verify_attention_with_scores(
     lse = verify_attention(q, k_buffer, v_buffer, out, req_to_token, req_pool_indices, prefix_lens,
                            extend_lens, qo_indptr, sm_scale, logit_cap, num_kv_splits,
                            scores=scores, score_lse=score_lse, aggregation=aggregation, **launch)
-    if score_lse is not None:
+    if score_lse is None:
+        verify_scores(q, k_buffer, req_to_token, req_pool_indices, prefix_lens, extend_lens, qo_indptr,
+                      lse, scores, sm_scale, aggregation, logit_cap, num_kv_splits,
+                      num_warps=score_pass_warps, num_stages=score_pass_stages)
+
+
+def verify_scores(
+    q: torch.Tensor,
+    k_buffer: torch.Tensor,
+    req_to_token: torch.Tensor,
+    req_pool_indices: torch.Tensor,
+    prefix_lens: torch.Tensor,
+    extend_lens: torch.Tensor,
+    qo_indptr: torch.Tensor,
+    lse: torch.Tensor,
+    scores: torch.Tensor,
+    sm_scale: float,
+    aggregation: str = "sum",
+    logit_cap: float = 0.0,
+    num_kv_splits: int | None = None,
+    num_warps: int = 4,
+    num_stages: int = 3,
+) -> None:
+    """Pass 3 alone: exact scores from the rows' final lse [T, Hq] (fp32, natural log), for a
+    verify whose attention output came from elsewhere (the deterministic-inference path)."""
+    num_tokens, num_q_heads, head_dim = q.shape
+    batch = prefix_lens.shape[0]
+    num_kv_heads = k_buffer.shape[1]
+    if batch == 0 or num_tokens == 0:
         return
+    if num_kv_splits is None:
+        num_kv_splits = pick_num_kv_splits(batch, num_kv_heads, _num_sms(q.device))
     group = num_q_heads // num_kv_heads
-    block_m, _ = _blocks(num_tokens, batch, group, v_buffer.shape[-1])
+    block_m, _ = _blocks(num_tokens, batch, group, head_dim)
     _verify_scores[(batch, num_kv_heads, num_kv_splits)](
         q, k_buffer, req_to_token, req_pool_indices, prefix_lens, extend_lens, qo_indptr,
         lse, scores, sm_scale, num_kv_splits,
@@ -519,7 +549,7 @@ def verify_attention_with_scores(
         lse.stride(0), lse.stride(1), scores.stride(0), scores.stride(1),
         G=group, D=head_dim, BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_M=block_m,
         BLOCK_N=_BLOCK_N, LOGIT_CAP=float(logit_cap), AGG_MAX=aggregation == "max",
-        num_warps=score_pass_warps, num_stages=score_pass_stages,
+        num_warps=num_warps, num_stages=num_stages,
     )
 
 

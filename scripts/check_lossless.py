@@ -27,6 +27,8 @@ def _engine(model_dir: str, args: argparse.Namespace, **kwargs):
 
     if args.max_total_tokens:
         kwargs["max_total_tokens"] = args.max_total_tokens
+    if args.deterministic:
+        kwargs["enable_deterministic_inference"] = True
     return sgl.Engine(model_path=model_dir, dtype=args.dtype, skip_tokenizer_init=True,
                       mem_fraction_static=args.mem_fraction, disable_radix_cache=False,
                       cuda_graph_max_bs_decode=args.cuda_graph_max_bs,
@@ -114,6 +116,10 @@ def main() -> int:
                     help="request i arrives i * STAGGER_S seconds after the first (joins a running batch)")
     ap.add_argument("--max-total-tokens", type=int, default=None,
                     help="cap SGLang's KV pool (tokens) so that decoding runs out and retracts requests")
+    ap.add_argument("--deterministic", action="store_true",
+                    help="--enable-deterministic-inference for every engine: SGLang's batch-invariant "
+                         "decoding, and SPARSESPEC verifies each token with the same decode kernel, so "
+                         "the outputs must be equal, not just equal up to ties")
     ap.add_argument("--score-norm", default=None, choices=("exact", "draft"),
                     help="--sparsespec-score-norm of the SPARSESPEC runs (default: the plugin's)")
     ap.add_argument("--tie-eps", type=float, default=0.25,
@@ -138,6 +144,7 @@ def main() -> int:
 
     report = {"command": " ".join(sys.argv), "gpu": torch.cuda.get_device_name(),
               "torch": torch.__version__, "shape": args.shape, "dtype": args.dtype,
+              "deterministic": args.deterministic,
               "num_prompts": args.num_prompts, "max_new_tokens": args.max_new_tokens, "tp": args.tp,
               "runs": {}}
     base = _run(model_dir, args, prompts, sampling, top_logprobs=True, attention_backend="triton")

@@ -8,7 +8,10 @@ forwards of the SPARSESPEC cycle take the plugin's kernels instead:
 - a *verify pass* (TARGET_VERIFY): causal attention of the k+1 verify tokens
   that also dumps per-position scores (``kernels/verify_attention.py``), turned
   into the next cycle's index table per layer right away
-  (``kernels/topk_select.py``), so no extra pass over the KV is scheduled.
+  (``kernels/topk_select.py``), so no extra pass over the KV is scheduled. With
+  ``--enable-deterministic-inference`` the verify's attention runs instead as one
+  SGLang deterministic decode per verify token, so greedy output is bitwise plain
+  SGLang's (the exact score pass then runs on its own).
 """
 
 from __future__ import annotations
@@ -19,9 +22,10 @@ from typing import Any, Iterator, Optional
 import torch
 from sglang.srt.layers.attention.triton_backend import TritonAttnBackend, logit_capping_mod
 
+from sparsespec_sglang.deterministic import verify_as_decode_rows
 from sparsespec_sglang.kernels.sparse_decode import pick_num_kv_splits, sparse_decode_attention
 from sparsespec_sglang.kernels.topk_select import select_topk
-from sparsespec_sglang.kernels.verify_attention import verify_attention_with_scores
+from sparsespec_sglang.kernels.verify_attention import verify_attention_with_scores, verify_scores
 from sparsespec_sglang.pillar import DraftStep, PillarState
 
 
@@ -138,13 +142,28 @@ class SparseSpecAttnBackend(TritonAttnBackend):
         o = q.new_empty((q.shape[0], hq * dv))
         scores = state.scores[:batch_size]
         k_buffer = self.token_to_kv_pool.get_key_buffer(layer.layer_id)
-        verify_attention_with_scores(
-            q.view(-1, hq, d), k_buffer, self.token_to_kv_pool.get_value_buffer(layer.layer_id),
-            o.view(-1, hq, dv), state.req_to_token, forward_batch.req_pool_indices, prefix_lens,
-            extend_lens, qo_indptr, scores, layer.scaling, config.aggregation,
-            logit_capping_mod(layer.logit_capping_method, layer.logit_cap),
-            score_lse=None if state.draft_lse is None else state.draft_lse[layer.layer_id][:batch_size],
-        )
+        logit_cap = logit_capping_mod(layer.logit_capping_method, layer.logit_cap)
+        if self.enable_deterministic:
+            scaled = layer.k_scale is not None and layer.v_scale is not None
+            lse = verify_as_decode_rows(
+                self.decode_attention_fwd, q.view(-1, hq, d), k_buffer,
+                self.token_to_kv_pool.get_value_buffer(layer.layer_id), o.view(-1, hq, dv),
+                state.req_to_token, forward_batch.req_pool_indices, prefix_lens, width,
+                self.split_tile_size, self.max_kv_splits, layer.scaling,
+                layer.k_scale_float if scaled else 1.0, layer.v_scale_float if scaled else 1.0,
+                logit_cap=logit_cap, xai_temperature_len=layer.xai_temperature_len,
+                use_pdl=self.use_pdl, page_size=self.page_size,
+            )
+            verify_scores(q.view(-1, hq, d), k_buffer, state.req_to_token,
+                          forward_batch.req_pool_indices, prefix_lens, extend_lens, qo_indptr, lse,
+                          scores, layer.scaling, config.aggregation, logit_cap)
+        else:
+            verify_attention_with_scores(
+                q.view(-1, hq, d), k_buffer, self.token_to_kv_pool.get_value_buffer(layer.layer_id),
+                o.view(-1, hq, dv), state.req_to_token, forward_batch.req_pool_indices, prefix_lens,
+                extend_lens, qo_indptr, scores, layer.scaling, config.aggregation, logit_cap,
+                score_lse=None if state.draft_lse is None else state.draft_lse[layer.layer_id][:batch_size],
+            )
         # Next cycle: candidates are the positions before this verify window
         # (the window itself becomes the drafts' dense tail).
         # Written straight into each request's row (CUDA-graph padding uses the reserved row 0).

@@ -84,12 +84,20 @@ def register() -> None:
         ATTENTION_BACKENDS,
         register_attention_backend,
     )
-    from sglang.srt.server_args import ATTENTION_BACKEND_CHOICES, add_attention_backend_choices
+    from sglang.srt.server_args import (
+        ATTENTION_BACKEND_CHOICES,
+        DETERMINISTIC_ATTENTION_BACKEND_CHOICES,
+        add_attention_backend_choices,
+    )
 
     if ATTENTION_BACKEND_NAME not in ATTENTION_BACKENDS:
         register_attention_backend(ATTENTION_BACKEND_NAME)(_create_attention_backend)
     if ATTENTION_BACKEND_NAME not in ATTENTION_BACKEND_CHOICES:
         add_attention_backend_choices([ATTENTION_BACKEND_NAME])
+    if ATTENTION_BACKEND_NAME not in DETERMINISTIC_ATTENTION_BACKEND_CHOICES:
+        # Its verify runs SGLang's deterministic decode kernel per token under
+        # --enable-deterministic-inference (sparsespec_sglang/deterministic.py).
+        DETERMINISTIC_ATTENTION_BACKEND_CHOICES.append(ATTENTION_BACKEND_NAME)
 
     from sparsespec_sglang.patches import server_args as server_args_patch
 

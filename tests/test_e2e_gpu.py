@@ -41,3 +41,14 @@ def test_join_leave_and_retract_stay_lossless(tmp_path):
     _check_lossless(tmp_path / "lossless_churn.json", "--num-prompts", "16", "--max-new-tokens", "256",
                     "--prompt-len", "64", "256", "--ragged-max-new-tokens", "--stagger-s", "0.05",
                     "--max-total-tokens", "2500", "--modes", "overlap", "--dtype", "bfloat16")
+
+
+def test_deterministic_inference_output_is_exactly_plain(tmp_path):
+    """With --enable-deterministic-inference every verified token goes through the same decode
+    kernel and batch-invariant GEMMs as plain decoding: exact equality, ties included."""
+    report = _check_lossless(tmp_path / "lossless_det.json", "--num-prompts", "8", "--max-new-tokens",
+                             "128", "--prompt-len", "64", "256", "--dtype", "bfloat16", "--deterministic",
+                             "--modes", "overlap,no-overlap")
+    for name, run in report["runs"].items():
+        if name != "plain":
+            assert run["equal"], (name, run["mismatches"])

@@ -97,6 +97,11 @@ def test_server_args_values_flow_into_config(sglang_loaded, model_dir):
     assert config.score_norm == "draft"
 
 
+def test_deterministic_inference_keeps_the_sparsespec_backend(sglang_loaded, model_dir):
+    sa = _server_args(model_dir, enable_deterministic_inference=True)
+    assert sa.attention_backend == "sparsespec" and sa.enable_deterministic_inference
+
+
 @pytest.mark.parametrize("kwargs, flag", [
     (dict(speculative_num_steps=0), "--speculative-num-steps"),
     (dict(speculative_eagle_topk=4), "--speculative-eagle-topk"),
