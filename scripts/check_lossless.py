@@ -29,8 +29,10 @@ def _engine(model_dir: str, args: argparse.Namespace, **kwargs):
         kwargs["max_total_tokens"] = args.max_total_tokens
     if args.deterministic:
         kwargs["enable_deterministic_inference"] = True
+    # Deterministic runs compare bitwise: no engine may reuse the warm-up's cached prefixes
+    # (SGLang turns the radix cache off for SPARSESPEC there, so plain must match).
     return sgl.Engine(model_path=model_dir, dtype=args.dtype, skip_tokenizer_init=True,
-                      mem_fraction_static=args.mem_fraction, disable_radix_cache=False,
+                      mem_fraction_static=args.mem_fraction, disable_radix_cache=args.deterministic,
                       cuda_graph_max_bs_decode=args.cuda_graph_max_bs,
                       disable_decode_cuda_graph=args.disable_cuda_graph,
                       disable_prefill_cuda_graph=True, log_level="warning",
