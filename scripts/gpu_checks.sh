@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # GPU-host check stages, each sized to fit one 10-minute device command. Results go to $OUT
 # (or ./gpu-results). Run from the repo root after `. .gpu/activate.sh`:
-#   bash scripts/gpu_checks.sh tests     # kernel + end-to-end GPU tests (lossless, join/leave/retract)
+#   bash scripts/gpu_checks.sh tests     # kernel GPU tests + join/leave/retract + deterministic exact equality
+#   bash scripts/gpu_checks.sh lossless  # the original end-to-end lossless test (overlap, no-overlap, dense)
 #   bash scripts/gpu_checks.sh kernels   # kernel table at B 1/32/128 x 4K/16K/32K
 #   bash scripts/gpu_checks.sh plain4k   # plain SGLang, B 128, 512 in / 4096 out (issue baseline)
 #   bash scripts/gpu_checks.sh spec4k    # SPARSESPEC exact + draft-normalised, same workload
@@ -11,7 +12,13 @@ mkdir -p "$out"
 bench4k="python scripts/bench_throughput.py --batch 128 --input-len 512 --output-len 4096 --forced-accept 7"
 case "${1:-}" in
   tests)
-    python -m pytest -q -p no:cacheprovider -m gpu tests 2>&1 | tail -20 | tee "$out/gpu_tests.txt" ;;
+    python -m pytest -q -p no:cacheprovider -m gpu tests/test_kernels.py \
+      tests/test_e2e_gpu.py::test_join_leave_and_retract_stay_lossless \
+      tests/test_e2e_gpu.py::test_deterministic_inference_output_is_exactly_plain \
+      2>&1 | tail -30 | tee "$out/gpu_tests.txt" ;;
+  lossless)
+    python -m pytest -q -p no:cacheprovider -m gpu tests/test_e2e_gpu.py::test_greedy_output_equals_plain_decoding \
+      2>&1 | tail -30 | tee "$out/gpu_lossless.txt" ;;
   kernels)
     python scripts/bench_kernels.py --out "$out/bench_kernels.json" 2>&1 | grep -E "^B=|wrote" ;;
   plain4k)
@@ -22,5 +29,5 @@ case "${1:-}" in
       > "$out/bench_b128_4k_spec.log" 2>&1 || true
     grep -E "^sparsespec|Traceback|Retract" "$out/bench_b128_4k_spec.log" | head -20 ;;
   *)
-    echo "usage: $0 {tests|kernels|plain4k|spec4k}" >&2; exit 2 ;;
+    echo "usage: $0 {tests|lossless|kernels|plain4k|spec4k}" >&2; exit 2 ;;
 esac
