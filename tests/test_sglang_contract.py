@@ -25,7 +25,6 @@ def test_spec_v2_helpers_used_by_the_worker():
     from sglang.srt.speculative.spec_utils import (
         GrammarTree,
         build_grammar_vocab_mask,
-        move_accept_tokens_to_target_kvcache,
         record_stream_for_v2_verify,
     )
 
@@ -37,8 +36,6 @@ def test_spec_v2_helpers_used_by_the_worker():
     assert _params(ForwardBatch.init_new) == [
         "batch", "model_runner", "capture_hidden_mode", "return_hidden_states_before_norm"]
     assert _params(eagle_sample) == ["verify_input", "batch", "logits_output", "grammar_mask"]
-    assert _params(move_accept_tokens_to_target_kvcache) == [
-        "batch", "accept_index", "num_correct_drafts", "token_to_kv_pool_allocator"]
     assert _params(record_stream_for_v2_verify) == ["batch", "verify_input", "fwd_stream"]
     assert _params(GrammarTree.from_linear_chain) == ["verify_ids_2d"]
     assert _params(build_grammar_vocab_mask) == ["reqs", "tree", "sampling_info", "device", "barrier"]
@@ -91,3 +88,25 @@ def test_factories_pick_the_plugin_classes():
         _worker_factory(SimpleNamespace(device="cpu"))
     with pytest.raises(ValueError, match="MLA"):
         create_backend(SimpleNamespace(use_mla_backend=True))
+
+
+def test_deterministic_decode_path_used_by_the_verify():
+    from sglang.kernels.ops.attention.decode_attention import decode_attention_fwd
+    from sglang.kernels.ops.kvcache.kv_indices import create_flashinfer_kv_indices_triton
+    from sglang.srt.layers.attention.triton_backend import TritonAttnBackend
+
+    assert _params(decode_attention_fwd)[:19] == [
+        "q", "k_buffer", "v_buffer", "o", "kv_indptr", "kv_indices", "attn_logits", "attn_lse",
+        "num_kv_splits", "max_kv_splits", "sm_scale", "k_scale", "v_scale", "logit_cap", "sinks",
+        "xai_temperature_len", "has_mla", "use_pdl", "page_size"]
+    assert list(create_flashinfer_kv_indices_triton.arg_names) == [
+        "req_to_token_ptr", "req_pool_indices_ptr", "page_kernel_lens_ptr", "kv_indptr",
+        "kv_start_idx", "kv_indices_ptr", "req_to_token_ptr_stride"]
+    # Attributes the backend reads from its TritonAttnBackend base in deterministic mode, and
+    # the split rule it must reproduce (a fixed tile per KV split).
+    source = inspect.getsource(TritonAttnBackend)
+    for attr in ("self.enable_deterministic", "self.split_tile_size", "self.max_kv_splits",
+                 "self.use_pdl", "self.page_size", "self.decode_attention_fwd"):
+        assert f"{attr} =" in source, attr
+    assert "expanded_seq_lens + self.split_tile_size - 1" in inspect.getsource(
+        TritonAttnBackend.get_num_kv_splits)
