@@ -33,6 +33,7 @@ logger = logging.getLogger(__name__)
 PROFILE_ENV = "SPARSESPEC_PROFILE"
 PHASES = ("draft", "verify", "accept")
 TRACE_FROM, TRACE_CYCLES = 100, 3
+_GAUGES: dict[int, dict[str, Any]] = {}  # id(registry) -> phase -> Gauge
 
 
 class CycleProfiler:
@@ -68,13 +69,17 @@ class CycleProfiler:
         """Publish the GPU phase means as Prometheus gauges (call when --enable-metrics)."""
         from prometheus_client import REGISTRY, Gauge
 
-        self._gauges = {
-            phase: Gauge(name=f"sparsespec:{phase}_gpu_ms_per_cycle",
-                         documentation=f"SPARSESPEC: mean GPU time of the {phase} phase per cycle (ms).",
-                         labelnames=list(labels), multiprocess_mode="mostrecent",
-                         registry=registry or REGISTRY).labels(**labels)
-            for phase in PHASES
-        }
+        registry = registry or REGISTRY
+        # A registry refuses a second metric of the same name: one set per registry and process.
+        gauges = _GAUGES.get(id(registry))
+        if gauges is None:
+            gauges = _GAUGES[id(registry)] = {
+                phase: Gauge(name=f"sparsespec:{phase}_gpu_ms_per_cycle",
+                             documentation=f"SPARSESPEC: mean GPU time of the {phase} phase per cycle (ms).",
+                             labelnames=list(labels), multiprocess_mode="mostrecent", registry=registry)
+                for phase in PHASES
+            }
+        self._gauges = {phase: gauge.labels(**labels) for phase, gauge in gauges.items()}
 
     def mark(self) -> None:
         """Phase boundary: call once before the drafts and after each phase in PHASES."""

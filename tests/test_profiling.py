@@ -90,3 +90,5 @@ def test_gauges_carry_the_gpu_phase_means():
     prof.end_cycle(2, torch.tensor([1, 1]))
     value = registry.get_sample_value("sparsespec:verify_gpu_ms_per_cycle", {"model_name": "m"})
     assert value == pytest.approx(1.0)
+    # A second worker in the same process reuses the gauges instead of failing to register.
+    CycleProfiler(event_factory=FakeEvent).export_metrics({"model_name": "m"}, registry=registry)
