@@ -117,10 +117,8 @@ def _sparse_decode_stage1(
             other=0.0,
         ).to(K_Buffer.dtype.element_ty)
         r2t_row = Req_To_Token + r * stride_r2t
-        if SEL_BY_ROW:  # the whole table, one row per request-pool row
-            sel_row = Sel_Indices + r * stride_sel_b + h * stride_sel_h
-        else:
-            sel_row = Sel_Indices + b * stride_sel_b + h * stride_sel_h
+        sel_b = r if SEL_BY_ROW else b  # SEL_BY_ROW: the whole table, a row per pool row
+        sel_row = Sel_Indices + sel_b * stride_sel_b + h * stride_sel_h
         for n0 in range(start, end, BLOCK_N):
             j = n0 + tl.arange(0, BLOCK_N)
             valid = j < end
@@ -222,7 +220,8 @@ def _sparse_decode_reduce(
     tl.store(lse_row, lse)
     if RING > 0:
         # Keyed by the query's position, so the verify finds it by position (no step counter).
-        pos = tl.load(Seq_Lens + b) - 1
+        # (A CUDA-graph padding row may carry seq_len 0: clamp so it never writes before the row.)
+        pos = tl.maximum(tl.load(Seq_Lens + b) - 1, 0)
         tl.store(Lse_Ring + b * stride_rb + hq * stride_rh + pos % RING, lse)
 
 
