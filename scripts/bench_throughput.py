@@ -45,7 +45,7 @@ def _run(name: str, model_dir: str, args: argparse.Namespace, prompts: list[list
                         mem_fraction_static=args.mem_fraction, disable_prefill_cuda_graph=True,
                         max_running_requests=args.batch,
                         cuda_graph_max_bs_decode=args.cuda_graph_bs or args.batch,
-                        log_level="warning", **kwargs)
+                        log_level=args.log_level, **kwargs)
     sampling = {"temperature": 0.0, "max_new_tokens": args.output_len, "ignore_eos": True}
     try:
         engine.generate(input_ids=prompts[: min(4, len(prompts))],
@@ -93,6 +93,9 @@ def main() -> int:
                     help="comma list of: plain, ngram, sparsespec, sparsespec-draftnorm")
     ap.add_argument("--profile", action="store_true",
                     help="SPARSESPEC runs record per-cycle GPU phase times (SPARSESPEC_PROFILE; syncs)")
+    ap.add_argument("--log-level", default="warning",
+                    help="engine log level; 'info' adds SGLang's per-interval decode lines "
+                         "(running requests, KV usage, tok/s) and the SPARSESPEC cycle means")
     ap.add_argument("--cuda-graph-bs", type=int, default=None,
                     help="largest CUDA-graph batch (default: --batch)")
     args = ap.parse_args()

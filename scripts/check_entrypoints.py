@@ -73,8 +73,14 @@ def check_http(url: str) -> dict:
     r = requests.post(f"{url}/generate", json={"text": "Hello", "sampling_params": {
         "max_new_tokens": 64, "temperature": 0}}, timeout=120)
     out["native_generate_meta"] = {k: v for k, v in r.json()["meta_info"].items() if k.startswith("spec_")}
-    metrics = requests.get(f"{url}/metrics", timeout=30).text
-    out["metrics_spec_lines"] = [l for l in metrics.splitlines() if "spec" in l and not l.startswith("#")][:12]
+    # Enough cycles for the worker's phase-time gauges (refreshed every 16 cycles) to be set.
+    r = requests.post(f"{url}/generate", json={"text": ["Hello"] * 8, "sampling_params": {
+        "max_new_tokens": 256, "temperature": 0, "ignore_eos": True}}, timeout=300)
+    r.raise_for_status()
+    metrics = [l for l in requests.get(f"{url}/metrics", timeout=30).text.splitlines()
+               if not l.startswith("#")]
+    out["metrics_spec_lines"] = [l for l in metrics if l.startswith("sglang:spec")][:12]
+    out["metrics_sparsespec_lines"] = [l for l in metrics if l.startswith("sparsespec:")]
     return out
 
 
@@ -111,7 +117,8 @@ def main() -> int:
     report["offline_batch"] = {"returncode": ob.returncode, "stdout": ob.stdout[-2000:],
                                "stderr": ob.stderr[-3000:]}
     Path(args.out).write_text(json.dumps(report, indent=1))
-    ok = report["frontend_program"]["returncode"] == 0 and ob.returncode == 0
+    ok = (report["frontend_program"]["returncode"] == 0 and ob.returncode == 0
+          and len(report["http"]["metrics_sparsespec_lines"]) == 3)
     print(json.dumps(report, indent=1)[:6000])
     print("ENTRYPOINTS OK" if ok else "ENTRYPOINTS FAILED")
     return 0 if ok else 1

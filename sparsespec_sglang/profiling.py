@@ -38,8 +38,9 @@ _GAUGES: dict[int, dict[str, Any]] = {}  # id(registry) -> phase -> Gauge
 
 class CycleProfiler:
     def __init__(self, every: int = 200, path: Optional[str] = None,
-                 event_factory: Optional[Callable[[], Any]] = None) -> None:
+                 event_factory: Optional[Callable[[], Any]] = None, gauge_every: int = 16) -> None:
         self.every = every
+        self.gauge_every = gauge_every  # gauges refresh more often than the log line
         self.path = Path(path) if path else None
         if event_factory is None and torch.cuda.is_available():
             event_factory = lambda: torch.cuda.Event(enable_timing=True)  # noqa: E731
@@ -114,6 +115,8 @@ class CycleProfiler:
             self._write_trace()
         if self.cycles % self.every == 0:
             self._report()
+        elif self.cycles % self.gauge_every == 0:
+            self._set_gauges(self.summary())
 
     def _collect(self) -> None:
         """Fold in the GPU times of every finished cycle, oldest first, without waiting."""
@@ -138,11 +141,14 @@ class CycleProfiler:
     def _report(self) -> None:
         summary = self.summary()
         logger.info("SPARSESPEC cycles: %s", json.dumps({k: round(v, 3) for k, v in summary.items()}))
+        self._set_gauges(summary)
+        if self.path is not None:
+            self.path.write_text(json.dumps(summary, indent=1))
+
+    def _set_gauges(self, summary: dict) -> None:
         if self._gauges is not None and self.gpu_cycles:
             for phase, gauge in self._gauges.items():
                 gauge.set(summary[f"gpu_{phase}_ms"])
-        if self.path is not None:
-            self.path.write_text(json.dumps(summary, indent=1))
 
     def _write_trace(self) -> None:
         trace, self._trace = self._trace, None

@@ -92,3 +92,16 @@ def test_gauges_carry_the_gpu_phase_means():
     assert value == pytest.approx(1.0)
     # A second worker in the same process reuses the gauges instead of failing to register.
     CycleProfiler(event_factory=FakeEvent).export_metrics({"model_name": "m"}, registry=registry)
+
+
+def test_gauges_refresh_between_log_lines():
+    registry = CollectorRegistry()
+    prof = CycleProfiler(every=1000, event_factory=FakeEvent, gauge_every=2)
+    prof.export_metrics({"model_name": "g"}, registry=registry)
+    for cycle in range(2):
+        for _ in range(len(PHASES) + 1):
+            prof.mark()
+        prof._marks[-1][1].done = True
+        prof.end_cycle(1, torch.tensor([1]))
+        value = registry.get_sample_value("sparsespec:draft_gpu_ms_per_cycle", {"model_name": "g"})
+        assert value == (0.0 if cycle == 0 else pytest.approx(1.0))  # unset until cycle 2
