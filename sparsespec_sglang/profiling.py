@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import time
+import weakref
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -33,7 +34,8 @@ logger = logging.getLogger(__name__)
 PROFILE_ENV = "SPARSESPEC_PROFILE"
 PHASES = ("draft", "verify", "accept")
 TRACE_FROM, TRACE_CYCLES = 100, 3
-_GAUGES: dict[int, dict[str, Any]] = {}  # id(registry) -> phase -> Gauge
+# registry -> phase -> Gauge (weak: an id() key could be reused by a later registry)
+_GAUGES: "weakref.WeakKeyDictionary[Any, dict[str, Any]]" = weakref.WeakKeyDictionary()
 
 
 class CycleProfiler:
@@ -72,9 +74,9 @@ class CycleProfiler:
 
         registry = registry or REGISTRY
         # A registry refuses a second metric of the same name: one set per registry and process.
-        gauges = _GAUGES.get(id(registry))
+        gauges = _GAUGES.get(registry)
         if gauges is None:
-            gauges = _GAUGES[id(registry)] = {
+            gauges = _GAUGES[registry] = {
                 phase: Gauge(name=f"sparsespec:{phase}_gpu_ms_per_cycle",
                              documentation=f"SPARSESPEC: mean GPU time of the {phase} phase per cycle (ms).",
                              labelnames=list(labels), multiprocess_mode="mostrecent", registry=registry)
