@@ -6,13 +6,24 @@ SGLang's own benchmark-only environment variable ``SGLANG_SIMULATE_ACC_LEN`` (re
 per cycle. It is not a server flag; this script sets it only for the speculative engines and
 prints a warning line for every run that uses it.
 
-    python scripts/bench_throughput.py --shape qwen3-8b --batch 32 --input-len 512 \
-        --output-len 1024 --forced-accept 7 --out bench.json
+Every size option takes a comma list and the script measures the whole grid: one engine per
+(run, forced acceptance) -- SGLang reads the variable once per process -- sized for the largest
+batch, then every (batch, input length, output length) point on it, each with its own prompts
+(distinct seeds, so no point hits another's prefix cache). Speculative runs sweep every
+``--forced-accept`` value (1..k+1; 1 = every draft rejected), plain runs once.
+
+    python scripts/bench_throughput.py --shape qwen3-8b --batch 32,64,128 --input-len 512 \
+        --output-len 4096 --forced-accept 7 --runs plain,ngram,sparsespec --out bench.json
+    python scripts/bench_throughput.py --batch 64 --output-len 2048 --forced-accept 1,3,5,7,9 \
+        --runs plain,sparsespec --out sweep_accept.json          # break-even acceptance
+    python scripts/plot_results.py bench.json sweep_accept.json --out-dir plots/
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import itertools
 import json
 import os
 import random
@@ -21,12 +32,16 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
+RUNS = ("plain", "ngram", "sparsespec", "sparsespec-draftnorm")
 
-def _run(name: str, model_dir: str, args: argparse.Namespace, prompts: list[list[int]],
-         forced_accept: float | None, **kwargs) -> dict:
+
+@contextlib.contextmanager
+def _engine(name: str, model_dir: str, args: argparse.Namespace, max_batch: int,
+            forced_accept: float | None, profile_path: Path | None, **kwargs) -> Iterator:
     import sglang as sgl
 
     if forced_accept is not None:
@@ -35,97 +50,138 @@ def _run(name: str, model_dir: str, args: argparse.Namespace, prompts: list[list
               f"{forced_accept} (outputs are not the model's)", flush=True)
     else:
         os.environ.pop("SGLANG_SIMULATE_ACC_LEN", None)
-    profile_path = None
-    if args.profile and kwargs.get("speculative_algorithm") == "SPARSESPEC":
-        profile_path = Path(tempfile.mkdtemp()) / "cycles.json"
+    if profile_path is not None:
         os.environ["SPARSESPEC_PROFILE"] = str(profile_path)
     else:
         os.environ.pop("SPARSESPEC_PROFILE", None)
     engine = sgl.Engine(model_path=model_dir, load_format="dummy", skip_tokenizer_init=True,
                         mem_fraction_static=args.mem_fraction, disable_prefill_cuda_graph=True,
-                        max_running_requests=args.batch,
-                        cuda_graph_max_bs_decode=args.cuda_graph_bs or args.batch,
+                        max_running_requests=max_batch,
+                        cuda_graph_max_bs_decode=args.cuda_graph_bs or max_batch,
                         log_level=args.log_level, **kwargs)
-    sampling = {"temperature": 0.0, "max_new_tokens": args.output_len, "ignore_eos": True}
     try:
-        engine.generate(input_ids=prompts[: min(4, len(prompts))],
-                        sampling_params={**sampling, "max_new_tokens": 16})
-        start = time.perf_counter()
-        outs = engine.generate(input_ids=prompts, sampling_params=sampling)
-        elapsed = time.perf_counter() - start
+        # Warm-up (JIT kernels, allocator) outside every timed point.
+        engine.generate(input_ids=[[1000 + i] * 16 for i in range(4)],
+                        sampling_params={"temperature": 0.0, "max_new_tokens": 16, "ignore_eos": True})
+        yield engine
     finally:
         engine.shutdown()
         os.environ.pop("SGLANG_SIMULATE_ACC_LEN", None)
         os.environ.pop("SPARSESPEC_PROFILE", None)
+
+
+def _measure(engine, prompts: list[list[int]], output_len: int) -> dict:
+    sampling = {"temperature": 0.0, "max_new_tokens": output_len, "ignore_eos": True}
+    start = time.perf_counter()
+    outs = engine.generate(input_ids=prompts, sampling_params=sampling)
+    elapsed = time.perf_counter() - start
     metas = [o["meta_info"] for o in outs]
     tokens = sum(m["completion_tokens"] for m in metas)
     latencies = sorted(m.get("e2e_latency", elapsed) for m in metas)
     accept = [m["spec_accept_length"] for m in metas if "spec_accept_length" in m]
-    result = {"output_tokens": tokens, "seconds": elapsed, "output_tok_per_s": tokens / elapsed,
-              "latency_p50_s": latencies[len(latencies) // 2], "latency_max_s": latencies[-1],
-              "mean_accept_length": sum(accept) / len(accept) if accept else None,
-              "forced_accept": forced_accept, "engine_kwargs": kwargs}
-    if profile_path is not None and profile_path.exists():
-        # Per-cycle GPU times (the profiler syncs every cycle, so tok/s of this run is lower).
-        result["cycle_profile"] = json.loads(profile_path.read_text())
-        print(name, "cycle profile", json.dumps(result["cycle_profile"]), flush=True)
-        for suffix in (".ops.txt", ".trace.json"):  # torch.profiler output of a few cycles
-            extra = Path(f"{profile_path}{suffix}")
-            if extra.exists():
-                shutil.copy(extra, Path(args.out).with_name(f"{Path(args.out).stem}.{name}{suffix}"))
-    print(name, json.dumps({k: result[k] for k in ("output_tok_per_s", "mean_accept_length")}),
-          flush=True)
-    return result
+    return {"output_tokens": tokens, "seconds": elapsed, "output_tok_per_s": tokens / elapsed,
+            "latency_p50_s": latencies[len(latencies) // 2], "latency_max_s": latencies[-1],
+            "mean_accept_length": sum(accept) / len(accept) if accept else None}
+
+
+def _prompts(batch: int, input_len: int, vocab: int, seed: int) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(1000, vocab - 1000) for _ in range(input_len)] for _ in range(batch)]
+
+
+def _ints(text: str) -> list[int]:
+    return [int(v) for v in text.split(",")]
+
+
+def _floats(text: str) -> list[float]:
+    return [float(v) for v in text.split(",")]
+
+
+def add_speedups(points: list[dict]) -> None:
+    """``speedup_vs_plain`` on every point that has a plain point of the same shape measured in
+    the same run (``source``, when points from several result files are mixed)."""
+    key = lambda p: (p.get("source"), p["batch"], p["input_len"], p["output_len"])  # noqa: E731
+    plain = {key(p): p["output_tok_per_s"] for p in points if p["run"] == "plain"}
+    for p in points:
+        base = plain.get(key(p))
+        if base:
+            p["speedup_vs_plain"] = p["output_tok_per_s"] / base
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True)
     ap.add_argument("--shape", default="qwen3-8b")
-    ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--input-len", type=int, default=512)
-    ap.add_argument("--output-len", type=int, default=1024)
+    ap.add_argument("--batch", type=_ints, default=[32], help="comma list of batch sizes")
+    ap.add_argument("--input-len", type=_ints, default=[512], help="comma list of prompt lengths")
+    ap.add_argument("--output-len", type=_ints, default=[1024], help="comma list of output lengths")
     ap.add_argument("--k", type=int, default=8)
-    ap.add_argument("--forced-accept", type=float, default=7.0,
-                    help="accepted tokens per cycle incl. the bonus (7 = 6 of 8 drafts)")
+    ap.add_argument("--forced-accept", type=_floats, default=[7.0],
+                    help="comma list of accepted tokens per cycle incl. the bonus, 1..k+1 "
+                         "(7 = 6 of 8 drafts); speculative runs sweep all of them")
     ap.add_argument("--mem-fraction", type=float, default=0.85)
     ap.add_argument("--runs", default="plain,ngram,sparsespec",
-                    help="comma list of: plain, ngram, sparsespec, sparsespec-draftnorm")
+                    help="comma list of: " + ", ".join(RUNS))
     ap.add_argument("--profile", action="store_true",
                     help="SPARSESPEC runs record per-cycle GPU phase times (SPARSESPEC_PROFILE; syncs)")
     ap.add_argument("--log-level", default="warning",
                     help="engine log level; 'info' adds SGLang's per-interval decode lines "
                          "(running requests, KV usage, tok/s) and the SPARSESPEC cycle means")
     ap.add_argument("--cuda-graph-bs", type=int, default=None,
-                    help="largest CUDA-graph batch (default: --batch)")
+                    help="largest CUDA-graph batch (default: the largest --batch)")
     args = ap.parse_args()
+    names = args.runs.split(",")
+    bad = [n for n in names if n not in RUNS]
+    if bad:
+        ap.error(f"--runs: unknown {', '.join(bad)}; allowed: {', '.join(RUNS)}")
+    bad_fa = [a for a in args.forced_accept if not 1 <= a <= args.k + 1]
+    if bad_fa:
+        ap.error(f"--forced-accept: each value must be in [1, k+1 = {args.k + 1}] (got {bad_fa})")
 
     from sparsespec_sglang.model_dirs import make_model_dir
 
     model_dir = str(make_model_dir(Path(tempfile.mkdtemp()) / args.shape, args.shape,
                                    with_weights=False, dtype="bfloat16"))
     vocab = json.loads((Path(model_dir) / "config.json").read_text())["vocab_size"]
-    rng = random.Random(0)
-    prompts = [[rng.randrange(1000, vocab - 1000) for _ in range(args.input_len)]
-               for _ in range(args.batch)]
-    runs = {
-        "plain": dict(forced_accept=None, attention_backend="triton"),
-        "ngram": dict(forced_accept=args.forced_accept, attention_backend="triton",
-                      speculative_algorithm="NGRAM", speculative_num_draft_tokens=args.k + 1),
-        "sparsespec": dict(forced_accept=args.forced_accept, speculative_algorithm="SPARSESPEC",
-                           speculative_num_steps=args.k),
-        "sparsespec-draftnorm": dict(forced_accept=args.forced_accept, speculative_algorithm="SPARSESPEC",
-                                     speculative_num_steps=args.k, sparsespec_score_norm="draft"),
+    shapes = list(itertools.product(args.batch, args.input_len, args.output_len))
+    spec = dict(speculative_num_steps=args.k)
+    configs = {
+        "plain": dict(attention_backend="triton"),
+        "ngram": dict(attention_backend="triton", speculative_algorithm="NGRAM",
+                      speculative_num_draft_tokens=args.k + 1),
+        "sparsespec": dict(speculative_algorithm="SPARSESPEC", **spec),
+        "sparsespec-draftnorm": dict(speculative_algorithm="SPARSESPEC", sparsespec_score_norm="draft", **spec),
     }
     report = {"command": " ".join(sys.argv), "gpu": torch.cuda.get_device_name(),
-              "torch": torch.__version__, "shape": args.shape, "batch": args.batch,
-              "input_len": args.input_len, "output_len": args.output_len, "k": args.k, "runs": {}}
-    for name in args.runs.split(","):
-        report["runs"][name] = _run(name, model_dir, args, prompts, **runs[name])
-    base = report["runs"].get("plain", {}).get("output_tok_per_s")
-    if base:
-        report["speedup_vs_plain"] = {n: r["output_tok_per_s"] / base for n, r in report["runs"].items()}
-        print("speedup vs plain:", json.dumps(report["speedup_vs_plain"]), flush=True)
+              "torch": torch.__version__, "shape": args.shape, "k": args.k, "points": []}
+    for name in names:
+        for forced in ([None] if name == "plain" else args.forced_accept):
+            profile_path = (Path(tempfile.mkdtemp()) / "cycles.json"
+                            if args.profile and name.startswith("sparsespec") else None)
+            with _engine(name, model_dir, args, max(args.batch), forced, profile_path,
+                         **configs[name]) as engine:
+                for i, (batch, input_len, output_len) in enumerate(shapes):
+                    point = {"run": name, "batch": batch, "input_len": input_len,
+                             "output_len": output_len, "forced_accept": forced,
+                             "engine_kwargs": configs[name]}
+                    point.update(_measure(engine, _prompts(batch, input_len, vocab, seed=i), output_len))
+                    report["points"].append(point)
+                    print(name, json.dumps({k: point[k] for k in ("batch", "input_len", "output_len",
+                                            "forced_accept", "output_tok_per_s", "mean_accept_length")}),
+                          flush=True)
+            if profile_path is not None and profile_path.exists():
+                # Per-cycle GPU times over the engine's points (the profiler syncs every cycle).
+                report.setdefault("cycle_profile", {})[f"{name}@{forced}"] = json.loads(profile_path.read_text())
+                for suffix in (".ops.txt", ".trace.json"):  # torch.profiler output of a few cycles
+                    extra = Path(f"{profile_path}{suffix}")
+                    if extra.exists():
+                        shutil.copy(extra, Path(args.out).with_name(f"{Path(args.out).stem}.{name}{suffix}"))
+            Path(args.out).write_text(json.dumps(report, indent=1))  # keep finished runs if a later one fails
+    add_speedups(report["points"])
+    for p in report["points"]:
+        if "speedup_vs_plain" in p and p["run"] != "plain":
+            print(f"speedup vs plain: {p['run']} B={p['batch']} {p['input_len']}/{p['output_len']} "
+                  f"accept={p['forced_accept']}: {p['speedup_vs_plain']:.2f}x", flush=True)
     Path(args.out).write_text(json.dumps(report, indent=1))
     return 0
 

@@ -6,6 +6,9 @@
 #   bash scripts/gpu_checks.sh kernels   # kernel table at B 1/32/128 x 4K/16K/32K
 #   bash scripts/gpu_checks.sh plain4k   # plain SGLang, B 128, 512 in / 4096 out (issue baseline)
 #   bash scripts/gpu_checks.sh spec4k    # SPARSESPEC exact + draft-normalised, same workload
+#   bash scripts/gpu_checks.sh batches   # plain vs SPARSESPEC at B 32/64/128, 512 in / 2048 out
+#   bash scripts/gpu_checks.sh accept    # break-even: forced acceptance 1..9 at B 64, 512 in / 2048 out
+# then, on any machine: python scripts/plot_results.py $OUT/*.json --out-dir plots/
 set -euo pipefail
 out=${OUT:-gpu-results}
 mkdir -p "$out"
@@ -28,6 +31,14 @@ case "${1:-}" in
     $bench4k --runs sparsespec,sparsespec-draftnorm --out "$out/bench_b128_4k_spec.json" \
       > "$out/bench_b128_4k_spec.log" 2>&1 || true
     grep -E "^sparsespec|Traceback|Retract" "$out/bench_b128_4k_spec.log" | head -20 ;;
+  batches)
+    python scripts/bench_throughput.py --batch 32,64,128 --input-len 512 --output-len 2048 --forced-accept 7 \
+      --runs plain,sparsespec-draftnorm --out "$out/bench_batches.json" > "$out/bench_batches.log" 2>&1 || true
+    grep -E "^plain|^sparsespec|^speedup|Traceback" "$out/bench_batches.log" ;;
+  accept)
+    python scripts/bench_throughput.py --batch 64 --input-len 512 --output-len 2048 --forced-accept 1,3,5,7,9 \
+      --runs plain,sparsespec-draftnorm --out "$out/bench_accept.json" > "$out/bench_accept.log" 2>&1 || true
+    grep -E "^plain|^sparsespec|^speedup|Traceback" "$out/bench_accept.log" ;;
   *)
-    echo "usage: $0 {tests|lossless|kernels|plain4k|spec4k}" >&2; exit 2 ;;
+    echo "usage: $0 {tests|lossless|kernels|plain4k|spec4k|batches|accept}" >&2; exit 2 ;;
 esac

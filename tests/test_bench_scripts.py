@@ -1,0 +1,74 @@
+"""The benchmark scripts' CPU parts: argument checks, speedup bookkeeping, plots and table."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+
+import plot_results  # noqa: E402
+
+
+def _point(run, batch, out, tps, forced=None):
+    return {"run": run, "batch": batch, "input_len": 512, "output_len": out, "forced_accept": forced,
+            "output_tok_per_s": tps, "latency_p50_s": 1.0,
+            "mean_accept_length": forced}
+
+
+def test_bench_throughput_refuses_bad_runs_and_acceptance_before_starting_engines():
+    for extra, needle in ((["--runs", "plain,foo"], "--runs: unknown foo"),
+                          (["--forced-accept", "0,7"], "--forced-accept: each value must be in [1, k+1 = 9]")):
+        proc = subprocess.run([sys.executable, str(ROOT / "scripts/bench_throughput.py"), "--out", "x.json", *extra],
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2 and needle in proc.stderr, proc.stderr
+
+
+def test_plots_and_table_from_a_grid_and_an_old_single_shape_file(tmp_path):
+    points = [_point("plain", b, o, 1000.0 * b / 32) for b in (32, 64) for o in (1024, 2048)]
+    points += [_point("sparsespec", b, o, 1000.0 * b / 32 * f / 4, forced=f)
+               for b in (32, 64) for o in (1024, 2048) for f in (1.0, 5.0, 9.0)]
+    grid = tmp_path / "grid.json"
+    grid.write_text(json.dumps({"points": points}))
+    old = tmp_path / "old.json"
+    old.write_text(json.dumps({"batch": 128, "input_len": 512, "output_len": 4096, "runs": {
+        "plain": {"output_tok_per_s": 3800.0, "latency_p50_s": 2.0, "mean_accept_length": None},
+        "sparsespec": {"output_tok_per_s": 4560.0, "latency_p50_s": 2.0, "mean_accept_length": 7.0,
+                       "forced_accept": 7.0}}}))
+    out = tmp_path / "plots"
+    sys.argv = ["plot_results.py", str(grid), str(old), "--out-dir", str(out)]
+    assert plot_results.main() == 0
+    for name in ("throughput_vs_batch.png", "throughput_vs_output_len.png", "speedup_vs_accept.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+    rows = (out / "table.md").read_text().splitlines()
+    assert len(rows) == 2 + len(points) + 2
+    # forced accept 9 = 8 drafts accepted: 9/4 of plain's throughput; the old file's 4560/3800.
+    assert any("| sparsespec | 64 | 512 | 2048 | 9 | 4500 | 2.25x |" in r for r in rows)
+    assert any("| sparsespec | 128 | 512 | 4096 | 7 | 4560 | 1.20x |" in r and "old.json" in r for r in rows)
+
+
+def test_speedups_only_against_plain_of_the_same_run(tmp_path):
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    a.write_text(json.dumps({"points": [_point("plain", 32, 1024, 1000.0)]}))
+    b.write_text(json.dumps({"points": [_point("sparsespec", 32, 1024, 1500.0, forced=7.0)]}))
+    points = plot_results.load_points([a, b])
+    assert [p.get("speedup_vs_plain") for p in points] == [1.0, None]
+
+
+def test_no_plot_from_a_single_x_value(tmp_path):
+    grid = tmp_path / "one.json"
+    grid.write_text(json.dumps({"points": [_point("plain", 32, 1024, 900.0),
+                                           _point("sparsespec", 32, 1024, 1800.0, forced=7.0)]}))
+    sys.argv = ["plot_results.py", str(grid), "--out-dir", str(tmp_path / "p")]
+    assert plot_results.main() == 0
+    assert sorted(p.name for p in (tmp_path / "p").iterdir()) == ["table.md"]
+    assert "| 2.00x |" in (tmp_path / "p" / "table.md").read_text()
+
+
+@pytest.mark.parametrize("name", ["bench_b128_4k_spec_h100.json", "bench_b128_4k_plain_vs_draftnorm_h100.json"])
+def test_published_results_load(name):
+    points = plot_results.load_points([ROOT / "benchmarks/results" / name])
+    assert points and all(p["output_tok_per_s"] > 0 for p in points)
