@@ -66,19 +66,34 @@ OPTIONS = (
            "Normaliser of the verify's selection scores: exact (each row's own lse; one more "
            "K read per verify) or draft (the draft step's sparse lse; fused into the verify pass)."),
     Option("offload_low_watermark", "--sparsespec-offload-low-watermark", float,
-           "Offload running requests' KV to host when the free GPU KV fraction falls below this."),
+           "Offload running requests' KV to host when the free GPU KV fraction falls below this "
+           "(not built yet: refused)."),
     Option("offload_high_watermark", "--sparsespec-offload-high-watermark", float,
-           "Load parked requests back when the free GPU KV fraction rises above this."),
+           "Load parked requests back when the free GPU KV fraction rises above this "
+           "(not built yet: refused)."),
     Option("delayed_verification", "--sparsespec-disable-delayed-verify", bool,
-           "Consume verify results in the same pass instead of one pass late.", store_false=True),
+           "Consume verify results in the same pass instead of one pass late "
+           "(what runs today: delayed verification is not built yet).", store_false=True),
     Option("unified_scheduling", "--sparsespec-disable-unified-schedule", bool,
-           "Run the batch in lockstep (k drafts, then verify) instead of mixed phases.",
-           store_false=True),
+           "Run the batch in lockstep (k drafts, then verify) instead of mixed phases "
+           "(what runs today: unified scheduling is not built yet).", store_false=True),
     Option("kv_offload", "--sparsespec-disable-kv-offload", bool,
-           "Use SGLang's retract-and-recompute instead of host offload when KV runs short.",
-           store_false=True),
+           "Use SGLang's retract-and-recompute instead of host offload when KV runs short "
+           "(what runs today: host offload is not built yet).", store_false=True),
 )
+
+# Parts of the design that are not built yet (issues 5 and 6). The worker always runs lockstep
+# and SGLang's retract path, so the config says so (the three switches are False) and refuses a
+# setting that could only be ignored: never a flag that silently does nothing.
+NOT_BUILT = {
+    "delayed_verification": "delayed verification",
+    "unified_scheduling": "unified draft/verify scheduling",
+    "kv_offload": "host KV offload",
+    "offload_low_watermark": "host KV offload",
+    "offload_high_watermark": "host KV offload",
+}
 OPTIONS_BY_DEST = {o.dest: o for o in OPTIONS}
+OPTIONS_BY_FIELD = {o.field: o for o in OPTIONS}
 
 
 @dataclass(frozen=True)
@@ -94,9 +109,9 @@ class SparseSpecConfig:
     score_norm: str = "exact"
     offload_low_watermark: float = 0.05
     offload_high_watermark: float = 0.15
-    delayed_verification: bool = True
-    unified_scheduling: bool = True
-    kv_offload: bool = True
+    delayed_verification: bool = False  # not built yet (NOT_BUILT)
+    unified_scheduling: bool = False  # not built yet
+    kv_offload: bool = False  # not built yet
 
     def __post_init__(self) -> None:
         _check(_is_int(self.num_draft_steps) and 1 <= self.num_draft_steps <= 32,
@@ -124,8 +139,9 @@ class SparseSpecConfig:
                f"a number in (--sparsespec-offload-low-watermark={self.offload_low_watermark}, 1]",
                self.offload_high_watermark)
         for name in ("delayed_verification", "unified_scheduling", "kv_offload"):
-            _check(isinstance(getattr(self, name), bool), f"sparsespec_{name}",
-                   "True or False", getattr(self, name))
+            _check(getattr(self, name) is False, OPTIONS_BY_FIELD[name].flag,
+                   f"set or unset ({NOT_BUILT[name]} is not built yet, so it is always off)",
+                   not getattr(self, name))
 
     @classmethod
     def from_values(cls, num_draft_steps: int | None, values: Mapping[str, Any]) -> "SparseSpecConfig":
@@ -140,6 +156,10 @@ class SparseSpecConfig:
                 raise SparseSpecArgsError(f"unknown SPARSESPEC option {dest!r}; allowed: {allowed}")
             if value is None:
                 continue
+            if option.field in NOT_BUILT and not option.store_false:
+                raise SparseSpecArgsError(
+                    f"{ALGORITHM_NAME}: {option.flag} has no effect yet ({NOT_BUILT[option.field]} "
+                    f"is not built); leave it unset (got {value!r})")
             kwargs[option.field] = (not value) if option.store_false else value
         return cls(**kwargs)
 

@@ -93,7 +93,7 @@ def test_server_args_values_flow_into_config(sglang_loaded, model_dir):
     assert (sa.speculative_num_steps, sa.speculative_num_draft_tokens) == (4, 5)
     config = SparseSpecConfig.from_server_args(pickle.loads(pickle.dumps(sa)))
     assert (config.num_draft_steps, config.sparsity, config.aggregation) == (4, 0.1, "max")
-    assert config.delayed_verification is False and config.unified_scheduling is True
+    assert config.delayed_verification is False and config.unified_scheduling is False
     assert config.score_norm == "draft"
 
 
@@ -113,8 +113,9 @@ def test_deterministic_inference_keeps_the_sparsespec_backend(sglang_loaded, mod
     (dict(sparsespec_sink_tokens=-2), "--sparsespec-sink-tokens"),
     (dict(sparsespec_aggregation="mean"), "--sparsespec-aggregation"),
     (dict(sparsespec_score_norm="approx"), "--sparsespec-score-norm"),
-    (dict(sparsespec_offload_low_watermark=0.5, sparsespec_offload_high_watermark=0.2),
-     "--sparsespec-offload-high-watermark"),
+    (dict(sparsespec_offload_high_watermark=0.2), "--sparsespec-offload-high-watermark has no effect yet"),
+    (dict(sparsespec_offload_low_watermark=0.1), "--sparsespec-offload-low-watermark has no effect yet"),
+    (dict(sparsespec_disable_kv_offload=False), "--sparsespec-disable-kv-offload must be set or unset"),
     (dict(attention_backend="triton"), "--attention-backend"),
     (dict(decode_attention_backend="flashinfer"), "--decode-attention-backend"),
     (dict(pp_size=2), "--pp-size"),
