@@ -59,6 +59,10 @@ def validate_server_args(server_args: Any) -> SparseSpecConfig:
         # per-request state (selection window, pending token) is set up by its own prefill.
         _fail("--disaggregation-mode", "null (PD disaggregation is not supported)",
               server_args.disaggregation_mode)
+    if config.score_norm == "draft" and getattr(server_args, "enable_deterministic_inference", False):
+        # The deterministic verify (one SGLang decode per verify token) has its own exact row
+        # lse and scores from it; a draft-normalised request could only be ignored.
+        _fail("--sparsespec-score-norm", "exact with --enable-deterministic-inference", "draft")
     if server_args.kv_cache_dtype not in ("auto", "bfloat16", "float16"):
         _fail("--kv-cache-dtype", "auto, bfloat16 or float16", server_args.kv_cache_dtype)
     if server_args.device not in ("cuda", "cpu"):

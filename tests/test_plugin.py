@@ -113,6 +113,8 @@ def test_deterministic_inference_keeps_the_sparsespec_backend(sglang_loaded, mod
     (dict(sparsespec_sink_tokens=-2), "--sparsespec-sink-tokens"),
     (dict(sparsespec_aggregation="mean"), "--sparsespec-aggregation"),
     (dict(sparsespec_score_norm="approx"), "--sparsespec-score-norm"),
+    (dict(sparsespec_score_norm="draft", enable_deterministic_inference=True),
+     "--sparsespec-score-norm must be exact with --enable-deterministic-inference"),
     (dict(sparsespec_offload_high_watermark=0.2), "--sparsespec-offload-high-watermark has no effect yet"),
     (dict(sparsespec_offload_low_watermark=0.1), "--sparsespec-offload-low-watermark has no effect yet"),
     (dict(sparsespec_disable_kv_offload=False), "--sparsespec-disable-kv-offload must be set or unset"),
