@@ -36,7 +36,7 @@ from typing import Iterator
 
 import torch
 
-RUNS = ("plain", "ngram", "sparsespec", "sparsespec-draftnorm")
+RUNS = ("plain", "ngram", "sparsespec", "sparsespec-draftnorm", "sparsespec-draftnorm-hicache")
 
 
 @contextlib.contextmanager
@@ -151,6 +151,9 @@ def main() -> int:
                       speculative_num_draft_tokens=args.k + 1),
         "sparsespec": dict(speculative_algorithm="SPARSESPEC", **spec),
         "sparsespec-draftnorm": dict(speculative_algorithm="SPARSESPEC", sparsespec_score_norm="draft", **spec),
+        # Retracted requests' KV kept in HiCache's host pool instead of recomputed (issue 6).
+        "sparsespec-draftnorm-hicache": dict(speculative_algorithm="SPARSESPEC", sparsespec_score_norm="draft",
+                                             enable_hierarchical_cache=True, **spec),
     }
     report = {"command": " ".join(sys.argv), "gpu": torch.cuda.get_device_name(),
               "torch": torch.__version__, "shape": args.shape, "k": args.k, "points": []}

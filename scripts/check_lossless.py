@@ -76,6 +76,8 @@ def _run(model_dir: str, args: argparse.Namespace, prompts: list[list[int]], sam
         "seconds": elapsed,
         "output_tok_per_s": sum(map(len, ids)) / elapsed,
         "mean_spec_accept_length": sum(accept) / len(accept) if accept else None,
+        # Prompt tokens served from the prefix cache (re-admitted requests included).
+        "cached_tokens": sum(m.get("cached_tokens", 0) for m in metas),
         "meta_info_example": {k: v for k, v in metas[0].items() if k.startswith("spec_")},
     }
 
@@ -118,6 +120,10 @@ def main() -> int:
                     help="request i arrives i * STAGGER_S seconds after the first (joins a running batch)")
     ap.add_argument("--max-total-tokens", type=int, default=None,
                     help="cap SGLang's KV pool (tokens) so that decoding runs out and retracts requests")
+    ap.add_argument("--hierarchical-cache", action="store_true",
+                    help="--enable-hierarchical-cache for the SPARSESPEC engines: with --max-total-tokens, "
+                         "retracted requests' KV goes to the host pool and is loaded back on re-admission "
+                         "(patches/retraction.py) instead of being recomputed")
     ap.add_argument("--deterministic", action="store_true",
                     help="--enable-deterministic-inference for every engine: SGLang's batch-invariant "
                          "decoding, and SPARSESPEC verifies each token with the same decode kernel, so "
@@ -158,6 +164,8 @@ def main() -> int:
                        sparsespec_sparsity=args.sparsity, sparsespec_min_selected=args.min_selected)
     if args.score_norm:
         spec_kwargs["sparsespec_score_norm"] = args.score_norm
+    if args.hierarchical_cache:
+        spec_kwargs["enable_hierarchical_cache"] = True
     modes = [(m, args.sparsity) for m in args.modes.split(",")]
     if args.dense_check:
         modes.append(("no-overlap", 1.0))
@@ -171,7 +179,7 @@ def main() -> int:
         entry.update(_compare(base["output_ids"], run["output_ids"], base["top2_gaps"], args.tie_eps))
         report["runs"][name] = entry
         print(name, json.dumps({k: entry[k] for k in ("equal", "num_mismatched", "num_clear_mismatches",
-                                                       "mean_spec_accept_length")}), flush=True)
+                                                       "mean_spec_accept_length", "cached_tokens")}), flush=True)
     # Reported, not required: after a bf16 tie, runs whose verify windows sit at different
     # offsets may break the tie differently.
     names = list(spec_ids)

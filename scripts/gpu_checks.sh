@@ -8,6 +8,7 @@
 #   bash scripts/gpu_checks.sh spec4k    # SPARSESPEC exact + draft-normalised, same workload
 #   bash scripts/gpu_checks.sh batches   # plain vs SPARSESPEC at B 32/64/128, 512 in / 2048 out
 #   bash scripts/gpu_checks.sh accept    # break-even: forced acceptance 1..9 at B 64, 512 in / 2048 out
+#   bash scripts/gpu_checks.sh offload   # retraction with the KV kept in HiCache: lossless test + B 128 / 4K run
 # then, on any machine: python scripts/plot_results.py $OUT/*.json --out-dir plots/
 set -euo pipefail
 out=${OUT:-gpu-results}
@@ -39,6 +40,13 @@ case "${1:-}" in
     python scripts/bench_throughput.py --batch 64 --input-len 512 --output-len 2048 --forced-accept 1,3,5,7,9 \
       --runs plain,sparsespec-draftnorm --out "$out/bench_accept.json" > "$out/bench_accept.log" 2>&1 || true
     grep -E "^plain|^sparsespec|^speedup|Traceback" "$out/bench_accept.log" ;;
+  offload)
+    python -m pytest -q -p no:cacheprovider -m gpu \
+      tests/test_e2e_gpu.py::test_retracted_requests_come_back_from_the_host_cache_losslessly \
+      2>&1 | tail -30 | tee "$out/gpu_offload_test.txt"
+    $bench4k --runs sparsespec-draftnorm-hicache --log-level info --out "$out/bench_b128_4k_hicache.json" \
+      > "$out/bench_b128_4k_hicache.log" 2>&1 || true
+    grep -E "^sparsespec|Traceback" "$out/bench_b128_4k_hicache.log" ;;
   *)
-    echo "usage: $0 {tests|lossless|kernels|plain4k|spec4k|batches|accept}" >&2; exit 2 ;;
+    echo "usage: $0 {tests|lossless|kernels|plain4k|spec4k|batches|accept|offload}" >&2; exit 2 ;;
 esac

@@ -67,10 +67,10 @@ OPTIONS = (
            "K read per verify) or draft (the draft step's sparse lse; fused into the verify pass)."),
     Option("offload_low_watermark", "--sparsespec-offload-low-watermark", float,
            "Offload running requests' KV to host when the free GPU KV fraction falls below this "
-           "(not built yet: refused)."),
+           "(watermark-driven offload is not built yet: refused)."),
     Option("offload_high_watermark", "--sparsespec-offload-high-watermark", float,
            "Load parked requests back when the free GPU KV fraction rises above this "
-           "(not built yet: refused)."),
+           "(watermark-driven offload is not built yet: refused)."),
     Option("delayed_verification", "--sparsespec-disable-delayed-verify", bool,
            "Consume verify results in the same pass instead of one pass late "
            "(what runs today: delayed verification is not built yet).", store_false=True),
@@ -78,19 +78,19 @@ OPTIONS = (
            "Run the batch in lockstep (k drafts, then verify) instead of mixed phases "
            "(what runs today: unified scheduling is not built yet).", store_false=True),
     Option("kv_offload", "--sparsespec-disable-kv-offload", bool,
-           "Use SGLang's retract-and-recompute instead of host offload when KV runs short "
-           "(what runs today: host offload is not built yet).", store_false=True),
+           "Free a retracted request's KV and recompute it on re-admission (SGLang's default) "
+           "instead of keeping it in the hierarchical cache's host pool (which needs "
+           "--enable-hierarchical-cache).", store_false=True),
 )
 
-# Parts of the design that are not built yet (issues 5 and 6). The worker always runs lockstep
-# and SGLang's retract path, so the config says so (the three switches are False) and refuses a
-# setting that could only be ignored: never a flag that silently does nothing.
+# Parts of the design that are not built yet (issues 5 and 6). The worker always runs lockstep,
+# so the config says so (the two switches are False) and refuses a setting that could only be
+# ignored: never a flag that silently does nothing.
 NOT_BUILT = {
     "delayed_verification": "delayed verification",
     "unified_scheduling": "unified draft/verify scheduling",
-    "kv_offload": "host KV offload",
-    "offload_low_watermark": "host KV offload",
-    "offload_high_watermark": "host KV offload",
+    "offload_low_watermark": "watermark-driven KV offload",
+    "offload_high_watermark": "watermark-driven KV offload",
 }
 OPTIONS_BY_DEST = {o.dest: o for o in OPTIONS}
 OPTIONS_BY_FIELD = {o.field: o for o in OPTIONS}
@@ -111,7 +111,7 @@ class SparseSpecConfig:
     offload_high_watermark: float = 0.15
     delayed_verification: bool = False  # not built yet (NOT_BUILT)
     unified_scheduling: bool = False  # not built yet
-    kv_offload: bool = False  # not built yet
+    kv_offload: bool = True  # retracted KV kept in the hierarchical cache (patches/retraction.py)
 
     def __post_init__(self) -> None:
         _check(_is_int(self.num_draft_steps) and 1 <= self.num_draft_steps <= 32,
@@ -138,7 +138,9 @@ class SparseSpecConfig:
                "--sparsespec-offload-high-watermark",
                f"a number in (--sparsespec-offload-low-watermark={self.offload_low_watermark}, 1]",
                self.offload_high_watermark)
-        for name in ("delayed_verification", "unified_scheduling", "kv_offload"):
+        _check(isinstance(self.kv_offload, bool), "--sparsespec-disable-kv-offload", "set or unset",
+               self.kv_offload)
+        for name in ("delayed_verification", "unified_scheduling"):
             _check(getattr(self, name) is False, OPTIONS_BY_FIELD[name].flag,
                    f"set or unset ({NOT_BUILT[name]} is not built yet, so it is always off)",
                    not getattr(self, name))

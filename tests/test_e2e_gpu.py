@@ -43,6 +43,16 @@ def test_join_leave_and_retract_stay_lossless(tmp_path):
                     "--max-total-tokens", "2500", "--modes", "overlap", "--dtype", "bfloat16")
 
 
+def test_retracted_requests_come_back_from_the_host_cache_losslessly(tmp_path):
+    """The same capped pool with --enable-hierarchical-cache: retracted requests' KV is kept
+    (patches/retraction.py) and re-admission is a prefix-cache hit instead of a recompute."""
+    report = _check_lossless(tmp_path / "lossless_hicache.json", "--num-prompts", "16", "--max-new-tokens",
+                             "256", "--prompt-len", "64", "256", "--max-total-tokens", "2500",
+                             "--modes", "overlap", "--dtype", "bfloat16", "--hierarchical-cache")
+    spec = report["runs"]["sparsespec-overlap-s0.05"]
+    assert spec["cached_tokens"] > report["runs"]["plain"]["cached_tokens"], report["runs"]
+
+
 def test_deterministic_inference_output_is_exactly_plain(tmp_path):
     """With --enable-deterministic-inference every verified token goes through the same decode
     kernel and batch-invariant GEMMs as plain decoding: exact equality, ties included."""

@@ -117,7 +117,7 @@ def test_deterministic_inference_keeps_the_sparsespec_backend(sglang_loaded, mod
      "--sparsespec-score-norm must be exact with --enable-deterministic-inference"),
     (dict(sparsespec_offload_high_watermark=0.2), "--sparsespec-offload-high-watermark has no effect yet"),
     (dict(sparsespec_offload_low_watermark=0.1), "--sparsespec-offload-low-watermark has no effect yet"),
-    (dict(sparsespec_disable_kv_offload=False), "--sparsespec-disable-kv-offload must be set or unset"),
+    (dict(sparsespec_disable_delayed_verify=False), "--sparsespec-disable-delayed-verify must be set or unset"),
     (dict(attention_backend="triton"), "--attention-backend"),
     (dict(decode_attention_backend="flashinfer"), "--decode-attention-backend"),
     (dict(pp_size=2), "--pp-size"),

@@ -1,0 +1,77 @@
+"""Hooks on SGLang's decode retraction: a retracted request's KV goes to the prefix cache.
+
+When the KV pool runs out during decode, SGLang retracts requests
+(``ScheduleBatch.retract_decode``) and frees their KV with ``is_insert=False``, so a retracted
+request is re-prefilled from scratch (prompt + everything generated) when it is re-admitted.
+With SPARSESPEC, ``--enable-hierarchical-cache`` and host KV offload on (the default;
+``--sparsespec-disable-kv-offload`` turns it off), the KV is inserted into the radix tree
+instead. ``HiRadixCache`` backs inserted nodes up to its host pool, and the eviction that makes
+room right after (``evict_from_tree_cache`` in ``release_req``, then ``check_decode_mem``) drops
+only their GPU copies, so re-admission is a prefix hit loaded back from host memory rather
+than a recompute. When the host pool is full, HiCache evicts host nodes and the request is
+recomputed as before: nothing is lost either way.
+
+Targets and why:
+- ``sglang.srt.managers.schedule_batch.release_req`` (AROUND): the retraction path's release;
+  marks the call (a context variable) when the server's settings ask for the KV to be kept.
+- ``sglang.srt.mem_cache.common.release_kv_cache`` (AROUND; SGLang propagates the patch to the
+  modules that imported it): inside a marked ``release_req`` call, inserts instead of freeing.
+  Every other caller is untouched.
+"""
+
+from __future__ import annotations
+
+import contextvars
+from typing import Any, Callable
+
+from sglang.srt.plugins.hook_registry import HookRegistry, HookType
+
+from sparsespec_sglang.config import SparseSpecArgsError, SparseSpecConfig
+from sparsespec_sglang.server_args import is_sparsespec
+
+_keep_kv: contextvars.ContextVar[bool] = contextvars.ContextVar("sparsespec_keep_kv", default=False)
+_registered = False
+
+
+def keeps_retracted_kv(server_args: Any) -> bool:
+    """Whether a retracted request's KV is kept (in the hierarchical cache) for this server."""
+    if server_args is None or not is_sparsespec(server_args):
+        return False
+    if not getattr(server_args, "enable_hierarchical_cache", False):
+        return False
+    try:
+        return SparseSpecConfig.from_server_args(server_args).kv_offload
+    except SparseSpecArgsError:  # validated at startup; never reached on a running server
+        return False
+
+
+def release_req(original: Callable, *args: Any, **kwargs: Any) -> Any:
+    if not keeps_retracted_kv(kwargs.get("server_args")):
+        return original(*args, **kwargs)
+    token = _keep_kv.set(True)
+    try:
+        return original(*args, **kwargs)
+    finally:
+        _keep_kv.reset(token)
+
+
+def release_kv_cache(original: Callable, req: Any, tree_cache: Any, *args: Any, **kwargs: Any) -> Any:
+    if _keep_kv.get():
+        args, kwargs = (), {**kwargs, "is_insert": True}
+    return original(req, tree_cache, *args, **kwargs)
+
+
+HOOKS = (
+    ("sglang.srt.managers.schedule_batch.release_req", release_req, HookType.AROUND),
+    ("sglang.srt.mem_cache.common.release_kv_cache", release_kv_cache, HookType.AROUND),
+)
+
+
+def register() -> None:
+    """Register the hooks once per process (SGLang applies them in load_plugins)."""
+    global _registered
+    if _registered:
+        return
+    _registered = True
+    for target, hook, hook_type in HOOKS:
+        HookRegistry.register(target, hook, hook_type)
