@@ -24,13 +24,13 @@ from __future__ import annotations
 import contextvars
 from typing import Any, Callable
 
-from sglang.srt.plugins.hook_registry import HookRegistry, HookType
+from sglang.srt.plugins.hook_registry import HookType
 
 from sparsespec_sglang.config import SparseSpecArgsError, SparseSpecConfig
+from sparsespec_sglang.patches import register_once
 from sparsespec_sglang.server_args import is_sparsespec
 
 _keep_kv: contextvars.ContextVar[bool] = contextvars.ContextVar("sparsespec_keep_kv", default=False)
-_registered = False
 
 
 def keeps_retracted_kv(server_args: Any) -> bool:
@@ -68,10 +68,4 @@ HOOKS = (
 
 
 def register() -> None:
-    """Register the hooks once per process (SGLang applies them in load_plugins)."""
-    global _registered
-    if _registered:
-        return
-    _registered = True
-    for target, hook, hook_type in HOOKS:
-        HookRegistry.register(target, hook, hook_type)
+    register_once(__name__, HOOKS)

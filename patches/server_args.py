@@ -22,7 +22,7 @@ import contextvars
 import sys
 from typing import Any, Callable
 
-from sglang.srt.plugins.hook_registry import HookRegistry, HookType
+from sglang.srt.plugins.hook_registry import HookType
 
 from sparsespec_sglang.config import (
     ALGORITHM_NAME,
@@ -31,10 +31,10 @@ from sparsespec_sglang.config import (
     SERVER_ARGS_ATTR,
     SparseSpecArgsError,
 )
+from sparsespec_sglang.patches import register_once
 from sparsespec_sglang.server_args import is_sparsespec, select_attention_backend
 
 MODULE = "sglang.srt.server_args"
-_registered = False
 _cli_values: contextvars.ContextVar[dict | None] = contextvars.ContextVar(
     "sparsespec_cli_values", default=None
 )
@@ -110,10 +110,4 @@ HOOKS = (
 
 
 def register() -> None:
-    """Register the hooks once per process (SGLang applies them in load_plugins)."""
-    global _registered
-    if _registered:
-        return
-    _registered = True
-    for target, hook, hook_type in HOOKS:
-        HookRegistry.register(target, hook, hook_type)
+    register_once(__name__, HOOKS)
