@@ -9,6 +9,7 @@
 #   bash scripts/gpu_checks.sh batches   # plain vs SPARSESPEC at B 32/64/128, 512 in / 2048 out
 #   bash scripts/gpu_checks.sh accept    # break-even: forced acceptance 1..9 at B 64, 512 in / 2048 out
 #   bash scripts/gpu_checks.sh offload   # retraction with the KV kept in HiCache: lossless test + B 128 / 4K run
+#   bash scripts/gpu_checks.sh sampling  # temperature / top-p / top-k: SPARSESPEC keeps plain's distribution
 # then, on any machine: python scripts/plot_results.py $OUT/*.json --out-dir plots/
 set -euo pipefail
 out=${OUT:-gpu-results}
@@ -47,6 +48,8 @@ case "${1:-}" in
     $bench4k --runs sparsespec-draftnorm-hicache --log-level info --out "$out/bench_b128_4k_hicache.json" \
       > "$out/bench_b128_4k_hicache.log" 2>&1 || true
     grep -E "^sparsespec|Traceback" "$out/bench_b128_4k_hicache.log" ;;
+  sampling)
+    python scripts/check_sampling.py --out "$out/sampling.json" 2>&1 | grep -E "min p-value|DISTRIBUTION|Traceback" ;;
   *)
-    echo "usage: $0 {tests|lossless|kernels|plain4k|spec4k|batches|accept|offload}" >&2; exit 2 ;;
+    echo "usage: $0 {tests|lossless|kernels|plain4k|spec4k|batches|accept|offload|sampling}" >&2; exit 2 ;;
 esac

@@ -72,3 +72,30 @@ def test_no_plot_from_a_single_x_value(tmp_path):
 def test_published_results_load(name):
     points = plot_results.load_points([ROOT / "benchmarks/results" / name])
     assert points and all(p["output_tok_per_s"] > 0 for p in points)
+
+
+def test_homogeneity_pvalue_matches_the_chi_square_tail():
+    from collections import Counter
+
+    import check_sampling
+
+    # 2x2 table with expected 20 per cell: statistic 20, 1 dof -> p = erfc(sqrt(10)).
+    p = check_sampling.homogeneity_pvalue(Counter(x=30, y=10), Counter(x=10, y=30))
+    assert p == pytest.approx(7.7442e-06, rel=1e-3)
+    assert check_sampling.homogeneity_pvalue(Counter(x=5), Counter(x=9)) == 1.0  # one category
+    # Rare categories are pooled: 2 cells (x, rest) with identical proportions -> p = 1.
+    p = check_sampling.homogeneity_pvalue(Counter(x=100, a=1, b=1), Counter(x=100, c=2))
+    assert p == pytest.approx(1.0)
+
+
+def test_homogeneity_pvalue_separates_distributions():
+    import random
+    from collections import Counter
+
+    import check_sampling
+
+    rng = random.Random(0)
+    draw = lambda weights, n: Counter(rng.choices(range(len(weights)), weights, k=n))  # noqa: E731
+    same = check_sampling.homogeneity_pvalue(draw([5, 3, 2, 1], 2000), draw([5, 3, 2, 1], 2000))
+    shifted = check_sampling.homogeneity_pvalue(draw([5, 3, 2, 1], 2000), draw([4, 3, 2, 2], 2000))
+    assert same > 1e-3 and shifted < 1e-6

@@ -62,3 +62,17 @@ def test_deterministic_inference_output_is_exactly_plain(tmp_path):
     for name, run in report["runs"].items():
         if name != "plain":
             assert run["equal"], (name, run["mismatches"])
+
+
+def test_sampling_preserves_the_target_distribution(tmp_path):
+    """Temperature / top-p / top-k sampling: SPARSESPEC's token counts match plain decoding's
+    (chi-square per prompt, position and setting; sparse drafts = residual path, dense drafts
+    = acceptance path), and the same test does separate plain decoding's two settings."""
+    out = tmp_path / "sampling.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts/check_sampling.py"), "--out", str(out)],
+                          capture_output=True, text=True, timeout=1200)
+    assert out.exists(), proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["power_check_pvalue"] < report["bonferroni_threshold"], report["power_check_pvalue"]
+    for name, run in report["runs"].items():
+        assert run["min_pvalue"] >= report["bonferroni_threshold"], (name, run["min_pvalue"])
