@@ -117,8 +117,8 @@ class CycleProfiler:
             self._write_trace()
         if self.cycles % self.every == 0:
             self._report()
-        elif self.cycles % self.gauge_every == 0:
-            self._set_gauges(self.summary())
+        elif self._gauges is not None and self.cycles % self.gauge_every == 0:
+            self._set_gauges(self.summary())  # only with --enable-metrics
 
     def _collect(self) -> None:
         """Fold in the GPU times of every finished cycle, oldest first, without waiting."""
