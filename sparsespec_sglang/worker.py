@@ -10,7 +10,8 @@ algorithm (``SparseSpecAlgo.is_ngram()``): chain verify through
 ``NgramVerifyInput``, draft state relayed through ``batch.spec_info``.
 
 Drafts are the argmax of the sparse model, i.e. a deterministic proposal, so
-SGLang's target-only acceptance (``eagle_sample``) is exact speculative sampling
+SGLang's target-only acceptance (``eagle_sample``, fed plain sampling's top-k/top-p/min-p
+target distribution by ``sampling.sample_like_plain``) is exact speculative sampling
 for temperature > 0 and exact prefix matching for greedy: output is lossless.
 
 The draft slots are the verify slots: draft j writes KV at position
@@ -31,7 +32,6 @@ from sglang.srt.managers.schedule_batch import ScheduleBatch
 from sglang.srt.managers.utils import GenerationBatchResult
 from sglang.srt.model_executor.forward_batch_info import ForwardBatch, ForwardMode
 from sglang.srt.speculative.base_spec_worker import BaseSpecWorker
-from sglang.srt.speculative.eagle_utils import eagle_sample
 from sglang.srt.speculative.ngram_info import NgramVerifyInput
 from sglang.srt.speculative.spec_utils import (
     GrammarTree,
@@ -44,6 +44,7 @@ from sparsespec_sglang.config import SparseSpecConfig
 from sparsespec_sglang.draft_graph import DraftGraphs
 from sparsespec_sglang.pillar import PillarState
 from sparsespec_sglang.profiling import CycleProfiler
+from sparsespec_sglang.sampling import sample_like_plain
 
 logger = logging.getLogger(__name__)
 
@@ -182,8 +183,8 @@ class SparseSpecWorker(BaseSpecWorker):
             grammar_mask = build_grammar_vocab_mask(
                 reqs=batch.reqs, tree=grammar_tree, sampling_info=batch.sampling_info,
                 device=self.device, barrier=None)
-        predict, accept_lens, accept_index = eagle_sample(verify_input, batch, logits_output,
-                                                          grammar_mask)
+        predict, accept_lens, accept_index = sample_like_plain(
+            verify_input, batch, logits_output, grammar_mask, self.server_args.sampling_backend)
         new_seq_lens = seq_lens + accept_lens
         accept_tokens = predict[accept_index].flatten()
         self.state.pending[batch.req_pool_indices] = accept_tokens.view(bs, width)[

@@ -1,0 +1,136 @@
+"""Verify-time sampling keeps plain SGLang's top-k / top-p / min-p semantics (CPU)."""
+
+import dataclasses
+import inspect
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from sparsespec_sglang import sampling
+from sparsespec_sglang.sampling import filter_probs, needs_plain_filtering
+
+
+def _brute_force(p: torch.Tensor, k: int, top_p: float, min_p: float, top_k_first: bool) -> torch.Tensor:
+    order = sorted(range(len(p)), key=lambda i: -float(p[i]))
+    topk = set(order[:k])
+    base = p.clone()
+    if top_k_first:
+        base = torch.tensor([float(p[i]) if i in topk else 0.0 for i in range(len(p))])
+        base = base / base.sum()
+    nucleus, above = set(), 0.0
+    for i in order:
+        if above <= top_p:
+            nucleus.add(i)
+        above += float(base[i])
+    keep = topk & nucleus
+    peak = max(float(p[i]) for i in keep)
+    keep = {i for i in keep if float(p[i]) >= peak * min_p}
+    out = torch.tensor([float(p[i]) if i in keep else 0.0 for i in range(len(p))], dtype=p.dtype)
+    return out / out.sum()
+
+
+@pytest.mark.parametrize("top_k_first", [False, True])
+def test_filter_probs_matches_brute_force(top_k_first):
+    gen = torch.Generator().manual_seed(0)
+    rows, vocab = 24, 40
+    probs = torch.softmax(torch.randn(rows, vocab, generator=gen) * 2, dim=-1, dtype=torch.float64)
+    top_ks = torch.randint(1, vocab + 5, (rows,), generator=gen)
+    top_ps = torch.rand(rows, generator=gen, dtype=torch.float64) * 0.9 + 0.05
+    min_ps = torch.rand(rows, generator=gen, dtype=torch.float64) * 0.3
+    got = filter_probs(probs, top_ks, top_ps, min_ps, top_k_first)
+    for r in range(rows):
+        want = _brute_force(probs[r], int(top_ks[r]), float(top_ps[r]), float(min_ps[r]), top_k_first)
+        torch.testing.assert_close(got[r], want)
+
+
+def test_joint_and_top_k_first_differ_where_plain_and_eagle_would():
+    # 0.5 / 0.3 / 0.2: top-k 2 keeps {0, 1}; joint top-p 0.6 on the original keeps {0, 1}
+    # (mass above token 1 is 0.5); top-k-first renormalises to 0.625 / 0.375 and keeps {0}.
+    probs = torch.tensor([[0.5, 0.3, 0.2]])
+    k, p = torch.tensor([2]), torch.tensor([0.6])
+    assert filter_probs(probs, k, p, None, top_k_first=False).tolist() == [[0.625, 0.375, 0.0]]
+    assert filter_probs(probs, k, p, None, top_k_first=True).tolist() == [[1.0, 0.0, 0.0]]
+
+
+def _info(**kw):
+    base = dict(is_all_greedy=False, need_top_k_sampling=True, need_top_p_sampling=True,
+                need_min_p_sampling=False, acc_additive_penalties=None, acc_scaling_penalties=None,
+                logit_bias=None)
+    base.update(kw)
+    return SimpleNamespace(**base)
+
+
+def test_only_batches_where_eagle_differs_are_refiltered():
+    assert needs_plain_filtering(_info())
+    assert needs_plain_filtering(_info(need_top_k_sampling=False, need_top_p_sampling=False,
+                                       need_min_p_sampling=True))
+    assert not needs_plain_filtering(_info(need_top_p_sampling=False))
+    assert not needs_plain_filtering(_info(need_top_k_sampling=False))
+    assert not needs_plain_filtering(_info(is_all_greedy=True))
+
+
+def test_sample_like_plain_hands_eagle_sample_the_plain_distribution(monkeypatch):
+    bs, n, vocab = 2, 3, 16
+    gen = torch.Generator().manual_seed(1)
+    logits = torch.randn(bs * n, vocab, generator=gen)
+    bias = torch.zeros(bs, vocab)
+    bias[:, 5] = 3.0
+    info = _info(need_min_p_sampling=True, logit_bias=bias,
+                 temperatures=torch.tensor([[0.7], [1.3]]), top_ks=torch.tensor([8, 4]),
+                 top_ps=torch.tensor([0.8, 0.95]), min_ps=torch.tensor([0.05, 0.0]))
+    seen = {}
+
+    def fake_eagle_sample(verify_input, batch, logits_output, grammar_mask):
+        seen["logits"] = logits_output.next_token_logits.clone()
+        seen["flags"] = (info.need_top_k_sampling, info.need_top_p_sampling,
+                         info.need_min_p_sampling, info.logit_bias)
+        seen["grammar_mask"] = grammar_mask
+        return "result"
+
+    monkeypatch.setattr(sampling, "eagle_sample", fake_eagle_sample)
+    out = SimpleNamespace(next_token_logits=logits.clone())
+    result = sampling.sample_like_plain(SimpleNamespace(draft_token_num=n), SimpleNamespace(sampling_info=info),
+                                        out, None, sampling_backend="flashinfer")
+    assert result == "result"
+    assert seen["flags"] == (False, False, False, None) and seen["grammar_mask"] is None
+    temps = info.temperatures.repeat_interleave(n, dim=0)
+    want = filter_probs(torch.softmax((logits + bias.repeat_interleave(n, dim=0)) / temps, dim=-1),
+                        info.top_ks.repeat_interleave(n), info.top_ps.repeat_interleave(n),
+                        info.min_ps.repeat_interleave(n), top_k_first=True)
+    torch.testing.assert_close(torch.softmax(seen["logits"] / temps, dim=-1), want)
+    # The batch and the logits object are given back as they were (bias applied in place, as
+    # eagle_sample itself does).
+    assert (info.need_top_k_sampling, info.need_top_p_sampling, info.need_min_p_sampling) == (True, True, True)
+    assert info.logit_bias is bias
+    torch.testing.assert_close(out.next_token_logits, logits + bias.repeat_interleave(n, dim=0))
+
+
+def test_sglang_fields_the_sampler_reads():
+    from sglang.srt.sampling.penaltylib.repetition_penalty import apply_scaling_penalties
+    from sglang.srt.sampling.sampling_batch_info import SamplingBatchInfo
+    from sglang.srt.server_args import ServerArgs
+
+    fields = {f.name for f in dataclasses.fields(SamplingBatchInfo)}
+    assert {"temperatures", "top_ks", "top_ps", "min_ps", "is_all_greedy", "need_top_p_sampling",
+            "need_top_k_sampling", "need_min_p_sampling", "acc_additive_penalties",
+            "acc_scaling_penalties", "logit_bias"} <= fields
+    assert list(inspect.signature(apply_scaling_penalties).parameters) == ["logits", "scaling_penalties"]
+    assert "sampling_backend" in inspect.signature(ServerArgs.__init__).parameters
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (sgl_kernel)")
+@pytest.mark.parametrize("top_k_first", [False, True])
+def test_kernel_filter_matches_the_reference(top_k_first):
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    rows, vocab = 64, 4096
+    probs = torch.softmax(torch.randn(rows, vocab, device="cuda", generator=gen) * 3, dim=-1)
+    top_ks = torch.randint(1, 200, (rows,), device="cuda", generator=gen, dtype=torch.int32)
+    top_ps = torch.rand(rows, device="cuda", generator=gen) * 0.9 + 0.05
+    min_ps = torch.rand(rows, device="cuda", generator=gen) * 0.2
+    for mp in (None, min_ps):
+        want = filter_probs(probs, top_ks, top_ps, mp, top_k_first)
+        got = sampling._filter_probs_kernels(probs, top_ks, top_ps, mp, top_k_first)
+        assert ((got > 0) != (want > 0)).sum().item() <= 2  # a boundary token may tie
+        torch.testing.assert_close(got, want, atol=2e-3, rtol=0)
