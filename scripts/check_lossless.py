@@ -12,8 +12,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
+import os
 import random
+import re
 import sys
 import tempfile
 import time
@@ -22,7 +25,7 @@ from pathlib import Path
 import torch
 
 
-def _engine(model_dir: str, args: argparse.Namespace, **kwargs):
+def _engine(model_dir: str, args: argparse.Namespace, log_level: str = "warning", **kwargs):
     import sglang as sgl
 
     if args.max_total_tokens:
@@ -35,7 +38,7 @@ def _engine(model_dir: str, args: argparse.Namespace, **kwargs):
                       mem_fraction_static=args.mem_fraction, disable_radix_cache=args.deterministic,
                       cuda_graph_max_bs_decode=args.cuda_graph_max_bs,
                       disable_decode_cuda_graph=args.disable_cuda_graph,
-                      disable_prefill_cuda_graph=True, log_level="warning",
+                      disable_prefill_cuda_graph=True, log_level=log_level,
                       max_running_requests=args.num_prompts, tp_size=args.tp, **kwargs)
 
 
@@ -50,9 +53,39 @@ async def _staggered(engine, prompts: list[list[int]], sampling: list[dict], ext
     return list(await asyncio.gather(*(one(i) for i in range(len(prompts)))))
 
 
+@contextlib.contextmanager
+def _stdio_to(path: Path):
+    """Point fds 1 and 2 at ``path`` while the engine's processes start (they inherit them)."""
+    saved = [os.dup(1), os.dup(2)]
+    with open(path, "w") as f:
+        os.dup2(f.fileno(), 1)
+        os.dup2(f.fileno(), 2)
+    try:
+        yield
+    finally:
+        for fd, old in zip((1, 2), saved):
+            os.dup2(old, fd)
+            os.close(old)
+
+
+def _prefill_tokens(log: str) -> dict:
+    """Prefill tokens computed and served from the prefix cache, summed over the scheduler's
+    "Prefill batch" log lines. Unlike meta_info's cached_tokens, which SGLang counts only at a
+    request's first admission, this includes the re-admission of retracted requests."""
+    rows = re.findall(r"Prefill batch.*?#new-token: (\d+), #cached-token: (\d+)", log)
+    return {"prefill_computed_tokens": sum(int(n) for n, _ in rows),
+            "prefill_cached_tokens": sum(int(c) for _, c in rows)}
+
+
 def _run(model_dir: str, args: argparse.Namespace, prompts: list[list[int]], sampling: list[dict],
          top_logprobs: bool = False, **kwargs) -> dict:
-    engine = _engine(model_dir, args, **kwargs)
+    log_path = None
+    if args.max_total_tokens:  # retraction runs: keep the scheduler's prefill log
+        log_path = Path(tempfile.mkdtemp()) / "engine.log"
+        with _stdio_to(log_path):
+            engine = _engine(model_dir, args, log_level="info", **kwargs)
+    else:
+        engine = _engine(model_dir, args, **kwargs)
     extra = {"return_logprob": True, "top_logprobs_num": 2} if top_logprobs else {}
     try:
         engine.generate(input_ids=prompts[:2], sampling_params={**sampling[0], "max_new_tokens": 8})
@@ -66,6 +99,7 @@ def _run(model_dir: str, args: argparse.Namespace, prompts: list[list[int]], sam
         engine.shutdown()
     ids = [o["output_ids"] for o in outs]
     metas = [o["meta_info"] for o in outs]
+    prefill = _prefill_tokens(log_path.read_text()) if log_path else {}
     accept = [m["spec_accept_length"] for m in metas if "spec_accept_length" in m]
     gaps = None
     if top_logprobs:  # top-1 minus top-2 logprob at every output position
@@ -76,8 +110,10 @@ def _run(model_dir: str, args: argparse.Namespace, prompts: list[list[int]], sam
         "seconds": elapsed,
         "output_tok_per_s": sum(map(len, ids)) / elapsed,
         "mean_spec_accept_length": sum(accept) / len(accept) if accept else None,
-        # Prompt tokens served from the prefix cache (re-admitted requests included).
+        # Prompt tokens served from the prefix cache at first admission (SGLang's meta_info).
         "cached_tokens": sum(m.get("cached_tokens", 0) for m in metas),
+        "retractions": sum(m.get("num_retractions", 0) for m in metas),
+        **prefill,
         "meta_info_example": {k: v for k, v in metas[0].items() if k.startswith("spec_")},
     }
 
@@ -179,7 +215,7 @@ def main() -> int:
         entry.update(_compare(base["output_ids"], run["output_ids"], base["top2_gaps"], args.tie_eps))
         report["runs"][name] = entry
         print(name, json.dumps({k: entry[k] for k in ("equal", "num_mismatched", "num_clear_mismatches",
-                                                       "mean_spec_accept_length", "cached_tokens")}), flush=True)
+                                                       "mean_spec_accept_length", "retractions")}), flush=True)
     # Reported, not required: after a bf16 tie, runs whose verify windows sit at different
     # offsets may break the tie differently.
     names = list(spec_ids)

@@ -99,3 +99,14 @@ def test_homogeneity_pvalue_separates_distributions():
     same = check_sampling.homogeneity_pvalue(draw([5, 3, 2, 1], 2000), draw([5, 3, 2, 1], 2000))
     shifted = check_sampling.homogeneity_pvalue(draw([5, 3, 2, 1], 2000), draw([4, 3, 2, 2], 2000))
     assert same > 1e-3 and shifted < 1e-6
+
+
+def test_prefill_tokens_counted_from_the_scheduler_log():
+    import check_lossless
+
+    log = ("[2026-11-23 10:00:00] Prefill batch, #new-seq: 2, #new-token: 300, #cached-token: 0, "
+           "token usage: 0.10, #running-req: 0, #queue-req: 0, #pending-token: 0, \n"
+           "[2026-11-23 10:00:01] Decode batch, #running-req: 2, #token: 400, \n"
+           "[2026-11-23 10:00:02] Prefill batch [17], #new-seq: 1, #new-token: 12, #cached-token: 388, "
+           "full token usage: 0.5, #running-req: 1, \n")
+    assert check_lossless._prefill_tokens(log) == {"prefill_computed_tokens": 312, "prefill_cached_tokens": 388}
