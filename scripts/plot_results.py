@@ -33,6 +33,7 @@ def load_points(paths: list[Path]) -> list[dict]:
                     "output_len": report["output_len"], **run} for name, run in report["runs"].items()]
         for p in new:
             p["source"] = Path(path).name
+            p["shape"] = report.get("shape", "qwen3-8b")
             if p["run"] == "plain":
                 p["forced_accept"] = None
         points.extend(new)
@@ -79,14 +80,14 @@ def _plot(lines: dict[tuple, list[tuple]], label, xlabel: str, ylabel: str, titl
 
 
 def table(points: list[dict]) -> str:
-    rows = ["| run | batch | input | output | forced accept | output tok/s | vs plain | mean accepted | p50 latency (s) | source |",
-            "|---|---|---|---|---|---|---|---|---|---|"]
-    key = lambda p: (p["batch"], p["input_len"], p["output_len"], p["run"], p.get("forced_accept") or 0)  # noqa: E731
+    rows = ["| shape | run | batch | input | output | forced accept | output tok/s | vs plain | mean accepted | p50 latency (s) | source |",
+            "|---|---|---|---|---|---|---|---|---|---|---|"]
+    key = lambda p: (p["shape"], p["batch"], p["input_len"], p["output_len"], p["run"], p.get("forced_accept") or 0)  # noqa: E731
     for p in sorted(points, key=key):
         speed = f"{p['speedup_vs_plain']:.2f}x" if "speedup_vs_plain" in p else ""
         acc = f"{p['mean_accept_length']:.2f}" if p.get("mean_accept_length") is not None else ""
         forced = "" if p.get("forced_accept") is None else f"{p['forced_accept']:g}"
-        rows.append(f"| {p['run']} | {p['batch']} | {p['input_len']} | {p['output_len']} | {forced} | "
+        rows.append(f"| {p['shape']} | {p['run']} | {p['batch']} | {p['input_len']} | {p['output_len']} | {forced} | "
                     f"{p['output_tok_per_s']:.0f} | {speed} | {acc} | {p.get('latency_p50_s', 0):.1f} | {p['source']} |")
     return "\n".join(rows) + "\n"
 
@@ -100,19 +101,19 @@ def main() -> int:
     args.out_dir.mkdir(parents=True, exist_ok=True)
     (args.out_dir / "table.md").write_text(table(points))
     written = ["table.md"]
-    runs = lambda k: _label(k[0], k[1])  # noqa: E731
-    if _plot(_lines(points, "batch", ("run", "forced_accept", "output_len"), "output_tok_per_s"),
+    runs = lambda k: f"{k[3]} {_label(k[0], k[1])}"  # noqa: E731
+    if _plot(_lines(points, "batch", ("run", "forced_accept", "output_len", "shape"), "output_tok_per_s"),
              lambda k: f"{runs(k)}, out {k[2]}", "batch size", "output tokens / s",
              "Throughput vs batch size", args.out_dir / "throughput_vs_batch.png"):
         written.append("throughput_vs_batch.png")
-    if _plot(_lines(points, "output_len", ("run", "forced_accept", "batch"), "output_tok_per_s"),
+    if _plot(_lines(points, "output_len", ("run", "forced_accept", "batch", "shape"), "output_tok_per_s"),
              lambda k: f"{runs(k)}, B {k[2]}", "output length (tokens)", "output tokens / s",
              "Throughput vs output length", args.out_dir / "throughput_vs_output_len.png"):
         written.append("throughput_vs_output_len.png")
     spec = [dict(p, accepted_drafts=p["forced_accept"] - 1) for p in points
             if p.get("forced_accept") is not None and "speedup_vs_plain" in p]
-    if _plot(_lines(spec, "accepted_drafts", ("run", "batch", "output_len"), "speedup_vs_plain"),
-             lambda k: f"{k[0]}, B {k[1]}, out {k[2]}", "forced accepted drafts per cycle",
+    if _plot(_lines(spec, "accepted_drafts", ("run", "batch", "output_len", "shape"), "speedup_vs_plain"),
+             lambda k: f"{k[3]} {k[0]}, B {k[1]}, out {k[2]}", "forced accepted drafts per cycle",
              "speedup over plain decoding", "Break-even acceptance", args.out_dir / "speedup_vs_accept.png",
              hline=1.0):
         written.append("speedup_vs_accept.png")
