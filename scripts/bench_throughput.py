@@ -54,6 +54,8 @@ def _engine(name: str, model_dir: str, args: argparse.Namespace, max_batch: int,
         os.environ["SPARSESPEC_PROFILE"] = str(profile_path)
     else:
         os.environ.pop("SPARSESPEC_PROFILE", None)
+    if args.max_total_tokens:
+        kwargs["max_total_tokens"] = args.max_total_tokens
     engine = sgl.Engine(model_path=model_dir, load_format="dummy", skip_tokenizer_init=True,
                         mem_fraction_static=args.mem_fraction, disable_prefill_cuda_graph=True,
                         max_running_requests=max_batch,
@@ -81,6 +83,7 @@ def _measure(engine, prompts: list[list[int]], output_len: int) -> dict:
     accept = [m["spec_accept_length"] for m in metas if "spec_accept_length" in m]
     return {"output_tokens": tokens, "seconds": elapsed, "output_tok_per_s": tokens / elapsed,
             "latency_p50_s": latencies[len(latencies) // 2], "latency_max_s": latencies[-1],
+            "retractions": sum(m.get("num_retractions", 0) for m in metas),
             "mean_accept_length": sum(accept) / len(accept) if accept else None}
 
 
@@ -120,6 +123,9 @@ def main() -> int:
                     help="comma list of accepted tokens per cycle incl. the bonus, 1..k+1 "
                          "(7 = 6 of 8 drafts); speculative runs sweep all of them")
     ap.add_argument("--mem-fraction", type=float, default=0.85)
+    ap.add_argument("--max-total-tokens", type=int, default=None,
+                    help="cap every engine's KV pool (tokens), e.g. to half the batch's final KV to "
+                         "compare SGLang's retract-and-recompute with the HiCache run")
     ap.add_argument("--runs", default="plain,ngram,sparsespec",
                     help="comma list of: " + ", ".join(RUNS))
     ap.add_argument("--profile", action="store_true",
@@ -156,7 +162,8 @@ def main() -> int:
                                              enable_hierarchical_cache=True, **spec),
     }
     report = {"command": " ".join(sys.argv), "gpu": torch.cuda.get_device_name(),
-              "torch": torch.__version__, "shape": args.shape, "k": args.k, "points": []}
+              "torch": torch.__version__, "shape": args.shape, "k": args.k,
+              "max_total_tokens": args.max_total_tokens, "points": []}
     for name in names:
         for forced in ([None] if name == "plain" else args.forced_accept):
             profile_path = (Path(tempfile.mkdtemp()) / "cycles.json"
@@ -170,7 +177,8 @@ def main() -> int:
                     point.update(_measure(engine, _prompts(batch, input_len, vocab, seed=i), output_len))
                     report["points"].append(point)
                     print(name, json.dumps({k: point[k] for k in ("batch", "input_len", "output_len",
-                                            "forced_accept", "output_tok_per_s", "mean_accept_length")}),
+                                            "forced_accept", "output_tok_per_s", "mean_accept_length",
+                                            "retractions")}),
                           flush=True)
             if profile_path is not None and profile_path.exists():
                 # Per-cycle GPU times over the engine's points (the profiler syncs every cycle).
