@@ -1,0 +1,90 @@
+"""PhasePlanner: unified batching's per-pass plan stays flat and never drafts beyond k (CPU)."""
+
+import random
+import sys
+from argparse import Namespace
+from pathlib import Path
+
+import pytest
+
+from sparsespec_sglang.phases import PhasePlanner
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+import sim_phases  # noqa: E402
+
+
+def test_a_full_batch_spreads_over_all_offsets_and_verifies_once_per_cycle():
+    k, batch = 8, 128
+    planner = PhasePlanner(k)
+    for rid in range(batch):
+        planner.admit(rid)
+    assert planner.counts[0] == 0  # pass 0 is everyone's first draft: nobody can verify in it
+    seen = {rid: [] for rid in range(batch)}
+    plans = [planner.plan() for _ in range(5 * (k + 1))]
+    for i, plan in enumerate(plans):
+        assert set(plan.verify) | set(plan.draft) == set(range(batch))
+        assert not set(plan.verify) & set(plan.draft)
+        for rid, drafts in plan.verify.items():
+            seen[rid].append(i)
+            assert 1 <= drafts <= k
+    assert max(planner.counts) - min(planner.counts) <= 1  # rebalanced within the first cycle
+    for passes in seen.values():  # after the first two cycles: one verify every k + 1 passes
+        assert all(b - a == k + 1 for a, b in zip(passes[1:], passes[2:]))
+    steady = [p.num_tokens for p in plans[2 * (k + 1):]]
+    assert max(steady) / min(steady) <= (batch + k * 15) / (batch + k * 14)
+
+
+def test_finishes_are_rebalanced_by_shortening_cycles_only():
+    k = 4
+    planner = PhasePlanner(k)
+    for rid in range(50):
+        planner.admit(rid)
+    for _ in range(k + 1):
+        planner.plan()
+    for rid in [r for r, o in planner.offset.items() if o == 0]:  # empty one offset
+        planner.release(rid)
+    last = {}
+    for i in range(3 * (k + 1)):
+        plan = planner.plan()
+        for rid, drafts in plan.verify.items():
+            assert 1 <= drafts <= k
+            if rid in last:
+                assert i - last[rid] <= k + 1  # never waits longer than a cycle
+            last[rid] = i
+    assert max(planner.counts) - min(planner.counts) <= 1
+    assert planner.shortened_cycles > 0
+
+
+def test_random_arrivals_and_finishes_keep_the_invariants():
+    rng = random.Random(3)
+    k, planner, live, next_id = 6, PhasePlanner(6), set(), 0
+    for _ in range(2000):
+        while len(live) < 40 and rng.random() < 0.7:
+            planner.admit(next_id)
+            live.add(next_id)
+            next_id += 1
+        plan = planner.plan()
+        assert set(plan.verify) | set(plan.draft) == live
+        assert all(1 <= d <= k for d in plan.verify.values())
+        for rid in list(plan.verify):
+            if rng.random() < 0.1:
+                planner.release(rid)
+                live.remove(rid)
+        assert sum(planner.counts) == len(planner) == len(live)
+
+
+def test_bad_input():
+    with pytest.raises(ValueError, match="k must be >= 1"):
+        PhasePlanner(0)
+    planner = PhasePlanner(2)
+    planner.admit("a")
+    with pytest.raises(ValueError, match="already planned"):
+        planner.admit("a")
+
+
+def test_simulated_run_of_128_requests_is_flat_and_lockstep_is_not():
+    args = Namespace(batch=128, k=8, accept_prob=0.85, seed=0)
+    lengths = [random.Random(0).randint(256, 1024) for _ in range(256)]
+    unified, lockstep = sim_phases.simulate_unified(args, lengths), sim_phases.simulate_lockstep(args, lengths)
+    assert unified["max_min_ratio_full_batch"] <= 1.3
+    assert lockstep["max_min_ratio_full_batch"] == pytest.approx(9.0)
