@@ -1,7 +1,8 @@
 """patches/retraction.py: a retracted request's KV goes into the (hierarchical) prefix cache.
 
 Runs SGLang's own ``release_req`` (the retraction path) with the plugin's hooks applied, over a
-recording tree cache, and checks which ``is_insert`` reaches ``cache_finished_req``.
+recording tree cache (which ``is_insert`` reaches ``cache_finished_req``) and over SGLang's real
+request pool, token allocator and radix cache on CPU (no slot leaked, the KV found again).
 """
 
 import inspect
@@ -87,3 +88,67 @@ def test_sglang_retraction_contract(sglang_loaded):  # noqa: F811
         "req", "tree_cache", "is_insert"]
     # ScheduleBatch.retract_decode releases through the module-level function.
     assert "release_req(" in inspect.getsource(schedule_batch.ScheduleBatch.release_req)
+
+
+class _LiveReq(_Req):
+    """What SGLang's release path reads of a decoding request, over real pools."""
+
+    def __init__(self, pool_idx, tokens, committed, allocated):
+        self.req_pool_idx, self.retracted = pool_idx, False
+        self.origin_input_ids, self.output_ids = tokens[:8], tokens[8:committed]
+        self.extra_key, self.cache_protected_len, self.last_node, self.priority = None, 0, None, 0
+        self.mamba_pool_idx, self._committed = None, committed
+        self.kv = type("KV", (), {"kv_allocated_len": allocated})()
+
+    def effective_kv_committed_len(self):
+        return self._committed
+
+
+@pytest.mark.parametrize("keep", [True, False])
+def test_retraction_over_sglangs_radix_cache_leaks_nothing_and_keeps_the_kv(sglang_loaded, model_dir,  # noqa: F811
+                                                                           keep):
+    """SGLang's own ReqToTokenPool, token allocator and RadixCache on CPU: a retracted request
+    (with speculative slots allocated past its committed length) gives every slot back either to
+    the allocator or to the cache as evictable, re-admission finds its KV as a prefix when kept,
+    and evicting the cache returns the pool to full."""
+    from sglang.srt.managers import schedule_batch
+    from sglang.srt.mem_cache.allocator.token import TokenToKVPoolAllocator
+    from sglang.srt.mem_cache.base_prefix_cache import EvictParams, MatchPrefixParams
+    from sglang.srt.mem_cache.cache_init_params import CacheInitParams
+    from sglang.srt.mem_cache.memory_pool import ReqToTokenPool
+    from sglang.srt.mem_cache.radix_cache import RadixCache, RadixKey
+    from sglang.srt.runtime_context import get_context
+
+    import torch
+
+    kwargs = dict(enable_hierarchical_cache=True) if keep else {}
+    server_args = _server_args(model_dir, **kwargs)
+    size = 64
+    req_pool = ReqToTokenPool(size=2, max_context_len=64, device="cpu", enable_memory_saver=False)
+    allocator = TokenToKVPoolAllocator(size, torch.bfloat16, "cpu", None, need_sort=False)
+    tree = RadixCache(CacheInitParams(disable=False, req_to_token_pool=req_pool,
+                                      token_to_kv_pool_allocator=allocator, page_size=1))
+    committed, allocated = 20, 29  # 9 slots reserved for the next cycle's drafts + verify
+    slots = allocator.alloc(allocated)
+    req = _LiveReq(req_pool.free_slots.pop(0), list(range(100, 100 + committed)), committed, allocated)
+    req_pool.req_to_token[req.req_pool_idx, :allocated] = slots.to(torch.int32)
+    assert allocator.available_size() == size - allocated
+
+    override = get_context().override_server_args(**vars(server_args))
+    override.install()
+    try:
+        schedule_batch.release_req(req=req, remaing_req_count=0, server_args=server_args,
+                                   req_to_token_pool=req_pool, token_to_kv_pool_allocator=allocator,
+                                   tree_cache=tree, hisparse_coordinator=None)
+    finally:
+        override.restore()
+    assert req.retracted and req.req_pool_idx is None
+    kept = committed if keep else 0
+    assert tree.evictable_size() == kept
+    assert allocator.available_size() + tree.evictable_size() == size  # nothing leaked
+    match = tree.match_prefix(MatchPrefixParams(key=RadixKey(list(range(100, 100 + committed)), None)))
+    assert len(match.device_indices) == kept
+    if keep:
+        assert match.device_indices.tolist() == slots[:committed].tolist()
+    tree.evict(EvictParams(num_tokens=size))
+    assert allocator.available_size() == size
