@@ -22,6 +22,7 @@ Targets and why:
 from __future__ import annotations
 
 import contextvars
+import logging
 from typing import Any, Callable
 
 from sglang.srt.plugins.hook_registry import HookType
@@ -30,6 +31,7 @@ from sparsespec_sglang.config import SparseSpecArgsError, SparseSpecConfig
 from sparsespec_sglang.patches import register_once
 from sparsespec_sglang.server_args import is_sparsespec
 
+logger = logging.getLogger(__name__)
 _keep_kv: contextvars.ContextVar[bool] = contextvars.ContextVar("sparsespec_keep_kv", default=False)
 
 
@@ -48,6 +50,10 @@ def keeps_retracted_kv(server_args: Any) -> bool:
 def release_req(original: Callable, *args: Any, **kwargs: Any) -> Any:
     if not keeps_retracted_kv(kwargs.get("server_args")):
         return original(*args, **kwargs)
+    req = kwargs["req"]
+    logger.info("SPARSESPEC: retracted request %s keeps its %d KV tokens in the hierarchical cache "
+                "(resumes from it instead of recomputing)", getattr(req, "rid", "?"),
+                req.effective_kv_committed_len())
     token = _keep_kv.set(True)
     try:
         return original(*args, **kwargs)

@@ -10,6 +10,7 @@
 #   bash scripts/gpu_checks.sh accept    # break-even: forced acceptance 1..9 at B 64, 512 in / 2048 out
 #   bash scripts/gpu_checks.sh offload   # retraction with the KV kept in HiCache: lossless test + B 128 / 4K run
 #   bash scripts/gpu_checks.sh sampling  # temperature / top-p / top-k: SPARSESPEC keeps plain's distribution
+#   bash scripts/gpu_checks.sh tp2       # --tp 2 (two GPUs: nvidia-h200-x2), deterministic greedy equality
 # then, on any machine: python scripts/plot_results.py $OUT/*.json --out-dir plots/
 set -euo pipefail
 out=${OUT:-gpu-results}
@@ -50,6 +51,10 @@ case "${1:-}" in
     grep -E "^sparsespec|Traceback" "$out/bench_b128_4k_hicache.log" ;;
   sampling)
     python scripts/check_sampling.py --out "$out/sampling.json" 2>&1 | grep -E "min p-value|DISTRIBUTION|Traceback" ;;
+  tp2)
+    python scripts/check_lossless.py --out "$out/lossless_tp2_det.json" --tp 2 --dtype bfloat16 --num-prompts 8 \
+      --max-new-tokens 128 --prompt-len 64 256 --deterministic --modes overlap 2>&1 \
+      | grep -E "^sparsespec|LOSSLESS|MISMATCH|Traceback" ;;
   *)
-    echo "usage: $0 {tests|lossless|kernels|plain4k|spec4k|batches|accept|offload|sampling}" >&2; exit 2 ;;
+    echo "usage: $0 {tests|lossless|kernels|plain4k|spec4k|batches|accept|offload|sampling|tp2}" >&2; exit 2 ;;
 esac
