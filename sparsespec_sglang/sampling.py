@@ -15,12 +15,23 @@ restores the batch afterwards. Other batches go to ``eagle_sample`` untouched.
 
 from __future__ import annotations
 
+import logging
 from contextlib import contextmanager
+from functools import cache
 from typing import Any, Iterator, Optional
 
 import torch
 from sglang.srt.sampling.penaltylib.repetition_penalty import apply_scaling_penalties
 from sglang.srt.speculative.eagle_utils import eagle_sample
+
+logger = logging.getLogger(__name__)
+
+
+@cache
+def _warn_penalties() -> None:
+    logger.warning("SPARSESPEC: frequency/presence/repetition penalties follow SGLang's speculative "
+                   "semantics: every verified position sees the penalty state of the cycle's start, "
+                   "so sampling with penalties is close to, not exactly, plain decoding's")
 
 
 def filter_probs(probs: torch.Tensor, top_ks: torch.Tensor, top_ps: torch.Tensor,
@@ -88,6 +99,8 @@ def sample_like_plain(verify_input: Any, batch: Any, logits_output: Any, grammar
                       sampling_backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``eagle_sample`` whose target distribution is the one plain SGLang samples from."""
     info = batch.sampling_info
+    if info.acc_additive_penalties is not None or info.acc_scaling_penalties is not None:
+        _warn_penalties()
     if not needs_plain_filtering(info):
         return eagle_sample(verify_input, batch, logits_output, grammar_mask)
     n = verify_input.draft_token_num

@@ -134,3 +134,15 @@ def test_kernel_filter_matches_the_reference(top_k_first):
         got = sampling._filter_probs_kernels(probs, top_ks, top_ps, mp, top_k_first)
         assert ((got > 0) != (want > 0)).sum().item() <= 2  # a boundary token may tie
         torch.testing.assert_close(got, want, atol=2e-3, rtol=0)
+
+
+def test_penalised_batches_are_flagged_once(monkeypatch, caplog):
+    monkeypatch.setattr(sampling, "eagle_sample", lambda *args: "result")
+    sampling._warn_penalties.cache_clear()
+    info = _info(need_top_k_sampling=False, acc_additive_penalties=torch.zeros(1, 4))
+    batch = SimpleNamespace(sampling_info=info)
+    with caplog.at_level("WARNING", logger="sparsespec_sglang.sampling"):
+        for _ in range(3):
+            sampling.sample_like_plain(SimpleNamespace(draft_token_num=2), batch,
+                                       SimpleNamespace(next_token_logits=torch.zeros(2, 4)), None, "flashinfer")
+    assert sum("penalties" in r.message for r in caplog.records) == 1
