@@ -3,9 +3,10 @@
 Greedy equality (check_lossless.py) does not cover temperature > 0, where losslessness means
 the target distribution is preserved: drafts are the sparse model's argmax and SGLang's
 ``eagle_sample`` accepts a draft d with probability p(d) and otherwise samples from p with d
-removed. This script draws many samples of the first few output tokens of the same prompts from
-a plain engine (at T 1.0, at T 0.7 with top-p and top-k, and at T 0.8 with min-p) and from SPARSESPEC engines (sparse drafts, mostly rejected on random weights:
-the residual path; dense drafts, mostly accepted: the acceptance path) and compares, for every
+removed. This script draws many samples of the first few output tokens of the same prompts
+(at T 1.0, at T 0.7 with top-p and top-k, at T 0.8 with min-p) from a plain engine and from
+SPARSESPEC engines (sparse drafts, mostly rejected on random weights: the residual path; dense
+drafts, mostly accepted: the acceptance path) and compares, for every
 prompt, output position and sampling setting, the token counts with a chi-square test of
 homogeneity. Verdict: no p-value below ``--alpha`` / number of tests (Bonferroni).
 
