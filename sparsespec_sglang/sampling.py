@@ -47,8 +47,9 @@ def filter_probs(probs: torch.Tensor, top_ks: torch.Tensor, top_ps: torch.Tensor
     sorted_p, order = probs.sort(dim=-1, descending=True)
     rank = torch.arange(probs.shape[-1], device=probs.device).view(1, -1)
     keep = rank < top_ks
-    ranked = sorted_p * keep if top_k_first else sorted_p
+    ranked = sorted_p
     if top_k_first:
+        ranked = sorted_p * keep
         ranked = ranked / ranked.sum(dim=-1, keepdim=True)
     keep &= (torch.cumsum(ranked, dim=-1) - ranked) <= top_ps
     if min_ps is not None:
