@@ -228,6 +228,8 @@ def _verify_reduce(
     Part_Lse,
     Out,
     Lse,
+    Qo_Indptr,
+    batch,
     num_kv_splits,
     stride_pt,
     stride_ph,
@@ -243,6 +245,9 @@ def _verify_reduce(
 ):
     t = tl.program_id(0).to(tl.int64)
     hq = tl.program_id(1)
+    # Only the verify rows: in a unified pass the other rows of q/out are draft rows.
+    if (t < tl.load(Qo_Indptr)) | (t >= tl.load(Qo_Indptr + batch)):
+        return
     offs_dv = tl.arange(0, BLOCK_DV)
     mask_dv = offs_dv < DV
     e_max = -float("inf")
@@ -395,12 +400,15 @@ def verify_attention(
     block_n: int = _BLOCK_N,
     num_warps: int | None = None,
     num_stages: int = 3,
+    max_ext: int | None = None,
 ) -> torch.Tensor:
     """Causal verify attention (passes 1-2); writes ``out``, returns lse [T, Hq].
 
     With ``scores`` and ``score_lse`` it also dumps the scores in the same pass (see
     :func:`verify_attention_with_scores`). ``block_n``/``num_warps``/``num_stages`` override
-    the launch shape (``scripts/bench_kernels.py --sweep`` measures them).
+    the launch shape (``scripts/bench_kernels.py --sweep`` measures them). ``max_ext`` (the
+    longest chain) sizes the row blocks when ``q`` holds more than the verify rows (a unified
+    pass); by default the mean tokens per request does.
     """
     num_tokens, num_q_heads, head_dim = q.shape
     batch = prefix_lens.shape[0]
@@ -412,7 +420,7 @@ def verify_attention(
     group = num_q_heads // num_kv_heads
     if num_kv_splits is None:
         num_kv_splits = pick_num_kv_splits(batch, num_kv_heads, _num_sms(q.device))
-    block_m, default_warps = _blocks(num_tokens, batch, group, dv)
+    block_m, default_warps = _blocks(batch * max_ext if max_ext else num_tokens, batch, group, dv)
     block_dv = triton.next_power_of_2(dv)
     lse = torch.empty((num_tokens, num_q_heads), dtype=torch.float32, device=q.device)
     split = num_kv_splits > 1
@@ -445,7 +453,7 @@ def verify_attention(
     )
     if split:
         _verify_reduce[(num_tokens, num_q_heads)](
-            part_out, part_lse, out, lse, num_kv_splits,
+            part_out, part_lse, out, lse, qo_indptr, batch, num_kv_splits,
             part_out.stride(0), part_out.stride(1), part_out.stride(2),
             part_lse.stride(0), part_lse.stride(1),
             out.stride(0), out.stride(1), lse.stride(0), lse.stride(1),
@@ -472,13 +480,15 @@ def verify_attention_with_scores(
     score_lse: torch.Tensor | None = None,
     score_pass_warps: int = 4,
     score_pass_stages: int = 3,
+    max_ext: int | None = None,
     **launch: int,
 ) -> None:
     """Causal verify attention over the paged KV plus the per-position PillarAttn scores.
 
-    Shapes: q [T, Hq, D] (request b owns rows qo_indptr[b]:qo_indptr[b+1]); out [T, Hq, Dv]
-    (written); req_to_token [max_reqs, max_ctx] int32; req_pool_indices, prefix_lens,
-    extend_lens [B] int32; qo_indptr [B+1] int32; scores [B, Hkv, >= max context] fp32, written
+    Shapes: q [T, Hq, D] (request b owns rows qo_indptr[b]:qo_indptr[b] + extend_lens[b]);
+    out [T, Hq, Dv] (written for those rows only: rows outside [qo_indptr[0], qo_indptr[B])
+    are left alone, so a unified pass can keep draft rows in the same q/out); req_to_token
+    [max_reqs, max_ctx] int32; req_pool_indices, prefix_lens, extend_lens [B] int32; qo_indptr [B+1] int32; scores [B, Hkv, >= max context] fp32, written
     for positions [0, prefix_lens[b] + extend_lens[b]) only (nothing for a request with no
     verify tokens). ``num_kv_splits`` (optional) fixes the KV split count; by default it is
     chosen from B * Hkv and the SM count (shape-only, no sync).
@@ -507,11 +517,12 @@ def verify_attention_with_scores(
         num_kv_splits = pick_num_kv_splits(batch, num_kv_heads, _num_sms(q.device))
     lse = verify_attention(q, k_buffer, v_buffer, out, req_to_token, req_pool_indices, prefix_lens,
                            extend_lens, qo_indptr, sm_scale, logit_cap, num_kv_splits,
-                           scores=scores, score_lse=score_lse, aggregation=aggregation, **launch)
+                           scores=scores, score_lse=score_lse, aggregation=aggregation,
+                           max_ext=max_ext, **launch)
     if score_lse is None:
         verify_scores(q, k_buffer, req_to_token, req_pool_indices, prefix_lens, extend_lens, qo_indptr,
                       lse, scores, sm_scale, aggregation, logit_cap, num_kv_splits,
-                      num_warps=score_pass_warps, num_stages=score_pass_stages)
+                      num_warps=score_pass_warps, num_stages=score_pass_stages, max_ext=max_ext)
 
 
 def verify_scores(
@@ -530,6 +541,7 @@ def verify_scores(
     num_kv_splits: int | None = None,
     num_warps: int = 4,
     num_stages: int = 3,
+    max_ext: int | None = None,
 ) -> None:
     """Pass 3 alone: exact scores from the rows' final lse [T, Hq] (fp32, natural log), for a
     verify whose attention output came from elsewhere (the deterministic-inference path)."""
@@ -541,7 +553,7 @@ def verify_scores(
     if num_kv_splits is None:
         num_kv_splits = pick_num_kv_splits(batch, num_kv_heads, _num_sms(q.device))
     group = num_q_heads // num_kv_heads
-    block_m, _ = _blocks(num_tokens, batch, group, head_dim)
+    block_m, _ = _blocks(batch * max_ext if max_ext else num_tokens, batch, group, head_dim)
     _verify_scores[(batch, num_kv_heads, num_kv_splits)](
         q, k_buffer, req_to_token, req_pool_indices, prefix_lens, extend_lens, qo_indptr,
         lse, scores, sm_scale, num_kv_splits,

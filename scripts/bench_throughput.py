@@ -36,7 +36,8 @@ from typing import Iterator
 
 import torch
 
-RUNS = ("plain", "ngram", "sparsespec", "sparsespec-draftnorm", "sparsespec-draftnorm-hicache")
+RUNS = ("plain", "ngram", "sparsespec", "sparsespec-draftnorm", "sparsespec-draftnorm-hicache",
+        "sparsespec-unified", "sparsespec-unified-nodelay")
 
 
 @contextlib.contextmanager
@@ -160,6 +161,11 @@ def main() -> int:
         # Retracted requests' KV kept in HiCache's host pool instead of recomputed (issue 6).
         "sparsespec-draftnorm-hicache": dict(speculative_algorithm="SPARSESPEC", sparsespec_score_norm="draft",
                                              enable_hierarchical_cache=True, **spec),
+        # Unified draft/verify passes (issue 5), and the same with the host waiting for every
+        # pass's verify results (the delayed-verification ablation).
+        "sparsespec-unified": dict(speculative_algorithm="SPARSESPEC", sparsespec_schedule="unified", **spec),
+        "sparsespec-unified-nodelay": dict(speculative_algorithm="SPARSESPEC", sparsespec_schedule="unified",
+                                           sparsespec_disable_delayed_verify=True, **spec),
     }
     report = {"command": " ".join(sys.argv), "gpu": torch.cuda.get_device_name(),
               "torch": torch.__version__, "shape": args.shape, "k": args.k,

@@ -166,6 +166,8 @@ def main() -> int:
                          "the outputs must be equal, not just equal up to ties")
     ap.add_argument("--score-norm", default=None, choices=("exact", "draft"),
                     help="--sparsespec-score-norm of the SPARSESPEC runs (default: the plugin's)")
+    ap.add_argument("--schedule", default=None, choices=("lockstep", "unified"),
+                    help="--sparsespec-schedule of the SPARSESPEC runs (default: the plugin's)")
     ap.add_argument("--tie-eps", type=float, default=0.25,
                     help="plain top-2 logprob gap below which a divergence counts as a rounding tie "
                          "(0.25 = 4 bf16 ulps for logits of magnitude 8..16)")
@@ -200,6 +202,8 @@ def main() -> int:
                        sparsespec_sparsity=args.sparsity, sparsespec_min_selected=args.min_selected)
     if args.score_norm:
         spec_kwargs["sparsespec_score_norm"] = args.score_norm
+    if args.schedule:
+        spec_kwargs["sparsespec_schedule"] = args.schedule
     if args.hierarchical_cache:
         spec_kwargs["enable_hierarchical_cache"] = True
     modes = [(m, args.sparsity) for m in args.modes.split(",")]

@@ -5,6 +5,9 @@ forwards of the SPARSESPEC cycle take the plugin's kernels instead:
 
 - a *draft step* (DECODE run by the worker inside :meth:`draft_step`): sparse
   decode over sink + selected + dense-tail slots (``kernels/sparse_decode.py``);
+- a *unified pass* (DECODE rows run by the worker inside :meth:`mixed_pass`, issue 5): draft
+  rows take the sparse decode, the verifying requests' rows the verify kernel with the score
+  dump and top-K below, in the same forward;
 - a *verify pass* (TARGET_VERIFY): causal attention of the k+1 verify tokens
   that also dumps per-position scores (``kernels/verify_attention.py``), turned
   into the next cycle's index table per layer right away
@@ -26,7 +29,7 @@ from sparsespec_sglang.deterministic import verify_as_decode_rows
 from sparsespec_sglang.kernels.sparse_decode import pick_num_kv_splits, sparse_decode_attention
 from sparsespec_sglang.kernels.topk_select import select_topk
 from sparsespec_sglang.kernels.verify_attention import verify_attention_with_scores, verify_scores
-from sparsespec_sglang.pillar import DraftStep, PillarState
+from sparsespec_sglang.pillar import DraftStep, MixedRows, PillarState
 
 
 class SparseSpecAttnBackend(TritonAttnBackend):
@@ -34,6 +37,7 @@ class SparseSpecAttnBackend(TritonAttnBackend):
         super().__init__(model_runner, *args, **kwargs)
         self.state: Optional[PillarState] = None
         self._draft: Optional[DraftStep] = None
+        self._mixed: Optional[MixedRows] = None
         self._verify_consts: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
         self._graph_state_size: tuple[int, int] = (0, 0)
         self._num_sms = torch.cuda.get_device_properties(self.device).multi_processor_count
@@ -58,8 +62,17 @@ class SparseSpecAttnBackend(TritonAttnBackend):
         finally:
             self._draft = None
 
+    @contextlib.contextmanager
+    def mixed_pass(self, rows: MixedRows) -> Iterator[None]:
+        self._mixed = rows
+        try:
+            yield
+        finally:
+            self._mixed = None
+
     def _is_sparse_draft(self, forward_batch: Any) -> bool:
-        return self._draft is not None and forward_batch.forward_mode.is_decode()
+        return ((self._draft is not None or self._mixed is not None)
+                and forward_batch.forward_mode.is_decode())
 
     def _is_pillar_verify(self, forward_batch: Any) -> bool:
         return self.state is not None and forward_batch.forward_mode.is_target_verify()
@@ -93,6 +106,8 @@ class SparseSpecAttnBackend(TritonAttnBackend):
         assert sinks is None and score_mod is None, "SPARSESPEC drafts: no attention sinks/score_mod"
         if save_kv_cache:
             self._save_kv(layer, forward_batch, k, v)
+        if self._mixed is not None:
+            return self._forward_mixed(q, layer, forward_batch)
         state, step = self.state, self._draft
         hq, d, dv = layer.tp_q_head_num, layer.qk_head_dim, layer.v_head_dim
         bs = q.shape[0]
@@ -114,6 +129,43 @@ class SparseSpecAttnBackend(TritonAttnBackend):
             num_kv_splits=pick_num_kv_splits(bs, self.token_to_kv_pool.head_num, self._num_sms),
             lse_ring=None if state.draft_lse is None else state.draft_lse[layer.layer_id],
             sel_by_row=True,
+        )
+        return o
+
+    def _forward_mixed(self, q, layer, forward_batch):
+        """One layer of a unified pass: rows are single tokens (DECODE), ``self._mixed`` says
+        which rows belong to verifying requests. Every row first takes the sparse decode (a
+        verify row's per-row inputs make that a sinks-only read), then the verify kernel
+        overwrites the verify rows with full causal attention and dumps their scores, and the
+        top-K picks those requests' next selection."""
+        state, rows, config = self.state, self._mixed, self.state.config
+        hq, d, dv = layer.tp_q_head_num, layer.qk_head_dim, layer.v_head_dim
+        bs = q.shape[0]
+        o = q.new_empty((bs, hq * dv))
+        k_buffer = self.token_to_kv_pool.get_key_buffer(layer.layer_id)
+        v_buffer = self.token_to_kv_pool.get_value_buffer(layer.layer_id)
+        logit_cap = logit_capping_mod(layer.logit_capping_method, layer.logit_cap)
+        sparse_decode_attention(
+            q.view(-1, hq, d), k_buffer, v_buffer, o.view(-1, hq, dv), state.req_to_token,
+            forward_batch.req_pool_indices, forward_batch.seq_lens, rows.dense_start[:bs],
+            state.sel_indices[layer.layer_id], rows.sel_lens[:bs], config.num_sink_tokens,
+            layer.scaling, logit_cap,
+            num_kv_splits=pick_num_kv_splits(bs, self.token_to_kv_pool.head_num, self._num_sms),
+            sel_by_row=True,
+        )
+        nv = rows.verify_slots(bs)
+        if nv == 0:
+            return o
+        verify_attention_with_scores(
+            q.view(-1, hq, d), k_buffer, v_buffer, o.view(-1, hq, dv), state.req_to_token,
+            rows.verify_rows[:nv], rows.verify_prefix[:nv], rows.verify_lens[:nv],
+            rows.qo_indptr[:nv + 1], state.scores[:nv], layer.scaling, config.aggregation, logit_cap,
+            max_ext=rows.width,
+        )
+        select_topk(
+            state.scores[:nv], state.req_to_token, rows.verify_rows[:nv], rows.verify_end[:nv],
+            rows.verify_prefix[:nv], config.num_sink_tokens, config.sparsity, config.min_selected,
+            state.max_sel, state.sel_indices[layer.layer_id], state.sel_lens, out_by_row=True,
         )
         return o
 

@@ -71,27 +71,27 @@ OPTIONS = (
     Option("offload_high_watermark", "--sparsespec-offload-high-watermark", float,
            "Load parked requests back when the free GPU KV fraction rises above this "
            "(watermark-driven offload is not built yet: refused)."),
+    Option("schedule", "--sparsespec-schedule", str,
+           "How drafts and verifies share forward passes: lockstep (k draft passes over the whole "
+           "batch, then one verify pass) or unified (every pass mixes drafting and verifying "
+           "requests; k + 1 passes per scheduler step)."),
     Option("delayed_verification", "--sparsespec-disable-delayed-verify", bool,
-           "Consume verify results in the same pass instead of one pass late "
-           "(what runs today: delayed verification is not built yet).", store_false=True),
-    Option("unified_scheduling", "--sparsespec-disable-unified-schedule", bool,
-           "Run the batch in lockstep (k drafts, then verify) instead of mixed phases "
-           "(what runs today: unified scheduling is not built yet).", store_false=True),
+           "Unified schedule only: make the host wait for every pass's verify results before "
+           "launching the next pass (by default acceptance stays on the GPU and nothing waits).",
+           store_false=True),
     Option("kv_offload", "--sparsespec-disable-kv-offload", bool,
            "Free a retracted request's KV and recompute it on re-admission (SGLang's default) "
            "instead of keeping it in the hierarchical cache's host pool (which needs "
            "--enable-hierarchical-cache).", store_false=True),
 )
 
-# Parts of the design that are not built yet (issues 5 and 6). The worker always runs lockstep,
-# so the config says so (the two switches are False) and refuses a setting that could only be
-# ignored: never a flag that silently does nothing.
+# Parts of the design that are not built yet (issue 6). The config refuses a setting that could
+# only be ignored: never a flag that silently does nothing.
 NOT_BUILT = {
-    "delayed_verification": "delayed verification",
-    "unified_scheduling": "unified draft/verify scheduling",
     "offload_low_watermark": "watermark-driven KV offload",
     "offload_high_watermark": "watermark-driven KV offload",
 }
+SCHEDULES = ("lockstep", "unified")
 OPTIONS_BY_DEST = {o.dest: o for o in OPTIONS}
 OPTIONS_BY_FIELD = {o.field: o for o in OPTIONS}
 
@@ -109,8 +109,8 @@ class SparseSpecConfig:
     score_norm: str = "exact"
     offload_low_watermark: float = 0.05
     offload_high_watermark: float = 0.15
-    delayed_verification: bool = False  # not built yet (NOT_BUILT)
-    unified_scheduling: bool = False  # not built yet
+    schedule: str = "lockstep"
+    delayed_verification: bool = True  # unified schedule: the host never waits on a verify
     kv_offload: bool = True  # retracted KV kept in the hierarchical cache (patches/retraction.py)
 
     def __post_init__(self) -> None:
@@ -140,10 +140,17 @@ class SparseSpecConfig:
                self.offload_high_watermark)
         _check(isinstance(self.kv_offload, bool), "--sparsespec-disable-kv-offload", "set or unset",
                self.kv_offload)
-        for name in ("delayed_verification", "unified_scheduling"):
-            _check(getattr(self, name) is False, OPTIONS_BY_FIELD[name].flag,
-                   f"set or unset ({NOT_BUILT[name]} is not built yet, so it is always off)",
-                   not getattr(self, name))
+        _check(self.schedule in SCHEDULES, "--sparsespec-schedule", "one of: " + ", ".join(SCHEDULES),
+               self.schedule)
+        _check(isinstance(self.delayed_verification, bool)
+               and (self.delayed_verification or self.schedule == "unified"),
+               "--sparsespec-disable-delayed-verify",
+               "used with --sparsespec-schedule unified only (lockstep verifies once per step)",
+               "set")
+        if self.schedule == "unified":
+            _check(self.score_norm == "exact", "--sparsespec-score-norm",
+                   "exact with --sparsespec-schedule unified (draft-normalised scores are lockstep-only)",
+                   self.score_norm)
 
     @classmethod
     def from_values(cls, num_draft_steps: int | None, values: Mapping[str, Any]) -> "SparseSpecConfig":

@@ -1,4 +1,4 @@
-"""CUDA graphs for the sparse draft steps.
+"""CUDA graphs for the sparse draft steps and the unified passes.
 
 SGLang 0.5.17's model runner captures decode graphs of one token width per
 speculative algorithm; for SPARSESPEC (NGRAM-shaped) that is the k+1-token
@@ -9,16 +9,22 @@ attention backend in sparse-draft mode: the captured attention is the PillarAttn
 sparse decode kernel, which reads only graph-static buffers (forward-batch
 inputs, the selection table, and the per-request draft buffers of
 :class:`~sparsespec_sglang.pillar.PillarState`).
+
+A unified pass (``unified.py``) is the same kind of forward (single-token rows) with the backend
+in mixed mode; its graphs are keyed by the row count and captured for their own list of sizes
+(a pass has up to ~2x as many rows as the batch has requests), with every spare verify entry of
+a bucket an empty request (:meth:`~sparsespec_sglang.pillar.MixedRows.pad_for_graph`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-from typing import Any, Iterator
+from typing import Any, Callable, ContextManager, Iterator, Optional, Sequence
 
 import torch
 from sglang.srt.model_executor.forward_context import ForwardContext, forward_context
+from sglang.srt.model_executor.runner import decode_cuda_graph_runner
 from sglang.srt.model_executor.runner.decode_cuda_graph_runner import DecodeCudaGraphRunner
 from sglang.srt.speculative.spec_info import SpeculativeAlgorithm
 
@@ -36,19 +42,40 @@ def _as_plain_decoder(model_runner: Any) -> Iterator[None]:
         model_runner.spec_algorithm = saved
 
 
-class DraftGraphs:
-    """Captured width-1 decode graphs; ``run`` falls back to eager when a batch does not fit."""
+@contextlib.contextmanager
+def _capture_sizes(sizes: Optional[Sequence[int]]) -> Iterator[None]:
+    """Capture these row counts instead of the server's decode batch sizes."""
+    if sizes is None:
+        yield
+        return
+    saved = decode_cuda_graph_runner.get_batch_sizes_to_capture
+    decode_cuda_graph_runner.get_batch_sizes_to_capture = lambda *_a, **_k: (sorted(set(sizes)), [])
+    try:
+        yield
+    finally:
+        decode_cuda_graph_runner.get_batch_sizes_to_capture = saved
 
-    def __init__(self, model_runner: Any, backend: Any, step: Any) -> None:
+
+class DraftGraphs:
+    """Captured width-1 decode graphs; ``run`` falls back to eager when a batch does not fit.
+
+    ``mode`` enters the backend mode the graphs capture (draft step or unified pass)."""
+
+    def __init__(self, model_runner: Any, backend: Any, mode: Callable[[], ContextManager],
+                 capture_sizes: Optional[Sequence[int]] = None, label: str = "draft") -> None:
         self.model_runner = model_runner
         self.backend = backend
-        with _as_plain_decoder(model_runner), backend.draft_step(step):
+        with _as_plain_decoder(model_runner), _capture_sizes(capture_sizes), mode():
             self.runner = DecodeCudaGraphRunner(model_runner)
-        logger.info("SPARSESPEC: captured draft CUDA graphs for batch sizes %s",
-                    self.runner.capture_bs)
+        self.sizes = list(self.runner.capture_bs)
+        logger.info("SPARSESPEC: captured %s CUDA graphs for %s", label, self.sizes)
+
+    def bucket(self, num_rows: int) -> Optional[int]:
+        """The captured size a forward of ``num_rows`` rows replays, or None (eager)."""
+        return next((s for s in self.sizes if s >= num_rows), None)
 
     def run(self, forward_batch: Any) -> torch.Tensor:
-        """Next-token logits of one draft step (the backend is already in draft mode)."""
+        """Next-token logits of one forward (the backend is already in the captured mode)."""
         if self.runner.can_run_graph(forward_batch):
             with forward_context(ForwardContext(attn_backend=self.backend)):
                 return self.runner.execute(forward_batch).next_token_logits

@@ -29,6 +29,53 @@ class DraftStep:
     dense_start: torch.Tensor  # [R] int32
     sel_lens: torch.Tensor  # [R] int32
 
+@dataclass
+class MixedRows:
+    """Inputs of a unified pass beyond the ForwardBatch (issue 5), static buffers.
+
+    A unified pass is a DECODE forward whose rows are single tokens: one row per drafting
+    request, then the verify chain of every verifying request (its rows ``qo_indptr[v]`` ..
+    ``qo_indptr[v] + verify_lens[v]``). Per row: ``dense_start`` / ``sel_lens`` for the sparse
+    decode (a verify row gets ``dense_start = seq_len`` and no selection: a sinks-only read that
+    the verify kernel then overwrites). Per verifying request: pool row, prefix (its committed
+    length), chain length, ``verify_end = prefix + length``. ``num_verify`` is the verify count of
+    an eager pass; ``None`` in a CUDA graph, whose spare verify entries (``verify_slots``) are
+    empty requests on the reserved pool row 0.
+    """
+
+    width: int  # k + 1, the longest verify chain
+    dense_start: torch.Tensor  # [T_max] int32
+    sel_lens: torch.Tensor  # [T_max] int32
+    verify_rows: torch.Tensor  # [V_max] int32
+    verify_prefix: torch.Tensor  # [V_max] int32
+    verify_lens: torch.Tensor  # [V_max] int32
+    verify_end: torch.Tensor  # [V_max] int32
+    qo_indptr: torch.Tensor  # [V_max + 1] int32
+    num_verify: int | None = None
+
+    @classmethod
+    def allocate(cls, width: int, max_rows: int, device: torch.device) -> "MixedRows":
+        max_verify = max_rows  # a pass of one-token verifies (newcomers' first cycle) at worst
+        z = lambda n: torch.zeros((n,), dtype=torch.int32, device=device)  # noqa: E731
+        return cls(width, z(max_rows), z(max_rows), z(max_verify), z(max_verify), z(max_verify),
+                   z(max_verify), z(max_verify + 1))
+
+    def pad_for_graph(self, num_rows: int, graph_rows: int, num_verify: int) -> None:
+        """Make rows [num_rows, graph_rows) and the spare verify entries of a graph replay
+        no-ops (padding rows: no selection, no dense tail; spare verifies: no tokens)."""
+        self.dense_start[num_rows:graph_rows].zero_()
+        self.sel_lens[num_rows:graph_rows].zero_()
+        spare = slice(num_verify, graph_rows // self.width)
+        for t in (self.verify_rows, self.verify_prefix, self.verify_lens, self.verify_end):
+            t[spare].zero_()
+        self.qo_indptr[num_verify + 1:graph_rows // self.width + 1] = num_rows
+        self.num_verify = None
+
+    def verify_slots(self, num_rows: int) -> int:
+        """Verify entries a pass of ``num_rows`` rows runs (exact when eager)."""
+        return self.num_verify if self.num_verify is not None else num_rows // self.width
+
+
 logger = logging.getLogger(__name__)
 
 

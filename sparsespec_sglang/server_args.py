@@ -63,6 +63,9 @@ def validate_server_args(server_args: Any) -> SparseSpecConfig:
         # The deterministic verify (one SGLang decode per verify token) has its own exact row
         # lse and scores from it; a draft-normalised request could only be ignored.
         _fail("--sparsespec-score-norm", "exact with --enable-deterministic-inference", "draft")
+    if config.schedule == "unified" and getattr(server_args, "enable_deterministic_inference", False):
+        # A unified pass runs the verify kernel; the deterministic verify is lockstep-only.
+        _fail("--sparsespec-schedule", "lockstep with --enable-deterministic-inference", "unified")
     if server_args.kv_cache_dtype not in ("auto", "bfloat16", "float16"):
         _fail("--kv-cache-dtype", "auto, bfloat16 or float16", server_args.kv_cache_dtype)
     if server_args.device not in ("cuda", "cpu"):

@@ -1,6 +1,9 @@
 """SparseSpecWorker: SGLang V2 speculative worker that drafts with the target model itself.
 
-One call on a decode batch is one PillarAttn cycle (lockstep over the batch):
+With ``--sparsespec-schedule unified`` a decode step is k + 1 passes that each mix drafting and
+verifying requests (``unified.py``); batches that need per-token logprobs, a grammar or hidden
+states run the lockstep cycle below instead. With ``lockstep`` (the default), one call on a
+decode batch is one PillarAttn cycle (lockstep over the batch):
 k sparse draft forwards on the target model runner (DECODE, one token per
 request, attention over the selected slots), then one full verify forward
 (TARGET_VERIFY over the pending token + k drafts) whose attention also picks the
@@ -45,6 +48,7 @@ from sparsespec_sglang.draft_graph import DraftGraphs
 from sparsespec_sglang.pillar import PillarState
 from sparsespec_sglang.profiling import CycleProfiler
 from sparsespec_sglang.sampling import sample_like_plain
+from sparsespec_sglang.unified import UnifiedRunner
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +70,7 @@ class SparseSpecWorker(BaseSpecWorker):
         self.backend: Optional[SparseSpecAttnBackend] = None
         self.state: Optional[PillarState] = None
         self.draft_graphs: Optional[DraftGraphs] = None
+        self.unified: Optional[UnifiedRunner] = None
         tp_rank = getattr(self.model_runner.ps, "tp_rank", 0)
         self.profiler = CycleProfiler.from_env(tp_rank)
         if getattr(server_args, "enable_metrics", False) and tp_rank == 0:
@@ -95,12 +100,28 @@ class SparseSpecWorker(BaseSpecWorker):
                              f"{type(backend).__name__}")
         backend.attach(self.state)
         self.backend = backend
+        if self.config.schedule == "unified":
+            self.unified = UnifiedRunner(
+                self.k, self.state, backend, self.model_runner,
+                lambda verify_input, batch, logits_output: sample_like_plain(
+                    verify_input, batch, logits_output, None, self.server_args.sampling_backend),
+                self.config.delayed_verification)
 
     def init_cuda_graphs(self) -> None:
         # The target runner captured the verify graphs; drafts need width-1 graphs.
         super().init_cuda_graphs()
-        if self.model_runner.decode_cuda_graph_runner is not None:
-            self.draft_graphs = DraftGraphs(self.model_runner, self.backend, self.state.draft_step)
+        target_graphs = self.model_runner.decode_cuda_graph_runner
+        if target_graphs is None:
+            return
+        if self.unified is not None:
+            # Lockstep fallback steps (logprobs, grammar) draft eagerly.
+            sizes = UnifiedRunner.capture_sizes(max(target_graphs.capture_bs))
+            self.unified.graphs = DraftGraphs(
+                self.model_runner, self.backend, lambda: self.backend.mixed_pass(self.unified.rows),
+                capture_sizes=sizes, label="unified-pass")
+        else:
+            self.draft_graphs = DraftGraphs(self.model_runner, self.backend,
+                                            lambda: self.backend.draft_step(self.state.draft_step))
 
     def update_weights_from_tensor(self, recv_req: Any):
         return self.target_worker.update_weights_from_tensor(recv_req)
@@ -111,8 +132,26 @@ class SparseSpecWorker(BaseSpecWorker):
         fwd_stream = torch.get_device_module(self.device).current_stream()
         record_stream_for_v2_verify(batch, None, fwd_stream)
         if batch.forward_mode.is_decode():
+            if self.unified is not None:
+                if batch.reqs and not (batch.return_logprob or batch.has_grammar
+                                       or getattr(batch, "return_hidden_states", False)):
+                    return self._unified_step(batch, on_publish)
+                self.unified.forget([req.req_pool_idx for req in batch.reqs])
             return self._cycle(batch, on_publish)
         return self._prefill(batch, on_publish)
+
+    def _unified_step(self, batch: ScheduleBatch, on_publish) -> GenerationBatchResult:
+        self.profiler.mark()
+        tokens, accept_lens, new_seq_lens, logits_output = self.unified.step(batch)
+        # Drafting and verifying share every pass: the whole step counts as "draft" time.
+        self.profiler.mark()
+        self.profiler.mark()
+        if on_publish is not None:
+            on_publish(new_seq_lens)
+        self.profiler.mark()
+        self.profiler.end_cycle(len(batch.reqs), accept_lens)
+        return self._result(logits_output, tokens, self.unified.graphs is not None, tokens,
+                            accept_lens, new_seq_lens)
 
     def _prefill(self, batch: ScheduleBatch, on_publish) -> GenerationBatchResult:
         bs = len(batch.reqs)
@@ -120,6 +159,8 @@ class SparseSpecWorker(BaseSpecWorker):
         if batch.forward_mode.is_extend():
             # Chunked prefill re-runs this per chunk; the last chunk's window wins.
             self.state.init_window(batch.req_pool_indices, batch.seq_lens)
+            if self.unified is not None:
+                self.unified.forget([req.req_pool_idx for req in batch.reqs])
         if result.next_token_ids is not None:
             self.state.pending[batch.req_pool_indices] = result.next_token_ids.to(torch.int64)
         new_seq_lens = batch.seq_lens.clone()

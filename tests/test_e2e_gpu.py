@@ -43,6 +43,17 @@ def test_join_leave_and_retract_stay_lossless(tmp_path):
                     "--max-total-tokens", "2500", "--modes", "overlap", "--dtype", "bfloat16")
 
 
+def test_unified_schedule_stays_lossless_as_requests_join_and_leave(tmp_path):
+    """Unified draft/verify passes (issue 5): requests arrive while others decode and finish at
+    ragged lengths, so phases are assigned and rebalanced mid-run, in both scheduler modes."""
+    report = _check_lossless(tmp_path / "lossless_unified.json", "--num-prompts", "16",
+                             "--max-new-tokens", "256", "--prompt-len", "64", "256",
+                             "--ragged-max-new-tokens", "--stagger-s", "0.05", "--dtype", "bfloat16",
+                             "--schedule", "unified", "--dense-check")
+    # Dense drafts equal the full model up to rounding: the unified passes accept nearly all.
+    assert report["runs"]["sparsespec-no-overlap-s1.0"]["mean_spec_accept_length"] > 6.0
+
+
 def test_retracted_requests_come_back_from_the_host_cache_losslessly(tmp_path):
     """The same capped pool with --enable-hierarchical-cache: retracted requests' KV is kept
     (patches/retraction.py) and re-admission is a prefix-cache hit instead of a recompute."""

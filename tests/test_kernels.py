@@ -323,6 +323,35 @@ def test_verify_matches_ref(group, page_size, dtype, aggregation, splits, draft_
     torch.testing.assert_close(scores, ref_scores, **_score_tol(dtype))
 
 
+@pytest.mark.parametrize("splits", [1, 3])
+def test_verify_in_a_unified_pass_leaves_draft_rows_alone(splits):
+    """A unified pass: draft rows first, then the verify rows; padding requests have no tokens.
+
+    Rows before qo_indptr[0] (the drafts) and after qo_indptr[B] are not written, and the verify
+    rows and scores equal the plain layout's."""
+    prefix_lens, extend_lens = [150, 7, 230], [9, 4, 9]
+    pool, q, qo = _verify_case(prefix_lens, extend_lens, 4, page_size=1, seed=11)
+    _, _, ref_out, ref_scores = _run_verify(pool, q, prefix_lens, extend_lens, qo, "sum", splits)
+    drafts, tail = 5, 3
+    hq, d = q.shape[1:]
+    q_mixed = torch.cat([torch.randn(drafts, hq, d, device=DEVICE), q,
+                         torch.randn(tail, hq, d, device=DEVICE)])
+    out = torch.full((q_mixed.shape[0], hq, pool.v.shape[-1]), 7.0, device=DEVICE)
+    padded = 2  # requests with no tokens (a CUDA graph's spare verify entries): pool row 0
+    rows = torch.cat([pool.req_pool_indices, torch.zeros(padded, dtype=torch.int32, device=DEVICE)])
+    qo_mixed = torch.cat([qo + drafts, torch.full((padded,), int(qo[-1]) + drafts, dtype=torch.int32,
+                                                   device=DEVICE)])
+    scores = torch.full((3 + padded, pool.k.shape[1], pool.req_to_token.shape[1]), -1.0, device=DEVICE)
+    verify_attention_with_scores(
+        q_mixed, pool.k, pool.v, out, pool.req_to_token, rows, _ints(prefix_lens + [0] * padded),
+        _ints(extend_lens + [0] * padded), qo_mixed, scores, 1.0 / math.sqrt(d), "sum",
+        num_kv_splits=splits)
+    assert torch.all(out[:drafts] == 7.0) and torch.all(out[drafts + len(q):] == 7.0)
+    torch.testing.assert_close(out[drafts:drafts + len(q)], ref_out)
+    torch.testing.assert_close(scores[:3], ref_scores)
+    assert torch.all(scores[3:] == -1.0)
+
+
 def test_verify_draft_normalised_with_the_true_lse_is_exact():
     """One verify token whose ring slot holds its own final lse: both score modes agree."""
     prefix_lens, extend_lens = [120, 33, 64], [1, 1, 1]

@@ -88,3 +88,29 @@ def test_simulated_run_of_128_requests_is_flat_and_lockstep_is_not():
     unified, lockstep = sim_phases.simulate_unified(args, lengths), sim_phases.simulate_lockstep(args, lengths)
     assert unified["max_min_ratio_full_batch"] <= 1.3
     assert lockstep["max_min_ratio_full_batch"] == pytest.approx(9.0)
+
+
+def test_step_aligned_planner_verifies_every_request_once_per_step():
+    """The unified worker's contract with SGLang: k + 1 passes per step, one verify each."""
+    k, planner, live, next_id = 4, PhasePlanner(4, step_aligned=True), set(), 0
+    rng = random.Random(1)
+    for step in range(60):
+        for rid in [r for r in live if rng.random() < 0.15]:  # finishes between steps
+            planner.release(rid)
+            live.discard(rid)
+        while len(live) < 12 and rng.random() < 0.7:  # joins between steps
+            planner.admit(next_id)
+            live.add(next_id)
+            next_id += 1
+        verifies = {rid: 0 for rid in live}
+        for _ in range(k + 1):
+            plan = planner.plan()
+            for rid, made in plan.draft.items():
+                assert 0 <= made < k
+            for rid, drafts in plan.verify.items():
+                assert 1 <= drafts <= k
+                verifies[rid] += 1
+        assert set(verifies.values()) <= {1}, f"step {step}: {verifies}"
+    with pytest.raises(ValueError, match="step boundaries"):
+        planner.plan()
+        planner.admit(next_id)

@@ -88,13 +88,15 @@ def test_server_args_defaults(sglang_loaded, model_dir):
 
 def test_server_args_values_flow_into_config(sglang_loaded, model_dir):
     sa = _server_args(model_dir, speculative_num_steps=4, sparsespec_sparsity=0.1,
-                      sparsespec_aggregation="max", sparsespec_disable_delayed_verify=True,
-                      sparsespec_score_norm="draft")
+                      sparsespec_aggregation="max", sparsespec_score_norm="draft")
     assert (sa.speculative_num_steps, sa.speculative_num_draft_tokens) == (4, 5)
     config = SparseSpecConfig.from_server_args(pickle.loads(pickle.dumps(sa)))
     assert (config.num_draft_steps, config.sparsity, config.aggregation) == (4, 0.1, "max")
-    assert config.delayed_verification is False and config.unified_scheduling is False
+    assert config.delayed_verification is True and config.schedule == "lockstep"
     assert config.score_norm == "draft"
+    config = SparseSpecConfig.from_server_args(_server_args(
+        model_dir, sparsespec_schedule="unified", sparsespec_disable_delayed_verify=True))
+    assert config.schedule == "unified" and config.delayed_verification is False
 
 
 def test_deterministic_inference_keeps_the_sparsespec_backend(sglang_loaded, model_dir):
@@ -117,7 +119,13 @@ def test_deterministic_inference_keeps_the_sparsespec_backend(sglang_loaded, mod
      "--sparsespec-score-norm must be exact with --enable-deterministic-inference"),
     (dict(sparsespec_offload_high_watermark=0.2), "--sparsespec-offload-high-watermark has no effect yet"),
     (dict(sparsespec_offload_low_watermark=0.1), "--sparsespec-offload-low-watermark has no effect yet"),
-    (dict(sparsespec_disable_delayed_verify=False), "--sparsespec-disable-delayed-verify must be set or unset"),
+    (dict(sparsespec_disable_delayed_verify=True),
+     "--sparsespec-disable-delayed-verify must be used with --sparsespec-schedule unified only"),
+    (dict(sparsespec_schedule="mixed"), "--sparsespec-schedule must be one of: lockstep, unified"),
+    (dict(sparsespec_schedule="unified", sparsespec_score_norm="draft"),
+     "--sparsespec-score-norm must be exact with --sparsespec-schedule unified"),
+    (dict(sparsespec_schedule="unified", enable_deterministic_inference=True),
+     "--sparsespec-schedule must be lockstep with --enable-deterministic-inference"),
     (dict(attention_backend="triton"), "--attention-backend"),
     (dict(decode_attention_backend="flashinfer"), "--decode-attention-backend"),
     (dict(pp_size=2), "--pp-size"),

@@ -1,0 +1,70 @@
+"""Hooks on SGLang's per-decode KV reserve: a unified step drafts past its verify window.
+
+SGLang's spec-v2 path grows every running request's KV allocation to its committed length plus
+``get_alloc_reserve_per_decode()`` = 2 (k + 1) before each decode step (the 2x absorbs the
+overlap scheduler's one-verify lag of the committed length). A lockstep step writes at most
+k + 1 positions past the committed length. A unified step (``--sparsespec-schedule unified``)
+verifies a request in one of its k + 1 passes and lets it draft in the later ones, so it
+writes up to 2k + 1 positions past the committed length at the step's start; with the lag that
+needs a reserve of 3 (k + 1), and a ``req_to_token`` row that much wider than the context.
+
+Targets (AROUND; SGLang propagates the patch to the modules that imported them):
+- ``sglang.srt.mem_cache.allocation_sizing.get_alloc_reserve_per_decode``: the reserve used by
+  ``eagle_prepare_for_decode`` and the scheduler's decode memory check;
+- ``sglang.srt.mem_cache.allocation_sizing.get_req_to_token_extra_context_len``: the row headroom.
+Every other server (plain, other algorithms, SPARSESPEC lockstep) is untouched.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+from sglang.srt.plugins.hook_registry import HookType
+
+from sparsespec_sglang.config import SparseSpecArgsError, SparseSpecConfig
+from sparsespec_sglang.patches import register_once
+from sparsespec_sglang.server_args import is_sparsespec
+
+
+def unified_reserve(server_args: Any) -> Optional[int]:
+    """The reserve a unified SPARSESPEC server needs, or None for any other server."""
+    if server_args is None or not is_sparsespec(server_args):
+        return None
+    try:
+        config = SparseSpecConfig.from_server_args(server_args)
+    except SparseSpecArgsError:  # validated at startup; never reached on a running server
+        return None
+    return 3 * (config.num_draft_steps + 1) if config.schedule == "unified" else None
+
+
+def _server_args(server_args: Any) -> Any:
+    if server_args is not None:
+        return server_args
+    from sglang.srt.runtime_context import get_server_args
+
+    return get_server_args()
+
+
+def get_alloc_reserve_per_decode(original: Callable, server_args: Any = None) -> int:
+    reserve = original(server_args)
+    need = unified_reserve(_server_args(server_args))
+    return reserve if need is None else max(reserve, need)
+
+
+def get_req_to_token_extra_context_len(original: Callable, server_args: Any) -> int:
+    extra = original(server_args)
+    need = unified_reserve(server_args)
+    # + 4: SGLang's own slack beyond the speculative tokens.
+    return extra if need is None else max(extra, need + 4 + server_args.page_size - 1)
+
+
+HOOKS = (
+    ("sglang.srt.mem_cache.allocation_sizing.get_alloc_reserve_per_decode",
+     get_alloc_reserve_per_decode, HookType.AROUND),
+    ("sglang.srt.mem_cache.allocation_sizing.get_req_to_token_extra_context_len",
+     get_req_to_token_extra_context_len, HookType.AROUND),
+)
+
+
+def register() -> None:
+    register_once(__name__, HOOKS)

@@ -1,0 +1,283 @@
+"""Unified draft/verify passes (issue 5, paper section 4.2) inside SGLang's speculative scheduler.
+
+Lockstep runs k draft passes of B tokens and then one verify pass of B (k + 1) tokens. Here one
+scheduler step is k + 1 passes, and every pass mixes both kinds of work in one DECODE forward
+whose rows are single tokens: the requests whose phase offset (``PhasePlanner``, step-aligned)
+comes up verify their pending token + drafts (rows of the verify kernel with the score dump and
+top-K), every other request drafts one token (a sparse decode row). So each pass carries a flat
+~B + k B / (k + 1) tokens, and every request still verifies exactly once per step: SGLang sees
+the result shape it expects (1..k + 1 accepted tokens per request).
+
+Nothing waits for the host: a verify's acceptance runs on the GPU right after its pass and writes
+the request's next input token, committed length and dense start there, where the next pass's
+inputs are gathered from (the host plans passes from the phase offsets alone). That is what
+delayed verification buys in the paper (the host never stalls on a verify result); here no
+request has to sit a pass out either. ``--sparsespec-disable-delayed-verify`` makes the host
+wait for every pass's results instead, to measure what that costs.
+
+State across steps, by request-pool row: ``PillarState.pending`` / ``dense_start`` / selection,
+and ``drafts`` (tokens drafted since the last verify, which may cross a step boundary; their
+KV positions are covered by patches/kv_reserve.py). Discarding drafts is always safe (they are
+only proposals), which is how a request re-enters after a prefill or a lockstep step.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import dataclass
+from types import SimpleNamespace
+from typing import Any, Callable, Optional
+
+import torch
+from sglang.srt.layers.logits_processor import LogitsProcessorOutput
+from sglang.srt.model_executor.forward_batch_info import ForwardBatch, ForwardMode
+from sglang.srt.speculative.ngram_info import NgramVerifyInput
+
+from sparsespec_sglang.draft_graph import DraftGraphs
+from sparsespec_sglang.phases import PassPlan, PhasePlanner
+from sparsespec_sglang.pillar import MixedRows, PillarState
+
+logger = logging.getLogger(__name__)
+
+LOG_EVERY = 200  # steps between pass-size log lines
+
+
+@dataclass
+class PassLayout:
+    """Host-side layout of one pass, in the order of its rows."""
+
+    row_batch: list[int]  # batch index of every row
+    row_index: list[int]  # draft index within the request's chain (the row's position offset)
+    num_draft: int  # rows [0, num_draft) draft, the rest are verify chains
+    verify_batch: list[int]  # batch index of every verifying request
+    verify_lens: list[int]  # its chain length (drafts + 1)
+
+    @classmethod
+    def from_plan(cls, plan: PassPlan, batch_pos: dict[int, int]) -> "PassLayout":
+        row_batch = [batch_pos[r] for r in plan.draft]
+        row_index = list(plan.draft.values())
+        verify_batch = [batch_pos[r] for r in plan.verify]
+        verify_lens = [d + 1 for d in plan.verify.values()]
+        for b, n in zip(verify_batch, verify_lens):
+            row_batch += [b] * n
+            row_index += range(n)
+        return cls(row_batch, row_index, len(plan.draft), verify_batch, verify_lens)
+
+    @property
+    def num_rows(self) -> int:
+        return len(self.row_batch)
+
+    def qo_indptr(self) -> list[int]:
+        out = [self.num_draft]
+        for n in self.verify_lens:
+            out.append(out[-1] + n)
+        return out
+
+    def chain_gather(self, width: int) -> list[int]:
+        """Row of chain node j of verifying request v, at [v * width + j] (the last real node
+        repeated past a short chain), so the verify logits take SGLang's uniform layout."""
+        qo = self.qo_indptr()
+        return [qo[v] + min(j, n - 1) for v, n in enumerate(self.verify_lens) for j in range(width)]
+
+    def chain_next(self, width: int) -> list[int]:
+        """``retrieve_next_token`` of every chain: node j -> j + 1, -1 at its real end."""
+        return [j + 1 if j + 1 < n else -1 for n in self.verify_lens for j in range(width)]
+
+
+def select_requests(info: Any, index: torch.Tensor, batch_size: int) -> Any:
+    """``SamplingBatchInfo`` of a subset of the batch's requests (per-request tensors indexed)."""
+    sub = copy.copy(info)
+    for name, value in vars(info).items():
+        if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == batch_size:
+            setattr(sub, name, value[index])
+    return sub
+
+
+class UnifiedRunner:
+    """Runs one scheduler step as k + 1 unified passes for the worker."""
+
+    def __init__(self, k: int, state: PillarState, backend: Any, model_runner: Any,
+                 sample: Callable, delayed_verification: bool) -> None:
+        self.k, self.width = k, k + 1
+        self.state, self.backend, self.model_runner = state, backend, model_runner
+        self.sample = sample  # (verify_input, batch-like, logits_output) -> predict, lens, index
+        self.delayed_verification = delayed_verification
+        self.graphs: Optional[DraftGraphs] = None  # set by the worker once captured
+        self.device = state.req_to_token.device
+        num_rows = state.req_to_token.shape[0]
+        self.planner = PhasePlanner(k, step_aligned=True)
+        self.drafts = torch.zeros((num_rows, k), dtype=torch.int64, device=self.device)
+        self.rows = MixedRows.allocate(self.width, num_rows * self.width, self.device)
+        self._chain_index: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.steps = 0
+        self.graph_passes = 0
+        self.pass_tokens: list[int] = []  # tokens of every pass since the last log line
+
+    @staticmethod
+    def capture_sizes(max_requests: int) -> list[int]:
+        """Row counts to capture: a full pass has B + k B / (k + 1) < 2 B rows."""
+        return sorted({1, 2, 4, 8} | set(range(16, 2 * max_requests + 16, 16)))
+
+    def forget(self, pool_rows: list[int]) -> None:
+        """These rows start over (a prefill, or a lockstep step verified them): no drafts."""
+        for row in pool_rows:
+            if row in self.planner.offset:
+                self.planner.release(row)
+
+    def step(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Any]:
+        """k + 1 passes; returns accept_tokens [B * (k + 1)], accept_lens [B], new_seq_lens [B]
+        and the last pass's logits output."""
+        pool_rows = [req.req_pool_idx for req in batch.reqs]
+        batch_pos = {row: i for i, row in enumerate(pool_rows)}
+        for row in [r for r in self.planner.offset if r not in batch_pos]:
+            self.planner.release(row)  # finished, aborted or retracted
+        for row in pool_rows:
+            if row not in self.planner.offset:
+                self.planner.admit(row)
+        layouts = [PassLayout.from_plan(self.planner.plan(), batch_pos) for _ in range(self.width)]
+
+        bs, w = len(pool_rows), self.width
+        committed = batch.seq_lens.clone()
+        tokens = torch.zeros((bs, w), dtype=torch.int32, device=self.device)
+        lens = torch.zeros((bs,), dtype=torch.int32, device=self.device)
+        host = _pack(layouts, w)
+        plan = torch.tensor(host[0], dtype=torch.int64).to(self.device, non_blocking=True)
+        saved = (batch.forward_mode, batch.input_ids, batch.out_cache_loc, batch.seq_lens,
+                 batch.seq_lens_cpu, batch.seq_lens_sum, batch.spec_info, batch.return_logprob,
+                 batch.req_pool_indices)
+        logits_output = None
+        try:
+            batch.forward_mode = ForwardMode.DECODE
+            batch.spec_info = None
+            batch.return_logprob = False
+            with self.backend.mixed_pass(self.rows):
+                for layout, offsets in zip(layouts, host[1]):
+                    logits_output = self._pass(batch, saved, layout, plan, offsets, committed,
+                                               tokens, lens)
+        finally:
+            (batch.forward_mode, batch.input_ids, batch.out_cache_loc, batch.seq_lens,
+             batch.seq_lens_cpu, batch.seq_lens_sum, batch.spec_info, batch.return_logprob,
+             batch.req_pool_indices) = saved
+        self.pass_tokens += [layout.num_rows for layout in layouts]
+        self.steps += 1
+        if self.steps % LOG_EVERY == 0:
+            self._log()
+        return tokens.flatten(), lens, committed, logits_output
+
+    def _pass(self, batch: Any, saved: tuple, layout: PassLayout, plan: torch.Tensor,
+              offsets: dict[str, slice], committed: torch.Tensor, tokens: torch.Tensor,
+              lens: torch.Tensor) -> Any:
+        state, rows, w = self.state, self.rows, self.width
+        req_pool_indices, seq_lens_cpu = saved[8], saved[4]
+        t, d, nv = layout.num_rows, layout.num_draft, len(layout.verify_batch)
+        row_batch, row_index = plan[offsets["row_batch"]], plan[offsets["row_index"]]
+        pool = req_pool_indices[row_batch]
+        pos = committed[row_batch] + row_index
+        prev = self.drafts[pool, (row_index - 1).clamp(min=0)]
+        input_ids = torch.where(row_index == 0, state.pending[pool], prev)
+        seq = (pos + 1).to(torch.int32)
+        is_verify = torch.arange(t, device=self.device) >= d
+        rows.dense_start[:t] = torch.where(is_verify, seq, state.dense_start[pool])
+        rows.sel_lens[:t] = torch.where(is_verify, 0, state.sel_lens[pool])
+        if nv:
+            verify_batch = plan[offsets["verify_batch"]]
+            verify_pool = req_pool_indices[verify_batch]
+            verify_prefix = committed[verify_batch]
+            verify_lens = plan[offsets["verify_lens"]].to(torch.int32)
+            rows.verify_rows[:nv] = verify_pool
+            rows.verify_prefix[:nv] = verify_prefix
+            rows.verify_lens[:nv] = verify_lens
+            rows.verify_end[:nv] = verify_prefix + verify_lens
+        rows.qo_indptr[:nv + 1] = plan[offsets["qo_indptr"]]
+        rows.num_verify = nv
+
+        batch.input_ids = input_ids
+        batch.req_pool_indices = pool
+        batch.out_cache_loc = state.req_to_token[pool, pos].to(torch.int64)
+        batch.seq_lens = pos + 1
+        batch.seq_lens_cpu = (seq_lens_cpu[layout.row_batch]
+                              + torch.tensor(layout.row_index, dtype=seq_lens_cpu.dtype) + 1)
+        batch.seq_lens_sum = None
+        forward_batch = ForwardBatch.init_new(batch, self.model_runner,
+                                              return_hidden_states_before_norm=False)
+        graph_rows = self.graphs.bucket(t) if self.graphs is not None else None
+        if (graph_rows is not None and nv <= graph_rows // w
+                and self.graphs.runner.can_run_graph(forward_batch)):
+            rows.pad_for_graph(t, graph_rows, nv)
+            logits = self.graphs.run(forward_batch)
+            self.graph_passes += 1
+        else:
+            logits = self.model_runner.forward(forward_batch).logits_output.next_token_logits
+
+        if d:
+            self.drafts[pool[:d], row_index[:d]] = torch.argmax(logits[:d], dim=-1)
+        if not nv:
+            return LogitsProcessorOutput(next_token_logits=logits)
+        if all(n == w for n in layout.verify_lens):
+            chain_rows = slice(d, t)
+        else:
+            chain_rows = plan[offsets["chain_gather"]]
+        verify_logits = LogitsProcessorOutput(next_token_logits=logits[chain_rows])
+        index, sibling = self._chain_arrays(nv)
+        verify_input = NgramVerifyInput(
+            draft_token=input_ids[chain_rows], custom_mask=None, positions=pos[chain_rows],
+            retrieve_index=index, retrieve_next_token=plan[offsets["chain_next"]].view(nv, w),
+            retrieve_next_sibling=sibling, draft_token_num=w, new_seq_lens=verify_prefix,
+        )
+        info = batch.sampling_info
+        sub = SimpleNamespace(
+            device=self.device, forward_mode=ForwardMode.TARGET_VERIFY, seq_lens=verify_prefix,
+            sampling_info=info if _greedy_only(info) else select_requests(info, verify_batch, len(batch.reqs)))
+        predict, accept_lens, accept_index = self.sample(verify_input, sub, verify_logits)
+        # A short chain accepts at most its own length (forced-acceptance benchmarks would not).
+        accept_lens = torch.minimum(accept_lens, verify_lens)
+        accepted = predict[accept_index].view(nv, w).to(torch.int32)
+        state.pending[verify_pool] = accepted[torch.arange(nv, device=self.device),
+                                              accept_lens.long() - 1].to(torch.int64)
+        state.dense_start[verify_pool] = verify_prefix.to(torch.int32)
+        committed[verify_batch] = verify_prefix + accept_lens
+        tokens[verify_batch] = accepted
+        lens[verify_batch] = accept_lens
+        if not self.delayed_verification:
+            torch.get_device_module(self.device).current_stream().synchronize()
+        return verify_logits
+
+    def _chain_arrays(self, nv: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if nv not in self._chain_index:
+            w = self.width
+            index = torch.arange(nv * w, device=self.device, dtype=torch.int64).view(nv, w)
+            sibling = torch.full((nv, w), -1, device=self.device, dtype=torch.int64)
+            self._chain_index[nv] = (index, sibling)
+        return self._chain_index[nv]
+
+    def _log(self) -> None:
+        full = [n for n in self.pass_tokens if n]
+        if full:
+            logger.info("SPARSESPEC unified: %d steps, tokens per pass mean %.1f, min %d, max %d "
+                        "(last %d passes, %d of all passes from CUDA graphs)", self.steps,
+                        sum(full) / len(full), min(full), max(full), len(full), self.graph_passes)
+        self.pass_tokens = []
+
+
+def _greedy_only(info: Any) -> bool:
+    """No per-request tensor of the sampling info is read (argmax acceptance, no adjustments)."""
+    return (info.is_all_greedy and info.acc_additive_penalties is None
+            and info.acc_scaling_penalties is None and info.logit_bias is None)
+
+
+def _pack(layouts: list[PassLayout], width: int) -> tuple[list[int], list[dict[str, slice]]]:
+    """All passes' index arrays in one host list (one host-to-device copy per step)."""
+    flat: list[int] = []
+    offsets = []
+    for layout in layouts:
+        parts = {"row_batch": layout.row_batch, "row_index": layout.row_index,
+                 "verify_batch": layout.verify_batch, "verify_lens": layout.verify_lens,
+                 "qo_indptr": layout.qo_indptr(), "chain_gather": layout.chain_gather(width),
+                 "chain_next": layout.chain_next(width)}
+        where = {}
+        for name, values in parts.items():
+            where[name] = slice(len(flat), len(flat) + len(values))
+            flat += values
+        offsets.append(where)
+    return flat, offsets
