@@ -171,6 +171,7 @@ def _sparse_decode_reduce(
     O,
     Seq_Lens,
     Lse_Ring,
+    Ring_Rows,
     num_kv_splits,
     stride_ab,
     stride_ah,
@@ -184,6 +185,7 @@ def _sparse_decode_reduce(
     DV: tl.constexpr,
     BLOCK_DV: tl.constexpr,
     RING: tl.constexpr,
+    RING_BY_ROWS: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
     hq = tl.program_id(1)
@@ -222,7 +224,8 @@ def _sparse_decode_reduce(
         # Keyed by the query's position, so the verify finds it by position (no step counter).
         # (A CUDA-graph padding row may carry seq_len 0: clamp so it never writes before the row.)
         pos = tl.maximum(tl.load(Seq_Lens + b) - 1, 0)
-        tl.store(Lse_Ring + b * stride_rb + hq * stride_rh + pos % RING, lse)
+        ring_b = tl.load(Ring_Rows + b).to(tl.int64) if RING_BY_ROWS else b
+        tl.store(Lse_Ring + ring_b * stride_rb + hq * stride_rh + pos % RING, lse)
 
 
 def pick_num_kv_splits(batch_size: int, num_kv_heads: int, num_sms: int, max_splits: int = 16) -> int:
@@ -251,6 +254,7 @@ def sparse_decode_attention(
     num_warps: int = 4,
     num_stages: int = 2,
     sel_by_row: bool = False,
+    ring_rows: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention of one decode token per request over sink + selected + dense KV slots.
 
@@ -264,7 +268,8 @@ def sparse_decode_attention(
     Returns the log-sum-exp [B, Hq] fp32 of each row. It is a view of ``attn_lse[:B, :, 0]``
     (no allocation), valid until the workspace is reused. ``lse_ring [>=B, Hq, W]`` fp32, if
     given, also receives it at ``[b, :, (seq_lens[b] - 1) % W]`` (the query's position), where
-    the draft-normalised verify score dump reads it.
+    the draft-normalised verify score dump reads it; with ``ring_rows [B]`` (int) at
+    ``[ring_rows[b], :, ...]`` instead (a unified pass keys the ring by pool row).
     """
     batch, num_q_heads, head_dim = q.shape
     num_kv_heads = k_buffer.shape[1]
@@ -329,7 +334,7 @@ def sparse_decode_attention(
         num_stages=num_stages,
     )
     if lse_ring is not None:
-        assert lse_ring.shape[0] >= batch and lse_ring.shape[1] == num_q_heads
+        assert (ring_rows is not None or lse_ring.shape[0] >= batch) and lse_ring.shape[1] == num_q_heads
         assert lse_ring.dtype == torch.float32 and lse_ring.stride(2) == 1
     ring = lse_ring if lse_ring is not None else attn_lse  # placeholder, never written
     _sparse_decode_reduce[(batch, num_q_heads)](
@@ -338,6 +343,7 @@ def sparse_decode_attention(
         out,
         seq_lens,
         ring,
+        ring_rows if ring_rows is not None else seq_lens,  # placeholder when unused
         num_kv_splits,
         attn_logits.stride(0),
         attn_logits.stride(1),
@@ -351,6 +357,7 @@ def sparse_decode_attention(
         DV=dv,
         BLOCK_DV=triton.next_power_of_2(dv),
         RING=lse_ring.shape[2] if lse_ring is not None else 0,
+        RING_BY_ROWS=ring_rows is not None,
         num_warps=4,
     )
     return attn_lse[:batch, :, 0]

@@ -82,6 +82,7 @@ def _verify_fwd(
     Out,
     Lse,
     Row_Lse,
+    Ring_Rows,
     Scores,
     sm_scale,
     num_kv_splits,
@@ -111,6 +112,7 @@ def _verify_fwd(
     LOGIT_CAP: tl.constexpr,
     SPLIT: tl.constexpr,
     RING: tl.constexpr,
+    RING_BY_ROWS: tl.constexpr,
     AGG_MAX: tl.constexpr,
 ):
     """Out/Lse are the final out [T, Hq, Dv] / lse [T, Hq] when not SPLIT, else fp32 partials
@@ -156,8 +158,9 @@ def _verify_fwd(
             block_end = kv_end
             # Row i was draft step min(i, n_ext - 2)'s query (the bonus row reuses the last).
             lse_pos = prefix + tl.maximum(tl.minimum(qi, n_ext - 2), 0)
+            ring_b = tl.load(Ring_Rows + b).to(tl.int64) if RING_BY_ROWS else b
             row_lse = tl.load(
-                Row_Lse + b * stride_rlb + hq * stride_rlh + lse_pos % RING, mask=row_ok, other=0.0
+                Row_Lse + ring_b * stride_rlb + hq * stride_rlh + lse_pos % RING, mask=row_ok, other=0.0
             )
         else:
             block_end = tl.minimum(kv_end, prefix + tl.minimum((m0 + BLOCK_M - 1) // G, n_ext - 1) + 1)
@@ -401,6 +404,7 @@ def verify_attention(
     num_warps: int | None = None,
     num_stages: int = 3,
     max_ext: int | None = None,
+    score_lse_rows: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Causal verify attention (passes 1-2); writes ``out``, returns lse [T, Hq].
 
@@ -434,21 +438,24 @@ def verify_attention(
         fwd_out, fwd_lse, stride_os = out, lse, 0
     fused = score_lse is not None
     if fused:
-        assert scores is not None and score_lse.shape[:2] == (batch, num_q_heads)
+        assert scores is not None and score_lse.shape[1] == num_q_heads
+        assert score_lse_rows is not None or score_lse.shape[0] == batch
         assert score_lse.dtype == torch.float32 and score_lse.stride(2) == 1
     row_lse = score_lse if fused else lse  # placeholders when not fused (never read)
     score_buf = scores if fused else lse
 
     _verify_fwd[(batch, num_kv_heads, num_kv_splits)](
         q, k_buffer, v_buffer, req_to_token, req_pool_indices, prefix_lens, extend_lens, qo_indptr,
-        fwd_out, fwd_lse, row_lse, score_buf, sm_scale, num_kv_splits,
+        fwd_out, fwd_lse, row_lse, score_lse_rows if score_lse_rows is not None else prefix_lens,
+        score_buf, sm_scale, num_kv_splits,
         q.stride(0), q.stride(1), k_buffer.stride(0), k_buffer.stride(1),
         v_buffer.stride(0), v_buffer.stride(1), req_to_token.stride(0),
         fwd_out.stride(0), fwd_out.stride(1), stride_os, fwd_lse.stride(0), fwd_lse.stride(1),
         row_lse.stride(0), row_lse.stride(1), score_buf.stride(0), score_buf.stride(1),
         G=group, D=head_dim, DV=dv, BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_DV=block_dv,
         BLOCK_M=block_m, BLOCK_N=block_n, LOGIT_CAP=float(logit_cap), SPLIT=split,
-        RING=score_lse.shape[2] if fused else 0, AGG_MAX=aggregation == "max",
+        RING=score_lse.shape[2] if fused else 0, RING_BY_ROWS=score_lse_rows is not None,
+        AGG_MAX=aggregation == "max",
         num_warps=num_warps or default_warps, num_stages=num_stages,
     )
     if split:
@@ -481,6 +488,7 @@ def verify_attention_with_scores(
     score_pass_warps: int = 4,
     score_pass_stages: int = 3,
     max_ext: int | None = None,
+    score_lse_rows: torch.Tensor | None = None,
     **launch: int,
 ) -> None:
     """Causal verify attention over the paged KV plus the per-position PillarAttn scores.
@@ -502,7 +510,8 @@ def verify_attention_with_scores(
       writes it there with ``lse_ring``). That lse covers only the draft's sparse set, so it is
       at most the full one: row i's probabilities are scaled by 1 / (mass the draft's sparse
       attention captured), which up-weights rows the last selection served badly. No extra
-      KV read: the scores come out of pass 1's QK^T tiles.
+      KV read: the scores come out of pass 1's QK^T tiles. With ``score_lse_rows [B]`` (int)
+      the ring is read at row ``score_lse_rows[b]`` instead of ``b`` (keyed by pool row).
     """
     if aggregation not in ("sum", "max"):
         raise ValueError(f"aggregation must be 'sum' or 'max', got {aggregation!r}")
@@ -518,7 +527,7 @@ def verify_attention_with_scores(
     lse = verify_attention(q, k_buffer, v_buffer, out, req_to_token, req_pool_indices, prefix_lens,
                            extend_lens, qo_indptr, sm_scale, logit_cap, num_kv_splits,
                            scores=scores, score_lse=score_lse, aggregation=aggregation,
-                           max_ext=max_ext, **launch)
+                           max_ext=max_ext, score_lse_rows=score_lse_rows, **launch)
     if score_lse is None:
         verify_scores(q, k_buffer, req_to_token, req_pool_indices, prefix_lens, extend_lens, qo_indptr,
                       lse, scores, sm_scale, aggregation, logit_cap, num_kv_splits,

@@ -37,7 +37,7 @@ from typing import Iterator
 import torch
 
 RUNS = ("plain", "ngram", "sparsespec", "sparsespec-draftnorm", "sparsespec-draftnorm-hicache",
-        "sparsespec-unified", "sparsespec-unified-nodelay")
+        "sparsespec-unified", "sparsespec-draftnorm-unified", "sparsespec-draftnorm-unified-nodelay")
 
 
 @contextlib.contextmanager
@@ -164,8 +164,11 @@ def main() -> int:
         # Unified draft/verify passes (issue 5), and the same with the host waiting for every
         # pass's verify results (the delayed-verification ablation).
         "sparsespec-unified": dict(speculative_algorithm="SPARSESPEC", sparsespec_schedule="unified", **spec),
-        "sparsespec-unified-nodelay": dict(speculative_algorithm="SPARSESPEC", sparsespec_schedule="unified",
-                                           sparsespec_disable_delayed_verify=True, **spec),
+        "sparsespec-draftnorm-unified": dict(speculative_algorithm="SPARSESPEC", sparsespec_schedule="unified",
+                                             sparsespec_score_norm="draft", **spec),
+        "sparsespec-draftnorm-unified-nodelay": dict(
+            speculative_algorithm="SPARSESPEC", sparsespec_schedule="unified", sparsespec_score_norm="draft",
+            sparsespec_disable_delayed_verify=True, **spec),
     }
     report = {"command": " ".join(sys.argv), "gpu": torch.cuda.get_device_name(),
               "torch": torch.__version__, "shape": args.shape, "k": args.k,

@@ -145,22 +145,28 @@ class SparseSpecAttnBackend(TritonAttnBackend):
         k_buffer = self.token_to_kv_pool.get_key_buffer(layer.layer_id)
         v_buffer = self.token_to_kv_pool.get_value_buffer(layer.layer_id)
         logit_cap = logit_capping_mod(layer.logit_capping_method, layer.logit_cap)
+        ring = None if state.draft_lse is None else state.draft_lse[layer.layer_id]
+        num_kv_heads = self.token_to_kv_pool.head_num
         sparse_decode_attention(
             q.view(-1, hq, d), k_buffer, v_buffer, o.view(-1, hq, dv), state.req_to_token,
             forward_batch.req_pool_indices, forward_batch.seq_lens, rows.dense_start[:bs],
             state.sel_indices[layer.layer_id], rows.sel_lens[:bs], config.num_sink_tokens,
             layer.scaling, logit_cap,
-            num_kv_splits=pick_num_kv_splits(bs, self.token_to_kv_pool.head_num, self._num_sms),
-            sel_by_row=True,
+            num_kv_splits=pick_num_kv_splits(bs, num_kv_heads, self._num_sms),
+            sel_by_row=True, lse_ring=ring, ring_rows=None if ring is None else rows.ring_rows[:bs],
         )
         nv = rows.verify_slots(bs)
         if nv == 0:
             return o
+        # A graph's verify entries are about half spare: split the KV for the real ones.
+        real = nv if rows.num_verify is not None else max(1, nv // 2)
         verify_attention_with_scores(
             q.view(-1, hq, d), k_buffer, v_buffer, o.view(-1, hq, dv), state.req_to_token,
             rows.verify_rows[:nv], rows.verify_prefix[:nv], rows.verify_lens[:nv],
             rows.qo_indptr[:nv + 1], state.scores[:nv], layer.scaling, config.aggregation, logit_cap,
-            max_ext=rows.width,
+            num_kv_splits=pick_num_kv_splits(real, num_kv_heads, self._num_sms),
+            score_lse=ring, max_ext=rows.width,
+            score_lse_rows=None if ring is None else rows.verify_rows[:nv],
         )
         select_topk(
             state.scores[:nv], state.req_to_token, rows.verify_rows[:nv], rows.verify_end[:nv],

@@ -147,10 +147,6 @@ class SparseSpecConfig:
                "--sparsespec-disable-delayed-verify",
                "used with --sparsespec-schedule unified only (lockstep verifies once per step)",
                "set")
-        if self.schedule == "unified":
-            _check(self.score_norm == "exact", "--sparsespec-score-norm",
-                   "exact with --sparsespec-schedule unified (draft-normalised scores are lockstep-only)",
-                   self.score_norm)
 
     @classmethod
     def from_values(cls, num_draft_steps: int | None, values: Mapping[str, Any]) -> "SparseSpecConfig":

@@ -40,12 +40,14 @@ class MixedRows:
     the verify kernel then overwrites). Per verifying request: pool row, prefix (its committed
     length), chain length, ``verify_end = prefix + length``. ``num_verify`` is the verify count of
     an eager pass; ``None`` in a CUDA graph, whose spare verify entries (``verify_slots``) are
-    empty requests on the reserved pool row 0.
+    empty requests on the reserved pool row 0. With draft-normalised scores the lse ring is
+    keyed by pool row (``ring_rows``; verify rows write the reserved row 0, never read).
     """
 
     width: int  # k + 1, the longest verify chain
     dense_start: torch.Tensor  # [T_max] int32
     sel_lens: torch.Tensor  # [T_max] int32
+    ring_rows: torch.Tensor  # [T_max] int32 draft-lse ring row (pool row; 0 for verify rows)
     verify_rows: torch.Tensor  # [V_max] int32
     verify_prefix: torch.Tensor  # [V_max] int32
     verify_lens: torch.Tensor  # [V_max] int32
@@ -57,14 +59,15 @@ class MixedRows:
     def allocate(cls, width: int, max_rows: int, device: torch.device) -> "MixedRows":
         max_verify = max_rows  # a pass of one-token verifies (newcomers' first cycle) at worst
         z = lambda n: torch.zeros((n,), dtype=torch.int32, device=device)  # noqa: E731
-        return cls(width, z(max_rows), z(max_rows), z(max_verify), z(max_verify), z(max_verify),
-                   z(max_verify), z(max_verify + 1))
+        return cls(width, z(max_rows), z(max_rows), z(max_rows), z(max_verify), z(max_verify),
+                   z(max_verify), z(max_verify), z(max_verify + 1))
 
     def pad_for_graph(self, num_rows: int, graph_rows: int, num_verify: int) -> None:
         """Make rows [num_rows, graph_rows) and the spare verify entries of a graph replay
         no-ops (padding rows: no selection, no dense tail; spare verifies: no tokens)."""
         self.dense_start[num_rows:graph_rows].zero_()
         self.sel_lens[num_rows:graph_rows].zero_()
+        self.ring_rows[num_rows:graph_rows].zero_()
         spare = slice(num_verify, graph_rows // self.width)
         for t in (self.verify_rows, self.verify_prefix, self.verify_lens, self.verify_end):
             t[spare].zero_()

@@ -180,6 +180,7 @@ class UnifiedRunner:
         is_verify = torch.arange(t, device=self.device) >= d
         rows.dense_start[:t] = torch.where(is_verify, seq, state.dense_start[pool])
         rows.sel_lens[:t] = torch.where(is_verify, 0, state.sel_lens[pool])
+        rows.ring_rows[:t] = torch.where(is_verify, 0, pool)
         if nv:
             verify_batch = plan[offsets["verify_batch"]]
             verify_pool = req_pool_indices[verify_batch]

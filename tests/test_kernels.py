@@ -352,6 +352,39 @@ def test_verify_in_a_unified_pass_leaves_draft_rows_alone(splits):
     assert torch.all(scores[3:] == -1.0)
 
 
+def test_lse_ring_keyed_by_pool_row():
+    """A unified pass keys the draft lse ring by pool row: the sparse decode writes row
+    ``ring_rows[b]`` and the fused verify score dump reads ``score_lse_rows[b]``, giving what the
+    batch-ordered ring gives."""
+    seq_lens, dense_start, sel_counts = [300, 41, 170], [280, 33, 150], [20, 3, 11]
+    pool, q, sel, sel_lens = _decode_case(seq_lens, dense_start, sel_counts, 4, 4, seed=3)
+    hq, ring_w = q.shape[1], 5
+    out = torch.empty(3, hq, pool.v.shape[-1], device=DEVICE)
+    args = (q, pool.k, pool.v, out, pool.req_to_token, pool.req_pool_indices, _ints(seq_lens),
+            _ints(dense_start), sel, sel_lens, 4, 0.125)
+    by_batch = torch.full((3, hq, ring_w), -3.0, device=DEVICE)
+    sparse_decode_attention(*args, num_kv_splits=2, lse_ring=by_batch)
+    rows = _ints([6, 1, 4])
+    by_row = torch.full((8, hq, ring_w), -3.0, device=DEVICE)
+    sparse_decode_attention(*args, num_kv_splits=2, lse_ring=by_row, ring_rows=rows)
+    assert torch.equal(by_row[rows.long()], by_batch)
+    untouched = [r for r in range(8) if r not in (6, 1, 4)]
+    assert torch.all(by_row[untouched] == -3.0)
+
+    prefix_lens, extend_lens = [150, 7, 230], [5, 5, 3]
+    vpool, vq, qo = _verify_case(prefix_lens, extend_lens, 4, seed=9)
+    lse = _ring_lse(prefix_lens, vq.shape[1], ring_w, seed=2)
+    _, expect, _, _ = _run_verify(vpool, vq, prefix_lens, extend_lens, qo, "sum", 2, score_lse=lse)
+    ring = torch.zeros(8, vq.shape[1], ring_w, device=DEVICE)
+    ring[rows.long()] = lse
+    scores = torch.full_like(expect, -1.0)
+    verify_attention_with_scores(
+        vq, vpool.k, vpool.v, torch.empty(vq.shape[0], vq.shape[1], vpool.v.shape[-1], device=DEVICE),
+        vpool.req_to_token, vpool.req_pool_indices, _ints(prefix_lens), _ints(extend_lens), qo, scores,
+        1.0 / math.sqrt(vq.shape[-1]), "sum", num_kv_splits=2, score_lse=ring, score_lse_rows=rows)
+    torch.testing.assert_close(scores, expect)
+
+
 def test_verify_draft_normalised_with_the_true_lse_is_exact():
     """One verify token whose ring slot holds its own final lse: both score modes agree."""
     prefix_lens, extend_lens = [120, 33, 64], [1, 1, 1]

@@ -122,8 +122,6 @@ def test_deterministic_inference_keeps_the_sparsespec_backend(sglang_loaded, mod
     (dict(sparsespec_disable_delayed_verify=True),
      "--sparsespec-disable-delayed-verify must be used with --sparsespec-schedule unified only"),
     (dict(sparsespec_schedule="mixed"), "--sparsespec-schedule must be one of: lockstep, unified"),
-    (dict(sparsespec_schedule="unified", sparsespec_score_norm="draft"),
-     "--sparsespec-score-norm must be exact with --sparsespec-schedule unified"),
     (dict(sparsespec_schedule="unified", enable_deterministic_inference=True),
      "--sparsespec-schedule must be lockstep with --enable-deterministic-inference"),
     (dict(attention_backend="triton"), "--attention-backend"),
