@@ -11,6 +11,7 @@
 #   bash scripts/gpu_checks.sh offload   # retraction with the KV kept in HiCache: lossless test + B 128 / 4K run
 #   bash scripts/gpu_checks.sh sampling  # temperature / top-p / top-k: SPARSESPEC keeps plain's distribution
 #   bash scripts/gpu_checks.sh tp2       # --tp 2 (two GPUs: nvidia-h200-x2), deterministic greedy equality
+#   bash scripts/gpu_checks.sh unified   # unified passes: lossless GPU test + B 128 512/2048 vs lockstep and plain
 # then, on any machine: python scripts/plot_results.py $OUT/*.json --out-dir plots/
 set -euo pipefail
 out=${OUT:-gpu-results}
@@ -55,6 +56,14 @@ case "${1:-}" in
     python scripts/check_lossless.py --out "$out/lossless_tp2_det.json" --tp 2 --dtype bfloat16 --num-prompts 8 \
       --max-new-tokens 128 --prompt-len 64 256 --deterministic --modes overlap 2>&1 \
       | grep -E "^sparsespec|LOSSLESS|MISMATCH|Traceback" ;;
+  unified)
+    python -m pytest -q -p no:cacheprovider -m gpu \
+      tests/test_e2e_gpu.py::test_unified_schedule_stays_lossless_as_requests_join_and_leave \
+      2>&1 | tail -5 | tee "$out/gpu_unified_test.txt" || true
+    python scripts/bench_throughput.py --batch 128 --input-len 512 --output-len 2048 --forced-accept 7 \
+      --runs plain,sparsespec-draftnorm,sparsespec-draftnorm-unified,sparsespec-draftnorm-unified-nodelay \
+      --log-level info --out "$out/bench_unified.json" > "$out/bench_unified.log" 2>&1 || true
+    grep -E "^plain|^sparsespec|^speedup|SPARSESPEC unified:|Traceback" "$out/bench_unified.log" ;;
   *)
-    echo "usage: $0 {tests|lossless|kernels|plain4k|spec4k|batches|accept|offload|sampling|tp2}" >&2; exit 2 ;;
+    echo "usage: $0 {tests|lossless|kernels|plain4k|spec4k|batches|accept|offload|sampling|tp2|unified}" >&2; exit 2 ;;
 esac
