@@ -21,20 +21,16 @@ from typing import Any, Callable, Optional
 
 from sglang.srt.plugins.hook_registry import HookType
 
-from sparsespec_sglang.config import SparseSpecArgsError, SparseSpecConfig
 from sparsespec_sglang.patches import register_once
-from sparsespec_sglang.server_args import is_sparsespec
+from sparsespec_sglang.server_args import sparsespec_config
 
 
 def unified_reserve(server_args: Any) -> Optional[int]:
     """The reserve a unified SPARSESPEC server needs, or None for any other server."""
-    if server_args is None or not is_sparsespec(server_args):
+    config = sparsespec_config(server_args)
+    if config is None or config.schedule != "unified":
         return None
-    try:
-        config = SparseSpecConfig.from_server_args(server_args)
-    except SparseSpecArgsError:  # validated at startup; never reached on a running server
-        return None
-    return 3 * (config.num_draft_steps + 1) if config.schedule == "unified" else None
+    return 3 * (config.num_draft_steps + 1)
 
 
 def _server_args(server_args: Any) -> Any:

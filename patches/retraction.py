@@ -27,9 +27,8 @@ from typing import Any, Callable
 
 from sglang.srt.plugins.hook_registry import HookType
 
-from sparsespec_sglang.config import SparseSpecArgsError, SparseSpecConfig
 from sparsespec_sglang.patches import register_once
-from sparsespec_sglang.server_args import is_sparsespec
+from sparsespec_sglang.server_args import sparsespec_config
 
 logger = logging.getLogger(__name__)
 _keep_kv: contextvars.ContextVar[bool] = contextvars.ContextVar("sparsespec_keep_kv", default=False)
@@ -37,14 +36,10 @@ _keep_kv: contextvars.ContextVar[bool] = contextvars.ContextVar("sparsespec_keep
 
 def keeps_retracted_kv(server_args: Any) -> bool:
     """Whether a retracted request's KV is kept (in the hierarchical cache) for this server."""
-    if server_args is None or not is_sparsespec(server_args):
-        return False
     if not getattr(server_args, "enable_hierarchical_cache", False):
         return False
-    try:
-        return SparseSpecConfig.from_server_args(server_args).kv_offload
-    except SparseSpecArgsError:  # validated at startup; never reached on a running server
-        return False
+    config = sparsespec_config(server_args)
+    return config is not None and config.kv_offload
 
 
 def release_req(original: Callable, *args: Any, **kwargs: Any) -> Any:

@@ -8,7 +8,7 @@ scheduler process.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 from sparsespec_sglang.config import (
     ALGORITHM_NAME,
@@ -24,6 +24,17 @@ DEFAULT_MAX_RUNNING_REQUESTS = 128
 
 def is_sparsespec(server_args: Any) -> bool:
     return (getattr(server_args, "speculative_algorithm", None) or "").upper() == ALGORITHM_NAME
+
+
+def sparsespec_config(server_args: Any) -> Optional[SparseSpecConfig]:
+    """This server's SPARSESPEC settings, or None for any other server (hooks on shared SGLang
+    code ask this; the settings were validated at startup)."""
+    if server_args is None or not is_sparsespec(server_args):
+        return None
+    try:
+        return SparseSpecConfig.from_server_args(server_args)
+    except SparseSpecArgsError:  # validated at startup; never reached on a running server
+        return None
 
 
 def _fail(flag: str, allowed: str, got: Any) -> None:
