@@ -20,7 +20,7 @@ forwards of the SPARSESPEC cycle take the plugin's kernels instead:
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterator, Optional
+from typing import Any, ContextManager, Iterator, Optional
 
 import torch
 from sglang.srt.layers.attention.triton_backend import TritonAttnBackend, logit_capping_mod
@@ -55,20 +55,18 @@ class SparseSpecAttnBackend(TritonAttnBackend):
         self.state = state
 
     @contextlib.contextmanager
-    def draft_step(self, step: DraftStep) -> Iterator[None]:
-        self._draft = step
+    def _mode(self, name: str, inputs: Any) -> Iterator[None]:
+        setattr(self, name, inputs)
         try:
             yield
         finally:
-            self._draft = None
+            setattr(self, name, None)
 
-    @contextlib.contextmanager
-    def mixed_pass(self, rows: MixedRows) -> Iterator[None]:
-        self._mixed = rows
-        try:
-            yield
-        finally:
-            self._mixed = None
+    def draft_step(self, step: DraftStep) -> ContextManager[None]:
+        return self._mode("_draft", step)
+
+    def mixed_pass(self, rows: MixedRows) -> ContextManager[None]:
+        return self._mode("_mixed", rows)
 
     def _is_sparse_draft(self, forward_batch: Any) -> bool:
         return ((self._draft is not None or self._mixed is not None)

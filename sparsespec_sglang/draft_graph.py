@@ -23,6 +23,7 @@ import logging
 from typing import Any, Callable, ContextManager, Iterator, Optional, Sequence
 
 import torch
+from sglang.srt.model_executor.forward_batch_info import ForwardMode
 from sglang.srt.model_executor.forward_context import ForwardContext, forward_context
 from sglang.srt.model_executor.runner import decode_cuda_graph_runner
 from sglang.srt.model_executor.runner.decode_cuda_graph_runner import DecodeCudaGraphRunner
@@ -40,6 +41,25 @@ def _as_plain_decoder(model_runner: Any) -> Iterator[None]:
         yield
     finally:
         model_runner.spec_algorithm = saved
+
+
+BORROWED_FIELDS = ("forward_mode", "input_ids", "out_cache_loc", "seq_lens", "seq_lens_cpu",
+                   "seq_lens_sum", "spec_info", "return_logprob", "req_pool_indices")
+
+
+@contextlib.contextmanager
+def as_decode_rows(batch: Any) -> Iterator[dict[str, Any]]:
+    """Borrow the scheduler's batch for single-token-row DECODE forwards (draft steps, unified
+    passes): yields its original fields, restores them afterwards whatever the forwards set."""
+    saved = {name: getattr(batch, name) for name in BORROWED_FIELDS}
+    batch.forward_mode = ForwardMode.DECODE
+    batch.spec_info = None
+    batch.return_logprob = False
+    try:
+        yield saved
+    finally:
+        for name, value in saved.items():
+            setattr(batch, name, value)
 
 
 @contextlib.contextmanager

@@ -34,7 +34,7 @@ from sglang.srt.layers.logits_processor import LogitsProcessorOutput
 from sglang.srt.model_executor.forward_batch_info import ForwardBatch, ForwardMode
 from sglang.srt.speculative.ngram_info import NgramVerifyInput
 
-from sparsespec_sglang.draft_graph import DraftGraphs
+from sparsespec_sglang.draft_graph import DraftGraphs, as_decode_rows
 from sparsespec_sglang.phases import PassPlan, PhasePlanner
 from sparsespec_sglang.pillar import MixedRows, PillarState
 
@@ -143,42 +143,31 @@ class UnifiedRunner:
         lens = torch.zeros((bs,), dtype=torch.int32, device=self.device)
         host = _pack(layouts, w)
         plan = torch.tensor(host[0], dtype=torch.int64).to(self.device, non_blocking=True)
-        saved = (batch.forward_mode, batch.input_ids, batch.out_cache_loc, batch.seq_lens,
-                 batch.seq_lens_cpu, batch.seq_lens_sum, batch.spec_info, batch.return_logprob,
-                 batch.req_pool_indices)
         logits_output = None
-        try:
-            batch.forward_mode = ForwardMode.DECODE
-            batch.spec_info = None
-            batch.return_logprob = False
-            with self.backend.mixed_pass(self.rows):
-                for layout, offsets in zip(layouts, host[1]):
-                    logits_output = self._pass(batch, saved, layout, plan, offsets, committed,
-                                               tokens, lens)
-        finally:
-            (batch.forward_mode, batch.input_ids, batch.out_cache_loc, batch.seq_lens,
-             batch.seq_lens_cpu, batch.seq_lens_sum, batch.spec_info, batch.return_logprob,
-             batch.req_pool_indices) = saved
+        with as_decode_rows(batch) as saved, self.backend.mixed_pass(self.rows):
+            for layout, offsets in zip(layouts, host[1]):
+                logits_output = self._pass(batch, saved, layout, plan, offsets, committed,
+                                           tokens, lens)
         self.pass_tokens += [layout.num_rows for layout in layouts]
         self.steps += 1
         if self.steps % LOG_EVERY == 0:
             self._log()
         return tokens.flatten(), lens, committed, logits_output
 
-    def _pass(self, batch: Any, saved: tuple, layout: PassLayout, plan: torch.Tensor,
+    def _pass(self, batch: Any, saved: dict[str, Any], layout: PassLayout, plan: torch.Tensor,
               offsets: dict[str, slice], committed: torch.Tensor, tokens: torch.Tensor,
               lens: torch.Tensor) -> Any:
         state, rows, w = self.state, self.rows, self.width
-        req_pool_indices, seq_lens_cpu = saved[8], saved[4]
+        req_pool_indices, seq_lens_cpu = saved["req_pool_indices"], saved["seq_lens_cpu"]
         t, d, nv = layout.num_rows, layout.num_draft, len(layout.verify_batch)
         row_batch, row_index = plan[offsets["row_batch"]], plan[offsets["row_index"]]
         pool = req_pool_indices[row_batch]
         pos = committed[row_batch] + row_index
         prev = self.drafts[pool, (row_index - 1).clamp(min=0)]
         input_ids = torch.where(row_index == 0, state.pending[pool], prev)
-        seq = (pos + 1).to(torch.int32)
+        seq_lens = pos + 1
         is_verify = torch.arange(t, device=self.device) >= d
-        rows.dense_start[:t] = torch.where(is_verify, seq, state.dense_start[pool])
+        rows.dense_start[:t] = torch.where(is_verify, seq_lens, state.dense_start[pool])
         rows.sel_lens[:t] = torch.where(is_verify, 0, state.sel_lens[pool])
         rows.ring_rows[:t] = torch.where(is_verify, 0, pool)
         if nv:
@@ -196,7 +185,7 @@ class UnifiedRunner:
         batch.input_ids = input_ids
         batch.req_pool_indices = pool
         batch.out_cache_loc = state.req_to_token[pool, pos].to(torch.int64)
-        batch.seq_lens = pos + 1
+        batch.seq_lens = seq_lens
         batch.seq_lens_cpu = (seq_lens_cpu[layout.row_batch]
                               + torch.tensor(layout.row_index, dtype=seq_lens_cpu.dtype) + 1)
         batch.seq_lens_sum = None

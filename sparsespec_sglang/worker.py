@@ -44,7 +44,7 @@ from sglang.srt.speculative.spec_utils import (
 
 from sparsespec_sglang.attention import SparseSpecAttnBackend
 from sparsespec_sglang.config import SparseSpecConfig
-from sparsespec_sglang.draft_graph import DraftGraphs
+from sparsespec_sglang.draft_graph import DraftGraphs, as_decode_rows
 from sparsespec_sglang.pillar import PillarState
 from sparsespec_sglang.profiling import CycleProfiler
 from sparsespec_sglang.sampling import sample_like_plain
@@ -247,33 +247,24 @@ class SparseSpecWorker(BaseSpecWorker):
     def _draft(self, batch: ScheduleBatch, pending: torch.Tensor, locs: torch.Tensor) -> torch.Tensor:
         """k sparse decode forwards of the target model; returns drafts [bs, k]."""
         bs = len(batch.reqs)
-        saved = (batch.forward_mode, batch.input_ids, batch.out_cache_loc, batch.seq_lens,
-                 batch.seq_lens_cpu, batch.seq_lens_sum, batch.spec_info, batch.return_logprob)
         step = self.state.load_draft_step(batch.req_pool_indices)
         drafts = torch.empty((bs, self.k), dtype=torch.int64, device=self.device)
         token = pending.to(torch.int64)
-        try:
-            batch.forward_mode = ForwardMode.DECODE
-            batch.spec_info = None
-            batch.return_logprob = False
-            with self.backend.draft_step(step):
-                for j in range(self.k):
-                    batch.input_ids = token
-                    batch.out_cache_loc = locs[:, j].contiguous()
-                    batch.seq_lens = saved[3] + (j + 1)
-                    batch.seq_lens_cpu = saved[4] + (j + 1)
-                    batch.seq_lens_sum = None
-                    forward_batch = ForwardBatch.init_new(batch, self.model_runner,
-                                                         return_hidden_states_before_norm=False)
-                    if self.draft_graphs is not None:
-                        logits = self.draft_graphs.run(forward_batch)
-                    else:
-                        logits = self.model_runner.forward(forward_batch).logits_output.next_token_logits
-                    token = torch.argmax(logits, dim=-1)
-                    drafts[:, j] = token
-        finally:
-            (batch.forward_mode, batch.input_ids, batch.out_cache_loc, batch.seq_lens,
-             batch.seq_lens_cpu, batch.seq_lens_sum, batch.spec_info, batch.return_logprob) = saved
+        with as_decode_rows(batch) as saved, self.backend.draft_step(step):
+            for j in range(self.k):
+                batch.input_ids = token
+                batch.out_cache_loc = locs[:, j].contiguous()
+                batch.seq_lens = saved["seq_lens"] + (j + 1)
+                batch.seq_lens_cpu = saved["seq_lens_cpu"] + (j + 1)
+                batch.seq_lens_sum = None
+                forward_batch = ForwardBatch.init_new(batch, self.model_runner,
+                                                     return_hidden_states_before_norm=False)
+                if self.draft_graphs is not None:
+                    logits = self.draft_graphs.run(forward_batch)
+                else:
+                    logits = self.model_runner.forward(forward_batch).logits_output.next_token_logits
+                token = torch.argmax(logits, dim=-1)
+                drafts[:, j] = token
         return drafts
 
     def _chain(self, bs: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
