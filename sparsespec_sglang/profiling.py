@@ -161,3 +161,99 @@ class CycleProfiler:
             tables.append(f"== sorted by {key}\n" + averages.table(sort_by=key, row_limit=40))
         Path(f"{self.path}.ops.txt").write_text("\n\n".join(tables))
         trace.export_chrome_trace(f"{self.path}.trace.json")
+
+
+class PassTimer:
+    """Where a unified pass's time goes (issue 5: CPU time on the critical path per pass).
+
+    Two consecutive steps out of every ``every`` are sampled, without host syncs: each pass
+    records CUDA events right before and after its model forward (a graph replay or an eager
+    forward), and the host time it took to prepare and enqueue the whole pass. Events are read
+    once the GPU has passed them (``query()``). On the GPU timeline, the time between one pass's
+    forward and the next is the pass's small ops (row gathers, acceptance) plus any time the GPU
+    sat idle waiting for the host; across a step boundary it is also the scheduler's work. Their
+    sum per pass is therefore an upper bound on the host time *not* hidden behind GPU work.
+    """
+
+    def __init__(self, every: int = 50, event_factory: Optional[Callable[[], Any]] = None) -> None:
+        self.every = every
+        if event_factory is None and torch.cuda.is_available():
+            event_factory = lambda: torch.cuda.Event(enable_timing=True)  # noqa: E731
+        self._new_event = event_factory
+        self.step = 0
+        self._current: Optional[list[list[Any]]] = None  # [start, end] events of this step's passes
+        self._t0 = self._waited = 0.0
+        self._in_flight: collections.deque = collections.deque()  # (step, passes)
+        self._last: Optional[tuple[int, Any]] = None  # (step, last forward-end event) resolved
+        self.reset()
+
+    def reset(self) -> None:
+        self.passes = 0
+        self.host_s = 0.0
+        self.forward_ms = 0.0
+        self.forwards = 0
+        self.steps = 0
+        self.within_ms = 0.0  # between forwards inside a step
+        self.between_ms = 0.0  # from a step's last forward to the next step's first
+        self.boundaries = 0
+
+    @property
+    def sampling(self) -> bool:
+        return self._new_event is not None and self.step % self.every < 2
+
+    def begin_step(self) -> None:
+        self._t0, self._waited = time.perf_counter(), 0.0
+
+    def forward_start(self) -> None:
+        if self.sampling:
+            if self._current is None:
+                self._current = []
+            self._current.append([self._record(), None])
+
+    def forward_end(self) -> None:
+        if self.sampling and self._current:
+            self._current[-1][1] = self._record()
+
+    def waited(self, seconds: float) -> None:
+        """Host time spent waiting for the GPU (not preparing work)."""
+        self._waited += seconds
+
+    def end_step(self, num_passes: int) -> None:
+        if self.sampling:
+            self.host_s += time.perf_counter() - self._t0 - self._waited
+            self.passes += num_passes
+        if self._current:
+            self._in_flight.append((self.step, self._current))
+        self._current = None
+        self.step += 1
+        self._collect()
+
+    def _record(self) -> Any:
+        event = self._new_event()
+        event.record()
+        return event
+
+    def _collect(self) -> None:
+        while self._in_flight and self._in_flight[0][1][-1][1].query():
+            step, passes = self._in_flight.popleft()
+            for (start, end), (nxt, _) in zip(passes, passes[1:]):
+                self.within_ms += end.elapsed_time(nxt)
+            self.forward_ms += sum(start.elapsed_time(end) for start, end in passes)
+            self.forwards += len(passes)
+            self.steps += 1
+            if self._last is not None and self._last[0] == step - 1:
+                self.between_ms += self._last[1].elapsed_time(passes[0][0])
+                self.boundaries += 1
+            self._last = (step, passes[-1][1])
+
+    def summary(self) -> dict:
+        """Means in ms over the sampled passes resolved so far ({} before a step boundary)."""
+        if not self.boundaries:
+            return {}
+        per_step = self.within_ms / self.steps + self.between_ms / self.boundaries
+        passes = self.forwards / self.steps
+        return {"host_ms_per_pass": 1e3 * self.host_s / max(self.passes, 1),
+                "forward_gpu_ms": self.forward_ms / self.forwards,
+                "step_boundary_gap_ms": self.between_ms / self.boundaries,
+                # GPU-timeline time outside the forwards: small ops + waiting for the host
+                "outside_forward_ms_per_pass": per_step / passes}

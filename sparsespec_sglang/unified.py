@@ -24,7 +24,9 @@ only proposals), which is how a request re-enters after a prefill or a lockstep 
 from __future__ import annotations
 
 import copy
+import json
 import logging
+import time
 from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any, Callable, Optional
@@ -37,6 +39,7 @@ from sglang.srt.speculative.ngram_info import NgramVerifyInput
 from sparsespec_sglang.draft_graph import DraftGraphs, as_decode_rows
 from sparsespec_sglang.phases import PassPlan, PhasePlanner
 from sparsespec_sglang.pillar import MixedRows, PillarState
+from sparsespec_sglang.profiling import PassTimer
 
 logger = logging.getLogger(__name__)
 
@@ -112,7 +115,8 @@ class UnifiedRunner:
         self._chain_index: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.steps = 0
         self.graph_passes = 0
-        self.pass_tokens: list[int] = []  # tokens of every pass since the last log line
+        self.pass_tokens: list[tuple[int, int]] = []  # (requests, tokens) of every pass since the last log line
+        self.timer = PassTimer()
 
     @staticmethod
     def capture_sizes(max_requests: int) -> list[int]:
@@ -128,6 +132,7 @@ class UnifiedRunner:
     def step(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Any]:
         """k + 1 passes; returns accept_tokens [B * (k + 1)], accept_lens [B], new_seq_lens [B]
         and the last pass's logits output."""
+        self.timer.begin_step()
         pool_rows = [req.req_pool_idx for req in batch.reqs]
         batch_pos = {row: i for i, row in enumerate(pool_rows)}
         for row in [r for r in self.planner.offset if r not in batch_pos]:
@@ -148,7 +153,12 @@ class UnifiedRunner:
             for layout, offsets in zip(layouts, host[1]):
                 logits_output = self._pass(batch, saved, layout, plan, offsets, committed,
                                            tokens, lens)
-        self.pass_tokens += [layout.num_rows for layout in layouts]
+                if not self.delayed_verification and layout.verify_batch:
+                    t0 = time.perf_counter()
+                    torch.get_device_module(self.device).current_stream().synchronize()
+                    self.timer.waited(time.perf_counter() - t0)
+        self.timer.end_step(len(layouts))
+        self.pass_tokens += [(bs, layout.num_rows) for layout in layouts]
         self.steps += 1
         if self.steps % LOG_EVERY == 0:
             self._log()
@@ -195,10 +205,13 @@ class UnifiedRunner:
         if (graph_rows is not None and nv <= graph_rows // w
                 and self.graphs.runner.can_run_graph(forward_batch)):
             rows.pad_for_graph(t, graph_rows, nv)
+            self.timer.forward_start()
             logits = self.graphs.run(forward_batch)
             self.graph_passes += 1
         else:
+            self.timer.forward_start()
             logits = self.model_runner.forward(forward_batch).logits_output.next_token_logits
+        self.timer.forward_end()
 
         if d:
             self.drafts[pool[:d], row_index[:d]] = torch.argmax(logits[:d], dim=-1)
@@ -229,8 +242,6 @@ class UnifiedRunner:
         committed[verify_batch] = verify_prefix + accept_lens
         tokens[verify_batch] = accepted
         lens[verify_batch] = accept_lens
-        if not self.delayed_verification:
-            torch.get_device_module(self.device).current_stream().synchronize()
         return verify_logits
 
     def _chain_arrays(self, nv: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -242,12 +253,23 @@ class UnifiedRunner:
         return self._chain_index[nv]
 
     def _log(self) -> None:
-        full = [n for n in self.pass_tokens if n]
-        if full:
-            logger.info("SPARSESPEC unified: %d steps, tokens per pass mean %.1f, min %d, max %d "
-                        "(last %d passes, %d of all passes from CUDA graphs)", self.steps,
-                        sum(full) / len(full), min(full), max(full), len(full), self.graph_passes)
+        """Pass sizes (over all passes, and over the passes of the largest batch seen: the
+        issue's max/min ratio is about a full batch, not the ramp-up and tail) and pass timing."""
+        passes = [(b, n) for b, n in self.pass_tokens if n]
         self.pass_tokens = []
+        if not passes:
+            return
+        sizes = [n for _, n in passes]
+        full_batch = max(b for b, _ in passes)
+        full = [n for b, n in passes if b == full_batch]
+        logger.info(
+            "SPARSESPEC unified: %d steps, tokens per pass mean %.1f, min %d, max %d over %d passes; "
+            "at the full batch (%d requests, %d passes) min %d, max %d, max/min %.2f; "
+            "%d of all passes from CUDA graphs; timing %s",
+            self.steps, sum(sizes) / len(sizes), min(sizes), max(sizes), len(sizes), full_batch,
+            len(full), min(full), max(full), max(full) / min(full), self.graph_passes,
+            json.dumps({k: round(v, 3) for k, v in self.timer.summary().items()}))
+        self.timer.reset()
 
 
 def _greedy_only(info: Any) -> bool:

@@ -105,3 +105,53 @@ def test_gauges_refresh_between_log_lines():
         prof.end_cycle(1, torch.tensor([1]))
         value = registry.get_sample_value("sparsespec:draft_gpu_ms_per_cycle", {"model_name": "g"})
         assert value == (0.0 if cycle == 0 else pytest.approx(1.0))  # unset until cycle 2
+
+
+class ClockEvent:
+    """A CUDA event stand-in whose GPU timestamp is set by the test."""
+
+    now = 0.0
+
+    def __init__(self):
+        self.t = None
+
+    def record(self):
+        self.t = ClockEvent.now
+
+    def query(self):
+        return self.t is not None and self.t <= ClockEvent.done_until
+
+    def elapsed_time(self, other):
+        return other.t - self.t
+
+
+def test_pass_timer_splits_forward_time_from_the_time_between_forwards():
+    from sparsespec_sglang.profiling import PassTimer
+
+    ClockEvent.now, ClockEvent.done_until = 0.0, -1.0
+    timer = PassTimer(every=10, event_factory=ClockEvent)
+
+    def step(passes=3, forward=5.0, gap=1.0, boundary=4.0):
+        timer.begin_step()
+        ClockEvent.now += boundary - gap
+        for _ in range(passes):
+            ClockEvent.now += gap
+            timer.forward_start()
+            ClockEvent.now += forward
+            timer.forward_end()
+        timer.end_step(passes)
+
+    step()
+    step()
+    assert timer.summary() == {}  # the GPU has not reached the events: nothing read, no wait
+    ClockEvent.done_until = ClockEvent.now
+    for _ in range(8):
+        step(gap=100.0)  # steps 2..9 are not sampled: their timings never count
+    s = timer.summary()
+    assert s["forward_gpu_ms"] == pytest.approx(5.0)
+    assert s["step_boundary_gap_ms"] == pytest.approx(4.0)
+    # per step: 2 gaps of 1 ms inside + the 4 ms boundary, over 3 passes
+    assert s["outside_forward_ms_per_pass"] == pytest.approx(2.0)
+    assert s["host_ms_per_pass"] >= 0
+    timer.reset()
+    assert timer.summary() == {}

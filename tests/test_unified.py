@@ -93,7 +93,9 @@ def test_layout_rows_and_chains():
 
 
 @pytest.mark.parametrize("k", [3, 8])
-def test_unified_steps_emit_the_target_sequence(k, monkeypatch):
+def test_unified_steps_emit_the_target_sequence(k, monkeypatch, caplog):
+    caplog.set_level("INFO", logger="sparsespec_sglang.unified")
+    monkeypatch.setattr("sparsespec_sglang.unified.LOG_EVERY", 20)
     rng = random.Random(k)
     config = SparseSpecConfig(num_draft_steps=k, schedule="unified")
     num_rows, max_ctx = 24, 2048
@@ -154,3 +156,6 @@ def test_unified_steps_emit_the_target_sequence(k, monkeypatch):
     assert next_id > 20 and sum(len(e) for e in emitted.values()) > 1000
     # Drafts were rejected at times, and accepted runs longer than one token happened too.
     assert any(len(e) > 0 for e in emitted.values())
+    # Pass sizes are logged, with the full-batch figure the max/min ratio is about.
+    lines = [r.getMessage() for r in caplog.records if "tokens per pass" in r.getMessage()]
+    assert len(lines) >= 3 and all("at the full batch" in line for line in lines)
