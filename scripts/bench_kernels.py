@@ -226,7 +226,9 @@ def _bench_case(batch: int, ctx: int, sparsity: float, page_size: int, kv, flush
         shapes = [dict(block_n=n, num_warps=w, num_stages=st) for n in (32, 64) for w in (4, 8) for st in (2, 3, 4)]
         sweep["verify_plain"] = _sweep(plain_with, [dict(num_kv_splits=x, **c) for x in (1, 2) for c in shapes
                                                     if c["num_warps"] == 4], flush)
-        sweep["verify_draft_normalised"] = _sweep(fused_with, shapes, flush)
+        sweep["verify_draft_normalised"] = _sweep(
+            fused_with, [dict(num_kv_splits=x, **c) for x in (1, 2, 3, 4, 6) for c in shapes
+                         if c["num_warps"] == 4], flush)
         sweep["verify_exact_score_pass"] = _sweep(
             exact_with, [dict(score_pass_warps=w, score_pass_stages=st) for w in (4, 8) for st in (2, 3, 4)], flush)
         sweep["sparse_decode"] = _sweep(sparse_with, shapes, flush)
