@@ -90,9 +90,11 @@ def _select_topk_kernel(
     sparsity,
     min_sel,
     max_sel,
+    stride_sl,
     stride_sb,
     stride_sh,
     stride_r2t,
+    stride_ol,
     stride_ob,
     stride_oh,
     BLOCK: tl.constexpr,
@@ -101,6 +103,9 @@ def _select_topk_kernel(
 ):
     b = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
+    layer = tl.program_id(2).to(tl.int64)
+    Scores += layer * stride_sl
+    Out_Indices += layer * stride_ol
     r = tl.load(Req_Pool_Indices + b).to(tl.int64)
     out_b = r if OUT_BY_ROW else b
 
@@ -111,7 +116,7 @@ def _select_topk_kernel(
     k = want.to(tl.int32)
     k += (k.to(tl.float32) < want).to(tl.int32)  # ceil for non-negative values
     k = tl.minimum(tl.minimum(tl.maximum(k, min_sel), max_sel), n_cand)
-    if h == 0:
+    if (h == 0) & (layer == 0):
         tl.store(Out_Lens + out_b, k)
 
     if k > 0:
@@ -178,17 +183,25 @@ def select_topk(
     [rows]) written at row ``req_pool_indices[b]``, so no scatter from batch order is needed.
     ``workspace`` is accepted for interface stability and unused: the select keeps all of its
     state in registers.
+
+    Several layers in one launch: scores [L, B, Hkv, ctx] and out_indices [L, ..., Hkv, max_sel]
+    (the same K_b for every layer, so out_lens is written once). One launch per layer is
+    latency-bound when B is small (a unified pass verifies ~B / (k + 1) requests); one launch
+    over a group of layers fills the GPU.
     """
     del workspace
-    batch, num_kv_heads = scores.shape[:2]
-    assert out_indices.shape[1] == num_kv_heads and out_indices.shape[2] >= max_sel
-    assert out_by_row or (out_indices.shape[0] == batch and out_lens.shape[0] >= batch)
-    assert scores.dtype == torch.float32 and scores.stride(2) == 1
-    assert req_to_token.stride(1) == 1 and out_indices.stride(2) == 1
+    if scores.dim() == 3:
+        scores, out_indices = scores.unsqueeze(0), out_indices.unsqueeze(0)
+    num_layers, batch, num_kv_heads = scores.shape[:3]
+    assert out_indices.dim() == 4 and out_indices.shape[0] == num_layers
+    assert out_indices.shape[2] == num_kv_heads and out_indices.shape[3] >= max_sel
+    assert out_by_row or (out_indices.shape[1] == batch and out_lens.shape[0] >= batch)
+    assert scores.dtype == torch.float32 and scores.stride(3) == 1
+    assert req_to_token.stride(1) == 1 and out_indices.stride(3) == 1
     assert 0 <= min_sel <= max_sel
-    if batch == 0:
+    if batch == 0 or num_layers == 0:
         return
-    _select_topk_kernel[(batch, num_kv_heads)](
+    _select_topk_kernel[(batch, num_kv_heads, num_layers)](
         scores,
         req_to_token,
         req_pool_indices,
@@ -202,9 +215,11 @@ def select_topk(
         max_sel,
         scores.stride(0),
         scores.stride(1),
+        scores.stride(2),
         req_to_token.stride(0),
         out_indices.stride(0),
         out_indices.stride(1),
+        out_indices.stride(2),
         BLOCK=_BLOCK,
         FLUSH_BLOCKS=_FLUSH_BLOCKS,
         OUT_BY_ROW=out_by_row,

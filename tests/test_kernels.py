@@ -508,6 +508,26 @@ def test_topk_matches_ref(num_sink, sparsity, min_sel, max_sel, page_size):
             torch.testing.assert_close(scores[b, h, picked].sort().values, want.sort().values)
 
 
+def test_topk_over_a_group_of_layers_equals_one_launch_per_layer():
+    """Unified passes select for several layers in one launch (layer-strided views of larger
+    tables, as the backend passes them): each layer's table equals its own single-layer launch."""
+    seq_lens, cand_end = [300, 120, 45, 290], [291, 111, 3, 290]
+    pool, base = _topk_case(seq_lens, cand_end, page_size=16, seed=7)
+    layers, rows = 3, pool.req_to_token.shape[0]
+    scores_all = torch.stack([base.roll(i * 17, dims=-1) for i in range(layers + 1)])  # [L+1, B, H, ctx]
+    args = (pool.req_to_token, pool.req_pool_indices, _ints(seq_lens), _ints(cand_end), 4, 0.1, 4, 48)
+    tables = torch.full((layers + 2, rows, base.shape[1], 64), -5, dtype=torch.int32, device=DEVICE)
+    lens = torch.full((rows,), -5, dtype=torch.int32, device=DEVICE)
+    select_topk(scores_all[:layers], *args, tables[1:layers + 1, :, :, :48], lens, out_by_row=True)
+    assert torch.all(tables[0] == -5) and torch.all(tables[layers + 1] == -5)  # neighbours untouched
+    for i in range(layers):
+        one = torch.full((rows, base.shape[1], 48), -5, dtype=torch.int32, device=DEVICE)
+        one_lens = torch.full_like(lens, -5)
+        select_topk(scores_all[i], *args, one, one_lens, out_by_row=True)
+        assert torch.equal(tables[i + 1, :, :, :48], one) and torch.equal(lens, one_lens)
+    assert not torch.equal(tables[1], tables[2])  # the layers' scores differ, so do the picks
+
+
 def test_topk_ties_prefer_lower_positions():
     pool = Pool([200], 1, 1, 16, torch.float32, 4)
     scores = torch.full((1, 1, pool.req_to_token.shape[1]), 0.5, device=DEVICE)
