@@ -191,7 +191,9 @@ def select_topk(
     """
     del workspace
     if scores.dim() == 3:
-        scores, out_indices = scores.unsqueeze(0), out_indices.unsqueeze(0)
+        scores = scores.unsqueeze(0)
+    if out_indices.dim() == 3:
+        out_indices = out_indices.unsqueeze(0)
     num_layers, batch, num_kv_heads = scores.shape[:3]
     assert out_indices.dim() == 4 and out_indices.shape[0] == num_layers
     assert out_indices.shape[2] == num_kv_heads and out_indices.shape[3] >= max_sel

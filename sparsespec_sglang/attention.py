@@ -156,20 +156,34 @@ class SparseSpecAttnBackend(TritonAttnBackend):
         nv = rows.verify_slots(bs)
         if nv == 0:
             return o
-        # A graph's verify entries are about half spare: split the KV for the real ones.
+        # A graph's verify entries are about half spare: split the KV for the real ones, about
+        # one program per SM (H100 sweep at 14 and 28 requests: 2 splits, then 1, were fastest).
         real = nv if rows.num_verify is not None else max(1, nv // 2)
+        # Scores of a group of layers are kept and selected in one launch at the group's last
+        # layer (per layer, the top-K of the few verifying requests is latency-bound); passes
+        # with more verifying requests than the group buffer holds select layer by layer.
+        lid, group = layer.layer_id, state.group_scores
+        grouped = group is not None and nv <= group.shape[1]
+        scores = group[lid % group.shape[0], :nv] if grouped else state.scores[:nv]
         verify_attention_with_scores(
             q.view(-1, hq, d), k_buffer, v_buffer, o.view(-1, hq, dv), state.req_to_token,
             rows.verify_rows[:nv], rows.verify_prefix[:nv], rows.verify_lens[:nv],
-            rows.qo_indptr[:nv + 1], state.scores[:nv], layer.scaling, config.aggregation, logit_cap,
-            num_kv_splits=pick_num_kv_splits(real, num_kv_heads, self._num_sms),
+            rows.qo_indptr[:nv + 1], scores, layer.scaling, config.aggregation, logit_cap,
+            num_kv_splits=pick_num_kv_splits(real, num_kv_heads, max(1, self._num_sms // 2)),
             score_lse=ring, max_ext=rows.width,
             score_lse_rows=None if ring is None else rows.verify_rows[:nv],
         )
+        if grouped:
+            first = lid - lid % group.shape[0]
+            if lid + 1 < min(first + group.shape[0], state.sel_indices.shape[0]):
+                return o  # the group's last layer selects for all of them
+            scores = group[:lid + 1 - first, :nv]
+        else:
+            first = lid
         select_topk(
-            state.scores[:nv], state.req_to_token, rows.verify_rows[:nv], rows.verify_end[:nv],
+            scores, state.req_to_token, rows.verify_rows[:nv], rows.verify_end[:nv],
             rows.verify_prefix[:nv], config.num_sink_tokens, config.sparsity, config.min_selected,
-            state.max_sel, state.sel_indices[layer.layer_id], state.sel_lens, out_by_row=True,
+            state.max_sel, state.sel_indices[first:lid + 1], state.sel_lens, out_by_row=True,
         )
         return o
 

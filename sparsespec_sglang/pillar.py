@@ -91,6 +91,7 @@ class PillarState:
     - ``pending [R]`` int64 each request's last emitted token, the next cycle's first input;
     - ``scores [R, Hkv, max_ctx]`` fp32, one layer's verify scores at a time
       (batch order; a batch never has more requests than pool rows R);
+    - ``group_scores`` (unified passes only, :meth:`keep_group_scores`): several layers' scores;
     - ``draft_step``: batch-ordered copies of ``dense_start``/``sel_lens`` that the
       draft steps (and their CUDA graphs) read, refreshed once per cycle;
     - ``draft_lse [L, R, Hq, k+1]`` fp32 (``--sparsespec-score-norm draft`` only), batch order:
@@ -116,6 +117,7 @@ class PillarState:
                         dtype=torch.float32, device=device)
             if config.score_norm == "draft" else None
         )
+        self.group_scores: torch.Tensor | None = None  # see keep_group_scores
         self.draft_step = DraftStep(dense_start=torch.zeros_like(self.dense_start),
                                     sel_lens=torch.zeros_like(self.sel_lens))
         nbytes = sum(t.numel() * t.element_size() for t in
@@ -123,6 +125,17 @@ class PillarState:
                      if t is not None)
         logger.info("SPARSESPEC state: %d layers x %d rows x %d KV heads x %d selected, "
                     "%.1f MiB", num_layers, num_rows, num_kv_heads, self.max_sel, nbytes / 2**20)
+
+    def keep_group_scores(self, layers_per_group: int, max_verify: int) -> None:
+        """Unified passes: keep the verify scores of ``layers_per_group`` layers for up to
+        ``max_verify`` verifying requests (``group_scores [G, V, Hkv, max_ctx]`` fp32), so the
+        top-K of a group of layers runs as one launch."""
+        num_layers, _, num_kv_heads, _ = self.sel_indices.shape
+        shape = (min(layers_per_group, num_layers), max_verify, num_kv_heads, self.scores.shape[2])
+        self.group_scores = torch.zeros(shape, dtype=torch.float32, device=self.scores.device)
+        logger.info("SPARSESPEC: top-K over groups of %d layers for up to %d verifying requests "
+                    "per pass, %.1f MiB", shape[0], max_verify,
+                    self.group_scores.numel() * 4 / 2**20)
 
     def load_draft_step(self, req_pool_indices: torch.Tensor) -> DraftStep:
         """Gather this cycle's per-request draft inputs into batch order (rows past B zeroed)."""

@@ -44,6 +44,7 @@ from sparsespec_sglang.profiling import PassTimer
 logger = logging.getLogger(__name__)
 
 LOG_EVERY = 200  # steps between pass-size log lines
+TOPK_LAYER_GROUP = 6  # layers whose top-K runs as one launch in a unified pass
 
 
 @dataclass
@@ -110,6 +111,9 @@ class UnifiedRunner:
         self.device = state.req_to_token.device
         num_rows = state.req_to_token.shape[0]
         self.planner = PhasePlanner(k, step_aligned=True)
+        # A full pass verifies ~R / (k + 1) requests; twice that covers the planner's imbalance
+        # and the spare entries of the largest graph (capture_sizes: up to 2 R + 16 rows).
+        state.keep_group_scores(TOPK_LAYER_GROUP, min(64, 2 * -(-num_rows // self.width) + 2))
         self.drafts = torch.zeros((num_rows, k), dtype=torch.int64, device=self.device)
         self.rows = MixedRows.allocate(self.width, num_rows * self.width, self.device)
         self._chain_index: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
