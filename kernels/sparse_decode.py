@@ -54,6 +54,9 @@ def _sparse_decode_stage1(
     Sel_Lens,
     Att_Out,
     Att_Lse,
+    O,
+    Lse_Ring,
+    Ring_Rows,
     sm_scale,
     num_sink,
     num_kv_splits,
@@ -71,6 +74,10 @@ def _sparse_decode_stage1(
     stride_os,
     stride_lb,
     stride_lh,
+    stride_o_b,
+    stride_o_h,
+    stride_rb,
+    stride_rh,
     G: tl.constexpr,
     BLOCK_H: tl.constexpr,
     D: tl.constexpr,
@@ -80,6 +87,9 @@ def _sparse_decode_stage1(
     BLOCK_N: tl.constexpr,
     LOGIT_CAP: tl.constexpr,
     SEL_BY_ROW: tl.constexpr,
+    FINAL: tl.constexpr,
+    RING: tl.constexpr,
+    RING_BY_ROWS: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
@@ -156,11 +166,23 @@ def _sparse_decode_stage1(
         # Empty chunk: the reduce kernel skips a split whose lse is -inf.
         lse = e_max
 
-    tl.store(
-        Att_Out + b * stride_ob + heads[:, None] * stride_oh + split * stride_os + offs_dv[None, :],
-        acc,
-        mask=mask_h[:, None] & mask_dv[None, :],
-    )
+    if FINAL:
+        # One split: this is the row's result; write it where the reduce would have.
+        tl.store(
+            O + b * stride_o_b + heads[:, None] * stride_o_h + offs_dv[None, :],
+            acc.to(O.dtype.element_ty),
+            mask=mask_h[:, None] & mask_dv[None, :],
+        )
+        if RING > 0:
+            pos = tl.maximum(seq_len - 1, 0)
+            ring_b = tl.load(Ring_Rows + b).to(tl.int64) if RING_BY_ROWS else b
+            tl.store(Lse_Ring + ring_b * stride_rb + heads * stride_rh + pos % RING, lse, mask=mask_h)
+    else:
+        tl.store(
+            Att_Out + b * stride_ob + heads[:, None] * stride_oh + split * stride_os + offs_dv[None, :],
+            acc,
+            mask=mask_h[:, None] & mask_dv[None, :],
+        )
     tl.store(Att_Lse + b * stride_lb + heads * stride_lh + split, lse, mask=mask_h)
 
 
@@ -291,6 +313,15 @@ def sparse_decode_attention(
         assert attn_logits.shape[0] >= batch and attn_lse.shape[0] >= batch
         assert attn_logits.stride(-1) == 1 and attn_lse.stride(-1) == 1
 
+    if lse_ring is not None:
+        assert (ring_rows is not None or lse_ring.shape[0] >= batch) and lse_ring.shape[1] == num_q_heads
+        assert lse_ring.dtype == torch.float32 and lse_ring.stride(2) == 1
+    ring = lse_ring if lse_ring is not None else attn_lse  # placeholder, never written
+    ring_row_ids = ring_rows if ring_rows is not None else seq_lens  # placeholder when unused
+    ring_width = lse_ring.shape[2] if lse_ring is not None else 0
+    # One split (a batch of >= ~2 SMs' worth of rows x KV heads): stage 1 writes the output and
+    # the lse ring itself and the reduce launch is skipped.
+    final = num_kv_splits == 1
     block_h = max(16, triton.next_power_of_2(group))
     _sparse_decode_stage1[(batch, num_kv_heads, num_kv_splits)](
         q,
@@ -304,6 +335,9 @@ def sparse_decode_attention(
         sel_lens,
         attn_logits,
         attn_lse,
+        out,
+        ring,
+        ring_row_ids,
         sm_scale,
         num_sink,
         num_kv_splits,
@@ -321,6 +355,10 @@ def sparse_decode_attention(
         attn_logits.stride(2),
         attn_lse.stride(0),
         attn_lse.stride(1),
+        out.stride(0),
+        out.stride(1),
+        ring.stride(0),
+        ring.stride(1),
         G=group,
         BLOCK_H=block_h,
         D=head_dim,
@@ -330,20 +368,21 @@ def sparse_decode_attention(
         BLOCK_N=block_n,
         LOGIT_CAP=float(logit_cap),
         SEL_BY_ROW=sel_by_row,
+        FINAL=final,
+        RING=ring_width,
+        RING_BY_ROWS=ring_rows is not None,
         num_warps=num_warps,
         num_stages=num_stages,
     )
-    if lse_ring is not None:
-        assert (ring_rows is not None or lse_ring.shape[0] >= batch) and lse_ring.shape[1] == num_q_heads
-        assert lse_ring.dtype == torch.float32 and lse_ring.stride(2) == 1
-    ring = lse_ring if lse_ring is not None else attn_lse  # placeholder, never written
+    if final:
+        return attn_lse[:batch, :, 0]
     _sparse_decode_reduce[(batch, num_q_heads)](
         attn_logits,
         attn_lse,
         out,
         seq_lens,
         ring,
-        ring_rows if ring_rows is not None else seq_lens,  # placeholder when unused
+        ring_row_ids,
         num_kv_splits,
         attn_logits.stride(0),
         attn_logits.stride(1),
@@ -356,7 +395,7 @@ def sparse_decode_attention(
         ring.stride(1),
         DV=dv,
         BLOCK_DV=triton.next_power_of_2(dv),
-        RING=lse_ring.shape[2] if lse_ring is not None else 0,
+        RING=ring_width,
         RING_BY_ROWS=ring_rows is not None,
         num_warps=4,
     )

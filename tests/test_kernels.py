@@ -352,7 +352,8 @@ def test_verify_in_a_unified_pass_leaves_draft_rows_alone(splits):
     assert torch.all(scores[3:] == -1.0)
 
 
-def test_lse_ring_keyed_by_pool_row():
+@pytest.mark.parametrize("splits", [1, 2])  # 1: stage 1 writes the ring, no reduce launch
+def test_lse_ring_keyed_by_pool_row(splits):
     """A unified pass keys the draft lse ring by pool row: the sparse decode writes row
     ``ring_rows[b]`` and the fused verify score dump reads ``score_lse_rows[b]``, giving what the
     batch-ordered ring gives."""
@@ -363,10 +364,10 @@ def test_lse_ring_keyed_by_pool_row():
     args = (q, pool.k, pool.v, out, pool.req_to_token, pool.req_pool_indices, _ints(seq_lens),
             _ints(dense_start), sel, sel_lens, 4, 0.125)
     by_batch = torch.full((3, hq, ring_w), -3.0, device=DEVICE)
-    sparse_decode_attention(*args, num_kv_splits=2, lse_ring=by_batch)
+    sparse_decode_attention(*args, num_kv_splits=splits, lse_ring=by_batch)
     rows = _ints([6, 1, 4])
     by_row = torch.full((8, hq, ring_w), -3.0, device=DEVICE)
-    sparse_decode_attention(*args, num_kv_splits=2, lse_ring=by_row, ring_rows=rows)
+    sparse_decode_attention(*args, num_kv_splits=splits, lse_ring=by_row, ring_rows=rows)
     assert torch.equal(by_row[rows.long()], by_batch)
     untouched = [r for r in range(8) if r not in (6, 1, 4)]
     assert torch.all(by_row[untouched] == -3.0)
