@@ -119,7 +119,7 @@ class UnifiedRunner:
         self._chain_index: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.steps = 0
         self.graph_passes = 0
-        self.pass_tokens: list[tuple[int, int]] = []  # (requests, tokens) of every pass since the last log line
+        self.pass_tokens: list[tuple[int, int, bool]] = []  # (requests, tokens, steady) per pass since the last log
         self.timer = PassTimer()
 
     @staticmethod
@@ -139,11 +139,12 @@ class UnifiedRunner:
         self.timer.begin_step()
         pool_rows = [req.req_pool_idx for req in batch.reqs]
         batch_pos = {row: i for i, row in enumerate(pool_rows)}
-        for row in [r for r in self.planner.offset if r not in batch_pos]:
+        left = [r for r in self.planner.offset if r not in batch_pos]
+        for row in left:
             self.planner.release(row)  # finished, aborted or retracted
-        for row in pool_rows:
-            if row not in self.planner.offset:
-                self.planner.admit(row)
+        joined = [row for row in pool_rows if row not in self.planner.offset]
+        for row in joined:
+            self.planner.admit(row)
         layouts = [PassLayout.from_plan(self.planner.plan(), batch_pos) for _ in range(self.width)]
 
         bs, w = len(pool_rows), self.width
@@ -162,7 +163,8 @@ class UnifiedRunner:
                     torch.get_device_module(self.device).current_stream().synchronize()
                     self.timer.waited(time.perf_counter() - t0)
         self.timer.end_step(len(layouts))
-        self.pass_tokens += [(bs, layout.num_rows) for layout in layouts]
+        # Steps right after a join or leave carry the newcomers' short first chains.
+        self.pass_tokens += [(bs, layout.num_rows, not (left or joined)) for layout in layouts]
         self.steps += 1
         if self.steps % LOG_EVERY == 0:
             self._log()
@@ -257,22 +259,23 @@ class UnifiedRunner:
         return self._chain_index[nv]
 
     def _log(self) -> None:
-        """Pass sizes (over all passes, and over the passes of the largest batch seen: the
-        issue's max/min ratio is about a full batch, not the ramp-up and tail) and pass timing."""
-        passes = [(b, n) for b, n in self.pass_tokens if n]
+        """Pass sizes: over all passes, and over the steady passes (no join or leave in the step)
+        of the largest batch seen, the issue's max/min ratio; and the pass timing."""
+        passes = [p for p in self.pass_tokens if p[1]]
         self.pass_tokens = []
         if not passes:
             return
-        sizes = [n for _, n in passes]
-        full_batch = max(b for b, _ in passes)
-        full = [n for b, n in passes if b == full_batch]
+        sizes = [n for _, n, _ in passes]
+        full_batch = max(b for b, _, _ in passes)
+        steady = [n for b, n, ok in passes if b == full_batch and ok]
+        full = (f"{len(steady)} steady passes of the full batch ({full_batch} requests): min "
+                f"{min(steady)}, max {max(steady)}, max/min {max(steady) / min(steady):.2f}"
+                if steady else f"no steady pass of the full batch ({full_batch} requests)")
         logger.info(
             "SPARSESPEC unified: %d steps, tokens per pass mean %.1f, min %d, max %d over %d passes; "
-            "at the full batch (%d requests, %d passes) min %d, max %d, max/min %.2f; "
-            "%d of all passes from CUDA graphs; timing %s",
-            self.steps, sum(sizes) / len(sizes), min(sizes), max(sizes), len(sizes), full_batch,
-            len(full), min(full), max(full), max(full) / min(full), self.graph_passes,
-            json.dumps({k: round(v, 3) for k, v in self.timer.summary().items()}))
+            "%s; %d of all passes from CUDA graphs; timing %s",
+            self.steps, sum(sizes) / len(sizes), min(sizes), max(sizes), len(sizes), full,
+            self.graph_passes, json.dumps({k: round(v, 3) for k, v in self.timer.summary().items()}))
         self.timer.reset()
 
 

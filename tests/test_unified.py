@@ -158,4 +158,5 @@ def test_unified_steps_emit_the_target_sequence(k, monkeypatch, caplog):
     assert any(len(e) > 0 for e in emitted.values())
     # Pass sizes are logged, with the full-batch figure the max/min ratio is about.
     lines = [r.getMessage() for r in caplog.records if "tokens per pass" in r.getMessage()]
-    assert len(lines) >= 3 and all("at the full batch" in line for line in lines)
+    assert len(lines) >= 3 and all("of the full batch" in line for line in lines)
+    assert any("steady passes of the full batch" in line for line in lines)
