@@ -23,6 +23,7 @@ only proposals), which is how a request re-enters after a prefill or a lockstep 
 
 from __future__ import annotations
 
+import collections
 import copy
 import json
 import logging
@@ -121,6 +122,7 @@ class UnifiedRunner:
         self.graph_passes = 0
         self.pass_tokens: list[tuple[int, int, bool]] = []  # (requests, tokens, steady) per pass since the last log
         self.timer = PassTimer()
+        self._moved = False  # the planner moved requests between offsets at the last step's end
 
     @staticmethod
     def capture_sizes(max_requests: int) -> list[int]:
@@ -145,7 +147,12 @@ class UnifiedRunner:
         joined = [row for row in pool_rows if row not in self.planner.offset]
         for row in joined:
             self.planner.admit(row)
+        moves = self.planner.shortened_cycles
         layouts = [PassLayout.from_plan(self.planner.plan(), batch_pos) for _ in range(self.width)]
+        # A step's passes are steady unless requests joined or left, or the previous step's
+        # last plan moved requests between offsets (their next cycle is a short one).
+        steady = not (left or joined or self._moved)
+        self._moved = self.planner.shortened_cycles != moves
 
         bs, w = len(pool_rows), self.width
         committed = batch.seq_lens.clone()
@@ -163,8 +170,7 @@ class UnifiedRunner:
                     torch.get_device_module(self.device).current_stream().synchronize()
                     self.timer.waited(time.perf_counter() - t0)
         self.timer.end_step(len(layouts))
-        # Steps right after a join or leave carry the newcomers' short first chains.
-        self.pass_tokens += [(bs, layout.num_rows, not (left or joined)) for layout in layouts]
+        self.pass_tokens += [(bs, layout.num_rows, steady) for layout in layouts]
         self.steps += 1
         if self.steps % LOG_EVERY == 0:
             self._log()
@@ -259,7 +265,7 @@ class UnifiedRunner:
         return self._chain_index[nv]
 
     def _log(self) -> None:
-        """Pass sizes: over all passes, and over the steady passes (no join or leave in the step)
+        """Pass sizes: over all passes, and over the steady passes (no join, leave or offset move)
         of the largest batch seen, the issue's max/min ratio; and the pass timing."""
         passes = [p for p in self.pass_tokens if p[1]]
         self.pass_tokens = []
@@ -268,8 +274,10 @@ class UnifiedRunner:
         sizes = [n for _, n, _ in passes]
         full_batch = max(b for b, _, _ in passes)
         steady = [n for b, n, ok in passes if b == full_batch and ok]
+        common = dict(collections.Counter(steady).most_common(4))
         full = (f"{len(steady)} steady passes of the full batch ({full_batch} requests): min "
-                f"{min(steady)}, max {max(steady)}, max/min {max(steady) / min(steady):.2f}"
+                f"{min(steady)}, max {max(steady)}, max/min {max(steady) / min(steady):.2f}, "
+                f"most common {common}"
                 if steady else f"no steady pass of the full batch ({full_batch} requests)")
         logger.info(
             "SPARSESPEC unified: %d steps, tokens per pass mean %.1f, min %d, max %d over %d passes; "
