@@ -12,6 +12,8 @@
 #   bash scripts/gpu_checks.sh sampling  # temperature / top-p / top-k: SPARSESPEC keeps plain's distribution
 #   bash scripts/gpu_checks.sh tp2       # --tp 2 (two GPUs: nvidia-h200-x2), deterministic greedy equality
 #   bash scripts/gpu_checks.sh unified   # unified passes: lossless GPU test + B 128 512/2048 vs lockstep and plain
+#   bash scripts/gpu_checks.sh unified4k # lockstep vs unified at B 128 512/4096 (full-batch pass sizes, pass timing)
+#   bash scripts/gpu_checks.sh ngram4k   # plain vs NGRAM at B 128 512/4096 (the benchmark issue's workload)
 # then, on any machine: python scripts/plot_results.py $OUT/*.json --out-dir plots/
 set -euo pipefail
 out=${OUT:-gpu-results}
@@ -64,6 +66,14 @@ case "${1:-}" in
       --runs plain,sparsespec-draftnorm,sparsespec-draftnorm-unified,sparsespec-draftnorm-unified-nodelay \
       --log-level info --out "$out/bench_unified.json" > "$out/bench_unified.log" 2>&1 || true
     grep -E "^plain|^sparsespec|^speedup|SPARSESPEC unified:|Traceback" "$out/bench_unified.log" ;;
+  unified4k)
+    $bench4k --runs sparsespec-draftnorm,sparsespec-draftnorm-unified --log-level info \
+      --out "$out/bench_b128_4k_unified.json" > "$out/bench_b128_4k_unified.log" 2>&1 || true
+    grep -E "^sparsespec|SPARSESPEC unified:|Traceback" "$out/bench_b128_4k_unified.log" ;;
+  ngram4k)
+    $bench4k --runs plain,ngram --log-level info --out "$out/bench_b128_4k_ngram.json" \
+      > "$out/bench_b128_4k_ngram.log" 2>&1 || true
+    grep -E "^plain|^ngram|Traceback" "$out/bench_b128_4k_ngram.log" ;;
   *)
-    echo "usage: $0 {tests|lossless|kernels|plain4k|spec4k|batches|accept|offload|sampling|tp2|unified}" >&2; exit 2 ;;
+    echo "usage: $0 {tests|lossless|kernels|plain4k|spec4k|batches|accept|offload|sampling|tp2|unified|unified4k|ngram4k}" >&2; exit 2 ;;
 esac
