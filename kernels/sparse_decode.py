@@ -250,9 +250,11 @@ def _sparse_decode_reduce(
         tl.store(Lse_Ring + ring_b * stride_rb + hq * stride_rh + pos % RING, lse)
 
 
-def pick_num_kv_splits(batch_size: int, num_kv_heads: int, num_sms: int, max_splits: int = 16) -> int:
-    """A host-side split count that gives about two programs per SM (shape-only, no sync)."""
-    return max(1, min(max_splits, math.ceil(2 * num_sms / max(1, batch_size * num_kv_heads))))
+def pick_num_kv_splits(batch_size: int, num_kv_heads: int, num_sms: int, max_splits: int = 16,
+                       programs_per_sm: int = 2) -> int:
+    """A host-side split count that gives about ``programs_per_sm`` programs per SM (shape-only,
+    no sync)."""
+    return max(1, min(max_splits, math.ceil(programs_per_sm * num_sms / max(1, batch_size * num_kv_heads))))
 
 
 def sparse_decode_attention(

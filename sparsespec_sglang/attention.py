@@ -169,7 +169,7 @@ class SparseSpecAttnBackend(TritonAttnBackend):
             q.view(-1, hq, d), k_buffer, v_buffer, o.view(-1, hq, dv), state.req_to_token,
             rows.verify_rows[:nv], rows.verify_prefix[:nv], rows.verify_lens[:nv],
             rows.qo_indptr[:nv + 1], scores, layer.scaling, config.aggregation, logit_cap,
-            num_kv_splits=pick_num_kv_splits(real, num_kv_heads, max(1, self._num_sms // 2)),
+            num_kv_splits=pick_num_kv_splits(real, num_kv_heads, self._num_sms, programs_per_sm=1),
             score_lse=ring, max_ext=rows.width,
             score_lse_rows=None if ring is None else rows.verify_rows[:nv],
         )
