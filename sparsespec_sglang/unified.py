@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import collections
 import copy
+import functools
 import json
 import logging
 import time
@@ -90,6 +91,17 @@ class PassLayout:
         return [j + 1 if j + 1 < n else -1 for n in self.verify_lens for j in range(width)]
 
 
+@functools.lru_cache(maxsize=None)
+def chain_tree(num: int, width: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``retrieve_index``, ``retrieve_next_token`` and ``retrieve_next_sibling`` of ``num``
+    chains of ``width`` nodes, as ``eagle_sample`` expects them (cached, never written)."""
+    index = torch.arange(num * width, device=device, dtype=torch.int64).view(num, width)
+    nxt = torch.arange(1, width + 1, device=device, dtype=torch.int64).repeat(num, 1)
+    nxt[:, -1] = -1
+    sibling = torch.full((num, width), -1, device=device, dtype=torch.int64)
+    return index, nxt, sibling
+
+
 def select_requests(info: Any, index: torch.Tensor, batch_size: int) -> Any:
     """``SamplingBatchInfo`` of a subset of the batch's requests (per-request tensors indexed)."""
     sub = copy.copy(info)
@@ -117,7 +129,6 @@ class UnifiedRunner:
         state.keep_group_scores(TOPK_LAYER_GROUP, min(64, 2 * -(-num_rows // self.width) + 2))
         self.drafts = torch.zeros((num_rows, k), dtype=torch.int64, device=self.device)
         self.rows = MixedRows.allocate(self.width, num_rows * self.width, self.device)
-        self._chain_index: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.steps = 0
         self.graph_passes = 0
         self.pass_tokens: list[tuple[int, int, bool]] = []  # (requests, tokens, steady) per pass since the last log
@@ -234,7 +245,7 @@ class UnifiedRunner:
         else:
             chain_rows = plan[offsets["chain_gather"]]
         verify_logits = LogitsProcessorOutput(next_token_logits=logits[chain_rows])
-        index, sibling = self._chain_arrays(nv)
+        index, _, sibling = chain_tree(nv, w, self.device)
         verify_input = NgramVerifyInput(
             draft_token=input_ids[chain_rows], custom_mask=None, positions=pos[chain_rows],
             retrieve_index=index, retrieve_next_token=plan[offsets["chain_next"]].view(nv, w),
@@ -255,14 +266,6 @@ class UnifiedRunner:
         tokens[verify_batch] = accepted
         lens[verify_batch] = accept_lens
         return verify_logits
-
-    def _chain_arrays(self, nv: int) -> tuple[torch.Tensor, torch.Tensor]:
-        if nv not in self._chain_index:
-            w = self.width
-            index = torch.arange(nv * w, device=self.device, dtype=torch.int64).view(nv, w)
-            sibling = torch.full((nv, w), -1, device=self.device, dtype=torch.int64)
-            self._chain_index[nv] = (index, sibling)
-        return self._chain_index[nv]
 
     def _log(self) -> None:
         """Pass sizes: over all passes, and over the steady passes (no join, leave or offset move)

@@ -48,7 +48,7 @@ from sparsespec_sglang.draft_graph import DraftGraphs, as_decode_rows
 from sparsespec_sglang.pillar import PillarState
 from sparsespec_sglang.profiling import CycleProfiler
 from sparsespec_sglang.sampling import sample_like_plain
-from sparsespec_sglang.unified import UnifiedRunner
+from sparsespec_sglang.unified import UnifiedRunner, chain_tree
 
 logger = logging.getLogger(__name__)
 
@@ -75,7 +75,6 @@ class SparseSpecWorker(BaseSpecWorker):
         self.profiler = CycleProfiler.from_env(tp_rank)
         if getattr(server_args, "enable_metrics", False) and tp_rank == 0:
             self.profiler.export_metrics({"model_name": str(server_args.served_model_name)})
-        self._chain_cache: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
     @property
     def draft_worker(self) -> None:
@@ -196,7 +195,7 @@ class SparseSpecWorker(BaseSpecWorker):
         # Verify: [pending, d_1..d_k] at positions seq_len .. seq_len+k, full attention.
         draft_tokens = torch.cat([pending.unsqueeze(1).to(drafts.dtype), drafts], dim=1).flatten()
         positions = (seq_lens.unsqueeze(1) + torch.arange(width, device=self.device)).flatten()
-        retrieve_index, next_token, next_sibling = self._chain(bs)
+        retrieve_index, next_token, next_sibling = chain_tree(bs, width, self.device)
         # No tree mask: the PillarAttn verify kernel is causal over the chain.
         # (NgramVerifyInput takes its device from new_seq_lens when there is no mask.)
         verify_input = NgramVerifyInput(
@@ -266,17 +265,6 @@ class SparseSpecWorker(BaseSpecWorker):
                 token = torch.argmax(logits, dim=-1)
                 drafts[:, j] = token
         return drafts
-
-    def _chain(self, bs: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Tree arrays of a single chain of k+1 nodes, as eagle_sample expects them."""
-        if bs not in self._chain_cache:
-            w = self.draft_token_num
-            index = torch.arange(bs * w, device=self.device, dtype=torch.int64).view(bs, w)
-            nxt = torch.arange(1, w + 1, device=self.device, dtype=torch.int64).repeat(bs, 1)
-            nxt[:, -1] = -1
-            sibling = torch.full((bs, w), -1, device=self.device, dtype=torch.int64)
-            self._chain_cache[bs] = (index, nxt, sibling)
-        return self._chain_cache[bs]
 
     def _result(self, logits_output, next_token_ids, can_run_cuda_graph, accept_tokens,
                 accept_lens, new_seq_lens) -> GenerationBatchResult:
