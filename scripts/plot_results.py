@@ -8,12 +8,21 @@ Writes, for whichever the points allow (a plot needs two or more x values):
 (speedup over plain decoding of the same shape against the forced number of accepted drafts:
 where the lines cross 1.0 is the break-even acceptance), and ``table.md`` with every point.
 Older result files (one shape, a ``runs`` dict) are read too.
+
+``--logs bench.log.gz ...`` (the output of a ``bench_throughput.py --log-level info`` run) adds
+``speedup_vs_context.png``: SGLang's per-interval decode lines give tok/s against the mean
+context per running request, so one long run shows where speculation starts to pay off;
+each run is divided by the plain run of the same log and batch at the same context. Only
+meaningful where the whole batch runs at once (the pool holds it: no admission limit or
+retraction tail, whose intervals mix batch sizes).
 """
 
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
+import re
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -39,6 +48,48 @@ def load_points(paths: list[Path]) -> list[dict]:
         points.extend(new)
     add_speedups(points)
     return points
+
+
+_DECODE_LINE = re.compile(r"Decode batch, #running-req: (\d+), #token: (\d+),.*gen throughput \(token/s\): ([\d.]+)")
+_RESULT_LINE = re.compile(r"^([\w.-]+) (\{\"batch\".*\})\s*$")
+
+
+def load_log_curves(path: Path) -> list[dict]:
+    """Per-interval (mean context per running request, tok/s) of each point of a bench log.
+
+    The decode lines of a point are those printed before its result line (``<run> {json}``)."""
+    curves: list[dict] = []
+    pending: list[tuple[float, float]] = []
+    with (gzip.open if str(path).endswith(".gz") else open)(path, "rt") as f:
+        for line in f:
+            if m := _DECODE_LINE.search(line):
+                running, tokens, tok_s = int(m[1]), int(m[2]), float(m[3])
+                if running:
+                    pending.append((tokens / running, tok_s))
+            elif m := _RESULT_LINE.match(line):
+                info = json.loads(m[2])
+                curves.append({"run": m[1], "batch": info["batch"], "forced_accept": info.get("forced_accept"),
+                               "source": Path(path).name, "points": pending})
+                pending = []
+    return curves
+
+
+def context_speedups(curves: list[dict]) -> dict[tuple, list[tuple]]:
+    """Speedup over plain (same log and batch) at each decode interval's context, by linear
+    interpolation of plain's tok/s; contexts outside plain's range are dropped."""
+    import numpy as np
+
+    plain = {(c["source"], c["batch"]): sorted(c["points"]) for c in curves if c["run"] == "plain" and c["points"]}
+    lines: dict[tuple, list[tuple]] = {}
+    for c in curves:
+        base = plain.get((c["source"], c["batch"]))
+        if c["run"] == "plain" or not base:
+            continue
+        xs, ys = [x for x, _ in base], [y for _, y in base]
+        pts = [(x, y / float(np.interp(x, xs, ys))) for x, y in sorted(c["points"]) if xs[0] <= x <= xs[-1]]
+        if len(pts) >= 2:
+            lines[(c["run"], c["forced_accept"], c["batch"], c["source"])] = pts
+    return lines
 
 
 def _label(run: str, forced: float | None) -> str:
@@ -96,6 +147,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("results", nargs="+", type=Path)
     ap.add_argument("--out-dir", type=Path, required=True)
+    ap.add_argument("--logs", nargs="*", type=Path, default=[],
+                    help="bench_throughput.py --log-level info logs (.log or .log.gz) for speedup_vs_context.png")
     args = ap.parse_args()
     points = load_points(args.results)
     args.out_dir.mkdir(parents=True, exist_ok=True)
@@ -117,6 +170,11 @@ def main() -> int:
              "speedup over plain decoding", "Break-even acceptance", args.out_dir / "speedup_vs_accept.png",
              hline=1.0):
         written.append("speedup_vs_accept.png")
+    curves = [c for path in args.logs for c in load_log_curves(path)]
+    if _plot(context_speedups(curves), lambda k: f"{_label(k[0], k[1])}, B {k[2]} ({k[3]})",
+             "mean context per running request (tokens)", "speedup over plain decoding",
+             "Speedup vs context (per decode-log interval)", args.out_dir / "speedup_vs_context.png", hline=1.0):
+        written.append("speedup_vs_context.png")
     print("wrote", ", ".join(str(args.out_dir / w) for w in written))
     return 0
 

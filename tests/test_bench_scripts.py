@@ -68,6 +68,47 @@ def test_no_plot_from_a_single_x_value(tmp_path):
     assert "| 2.00x |" in (tmp_path / "p" / "table.md").read_text()
 
 
+def _decode_line(running, tokens, tok_s, extra=""):
+    return (f"[2026-11-24 03:57:37] Decode batch, #running-req: {running}, #token: {tokens}, token usage: 0.02, "
+            f"{extra}cuda graph: True, gen throughput (token/s): {tok_s:.2f}, #queue-req: 0\n")
+
+
+def test_speedup_vs_context_from_a_bench_log(tmp_path):
+    import gzip
+
+    # plain: 16 requests at 1K and 3K context per request; the spec run at 2K sits between them.
+    log = ["[..] max_total_num_tokens=374561, chunked_prefill_size=8192\n",
+           _decode_line(16, 16 * 1000, 2000.0), _decode_line(16, 16 * 3000, 1000.0),
+           'plain {"batch": 16, "input_len": 512, "output_len": 4096, "forced_accept": null}\n',
+           "[..] max_total_num_tokens=374561, chunked_prefill_size=8192\n",
+           _decode_line(16, 16 * 2000, 1800.0, "accept len: 7.00, accept rate: 0.75, "),
+           _decode_line(16, 16 * 5000, 1500.0, "accept len: 7.00, accept rate: 0.75, "),  # beyond plain's range
+           _decode_line(0, 0, 0.0),
+           _decode_line(16, 16 * 2500, 1500.0, "accept len: 7.00, accept rate: 0.75, "),
+           'sparsespec-draftnorm {"batch": 16, "input_len": 512, "output_len": 4096, "forced_accept": 7.0}\n']
+    path = tmp_path / "bench.log.gz"
+    with gzip.open(path, "wt") as f:
+        f.writelines(log)
+    curves = plot_results.load_log_curves(path)
+    assert [(c["run"], c["batch"], c["forced_accept"], len(c["points"])) for c in curves] == [
+        ("plain", 16, None, 2), ("sparsespec-draftnorm", 16, 7.0, 3)]
+    lines = plot_results.context_speedups(curves)
+    # plain interpolates to 1500 tok/s at 2K and 1250 at 2.5K; the 5K point has no plain to compare with.
+    assert lines == {("sparsespec-draftnorm", 7.0, 16, "bench.log.gz"): [(2000.0, 1.2), (2500.0, 1.2)]}
+    grid = tmp_path / "one.json"
+    grid.write_text(json.dumps({"points": [_point("plain", 16, 4096, 900.0)]}))
+    sys.argv = ["plot_results.py", str(grid), "--out-dir", str(tmp_path / "p"), "--logs", str(path)]
+    assert plot_results.main() == 0
+    assert (tmp_path / "p" / "speedup_vs_context.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_published_bench_log_gives_a_context_curve():
+    curves = plot_results.load_log_curves(ROOT / "benchmarks/results/bench_b16_16k_h100.log.gz")
+    (key, pts), = plot_results.context_speedups(curves).items()
+    assert key[:3] == ("sparsespec-draftnorm", 7.0, 16) and len(pts) > 5
+    assert pts[0][1] < 1.0 < pts[-1][1]  # loses at short context, wins at long context
+
+
 @pytest.mark.parametrize("name", ["bench_b128_4k_spec_h100.json", "bench_b128_4k_plain_vs_draftnorm_h100.json"])
 def test_published_results_load(name):
     points = plot_results.load_points([ROOT / "benchmarks/results" / name])
