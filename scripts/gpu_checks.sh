@@ -14,6 +14,8 @@
 #   bash scripts/gpu_checks.sh unified   # unified passes: lossless GPU test + B 128 512/2048 vs lockstep and plain
 #   bash scripts/gpu_checks.sh unified4k # lockstep vs unified at B 128 512/4096 (full-batch pass sizes, pass timing)
 #   bash scripts/gpu_checks.sh ngram4k   # plain vs NGRAM at B 128 512/4096 (the benchmark issue's workload)
+#   bash scripts/gpu_checks.sh long16k   # plain vs SPARSESPEC at B 16, 512/16384 (speedup vs context from the log)
+#   bash scripts/gpu_checks.sh shape14b  # plain vs SPARSESPEC, Qwen3-14B shape, B 32/64, 512/2048
 # then, on any machine: python scripts/plot_results.py $OUT/*.json --out-dir plots/
 set -euo pipefail
 out=${OUT:-gpu-results}
@@ -74,6 +76,15 @@ case "${1:-}" in
     $bench4k --runs plain,ngram --log-level info --out "$out/bench_b128_4k_ngram.json" \
       > "$out/bench_b128_4k_ngram.log" 2>&1 || true
     grep -E "^plain|^ngram|Traceback" "$out/bench_b128_4k_ngram.log" ;;
+  long16k)
+    python scripts/bench_throughput.py --batch 16 --input-len 512 --output-len 16384 --forced-accept 7 \
+      --runs plain,sparsespec-draftnorm --log-level info --out "$out/bench_b16_16k.json" > "$out/bench_b16_16k.log" 2>&1 || true
+    gzip -kf "$out/bench_b16_16k.log"
+    grep -E "^plain|^sparsespec|^speedup|Traceback" "$out/bench_b16_16k.log" ;;
+  shape14b)
+    python scripts/bench_throughput.py --shape qwen3-14b --batch 32,64 --input-len 512 --output-len 2048 --forced-accept 7 \
+      --runs plain,sparsespec-draftnorm --log-level info --out "$out/bench_14b.json" > "$out/bench_14b.log" 2>&1 || true
+    grep -E "^plain|^sparsespec|^speedup|Traceback" "$out/bench_14b.log" ;;
   *)
-    echo "usage: $0 {tests|lossless|kernels|plain4k|spec4k|batches|accept|offload|sampling|tp2|unified|unified4k|ngram4k}" >&2; exit 2 ;;
+    echo "usage: $0 {tests|lossless|kernels|plain4k|spec4k|batches|accept|offload|sampling|tp2|unified|unified4k|ngram4k|long16k|shape14b}" >&2; exit 2 ;;
 esac
