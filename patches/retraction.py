@@ -3,10 +3,11 @@
 When the KV pool runs out during decode, SGLang retracts requests
 (``ScheduleBatch.retract_decode``) and frees their KV with ``is_insert=False``, so a retracted
 request is re-prefilled from scratch (prompt + everything generated) when it is re-admitted.
-With SPARSESPEC, ``--enable-hierarchical-cache`` and host KV offload on (the default;
-``--sparsespec-disable-kv-offload`` turns it off), the KV is inserted into the radix tree
-instead. ``HiRadixCache`` backs inserted nodes up to its host pool, and the eviction that makes
-room right after (``evict_from_tree_cache`` in ``release_req``, then ``check_decode_mem``) drops
+With ``--enable-hierarchical-cache`` and either SPARSESPEC with host KV offload on (the
+default; ``--sparsespec-disable-kv-offload`` turns it off) or, on any other server,
+``--sparsespec-keep-retracted-kv``, the KV is inserted into the radix tree instead.
+``HiRadixCache`` backs inserted nodes up to its host pool, and the eviction that makes room
+right after (``evict_from_tree_cache`` in ``release_req``, then ``check_decode_mem``) drops
 only their GPU copies, so re-admission is a prefix hit loaded back from host memory rather
 than a recompute. When the host pool is full, HiCache evicts host nodes and the request is
 recomputed as before: nothing is lost either way.
@@ -27,17 +28,22 @@ from typing import Any, Callable
 
 from sglang.srt.plugins.hook_registry import HookType
 
+from sparsespec_sglang import offload
 from sparsespec_sglang.patches import register_once
-from sparsespec_sglang.server_args import sparsespec_config
+from sparsespec_sglang.server_args import is_sparsespec, keep_retracted_kv_flag, sparsespec_config
 
 logger = logging.getLogger(__name__)
 _keep_kv: contextvars.ContextVar[bool] = contextvars.ContextVar("sparsespec_keep_kv", default=False)
 
 
 def keeps_retracted_kv(server_args: Any) -> bool:
-    """Whether a retracted request's KV is kept (in the hierarchical cache) for this server."""
+    """Whether a retracted request's KV is kept (in the hierarchical cache) for this server:
+    SPARSESPEC unless --sparsespec-disable-kv-offload, any other server with
+    --sparsespec-keep-retracted-kv; never without --enable-hierarchical-cache."""
     if not getattr(server_args, "enable_hierarchical_cache", False):
         return False
+    if not is_sparsespec(server_args):
+        return keep_retracted_kv_flag(server_args)
     config = sparsespec_config(server_args)
     return config is not None and config.kv_offload
 
@@ -46,9 +52,10 @@ def release_req(original: Callable, *args: Any, **kwargs: Any) -> Any:
     if not keeps_retracted_kv(kwargs.get("server_args")):
         return original(*args, **kwargs)
     req = kwargs["req"]
-    logger.info("SPARSESPEC: retracted request %s keeps its %d KV tokens in the hierarchical cache "
+    logger.info("sparsespec-sglang: retracted request %s keeps its %d KV tokens in the hierarchical cache "
                 "(resumes from it instead of recomputing)", getattr(req, "rid", "?"),
                 req.effective_kv_committed_len())
+    offload.activate()  # time HiCache's copies from the first kept request on
     token = _keep_kv.set(True)
     try:
         return original(*args, **kwargs)

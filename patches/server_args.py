@@ -7,10 +7,12 @@ Targets and why:
 - ``ServerArgs.__init__`` (BEFORE): takes ``sparsespec_*`` keyword arguments (the
   ``sglang.Engine(**kwargs)`` path) and stores all values on the instance, where
   they travel with server_args to the scheduler processes.
-- ``ServerArgs.__post_init__`` (BEFORE): refuses --sparsespec-* without SPARSESPEC,
-  and SPARSESPEC on a machine without CUDA, before SGLang's device probing fails
-  with a stack trace; checks the user's attention backend and selects the
-  plugin's before SGLang's device handlers and auto-selection touch the field.
+- ``ServerArgs.__post_init__`` (BEFORE): refuses --sparsespec-* without SPARSESPEC
+  (except --sparsespec-keep-retracted-kv, which is for servers without SPARSESPEC
+  only and needs --enable-hierarchical-cache), and SPARSESPEC on a machine without
+  CUDA, before SGLang's device probing fails with a stack trace; checks the user's
+  attention backend and selects the plugin's before SGLang's device handlers and
+  auto-selection touch the field.
 - ``prepare_server_args`` (AROUND): turns a SparseSpecArgsError into one line on
   stderr and exit status 2 for ``python -m sglang.launch_server``.
 """
@@ -26,10 +28,12 @@ from sglang.srt.plugins.hook_registry import HookType
 
 from sparsespec_sglang.config import (
     ALGORITHM_NAME,
+    KEEP_RETRACTED_KV,
     OPTIONS,
     OPTIONS_BY_DEST,
     SERVER_ARGS_ATTR,
     SparseSpecArgsError,
+    check_keep_retracted_kv,
 )
 from sparsespec_sglang.patches import register_once
 from sparsespec_sglang.server_args import is_sparsespec, select_attention_backend
@@ -43,7 +47,7 @@ _cli_values: contextvars.ContextVar[dict | None] = contextvars.ContextVar(
 def add_cli_args(result: Any, parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("SparseSpec (--speculative-algorithm SPARSESPEC)")
     for option in OPTIONS:
-        if option.store_false:
+        if option.parse is bool:
             group.add_argument(option.flag, action="store_true", default=None, help=option.help)
         else:
             group.add_argument(option.flag, type=option.parse, default=None, help=option.help)
@@ -73,13 +77,20 @@ def init(self: Any, *args: Any, **kwargs: Any) -> tuple[tuple, dict]:
 
 def post_init(self: Any) -> None:
     values = getattr(self, SERVER_ARGS_ATTR, None) or {}
-    if not is_sparsespec(self):
-        if values:
-            flags = ", ".join(OPTIONS_BY_DEST[d].flag for d in sorted(values))
+    sparsespec = is_sparsespec(self)
+    if not sparsespec:
+        # An option with no SparseSpecConfig field (--sparsespec-keep-retracted-kv) is for
+        # servers without SPARSESPEC; check_keep_retracted_kv validates it.
+        refused = sorted(d for d in values if OPTIONS_BY_DEST[d].field is not None)
+        if refused:
+            flags = ", ".join(OPTIONS_BY_DEST[d].flag for d in refused)
             raise SparseSpecArgsError(
                 f"{flags} need --speculative-algorithm {ALGORITHM_NAME} "
                 f"(got {getattr(self, 'speculative_algorithm', None)!r})"
             )
+    check_keep_retracted_kv(values.get(KEEP_RETRACTED_KV.dest), sparsespec=sparsespec,
+                            hierarchical_cache=bool(getattr(self, "enable_hierarchical_cache", False)))
+    if not sparsespec:
         return
     if getattr(self, "device", None) in (None, "cuda"):
         import torch

@@ -36,7 +36,7 @@ from typing import Iterator
 
 import torch
 
-RUNS = ("plain", "ngram", "sparsespec", "sparsespec-draftnorm", "sparsespec-draftnorm-hicache",
+RUNS = ("plain", "plain-hicache", "ngram", "sparsespec", "sparsespec-draftnorm", "sparsespec-draftnorm-hicache",
         "sparsespec-unified", "sparsespec-draftnorm-unified", "sparsespec-draftnorm-unified-nodelay")
 
 
@@ -154,6 +154,9 @@ def main() -> int:
     spec = dict(speculative_num_steps=args.k)
     configs = {
         "plain": dict(attention_backend="triton"),
+        # Plain decoding whose retracted requests keep their KV in HiCache's host pool (issue 6).
+        "plain-hicache": dict(attention_backend="triton", enable_hierarchical_cache=True,
+                              sparsespec_keep_retracted_kv=True),
         "ngram": dict(attention_backend="triton", speculative_algorithm="NGRAM",
                       speculative_num_draft_tokens=args.k + 1),
         "sparsespec": dict(speculative_algorithm="SPARSESPEC", **spec),
@@ -174,7 +177,7 @@ def main() -> int:
               "torch": torch.__version__, "shape": args.shape, "k": args.k,
               "max_total_tokens": args.max_total_tokens, "points": []}
     for name in names:
-        for forced in ([None] if name == "plain" else args.forced_accept):
+        for forced in ([None] if name.startswith("plain") else args.forced_accept):
             profile_path = (Path(tempfile.mkdtemp()) / "cycles.json"
                             if args.profile and name.startswith("sparsespec") else None)
             with _engine(name, model_dir, args, max(args.batch), forced, profile_path,

@@ -14,6 +14,8 @@
 #   bash scripts/gpu_checks.sh unified   # unified passes: lossless GPU test + B 128 512/2048 vs lockstep and plain
 #   bash scripts/gpu_checks.sh unified4k # lockstep vs unified at B 128 512/4096 (full-batch pass sizes, pass timing)
 #   bash scripts/gpu_checks.sh ngram4k   # plain vs NGRAM at B 128 512/4096 (the benchmark issue's workload)
+#   bash scripts/gpu_checks.sh pool50    # KV pool at 50% of the final KV, B 128 512/4096: plain retract vs plain + HiCache
+#   bash scripts/gpu_checks.sh pool50spec # the same for SPARSESPEC + HiCache (with the host-copy timing lines)
 #   bash scripts/gpu_checks.sh long16k   # plain vs SPARSESPEC at B 16, 512/16384 (speedup vs context from the log)
 #   bash scripts/gpu_checks.sh shape14b  # plain vs SPARSESPEC, Qwen3-14B shape, B 32/64, 512/2048
 # then, on any machine: python scripts/plot_results.py $OUT/*.json --out-dir plots/
@@ -76,6 +78,16 @@ case "${1:-}" in
     $bench4k --runs plain,ngram --log-level info --out "$out/bench_b128_4k_ngram.json" \
       > "$out/bench_b128_4k_ngram.log" 2>&1 || true
     grep -E "^plain|^ngram|Traceback" "$out/bench_b128_4k_ngram.log" ;;
+  pool50)
+    $bench4k --max-total-tokens 295000 --runs plain,plain-hicache --log-level info \
+      --out "$out/bench_pool50_plain.json" > "$out/bench_pool50_plain.log" 2>&1 || true
+    gzip -kf "$out/bench_pool50_plain.log"
+    grep -E "^plain|SPARSESPEC KV offload|Traceback" "$out/bench_pool50_plain.log" | tail -8 ;;
+  pool50spec)
+    $bench4k --max-total-tokens 295000 --runs sparsespec-draftnorm-hicache --log-level info \
+      --out "$out/bench_pool50_spec.json" > "$out/bench_pool50_spec.log" 2>&1 || true
+    gzip -kf "$out/bench_pool50_spec.log"
+    grep -E "^sparsespec|SPARSESPEC KV offload|Traceback" "$out/bench_pool50_spec.log" | tail -8 ;;
   long16k)
     python scripts/bench_throughput.py --batch 16 --input-len 512 --output-len 16384 --forced-accept 7 \
       --runs plain,sparsespec-draftnorm --log-level info --out "$out/bench_b16_16k.json" > "$out/bench_b16_16k.log" 2>&1 || true
@@ -86,5 +98,5 @@ case "${1:-}" in
       --runs plain,sparsespec-draftnorm --log-level info --out "$out/bench_14b.json" > "$out/bench_14b.log" 2>&1 || true
     grep -E "^plain|^sparsespec|^speedup|Traceback" "$out/bench_14b.log" ;;
   *)
-    echo "usage: $0 {tests|lossless|kernels|plain4k|spec4k|batches|accept|offload|sampling|tp2|unified|unified4k|ngram4k|long16k|shape14b}" >&2; exit 2 ;;
+    echo "usage: $0 {tests|lossless|kernels|plain4k|spec4k|batches|accept|offload|sampling|tp2|unified|unified4k|ngram4k|pool50|pool50spec|long16k|shape14b}" >&2; exit 2 ;;
 esac

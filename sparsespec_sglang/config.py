@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Optional
 
 ALGORITHM_NAME = "SPARSESPEC"
 ATTENTION_BACKEND_NAME = "sparsespec"
@@ -38,18 +38,29 @@ class SparseSpecArgsError(ValueError):
 
 @dataclass(frozen=True)
 class Option:
-    """One ``--sparsespec-*`` flag: its config field, parser and help text."""
+    """One ``--sparsespec-*`` flag: its config field, parser and help text (``parse=bool``:
+    a switch, set or unset, never given a value)."""
 
-    field: str
+    field: Optional[str]  # None: not a SparseSpecConfig setting (KEEP_RETRACTED_KV below)
     flag: str
     parse: Callable[[str], Any]
     help: str
-    store_false: bool = False  # a --sparsespec-disable-* switch for a bool field
+    store_false: bool = False  # a --sparsespec-disable-* switch: the field gets the negation
 
     @property
     def dest(self) -> str:
         return self.flag.lstrip("-").replace("-", "_")
 
+
+# The one --sparsespec-* flag for servers that do NOT run SPARSESPEC. It rides the same parser,
+# Engine-kwarg and SERVER_ARGS_ATTR plumbing as the rest, but it is no SparseSpecConfig field
+# (a SPARSESPEC server already keeps retracted KV through kv_offload), so from_values skips it and
+# check_keep_retracted_kv() below is its single validation, run by the ServerArgs.__post_init__ hook.
+KEEP_RETRACTED_KV = Option(
+    None, "--sparsespec-keep-retracted-kv", bool,
+    "Keep a retracted request's KV in the hierarchical cache's host pool and resume it from there "
+    "instead of recomputing it, on a server that does not run SPARSESPEC (SPARSESPEC servers do "
+    "this by default; needs --enable-hierarchical-cache).")
 
 OPTIONS = (
     Option("sparsity", "--sparsespec-sparsity", float,
@@ -83,6 +94,7 @@ OPTIONS = (
            "Free a retracted request's KV and recompute it on re-admission (SGLang's default) "
            "instead of keeping it in the hierarchical cache's host pool (which needs "
            "--enable-hierarchical-cache).", store_false=True),
+    KEEP_RETRACTED_KV,
 )
 
 # Parts of the design that are not built yet (issue 6). The config refuses a setting that could
@@ -93,7 +105,7 @@ NOT_BUILT = {
 }
 SCHEDULES = ("lockstep", "unified")
 OPTIONS_BY_DEST = {o.dest: o for o in OPTIONS}
-OPTIONS_BY_FIELD = {o.field: o for o in OPTIONS}
+OPTIONS_BY_FIELD = {o.field: o for o in OPTIONS if o.field is not None}
 
 
 @dataclass(frozen=True)
@@ -159,7 +171,7 @@ class SparseSpecConfig:
             if option is None:
                 allowed = ", ".join(sorted(OPTIONS_BY_DEST))
                 raise SparseSpecArgsError(f"unknown SPARSESPEC option {dest!r}; allowed: {allowed}")
-            if value is None:
+            if value is None or option.field is None:  # field None: check_keep_retracted_kv validates it
                 continue
             if option.field in NOT_BUILT and not option.store_false:
                 raise SparseSpecArgsError(
@@ -172,6 +184,25 @@ class SparseSpecConfig:
     def from_server_args(cls, server_args: Any) -> "SparseSpecConfig":
         return cls.from_values(server_args.speculative_num_steps,
                                getattr(server_args, SERVER_ARGS_ATTR, None) or {})
+
+
+def check_keep_retracted_kv(value: Any, *, sparsespec: bool, hierarchical_cache: bool) -> bool:
+    """Validate ``--sparsespec-keep-retracted-kv`` (None/False: unset) for a server; True if set."""
+    flag = KEEP_RETRACTED_KV.flag
+    if value is None or value is False:
+        return False
+    if value is not True:
+        raise SparseSpecArgsError(f"{flag} must be set or unset (True or False; got {value!r})")
+    if sparsespec:
+        raise SparseSpecArgsError(
+            f"{ALGORITHM_NAME}: {flag} is for servers without --speculative-algorithm {ALGORITHM_NAME}; "
+            f"{ALGORITHM_NAME} keeps a retracted request's KV in the hierarchical cache by default "
+            "(--sparsespec-disable-kv-offload turns it off)")
+    if not hierarchical_cache:
+        raise SparseSpecArgsError(
+            f"{flag} needs --enable-hierarchical-cache (its host pool is where the retracted "
+            "request's KV is kept)")
+    return True
 
 
 def _is_int(v: Any) -> bool:

@@ -99,6 +99,7 @@ def register() -> None:
         # --enable-deterministic-inference (sparsespec_sglang/deterministic.py).
         DETERMINISTIC_ATTENTION_BACKEND_CHOICES.append(ATTENTION_BACKEND_NAME)
 
+    from sparsespec_sglang.patches import hicache_io as hicache_io_patch
     from sparsespec_sglang.patches import kv_reserve as kv_reserve_patch
     from sparsespec_sglang.patches import retraction as retraction_patch
     from sparsespec_sglang.patches import server_args as server_args_patch
@@ -106,4 +107,5 @@ def register() -> None:
     server_args_patch.register()
     retraction_patch.register()
     kv_reserve_patch.register()
+    hicache_io_patch.register()
     logger.info("sparsespec-sglang: registered %s", ALGORITHM_NAME)

@@ -13,6 +13,8 @@ from typing import Any, Optional
 from sparsespec_sglang.config import (
     ALGORITHM_NAME,
     ATTENTION_BACKEND_NAME,
+    KEEP_RETRACTED_KV,
+    SERVER_ARGS_ATTR,
     SUPPORTED_ARCHITECTURES,
     SparseSpecArgsError,
     SparseSpecConfig,
@@ -35,6 +37,13 @@ def sparsespec_config(server_args: Any) -> Optional[SparseSpecConfig]:
         return SparseSpecConfig.from_server_args(server_args)
     except SparseSpecArgsError:  # validated at startup; never reached on a running server
         return None
+
+
+def keep_retracted_kv_flag(server_args: Any) -> bool:
+    """Whether ``--sparsespec-keep-retracted-kv`` is set on this server (validated at startup:
+    only servers without SPARSESPEC, with --enable-hierarchical-cache, get it set)."""
+    values = getattr(server_args, SERVER_ARGS_ATTR, None) or {}
+    return values.get(KEEP_RETRACTED_KV.dest) is True
 
 
 def _fail(flag: str, allowed: str, got: Any) -> None:

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from sparsespec_sglang.config import SparseSpecArgsError, SparseSpecConfig
+from sparsespec_sglang.config import SERVER_ARGS_ATTR, SparseSpecArgsError, SparseSpecConfig
 
 
 @pytest.fixture(scope="module")
@@ -151,6 +151,77 @@ def test_sparsespec_flags_need_the_algorithm(sglang_loaded, model_dir):
     assert _server_args(model_dir, speculative_algorithm=None).speculative_algorithm is None
 
 
+@pytest.mark.parametrize("algorithm", [None, "NGRAM", "EAGLE"])
+def test_keep_retracted_kv_flag_for_servers_without_sparsespec(sglang_loaded, model_dir, algorithm):
+    """The Engine-kwarg path: allowed without SPARSESPEC, with HiCache; travels with server_args."""
+    from sparsespec_sglang.server_args import keep_retracted_kv_flag
+
+    sa = _server_args(model_dir, speculative_algorithm=algorithm, enable_hierarchical_cache=True,
+                      sparsespec_keep_retracted_kv=True)
+    sa = pickle.loads(pickle.dumps(sa))  # as the scheduler processes get it
+    assert getattr(sa, SERVER_ARGS_ATTR) == {"sparsespec_keep_retracted_kv": True}
+    assert keep_retracted_kv_flag(sa)
+    sa = _server_args(model_dir, speculative_algorithm=algorithm, enable_hierarchical_cache=True)
+    assert not keep_retracted_kv_flag(sa)
+    # Not a SparseSpecConfig setting: from_values skips it (and still refuses unknown names).
+    assert SparseSpecConfig.from_values(None, {"sparsespec_keep_retracted_kv": True}) == SparseSpecConfig()
+    with pytest.raises(SparseSpecArgsError, match="unknown SPARSESPEC option 'sparsespec_keep_kv'"):
+        SparseSpecConfig.from_values(None, {"sparsespec_keep_kv": True})
+
+
+def test_keep_retracted_kv_cli_flag_parses(sglang_loaded, model_dir):
+    import argparse
+
+    from sglang.srt.server_args import ServerArgs
+
+    parser = argparse.ArgumentParser()
+    ServerArgs.add_cli_args(parser)
+    base = ["--model-path", model_dir, "--device", "cpu", "--skip-tokenizer-init"]
+    sa = ServerArgs.from_cli_args(parser.parse_args(
+        base + ["--enable-hierarchical-cache", "--sparsespec-keep-retracted-kv"]))
+    assert getattr(sa, SERVER_ARGS_ATTR) == {"sparsespec_keep_retracted_kv": True}
+    assert sa.enable_hierarchical_cache and sa.speculative_algorithm is None
+    assert getattr(ServerArgs.from_cli_args(parser.parse_args(base)), SERVER_ARGS_ATTR) == {}
+    with pytest.raises(SystemExit):  # a switch: it takes no value
+        parser.parse_args(base + ["--sparsespec-keep-retracted-kv", "true"])
+
+
+KEEP_KV_NEEDS_HICACHE = ("--sparsespec-keep-retracted-kv needs --enable-hierarchical-cache "
+                         "(its host pool is where the retracted request's KV is kept)")
+KEEP_KV_ON_SPARSESPEC = (
+    "SPARSESPEC: --sparsespec-keep-retracted-kv is for servers without --speculative-algorithm "
+    "SPARSESPEC; SPARSESPEC keeps a retracted request's KV in the hierarchical cache by default "
+    "(--sparsespec-disable-kv-offload turns it off)")
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(speculative_algorithm=None), KEEP_KV_NEEDS_HICACHE),
+    (dict(speculative_algorithm="NGRAM"), KEEP_KV_NEEDS_HICACHE),
+    (dict(enable_hierarchical_cache=True), KEEP_KV_ON_SPARSESPEC),
+    (dict(), KEEP_KV_ON_SPARSESPEC),
+    # Every other --sparsespec-* flag still needs SPARSESPEC, and only it is named.
+    (dict(speculative_algorithm=None, enable_hierarchical_cache=True, sparsespec_sparsity=0.1),
+     "--sparsespec-sparsity need --speculative-algorithm SPARSESPEC (got None)"),
+    (dict(speculative_algorithm=None, enable_hierarchical_cache=True,
+          sparsespec_keep_retracted_kv="yes"),
+     "--sparsespec-keep-retracted-kv must be set or unset (True or False; got 'yes')"),
+])
+def test_keep_retracted_kv_refused_with_one_line(sglang_loaded, model_dir, kwargs, message):
+    kwargs = {"sparsespec_keep_retracted_kv": True, **kwargs}
+    with pytest.raises(SparseSpecArgsError) as err:
+        _server_args(model_dir, **kwargs)
+    assert str(err.value) == message
+
+
+def test_keep_retracted_kv_false_is_unset(sglang_loaded, model_dir):
+    """``sparsespec_keep_retracted_kv=False`` (an Engine kwarg) asks for nothing: no error anywhere."""
+    from sparsespec_sglang.server_args import keep_retracted_kv_flag
+
+    assert not keep_retracted_kv_flag(_server_args(model_dir, sparsespec_keep_retracted_kv=False))
+    assert not keep_retracted_kv_flag(_server_args(model_dir, speculative_algorithm=None,
+                                                   sparsespec_keep_retracted_kv=False))
+
+
 def test_worker_refuses_cpu(sglang_loaded, model_dir):
     from sglang.srt.speculative.spec_info import SpeculativeAlgorithm
 
@@ -172,6 +243,13 @@ def test_cli_flags_parse_and_bad_value_is_one_line(model_dir):
     assert "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1] == (
         "error: SPARSESPEC: --sparsespec-sparsity must be a number in (0, 1] (got 0.0)")
+
+
+def test_keep_retracted_kv_without_hicache_is_one_line(model_dir):
+    proc = _launch("--model-path", model_dir, "--device", "cpu", "--sparsespec-keep-retracted-kv")
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == "error: " + KEEP_KV_NEEDS_HICACHE
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU message")

@@ -59,9 +59,15 @@ def model_dir(tmp_path):
     (dict(enable_hierarchical_cache=True, sparsespec_disable_kv_offload=True), False),
     (dict(), False),  # no host pool to keep it in: SGLang's retract-and-recompute
     (dict(enable_hierarchical_cache=True, speculative_algorithm=None), False),  # plain SGLang
+    # A server without SPARSESPEC keeps it only when asked (--sparsespec-keep-retracted-kv).
+    (dict(enable_hierarchical_cache=True, speculative_algorithm=None,
+          sparsespec_keep_retracted_kv=True), True),
+    (dict(enable_hierarchical_cache=True, speculative_algorithm="NGRAM",
+          sparsespec_keep_retracted_kv=True), True),
+    (dict(enable_hierarchical_cache=True, speculative_algorithm="NGRAM"), False),
 ])
-def test_retracted_kv_is_inserted_only_for_sparsespec_with_hicache(sglang_loaded, model_dir,  # noqa: F811
-                                                                    kwargs, inserted):
+def test_retracted_kv_is_inserted_with_hicache_for_sparsespec_or_when_asked(sglang_loaded, model_dir,  # noqa: F811
+                                                                            kwargs, inserted):
     server_args = _server_args(model_dir, **kwargs)
     assert _retract(server_args) == [(inserted, 7)]
 
@@ -104,13 +110,23 @@ class _LiveReq(_Req):
         return self._committed
 
 
-@pytest.mark.parametrize("keep", [True, False])
+@pytest.mark.parametrize("keep, kwargs", [
+    (True, dict(enable_hierarchical_cache=True)),
+    (False, dict()),
+    # Servers without SPARSESPEC: kept only with --sparsespec-keep-retracted-kv.
+    (True, dict(enable_hierarchical_cache=True, speculative_algorithm=None,
+                sparsespec_keep_retracted_kv=True)),
+    (False, dict(enable_hierarchical_cache=True, speculative_algorithm=None)),
+    (True, dict(enable_hierarchical_cache=True, speculative_algorithm="NGRAM",
+                sparsespec_keep_retracted_kv=True)),
+])
 def test_retraction_over_sglangs_radix_cache_leaks_nothing_and_keeps_the_kv(sglang_loaded, model_dir,  # noqa: F811
-                                                                           keep):
+                                                                           keep, kwargs):
     """SGLang's own ReqToTokenPool, token allocator and RadixCache on CPU: a retracted request
-    (with speculative slots allocated past its committed length) gives every slot back either to
-    the allocator or to the cache as evictable, re-admission finds its KV as a prefix when kept,
-    and evicting the cache returns the pool to full."""
+    (with speculative slots allocated past its committed length on a speculative server) gives
+    every slot back either to the allocator or to the cache as evictable, re-admission finds its
+    KV as a prefix when kept (SPARSESPEC with HiCache, or another server with HiCache and
+    --sparsespec-keep-retracted-kv), and evicting the cache returns the pool to full."""
     from sglang.srt.managers import schedule_batch
     from sglang.srt.mem_cache.allocator.token import TokenToKVPoolAllocator
     from sglang.srt.mem_cache.base_prefix_cache import EvictParams, MatchPrefixParams
@@ -121,14 +137,15 @@ def test_retraction_over_sglangs_radix_cache_leaks_nothing_and_keeps_the_kv(sgla
 
     import torch
 
-    kwargs = dict(enable_hierarchical_cache=True) if keep else {}
     server_args = _server_args(model_dir, **kwargs)
     size = 64
     req_pool = ReqToTokenPool(size=2, max_context_len=64, device="cpu", enable_memory_saver=False)
     allocator = TokenToKVPoolAllocator(size, torch.bfloat16, "cpu", None, need_sort=False)
     tree = RadixCache(CacheInitParams(disable=False, req_to_token_pool=req_pool,
                                       token_to_kv_pool_allocator=allocator, page_size=1))
-    committed, allocated = 20, 29  # 9 slots reserved for the next cycle's drafts + verify
+    # A speculative server has 9 slots reserved for the next cycle's drafts + verify (plain: none).
+    committed = 20
+    allocated = committed + (0 if server_args.speculative_algorithm is None else 9)
     slots = allocator.alloc(allocated)
     req = _LiveReq(req_pool.free_slots.pop(0), list(range(100, 100 + committed)), committed, allocated)
     req_pool.req_to_token[req.req_pool_idx, :allocated] = slots.to(torch.int32)
