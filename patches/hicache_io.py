@@ -10,6 +10,8 @@ Targets and why:
   the write stream after the copy.
 - ``...HiCacheController.start_loading`` (AROUND): the host->device copy, layer by layer on the
   load stream; SGLang already brackets it with timing events (the load ack), which are reused.
+- ``...HiCacheController.write`` (AROUND): returns None when the host pool has no room; counted
+  and logged (HiCache then evicts older host copies and retries).
 - ``...LayerDoneCounter.wait_until`` (AROUND): a forward that reads a loading request's KV makes
   the compute stream wait for each layer's load; when that layer's load had not completed at
   issue time, events around the wait measure how long the compute stream was blocked.
@@ -49,6 +51,15 @@ def start_writing(original: Callable, self: Any) -> Any:
     return result
 
 
+def write(original: Callable, self: Any, *args: Any, **kwargs: Any) -> Any:
+    host_indices = original(self, *args, **kwargs)
+    stats = offload.active_stats()
+    if host_indices is None and stats is not None:
+        device_indices = kwargs["device_indices"] if "device_indices" in kwargs else args[0]
+        stats.note_host_full(len(device_indices))
+    return host_indices
+
+
 def start_loading(original: Callable, self: Any) -> Any:
     stats = offload.active_stats()
     if stats is None or not self.load_queue:
@@ -78,6 +89,7 @@ def wait_until(original: Callable, self: Any, threshold: int) -> Any:
 
 HOOKS = (
     (f"{MODULE}.HiCacheController.start_writing", start_writing, HookType.AROUND),
+    (f"{MODULE}.HiCacheController.write", write, HookType.AROUND),
     (f"{MODULE}.HiCacheController.start_loading", start_loading, HookType.AROUND),
     (f"{MODULE}.LayerDoneCounter.wait_until", wait_until, HookType.AROUND),
 )

@@ -42,6 +42,8 @@ class TransferStats:
         self._clock = clock
         self._last_log = clock()
         self._logged_counts: tuple = ()
+        self.host_full = 0
+        self._last_full_log: Optional[float] = None
 
     def event(self) -> Any:
         return self._make_event()
@@ -64,10 +66,22 @@ class TransferStats:
                 self.ms[kind] += max(ms, 0.0)
                 self.count[kind] += 1
         now = self._clock()
-        counts = tuple(self.count.values())
+        counts = (*self.count.values(), self.host_full)
         if now - self._last_log >= self._log_interval_s and counts != self._logged_counts:
             self._last_log, self._logged_counts = now, counts
             logger.info("%s", self.summary_line())
+
+    def note_host_full(self, tokens: int) -> None:
+        """HiCache could not allocate host slots for a write (it evicts older host copies next)."""
+        self.host_full += 1
+        now = self._clock()
+        if self._last_full_log is None or now - self._last_full_log >= self._log_interval_s:
+            self._last_full_log = now
+            logger.warning(
+                "SPARSESPEC KV offload: host pool full (%d tokens asked; %d times so far): HiCache evicts "
+                "older host copies to make room, and a retracted request whose copy is evicted is "
+                "recomputed when re-admitted (nothing is lost). Raise --hicache-ratio or --hicache-size "
+                "to keep more on the host.", tokens, self.host_full)
 
     def gbps(self, kind: str) -> Optional[float]:
         return self.bytes[kind] / self.ms[kind] / 1e6 if self.ms[kind] > 0 else None
@@ -79,7 +93,8 @@ class TransferStats:
             return (f"{self.bytes[kind] / 1e9:.3f} GB in {self.count[kind]} copies, "
                     f"{self.ms[kind]:.1f} ms of copy time ({speed})")
         return (f"SPARSESPEC KV offload: host writes {copies('write')}; loads {copies('load')}; "
-                f"compute stream waited {self.ms['wait']:.1f} ms on loads ({self.count['wait']} layer waits)")
+                f"compute stream waited {self.ms['wait']:.1f} ms on loads ({self.count['wait']} layer waits); "
+                f"host pool full {self.host_full} times")
 
 
 _stats: Optional[TransferStats] = None

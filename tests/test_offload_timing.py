@@ -72,7 +72,7 @@ def test_log_line_rate_limited_and_only_on_change(caplog):
     lines = [r.getMessage() for r in caplog.records]
     assert lines == ["SPARSESPEC KV offload: host writes 3.000 GB in 1 copies, 100.0 ms of copy time "
                      "(30.0 GB/s); loads 0.000 GB in 0 copies, 0.0 ms of copy time (n/a GB/s); "
-                     "compute stream waited 1.5 ms on loads (1 layer waits)"]
+                     "compute stream waited 1.5 ms on loads (1 layer waits); host pool full 0 times"]
 
 
 @pytest.fixture
@@ -149,6 +149,22 @@ def test_wait_hook_times_only_unfinished_loads(active, monkeypatch):
     assert len(made) == 2
 
 
+def test_host_pool_full_is_counted_and_logged(active, caplog):
+    from sparsespec_sglang.patches import hicache_io
+
+    caplog.set_level(logging.INFO, logger="sparsespec_sglang.offload")
+    ctl = _controller([])
+    assert hicache_io.write(lambda self, **kw: "slots", ctl, device_indices=[1, 2]) == "slots"
+    assert active.host_full == 0
+    assert hicache_io.write(lambda self, *a, **kw: None, ctl, [1, 2, 3], node_id=4) is None
+    assert hicache_io.write(lambda self, *a, **kw: None, ctl, device_indices=[1]) is None
+    assert active.host_full == 2
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and warnings[0].startswith(  # rate-limited
+        "SPARSESPEC KV offload: host pool full (3 tokens asked; 1 times so far)")
+    assert "host pool full 2 times" in active.summary_line()
+
+
 def test_hooks_do_nothing_until_activated(monkeypatch):
     from sparsespec_sglang.patches import hicache_io
 
@@ -156,6 +172,7 @@ def test_hooks_do_nothing_until_activated(monkeypatch):
     ctl = _controller([3])
     assert hicache_io.start_writing(lambda self: "w", ctl) == "w"
     assert hicache_io.start_loading(lambda self: 2, ctl) == 2
+    assert hicache_io.write(lambda self, *a: None, ctl, [1]) is None
     assert hicache_io.wait_until(lambda self, t: t, SimpleNamespace(consumer_index=0), 7) == 7
     assert offload.active_stats() is None
     assert offload.activate() is offload.activate() is offload.active_stats()
@@ -168,6 +185,7 @@ def test_hooked_sglang_signatures_and_fields():
     from sparsespec_sglang.patches import hicache_io
 
     expected = {"HiCacheController.start_writing": ["self"], "HiCacheController.start_loading": ["self"],
+                "HiCacheController.write": ["self", "device_indices", "priority", "node_id"],
                 "LayerDoneCounter.wait_until": ["self", "threshold"]}
     assert {t for t, _, _ in hicache_io.HOOKS} == {f"{hicache_io.MODULE}.{k}" for k in expected}
     for target, params in expected.items():
