@@ -177,7 +177,8 @@ def main() -> int:
               "torch": torch.__version__, "shape": args.shape, "k": args.k,
               "max_total_tokens": args.max_total_tokens, "points": []}
     for name in names:
-        for forced in ([None] if name.startswith("plain") else args.forced_accept):
+        speculative = "speculative_algorithm" in configs[name]  # forced acceptance applies
+        for forced in (args.forced_accept if speculative else [None]):
             profile_path = (Path(tempfile.mkdtemp()) / "cycles.json"
                             if args.profile and name.startswith("sparsespec") else None)
             with _engine(name, model_dir, args, max(args.batch), forced, profile_path,
