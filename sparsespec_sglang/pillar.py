@@ -29,6 +29,7 @@ class DraftStep:
     dense_start: torch.Tensor  # [R] int32
     sel_lens: torch.Tensor  # [R] int32
 
+
 @dataclass
 class MixedRows:
     """Inputs of a unified pass beyond the ForwardBatch (issue 5), static buffers.
