@@ -57,9 +57,11 @@ def _sparse_decode_stage1(
     O,
     Lse_Ring,
     Ring_Rows,
+    Skip_Indptr,
     sm_scale,
     num_sink,
     num_kv_splits,
+    skip_last,
     stride_qb,
     stride_qh,
     stride_kbs,
@@ -90,10 +92,15 @@ def _sparse_decode_stage1(
     FINAL: tl.constexpr,
     RING: tl.constexpr,
     RING_BY_ROWS: tl.constexpr,
+    SKIP: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
     split = tl.program_id(2)
+    if SKIP:
+        # Rows [Skip_Indptr[0], Skip_Indptr[skip_last]) belong to another kernel (unified pass).
+        if (b >= tl.load(Skip_Indptr)) & (b < tl.load(Skip_Indptr + skip_last)):
+            return
 
     r = tl.load(Req_Pool_Indices + b).to(tl.int64)
     seq_len = tl.load(Seq_Lens + b)
@@ -194,7 +201,9 @@ def _sparse_decode_reduce(
     Seq_Lens,
     Lse_Ring,
     Ring_Rows,
+    Skip_Indptr,
     num_kv_splits,
+    skip_last,
     stride_ab,
     stride_ah,
     stride_as,
@@ -208,9 +217,13 @@ def _sparse_decode_reduce(
     BLOCK_DV: tl.constexpr,
     RING: tl.constexpr,
     RING_BY_ROWS: tl.constexpr,
+    SKIP: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
     hq = tl.program_id(1)
+    if SKIP:
+        if (b >= tl.load(Skip_Indptr)) & (b < tl.load(Skip_Indptr + skip_last)):
+            return
     offs_dv = tl.arange(0, BLOCK_DV)
     mask_dv = offs_dv < DV
 
@@ -279,6 +292,7 @@ def sparse_decode_attention(
     num_stages: int = 2,
     sel_by_row: bool = False,
     ring_rows: torch.Tensor | None = None,
+    skip_rows: tuple[torch.Tensor, int] | None = None,
 ) -> torch.Tensor:
     """Attention of one decode token per request over sink + selected + dense KV slots.
 
@@ -294,6 +308,9 @@ def sparse_decode_attention(
     given, also receives it at ``[b, :, (seq_lens[b] - 1) % W]`` (the query's position), where
     the draft-normalised verify score dump reads it; with ``ring_rows [B]`` (int) at
     ``[ring_rows[b], :, ...]`` instead (a unified pass keys the ring by pool row).
+    ``skip_rows = (indptr, n)`` (int32 on the device) leaves rows ``indptr[0] <= b < indptr[n]``
+    untouched (out, lse and ring): a unified pass's verify rows, which the verify kernel writes
+    concurrently on another stream.
     """
     batch, num_q_heads, head_dim = q.shape
     num_kv_heads = k_buffer.shape[1]
@@ -321,6 +338,7 @@ def sparse_decode_attention(
     ring = lse_ring if lse_ring is not None else attn_lse  # placeholder, never written
     ring_row_ids = ring_rows if ring_rows is not None else seq_lens  # placeholder when unused
     ring_width = lse_ring.shape[2] if lse_ring is not None else 0
+    skip_indptr, skip_last = skip_rows if skip_rows is not None else (seq_lens, 0)
     # One split (a batch of >= ~2 SMs' worth of rows x KV heads): stage 1 writes the output and
     # the lse ring itself and the reduce launch is skipped.
     final = num_kv_splits == 1
@@ -340,9 +358,11 @@ def sparse_decode_attention(
         out,
         ring,
         ring_row_ids,
+        skip_indptr,
         sm_scale,
         num_sink,
         num_kv_splits,
+        skip_last,
         q.stride(0),
         q.stride(1),
         k_buffer.stride(0),
@@ -373,6 +393,7 @@ def sparse_decode_attention(
         FINAL=final,
         RING=ring_width,
         RING_BY_ROWS=ring_rows is not None,
+        SKIP=skip_rows is not None,
         num_warps=num_warps,
         num_stages=num_stages,
     )
@@ -385,7 +406,9 @@ def sparse_decode_attention(
         seq_lens,
         ring,
         ring_row_ids,
+        skip_indptr,
         num_kv_splits,
+        skip_last,
         attn_logits.stride(0),
         attn_logits.stride(1),
         attn_logits.stride(2),
@@ -399,6 +422,7 @@ def sparse_decode_attention(
         BLOCK_DV=triton.next_power_of_2(dv),
         RING=ring_width,
         RING_BY_ROWS=ring_rows is not None,
+        SKIP=skip_rows is not None,
         num_warps=4,
     )
     return attn_lse[:batch, :, 0]

@@ -20,6 +20,7 @@ forwards of the SPARSESPEC cycle take the plugin's kernels instead:
 from __future__ import annotations
 
 import contextlib
+import functools
 from typing import Any, ContextManager, Iterator, Optional
 
 import torch
@@ -41,6 +42,15 @@ class SparseSpecAttnBackend(TritonAttnBackend):
         self._verify_consts: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
         self._graph_state_size: tuple[int, int] = (0, 0)
         self._num_sms = torch.cuda.get_device_properties(self.device).multi_processor_count
+        self.make_streams(torch.device(self.device))
+
+    def make_streams(self, device: torch.device) -> None:
+        """Unified passes: the verify rows run beside the draft rows (high priority: their
+        programs are the long ones), the grouped top-K beside the next layers."""
+        self._streams = torch.get_device_module(device)
+        self._verify_stream = self._streams.Stream(priority=-1)
+        self._topk_stream = self._streams.Stream()
+        self._topk_pending = self._topk_launched = False
 
     def init_cuda_graph_state(self, max_bs: int, max_num_tokens: int, *args: Any, **kwargs: Any) -> None:
         # The verify and the draft graph runners share this backend; keep the
@@ -66,6 +76,7 @@ class SparseSpecAttnBackend(TritonAttnBackend):
         return self._mode("_draft", step)
 
     def mixed_pass(self, rows: MixedRows) -> ContextManager[None]:
+        self._topk_pending = self._topk_launched = False
         return self._mode("_mixed", rows)
 
     def _is_sparse_draft(self, forward_batch: Any) -> bool:
@@ -132,10 +143,12 @@ class SparseSpecAttnBackend(TritonAttnBackend):
 
     def _forward_mixed(self, q, layer, forward_batch):
         """One layer of a unified pass: rows are single tokens (DECODE), ``self._mixed`` says
-        which rows belong to verifying requests. Every row first takes the sparse decode (a
-        verify row's per-row inputs make that a sinks-only read), then the verify kernel
-        overwrites the verify rows with full causal attention and dumps their scores, and the
-        top-K picks those requests' next selection."""
+        which rows belong to verifying requests. The verify kernel (full causal attention with
+        the score dump) runs on a side stream over the verify rows while the sparse decode runs
+        the draft rows on the forward's stream: the verify of a pass's few verifying requests is
+        latency-bound, so on its own it would leave most SMs idle. The top-K of a group of layers
+        runs on a third stream, overlapping the next layer, and is joined before the group
+        buffer is written again (and by the pass's last layer)."""
         state, rows, config = self.state, self._mixed, self.state.config
         hq, d, dv = layer.tp_q_head_num, layer.qk_head_dim, layer.v_head_dim
         bs = q.shape[0]
@@ -145,6 +158,13 @@ class SparseSpecAttnBackend(TritonAttnBackend):
         logit_cap = logit_capping_mod(layer.logit_capping_method, layer.logit_cap)
         ring = None if state.draft_lse is None else state.draft_lse[layer.layer_id]
         num_kv_heads = self.token_to_kv_pool.head_num
+        nv = rows.verify_slots(bs)
+        main = self._streams.current_stream()
+        if nv:
+            self._verify_stream.wait_stream(main)  # q and this layer's KV are written
+            with self._streams.stream(self._verify_stream):
+                self._verify_rows(q.view(-1, hq, d), k_buffer, v_buffer, o.view(-1, hq, dv), layer,
+                                  logit_cap, ring, nv, num_kv_heads)
         sparse_decode_attention(
             q.view(-1, hq, d), k_buffer, v_buffer, o.view(-1, hq, dv), state.req_to_token,
             forward_batch.req_pool_indices, forward_batch.seq_lens, rows.dense_start[:bs],
@@ -152,40 +172,56 @@ class SparseSpecAttnBackend(TritonAttnBackend):
             layer.scaling, logit_cap,
             num_kv_splits=pick_num_kv_splits(bs, num_kv_heads, self._num_sms),
             sel_by_row=True, lse_ring=ring, ring_rows=None if ring is None else rows.ring_rows[:bs],
+            skip_rows=(rows.qo_indptr, nv) if nv else None,
         )
-        nv = rows.verify_slots(bs)
-        if nv == 0:
-            return o
+        if nv:
+            main.wait_stream(self._verify_stream)
+        if self._topk_launched and layer.layer_id + 1 == self.state.sel_indices.shape[0]:
+            main.wait_stream(self._topk_stream)  # every stream rejoins before the pass ends
+            self._topk_launched = False
+        return o
+
+    def _verify_rows(self, q, k_buffer, v_buffer, o, layer, logit_cap, ring, nv, num_kv_heads):
+        """The verify rows of one layer of a unified pass, and the top-K of a finished group."""
+        state, rows, config = self.state, self._mixed, self.state.config
         # A graph's verify entries are about half spare: split the KV for the real ones, about
         # one program per SM (H100 sweep at 14 and 28 requests: 2 splits, then 1, were fastest).
         real = nv if rows.num_verify is not None else max(1, nv // 2)
         # Scores of a group of layers are kept and selected in one launch at the group's last
         # layer (per layer, the top-K of the few verifying requests is latency-bound); passes
         # with more verifying requests than the group buffer holds select layer by layer.
-        lid, group = layer.layer_id, state.group_scores
+        lid, group, num_layers = layer.layer_id, state.group_scores, state.sel_indices.shape[0]
         grouped = group is not None and nv <= group.shape[1]
+        if grouped and lid % group.shape[0] == 0 and self._topk_pending:
+            # The previous group's top-K still reads the buffer this layer overwrites.
+            self._verify_stream.wait_stream(self._topk_stream)
+            self._topk_pending = False
         scores = group[lid % group.shape[0], :nv] if grouped else state.scores[:nv]
         verify_attention_with_scores(
-            q.view(-1, hq, d), k_buffer, v_buffer, o.view(-1, hq, dv), state.req_to_token,
+            q, k_buffer, v_buffer, o, state.req_to_token,
             rows.verify_rows[:nv], rows.verify_prefix[:nv], rows.verify_lens[:nv],
             rows.qo_indptr[:nv + 1], scores, layer.scaling, config.aggregation, logit_cap,
             num_kv_splits=pick_num_kv_splits(real, num_kv_heads, self._num_sms, programs_per_sm=1),
             score_lse=ring, max_ext=rows.width,
             score_lse_rows=None if ring is None else rows.verify_rows[:nv],
         )
+        first = lid
         if grouped:
             first = lid - lid % group.shape[0]
-            if lid + 1 < min(first + group.shape[0], state.sel_indices.shape[0]):
-                return o  # the group's last layer selects for all of them
+            if lid + 1 < min(first + group.shape[0], num_layers):
+                return  # the group's last layer selects for all of them
             scores = group[:lid + 1 - first, :nv]
-        else:
-            first = lid
-        select_topk(
-            scores, state.req_to_token, rows.verify_rows[:nv], rows.verify_end[:nv],
+        topk = functools.partial(
+            select_topk, scores, state.req_to_token, rows.verify_rows[:nv], rows.verify_end[:nv],
             rows.verify_prefix[:nv], config.num_sink_tokens, config.sparsity, config.min_selected,
-            state.max_sel, state.sel_indices[first:lid + 1], state.sel_lens, out_by_row=True,
-        )
-        return o
+            state.max_sel, state.sel_indices[first:lid + 1], state.sel_lens, out_by_row=True)
+        if not grouped or lid + 1 == num_layers:
+            topk()  # joined by this layer (state.scores is reused by the next layer)
+            return
+        self._topk_stream.wait_stream(self._verify_stream)
+        with self._streams.stream(self._topk_stream):
+            topk()
+        self._topk_pending = self._topk_launched = True
 
     def _verify_layout(self, batch_size: int, width: int, device: torch.device):
         key = (batch_size, width)

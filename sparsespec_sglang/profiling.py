@@ -173,6 +173,11 @@ class PassTimer:
     forward and the next is the pass's small ops (row gathers, acceptance) plus any time the GPU
     sat idle waiting for the host; across a step boundary it is also the scheduler's work. Their
     sum per pass is therefore an upper bound on the host time *not* hidden behind GPU work.
+
+    A tighter bound: right before launching a forward, the host asks (``query()``, no wait)
+    whether the GPU has already finished the previous forward. If not, every op of the gap was
+    queued before the GPU reached it, so the GPU never waited for the host there; only gaps the
+    host reached late (``host_late``) can hold host time, and their sum is the tighter bound.
     """
 
     def __init__(self, every: int = 50, event_factory: Optional[Callable[[], Any]] = None) -> None:
@@ -181,7 +186,8 @@ class PassTimer:
             event_factory = lambda: torch.cuda.Event(enable_timing=True)  # noqa: E731
         self._new_event = event_factory
         self.step = 0
-        self._current: Optional[list[list[Any]]] = None  # [start, end] events of this step's passes
+        self._current: Optional[list[list[Any]]] = None  # [start, end, host late] per pass
+        self._prev_end: Optional[tuple[int, Any]] = None  # (step, event) of the last forward's end
         self._t0 = self._waited = 0.0
         self._in_flight: collections.deque = collections.deque()  # (step, passes)
         self._last: Optional[tuple[int, Any]] = None  # (step, last forward-end event) resolved
@@ -196,6 +202,8 @@ class PassTimer:
         self.within_ms = 0.0  # between forwards inside a step
         self.between_ms = 0.0  # from a step's last forward to the next step's first
         self.boundaries = 0
+        self.late_ms = 0.0  # the gaps (within and between steps) the host reached late
+        self.gaps = self.late_gaps = 0
 
     @property
     def sampling(self) -> bool:
@@ -208,11 +216,14 @@ class PassTimer:
         if self.sampling:
             if self._current is None:
                 self._current = []
-            self._current.append([self._record(), None])
+            prev = self._prev_end
+            late = prev is not None and prev[0] >= self.step - 1 and bool(prev[1].query())
+            self._current.append([self._record(), None, late])
 
     def forward_end(self) -> None:
         if self.sampling and self._current:
             self._current[-1][1] = self._record()
+            self._prev_end = (self.step, self._current[-1][1])
 
     def waited(self, seconds: float) -> None:
         """Host time spent waiting for the GPU (not preparing work)."""
@@ -236,15 +247,23 @@ class PassTimer:
     def _collect(self) -> None:
         while self._in_flight and self._in_flight[0][1][-1][1].query():
             step, passes = self._in_flight.popleft()
-            for (start, end), (nxt, _) in zip(passes, passes[1:]):
-                self.within_ms += end.elapsed_time(nxt)
-            self.forward_ms += sum(start.elapsed_time(end) for start, end in passes)
+            for (_, end, _), (nxt, _, late) in zip(passes, passes[1:]):
+                self.within_ms += self._gap(end, nxt, late)
+            self.forward_ms += sum(start.elapsed_time(end) for start, end, _ in passes)
             self.forwards += len(passes)
             self.steps += 1
             if self._last is not None and self._last[0] == step - 1:
-                self.between_ms += self._last[1].elapsed_time(passes[0][0])
+                self.between_ms += self._gap(self._last[1], passes[0][0], passes[0][2])
                 self.boundaries += 1
             self._last = (step, passes[-1][1])
+
+    def _gap(self, end: Any, start: Any, late: bool) -> float:
+        gap = end.elapsed_time(start)
+        self.gaps += 1
+        if late:
+            self.late_ms += gap
+            self.late_gaps += 1
+        return gap
 
     def summary(self) -> dict:
         """Means in ms over the sampled passes resolved so far ({} before a step boundary)."""
@@ -256,4 +275,7 @@ class PassTimer:
                 "forward_gpu_ms": self.forward_ms / self.forwards,
                 "step_boundary_gap_ms": self.between_ms / self.boundaries,
                 # GPU-timeline time outside the forwards: small ops + waiting for the host
-                "outside_forward_ms_per_pass": per_step / passes}
+                "outside_forward_ms_per_pass": per_step / passes,
+                # of which in gaps the host reached late (the rest was queued ahead of the GPU)
+                "host_late_ms_per_pass": self.late_ms / self.forwards,
+                "host_late_fraction": self.late_gaps / max(self.gaps, 1)}

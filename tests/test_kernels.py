@@ -386,6 +386,30 @@ def test_lse_ring_keyed_by_pool_row(splits):
     torch.testing.assert_close(scores, expect)
 
 
+@pytest.mark.parametrize("splits", [1, 2])  # 1: stage 1 writes the output, 2: the reduce does
+def test_sparse_decode_leaves_the_skipped_rows_alone(splits):
+    """``skip_rows = (indptr, n)``: rows ``indptr[0] <= b < indptr[n]`` (a unified pass's verify
+    rows, written concurrently by the verify kernel) get no output, lse or ring entry; the
+    other rows are what a launch without the skip gives."""
+    seq_lens, dense_start, sel_counts = [300, 41, 170, 90, 120], [280, 33, 150, 80, 100], [20, 3, 11, 5, 9]
+    pool, q, sel, sel_lens = _decode_case(seq_lens, dense_start, sel_counts, 4, 4, seed=5)
+    hq, ring_w = q.shape[1], 5
+    args = (q, pool.k, pool.v, None, pool.req_to_token, pool.req_pool_indices, _ints(seq_lens),
+            _ints(dense_start), sel, sel_lens, 4, 0.125)
+    outs, rings = [], []
+    for skip in (None, (_ints([1, 2, 3, 5]), 2)):  # rows 1 and 2 skipped, 0, 3 and 4 computed
+        out = torch.full((5, hq, pool.v.shape[-1]), 7.0, device=DEVICE)
+        ring = torch.full((5, hq, ring_w), -3.0, device=DEVICE)
+        sparse_decode_attention(*args[:3], out, *args[4:], num_kv_splits=splits, lse_ring=ring,
+                                skip_rows=skip)
+        outs.append(out)
+        rings.append(ring)
+    kept = [0, 3, 4]
+    assert torch.equal(outs[1][kept], outs[0][kept]) and torch.equal(rings[1][kept], rings[0][kept])
+    assert torch.all(outs[1][1:3] == 7.0) and torch.all(rings[1][1:3] == -3.0)
+    assert not torch.all(outs[0][1:3] == 7.0)
+
+
 def test_verify_draft_normalised_with_the_true_lse_is_exact():
     """One verify token whose ring slot holds its own final lse: both score modes agree."""
     prefix_lens, extend_lens = [120, 33, 64], [1, 1, 1]

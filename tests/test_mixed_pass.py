@@ -20,6 +20,8 @@ if not torch.cuda.is_available():
 
 from sparsespec_sglang.attention import SparseSpecAttnBackend  # noqa: E402
 from sparsespec_sglang.config import SparseSpecConfig  # noqa: E402
+from sparsespec_sglang.kernels.sparse_decode import sparse_decode_attention  # noqa: E402
+from sparsespec_sglang.kernels.verify_attention import verify_attention_with_scores  # noqa: E402
 from sparsespec_sglang.pillar import MixedRows, PillarState  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -63,28 +65,54 @@ def _run_pass(keep_group: tuple[int, int] | None, score_norm: str):
 
     backend = object.__new__(SparseSpecAttnBackend)
     backend.state, backend._mixed, backend._num_sms = state, rows, 4
+    backend.make_streams(DEVICE)
     backend.token_to_kv_pool = SimpleNamespace(head_num=HKV, get_key_buffer=lambda i: k_buf[i],
                                                get_value_buffer=lambda i: v_buf[i])
     forward_batch = SimpleNamespace(req_pool_indices=_ints(row_pool), seq_lens=_ints(seq_lens))
-    outs = []
+    outs, inputs = [], []
     for lid in range(LAYERS):
         q = torch.randn(t, HQ * D, generator=gen).to(DEVICE)
         layer = SimpleNamespace(layer_id=lid, tp_q_head_num=HQ, qk_head_dim=D, v_head_dim=D,
                                 scaling=1.0 / math.sqrt(D), logit_capping_method="tanh", logit_cap=0.0)
+        inputs.append((q.view(t, HQ, D), k_buf[lid], v_buf[lid], layer.scaling))
         outs.append(backend._forward_mixed(q, layer, forward_batch))
-    return torch.stack(outs), state
+    pass_ = SimpleNamespace(rows=rows, forward_batch=forward_batch, inputs=inputs, num_draft=3)
+    return torch.stack(outs), state, pass_
 
 
 def test_grouped_topk_equals_per_layer_selection():
     for score_norm in ("exact", "draft"):
-        out, state = _run_pass(None, score_norm)
+        out, state, _ = _run_pass(None, score_norm)
         assert torch.all(state.sel_lens[[2, 5]] > 0)
         picked = [state.sel_indices[:, r, :, :int(state.sel_lens[r])] for r in (2, 5)]
         assert not torch.equal(picked[0][0], picked[0][1])  # layers select differently
         # groups {0, 1} and {2}, and a buffer too small for this pass's 2 verifies (fallback)
         for keep in ((2, 4), (LAYERS, 2), (2, 1)):
-            out_g, state_g = _run_pass(keep, score_norm)
+            out_g, state_g, _ = _run_pass(keep, score_norm)
             torch.testing.assert_close(out_g, out, rtol=0, atol=0)
             assert torch.equal(state_g.sel_lens, state.sel_lens), keep
             assert torch.equal(state_g.sel_indices, state.sel_indices), keep
             assert bool(state_g.group_scores.any()) == (keep[1] >= 2)
+
+
+def test_verify_rows_come_from_the_verify_kernel_and_draft_rows_from_the_sparse_decode():
+    """The two kernels of a unified pass run on separate streams and write disjoint rows: the
+    verify rows equal the verify kernel's output alone, the draft rows the sparse decode's
+    (which would otherwise overwrite the verify rows with a sinks-only read)."""
+    out, state, p = _run_pass((2, 4), "exact")
+    rows, fb, d = p.rows, p.forward_batch, p.num_draft
+    for lid, (q, k_buf, v_buf, scale) in enumerate(p.inputs):
+        verify_out = torch.full((q.shape[0], HQ, D), 7.0, device=DEVICE)
+        verify_attention_with_scores(
+            q, k_buf, v_buf, verify_out, state.req_to_token, rows.verify_rows[:2],
+            rows.verify_prefix[:2], rows.verify_lens[:2], rows.qo_indptr[:3],
+            torch.zeros(2, HKV, state.req_to_token.shape[1], device=DEVICE), scale, "sum",
+            num_kv_splits=1)
+        decode_out = torch.full((d, HQ, D), 7.0, device=DEVICE)
+        sparse_decode_attention(
+            q[:d], k_buf, v_buf, decode_out, state.req_to_token, fb.req_pool_indices[:d],
+            fb.seq_lens[:d], rows.dense_start[:d], state.sel_indices[lid], rows.sel_lens[:d],
+            state.config.num_sink_tokens, scale, num_kv_splits=1, sel_by_row=True)
+        got = out[lid].view(-1, HQ, D)
+        torch.testing.assert_close(got[d:], verify_out[d:], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got[:d], decode_out, rtol=1e-5, atol=1e-5)

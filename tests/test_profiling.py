@@ -153,5 +153,37 @@ def test_pass_timer_splits_forward_time_from_the_time_between_forwards():
     # per step: 2 gaps of 1 ms inside + the 4 ms boundary, over 3 passes
     assert s["outside_forward_ms_per_pass"] == pytest.approx(2.0)
     assert s["host_ms_per_pass"] >= 0
+    # the host was ahead of the GPU at every forward: no gap can hold host time
+    assert s["host_late_ms_per_pass"] == 0 and s["host_late_fraction"] == 0
     timer.reset()
     assert timer.summary() == {}
+
+
+def test_pass_timer_counts_only_the_gaps_the_host_reached_late():
+    from sparsespec_sglang.profiling import PassTimer
+
+    ClockEvent.now, ClockEvent.done_until = 0.0, -1.0
+    timer = PassTimer(every=10, event_factory=ClockEvent)
+
+    def step(late_at=None):
+        timer.begin_step()
+        ClockEvent.now += 3.0
+        for i in range(3):
+            ClockEvent.now += 1.0
+            # the GPU finished the previous forward before the host launched this one
+            if late_at is not None:
+                ClockEvent.done_until = ClockEvent.now if i in late_at else -1.0
+            timer.forward_start()
+            ClockEvent.now += 5.0
+            timer.forward_end()
+        timer.end_step(3)
+
+    step(late_at=(0,))  # step 0's first forward has no previous forward in the sample
+    step(late_at=(0, 2))  # late at the 4 ms step boundary and at the second 1 ms gap
+    ClockEvent.done_until = 1e9
+    for _ in range(8):
+        step()
+    s = timer.summary()
+    assert s["outside_forward_ms_per_pass"] == pytest.approx(2.0)
+    assert s["host_late_ms_per_pass"] == pytest.approx((4.0 + 1.0) / 6)
+    assert s["host_late_fraction"] == pytest.approx(2 / 5)
