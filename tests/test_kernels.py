@@ -347,8 +347,8 @@ def test_verify_in_a_unified_pass_leaves_draft_rows_alone(splits):
         _ints(extend_lens + [0] * padded), qo_mixed, scores, 1.0 / math.sqrt(d), "sum",
         num_kv_splits=splits)
     assert torch.all(out[:drafts] == 7.0) and torch.all(out[drafts + len(q):] == 7.0)
-    torch.testing.assert_close(out[drafts:drafts + len(q)], ref_out)
-    torch.testing.assert_close(scores[:3], ref_scores)
+    torch.testing.assert_close(out[drafts:drafts + len(q)], ref_out, **_tol(torch.float32))
+    torch.testing.assert_close(scores[:3], ref_scores, **_score_tol(torch.float32))
     assert torch.all(scores[3:] == -1.0)
 
 
