@@ -159,11 +159,14 @@ def main() -> int:
                               sparsespec_keep_retracted_kv=True),
         "ngram": dict(attention_backend="triton", speculative_algorithm="NGRAM",
                       speculative_num_draft_tokens=args.k + 1),
-        "sparsespec": dict(speculative_algorithm="SPARSESPEC", **spec),
-        "sparsespec-draftnorm": dict(speculative_algorithm="SPARSESPEC", sparsespec_score_norm="draft", **spec),
+        # Lockstep draft/verify passes (run names without "unified"; the server default is unified).
+        "sparsespec": dict(speculative_algorithm="SPARSESPEC", sparsespec_schedule="lockstep", **spec),
+        "sparsespec-draftnorm": dict(speculative_algorithm="SPARSESPEC", sparsespec_schedule="lockstep",
+                                     sparsespec_score_norm="draft", **spec),
         # Retracted requests' KV kept in HiCache's host pool instead of recomputed (issue 6).
-        "sparsespec-draftnorm-hicache": dict(speculative_algorithm="SPARSESPEC", sparsespec_score_norm="draft",
-                                             enable_hierarchical_cache=True, **spec),
+        "sparsespec-draftnorm-hicache": dict(speculative_algorithm="SPARSESPEC", sparsespec_schedule="lockstep",
+                                             sparsespec_score_norm="draft", enable_hierarchical_cache=True,
+                                             **spec),
         # Unified draft/verify passes (issue 5), and the same with the host waiting for every
         # pass's verify results (the delayed-verification ablation).
         "sparsespec-unified": dict(speculative_algorithm="SPARSESPEC", sparsespec_schedule="unified", **spec),

@@ -42,13 +42,13 @@ def _engine(model_dir: str, args: argparse.Namespace, log_level: str = "warning"
                       max_running_requests=args.num_prompts, tp_size=args.tp, **kwargs)
 
 
-async def _staggered(engine, prompts: list[list[int]], sampling: list[dict], extra: dict,
+async def _staggered(engine, prompts: list[list[int]], sampling: list[dict], extras: list[dict],
                      stagger_s: float) -> list[dict]:
     """Request i arrives i * stagger_s after the first, so requests join a running batch."""
 
     async def one(i: int) -> dict:
         await asyncio.sleep(i * stagger_s)
-        return await engine.async_generate(input_ids=prompts[i], sampling_params=sampling[i], **extra)
+        return await engine.async_generate(input_ids=prompts[i], sampling_params=sampling[i], **extras[i])
 
     return list(await asyncio.gather(*(one(i) for i in range(len(prompts)))))
 
@@ -78,7 +78,9 @@ def _prefill_tokens(log: str) -> dict:
 
 
 def _run(model_dir: str, args: argparse.Namespace, prompts: list[list[int]], sampling: list[dict],
-         top_logprobs: bool = False, **kwargs) -> dict:
+         top_logprobs: bool = False, logprob_every: int = 0, **kwargs) -> dict:
+    """One engine over all prompts; ``logprob_every = n``: requests n - 1, 2n - 1, ... ask for
+    logprobs (their batches take SPARSESPEC's lockstep path, the others the default schedule)."""
     log_path = None
     if args.max_total_tokens:  # retraction runs: keep the scheduler's prefill log
         log_path = Path(tempfile.mkdtemp()) / "engine.log"
@@ -87,11 +89,16 @@ def _run(model_dir: str, args: argparse.Namespace, prompts: list[list[int]], sam
     else:
         engine = _engine(model_dir, args, **kwargs)
     extra = {"return_logprob": True, "top_logprobs_num": 2} if top_logprobs else {}
+    extras = [extra if top_logprobs or not (logprob_every and i % logprob_every == logprob_every - 1)
+              else {"return_logprob": True} for i in range(len(prompts))]
     try:
         engine.generate(input_ids=prompts[:2], sampling_params={**sampling[0], "max_new_tokens": 8})
         start = time.perf_counter()
         if args.stagger_s > 0:
-            outs = engine.loop.run_until_complete(_staggered(engine, prompts, sampling, extra, args.stagger_s))
+            outs = engine.loop.run_until_complete(_staggered(engine, prompts, sampling, extras, args.stagger_s))
+        elif logprob_every and not top_logprobs:
+            outs = engine.generate(input_ids=prompts, sampling_params=sampling,
+                                   return_logprob=[bool(e) for e in extras])
         else:
             outs = engine.generate(input_ids=prompts, sampling_params=sampling, **extra)
         elapsed = time.perf_counter() - start
@@ -168,6 +175,9 @@ def main() -> int:
                     help="--sparsespec-score-norm of the SPARSESPEC runs (default: the plugin's)")
     ap.add_argument("--schedule", default=None, choices=("lockstep", "unified"),
                     help="--sparsespec-schedule of the SPARSESPEC runs (default: the plugin's)")
+    ap.add_argument("--spec-logprob-every", type=int, default=0,
+                    help="SPARSESPEC runs: requests N-1, 2N-1, ... ask for logprobs, so batches switch "
+                         "between the unified schedule and the lockstep path such requests take")
     ap.add_argument("--tie-eps", type=float, default=0.25,
                     help="plain top-2 logprob gap below which a divergence counts as a rounding tie "
                          "(0.25 = 4 bf16 ulps for logits of magnitude 8..16)")
@@ -213,7 +223,7 @@ def main() -> int:
     for mode, sparsity in modes:
         name = f"sparsespec-{mode}-s{sparsity}"
         run = _run(model_dir, args, prompts, sampling, disable_overlap_schedule=mode == "no-overlap",
-                   **{**spec_kwargs, "sparsespec_sparsity": sparsity})
+                   logprob_every=args.spec_logprob_every, **{**spec_kwargs, "sparsespec_sparsity": sparsity})
         spec_ids[name] = run["output_ids"]
         entry = {k: v for k, v in run.items() if k not in ("output_ids", "top2_gaps")}
         entry.update(_compare(base["output_ids"], run["output_ids"], base["top2_gaps"], args.tie_eps))

@@ -83,9 +83,10 @@ OPTIONS = (
            "Load parked requests back when the free GPU KV fraction rises above this "
            "(watermark-driven offload is not built yet: refused)."),
     Option("schedule", "--sparsespec-schedule", str,
-           "How drafts and verifies share forward passes: lockstep (k draft passes over the whole "
-           "batch, then one verify pass) or unified (every pass mixes drafting and verifying "
-           "requests; k + 1 passes per scheduler step)."),
+           "How drafts and verifies share forward passes: unified (the default; every pass mixes "
+           "drafting and verifying requests, k + 1 passes per scheduler step) or lockstep (k draft "
+           "passes over the whole batch, then one verify pass; the default with "
+           "--enable-deterministic-inference, whose verify runs in lockstep only)."),
     Option("delayed_verification", "--sparsespec-disable-delayed-verify", bool,
            "Unified schedule only: make the host wait for every pass's verify results before "
            "launching the next pass (by default acceptance stays on the GPU and nothing waits).",
@@ -103,7 +104,7 @@ NOT_BUILT = {
     "offload_low_watermark": "watermark-driven KV offload",
     "offload_high_watermark": "watermark-driven KV offload",
 }
-SCHEDULES = ("lockstep", "unified")
+SCHEDULES = ("unified", "lockstep")
 OPTIONS_BY_DEST = {o.dest: o for o in OPTIONS}
 OPTIONS_BY_FIELD = {o.field: o for o in OPTIONS if o.field is not None}
 
@@ -121,7 +122,7 @@ class SparseSpecConfig:
     score_norm: str = "exact"
     offload_low_watermark: float = 0.05
     offload_high_watermark: float = 0.15
-    schedule: str = "lockstep"
+    schedule: str = "unified"
     delayed_verification: bool = True  # unified schedule: the host never waits on a verify
     kv_offload: bool = True  # retracted KV kept in the hierarchical cache (patches/retraction.py)
 

@@ -14,6 +14,7 @@ from sparsespec_sglang.config import (
     ALGORITHM_NAME,
     ATTENTION_BACKEND_NAME,
     KEEP_RETRACTED_KV,
+    OPTIONS_BY_FIELD,
     SERVER_ARGS_ATTR,
     SUPPORTED_ARCHITECTURES,
     SparseSpecArgsError,
@@ -22,6 +23,7 @@ from sparsespec_sglang.config import (
 
 
 DEFAULT_MAX_RUNNING_REQUESTS = 128
+SCHEDULE_DEST = OPTIONS_BY_FIELD["schedule"].dest
 
 
 def is_sparsespec(server_args: Any) -> bool:
@@ -58,6 +60,12 @@ def validate_server_args(server_args: Any) -> SparseSpecConfig:
     max_running_requests to 128, and mixed chunked prefill is turned off
     (verify passes are not mixed with prefill chunks).
     """
+    if getattr(server_args, "enable_deterministic_inference", False):
+        # The deterministic verify (one SGLang decode per verify token) runs in lockstep, so that
+        # is the default schedule there; an explicit --sparsespec-schedule unified is refused below.
+        values = getattr(server_args, SERVER_ARGS_ATTR, None) or {}
+        if values.get(SCHEDULE_DEST) is None:
+            object.__setattr__(server_args, SERVER_ARGS_ATTR, {**values, SCHEDULE_DEST: "lockstep"})
     config = SparseSpecConfig.from_server_args(server_args)
     k = config.num_draft_steps
 

@@ -1,9 +1,10 @@
 """SparseSpecWorker: SGLang V2 speculative worker that drafts with the target model itself.
 
-With ``--sparsespec-schedule unified`` a decode step is k + 1 passes that each mix drafting and
-verifying requests (``unified.py``); batches that need per-token logprobs, a grammar or hidden
-states run the lockstep cycle below instead. With ``lockstep`` (the default), one call on a
-decode batch is one PillarAttn cycle (lockstep over the batch):
+With ``--sparsespec-schedule unified`` (the default) a decode step is k + 1 passes that each mix
+drafting and verifying requests (``unified.py``); batches that need per-token logprobs, a grammar
+or hidden states run the lockstep cycle below instead. With ``lockstep`` (the default under
+``--enable-deterministic-inference``), one call on a decode batch is one PillarAttn cycle (lockstep
+over the batch):
 k sparse draft forwards on the target model runner (DECODE, one token per
 request, attention over the selected slots), then one full verify forward
 (TARGET_VERIFY over the pending token + k drafts) whose attention also picks the
@@ -112,15 +113,15 @@ class SparseSpecWorker(BaseSpecWorker):
         target_graphs = self.model_runner.decode_cuda_graph_runner
         if target_graphs is None:
             return
+        # Unified servers keep the draft graphs too: their lockstep steps (batches with logprobs,
+        # a grammar or hidden states) would otherwise draft eagerly.
+        self.draft_graphs = DraftGraphs(self.model_runner, self.backend,
+                                        lambda: self.backend.draft_step(self.state.draft_step))
         if self.unified is not None:
-            # Lockstep fallback steps (logprobs, grammar) draft eagerly.
             sizes = UnifiedRunner.capture_sizes(max(target_graphs.capture_bs))
             self.unified.graphs = DraftGraphs(
                 self.model_runner, self.backend, lambda: self.backend.mixed_pass(self.unified.rows),
                 capture_sizes=sizes, label="unified-pass")
-        else:
-            self.draft_graphs = DraftGraphs(self.model_runner, self.backend,
-                                            lambda: self.backend.draft_step(self.state.draft_step))
 
     def update_weights_from_tensor(self, recv_req: Any):
         return self.target_worker.update_weights_from_tensor(recv_req)

@@ -29,15 +29,17 @@ def _check_lossless(out: Path, *args: str) -> dict:
 
 
 def test_greedy_output_equals_plain_decoding(tmp_path):
+    """The lockstep schedule (the unified one, the default, has its own test below)."""
     report = _check_lossless(tmp_path / "lossless.json", "--num-prompts", "8", "--max-new-tokens", "128",
-                             "--prompt-len", "64", "256", "--dense-check")
+                             "--prompt-len", "64", "256", "--dense-check", "--schedule", "lockstep")
     # Dense drafts equal the full model up to rounding: nearly every draft is accepted.
     assert report["runs"]["sparsespec-no-overlap-s1.0"]["mean_spec_accept_length"] > 6.0
 
 
 def test_join_leave_and_retract_stay_lossless(tmp_path):
     """Requests arrive while others decode, finish at ragged lengths mid-cycle, and a KV pool
-    capped below the batch's need forces SGLang to retract and re-admit requests."""
+    capped below the batch's need forces SGLang to retract and re-admit requests (default,
+    unified schedule)."""
     _check_lossless(tmp_path / "lossless_churn.json", "--num-prompts", "16", "--max-new-tokens", "256",
                     "--prompt-len", "64", "256", "--ragged-max-new-tokens", "--stagger-s", "0.05",
                     "--max-total-tokens", "2500", "--modes", "overlap", "--dtype", "bfloat16")
@@ -45,11 +47,13 @@ def test_join_leave_and_retract_stay_lossless(tmp_path):
 
 def test_unified_schedule_stays_lossless_as_requests_join_and_leave(tmp_path):
     """Unified draft/verify passes (issue 5): requests arrive while others decode and finish at
-    ragged lengths, so phases are assigned and rebalanced mid-run, in both scheduler modes."""
+    ragged lengths, so phases are assigned and rebalanced mid-run, in both scheduler modes. The
+    8th and 16th requests ask for logprobs: while one runs, the batch takes the lockstep path (with
+    its own draft graphs), and unified passes resume after it finishes."""
     report = _check_lossless(tmp_path / "lossless_unified.json", "--num-prompts", "16",
                              "--max-new-tokens", "256", "--prompt-len", "64", "256",
                              "--ragged-max-new-tokens", "--stagger-s", "0.05", "--dtype", "bfloat16",
-                             "--schedule", "unified", "--dense-check")
+                             "--schedule", "unified", "--dense-check", "--spec-logprob-every", "8")
     # Dense drafts equal the full model up to rounding: the unified passes accept nearly all.
     assert report["runs"]["sparsespec-no-overlap-s1.0"]["mean_spec_accept_length"] > 6.0
 

@@ -92,7 +92,7 @@ def test_server_args_values_flow_into_config(sglang_loaded, model_dir):
     assert (sa.speculative_num_steps, sa.speculative_num_draft_tokens) == (4, 5)
     config = SparseSpecConfig.from_server_args(pickle.loads(pickle.dumps(sa)))
     assert (config.num_draft_steps, config.sparsity, config.aggregation) == (4, 0.1, "max")
-    assert config.delayed_verification is True and config.schedule == "lockstep"
+    assert config.delayed_verification is True and config.schedule == "unified"
     assert config.score_norm == "draft"
     config = SparseSpecConfig.from_server_args(_server_args(
         model_dir, sparsespec_schedule="unified", sparsespec_disable_delayed_verify=True))
@@ -102,6 +102,9 @@ def test_server_args_values_flow_into_config(sglang_loaded, model_dir):
 def test_deterministic_inference_keeps_the_sparsespec_backend(sglang_loaded, model_dir):
     sa = _server_args(model_dir, enable_deterministic_inference=True)
     assert sa.attention_backend == "sparsespec" and sa.enable_deterministic_inference
+    # its verify runs in lockstep: the default schedule there, kept in the scheduler's copy
+    assert SparseSpecConfig.from_server_args(pickle.loads(pickle.dumps(sa))).schedule == "lockstep"
+    assert SparseSpecConfig.from_server_args(_server_args(model_dir)).schedule == "unified"
 
 
 @pytest.mark.parametrize("kwargs, flag", [
@@ -119,9 +122,11 @@ def test_deterministic_inference_keeps_the_sparsespec_backend(sglang_loaded, mod
      "--sparsespec-score-norm must be exact with --enable-deterministic-inference"),
     (dict(sparsespec_offload_high_watermark=0.2), "--sparsespec-offload-high-watermark has no effect yet"),
     (dict(sparsespec_offload_low_watermark=0.1), "--sparsespec-offload-low-watermark has no effect yet"),
-    (dict(sparsespec_disable_delayed_verify=True),
+    (dict(sparsespec_schedule="lockstep", sparsespec_disable_delayed_verify=True),
      "--sparsespec-disable-delayed-verify must be used with --sparsespec-schedule unified only"),
-    (dict(sparsespec_schedule="mixed"), "--sparsespec-schedule must be one of: lockstep, unified"),
+    (dict(sparsespec_disable_delayed_verify=True, enable_deterministic_inference=True),
+     "--sparsespec-disable-delayed-verify must be used with --sparsespec-schedule unified only"),
+    (dict(sparsespec_schedule="mixed"), "--sparsespec-schedule must be one of: unified, lockstep"),
     (dict(sparsespec_schedule="unified", enable_deterministic_inference=True),
      "--sparsespec-schedule must be lockstep with --enable-deterministic-inference"),
     (dict(attention_backend="triton"), "--attention-backend"),
