@@ -166,7 +166,7 @@ class CycleProfiler:
 class PassTimer:
     """Where a unified pass's time goes (issue 5: CPU time on the critical path per pass).
 
-    Two consecutive steps out of every ``every`` are sampled, without host syncs: each pass
+    Two consecutive steps out of every ``every`` (the last two) are sampled, without host syncs: each pass
     records CUDA events right before and after its model forward (a graph replay or an eager
     forward), and the host time it took to prepare and enqueue the whole pass. Events are read
     once the GPU has passed them (``query()``). On the GPU timeline, the time between one pass's
@@ -207,7 +207,8 @@ class PassTimer:
 
     @property
     def sampling(self) -> bool:
-        return self._new_event is not None and self.step % self.every < 2
+        # The last two steps of every ``every``: a server's first steps (admission, warm-up) never.
+        return self._new_event is not None and self.step % self.every >= self.every - 2
 
     def begin_step(self) -> None:
         self._t0, self._waited = time.perf_counter(), 0.0

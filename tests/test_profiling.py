@@ -130,6 +130,8 @@ def test_pass_timer_splits_forward_time_from_the_time_between_forwards():
 
     ClockEvent.now, ClockEvent.done_until = 0.0, -1.0
     timer = PassTimer(every=10, event_factory=ClockEvent)
+    assert not timer.sampling  # a server's first steps are never sampled
+    timer.step = 8  # steps 8 and 9 are
 
     def step(passes=3, forward=5.0, gap=1.0, boundary=4.0):
         timer.begin_step()
@@ -146,7 +148,7 @@ def test_pass_timer_splits_forward_time_from_the_time_between_forwards():
     assert timer.summary() == {}  # the GPU has not reached the events: nothing read, no wait
     ClockEvent.done_until = ClockEvent.now
     for _ in range(8):
-        step(gap=100.0)  # steps 2..9 are not sampled: their timings never count
+        step(gap=100.0)  # steps 10..17 are not sampled: their timings never count
     s = timer.summary()
     assert s["forward_gpu_ms"] == pytest.approx(5.0)
     assert s["step_boundary_gap_ms"] == pytest.approx(4.0)
@@ -164,6 +166,8 @@ def test_pass_timer_counts_only_the_gaps_the_host_reached_late():
 
     ClockEvent.now, ClockEvent.done_until = 0.0, -1.0
     timer = PassTimer(every=10, event_factory=ClockEvent)
+    assert not timer.sampling  # a server's first steps are never sampled
+    timer.step = 8  # steps 8 and 9 are
 
     def step(late_at=None):
         timer.begin_step()
