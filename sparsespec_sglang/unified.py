@@ -34,6 +34,7 @@ from types import SimpleNamespace
 from typing import Any, Callable, Optional
 
 import torch
+from sglang.srt.environ import envs
 from sglang.srt.layers.logits_processor import LogitsProcessorOutput
 from sglang.srt.model_executor.forward_batch_info import ForwardBatch, ForwardMode
 from sglang.srt.speculative.ngram_info import NgramVerifyInput
@@ -233,7 +234,10 @@ class UnifiedRunner:
             self.graph_passes += 1
         else:
             self.timer.forward_start()
-            logits = self.model_runner.forward(forward_batch).logits_output.next_token_logits
+            # SGLang's eager runner copies a batch into buffers sized for max_running_requests;
+            # a pass has up to ~2x as many rows, so it runs on the ForwardBatch's own tensors.
+            with envs.SGLANG_EAGER_INPUT_NO_COPY.override(True):
+                logits = self.model_runner.forward(forward_batch).logits_output.next_token_logits
         self.timer.forward_end()
 
         if d:

@@ -58,6 +58,14 @@ def test_unified_schedule_stays_lossless_as_requests_join_and_leave(tmp_path):
     assert report["runs"]["sparsespec-no-overlap-s1.0"]["mean_spec_accept_length"] > 6.0
 
 
+def test_unified_schedule_without_cuda_graphs_stays_lossless(tmp_path):
+    """Every unified pass eager: a pass has up to ~2x as many rows as the batch has requests,
+    more than SGLang's eager input buffers (max_running_requests) hold."""
+    _check_lossless(tmp_path / "lossless_unified_eager.json", "--num-prompts", "16",
+                    "--max-new-tokens", "64", "--prompt-len", "64", "128", "--dtype", "bfloat16",
+                    "--schedule", "unified", "--disable-cuda-graph", "--modes", "overlap")
+
+
 def test_retracted_requests_come_back_from_the_host_cache_losslessly(tmp_path):
     """The same capped pool with --enable-hierarchical-cache: retracted requests' KV is kept
     (patches/retraction.py) and re-admission is a prefix-cache hit instead of a recompute."""
