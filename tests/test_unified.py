@@ -92,8 +92,10 @@ def test_layout_rows_and_chains():
     assert layout.chain_next(4) == [1, 2, -1, -1, 1, 2, 3, -1]
 
 
-@pytest.mark.parametrize("k", [3, 8])
-def test_unified_steps_emit_the_target_sequence(k, monkeypatch, caplog):
+@pytest.mark.parametrize("k, sampled", [(3, False), (8, False), (8, True)])
+def test_unified_steps_emit_the_target_sequence(k, sampled, monkeypatch, caplog):
+    """``sampled``: a non-greedy batch, whose per-request sampling tensors the acceptance of a
+    pass must see for exactly its verifying requests, in their order (temperature = pool row)."""
     caplog.set_level("INFO", logger="sparsespec_sglang.unified")
     monkeypatch.setattr("sparsespec_sglang.unified.LOG_EVERY", 20)
     rng = random.Random(k)
@@ -103,7 +105,19 @@ def test_unified_steps_emit_the_target_sequence(k, monkeypatch, caplog):
     state = PillarState(config, 2, 4, 2, req_to_token)
     backend = ToyBackend()
     model = ToyRunner(backend)
-    runner = UnifiedRunner(k, state, backend, model, greedy_chain_accept, delayed_verification=True)
+    checked = []
+
+    def accept(verify_input, batch, logits_output):
+        info = batch.sampling_info
+        if sampled:
+            nv = verify_input.draft_token.shape[0] // verify_input.draft_token_num
+            assert torch.equal(info.temperatures.view(-1), backend.rows.verify_rows[:nv].float())
+            assert torch.equal(info.top_ks, backend.rows.verify_rows[:nv] * 2)
+            assert info.scalar.dim() == 0
+            checked.append(nv)
+        return greedy_chain_accept(verify_input, batch, logits_output)
+
+    runner = UnifiedRunner(k, state, backend, model, accept, delayed_verification=True)
     monkeypatch.setattr("sparsespec_sglang.unified.ForwardBatch", SimpleNamespace(
         init_new=lambda batch, *_a, **_k: SimpleNamespace(input_ids=batch.input_ids,
                                                           seq_lens=batch.seq_lens)))
@@ -139,8 +153,13 @@ def test_unified_steps_emit_the_target_sequence(k, monkeypatch, caplog):
             seq_lens_cpu=torch.tensor([r.seq_len for r in reqs]),
             seq_lens_sum=None, forward_mode=None, input_ids=None, out_cache_loc=None,
             spec_info=None, return_logprob=False,
-            sampling_info=SimpleNamespace(is_all_greedy=True, acc_additive_penalties=None,
+            sampling_info=SimpleNamespace(is_all_greedy=not sampled, acc_additive_penalties=None,
                                           acc_scaling_penalties=None, logit_bias=None))
+        if sampled:
+            rows = batch.req_pool_indices.to(torch.int32)
+            batch.sampling_info.temperatures = rows.float().view(-1, 1)
+            batch.sampling_info.top_ks = rows * 2
+            batch.sampling_info.scalar = torch.tensor(1.0)
         model.passes.clear()
         tokens, lens, new_seq_lens, _ = runner.step(batch)
         assert len(model.passes) == k + 1
@@ -154,6 +173,7 @@ def test_unified_steps_emit_the_target_sequence(k, monkeypatch, caplog):
             got = emitted[rid]
             assert got == expected[rid][:len(got)], f"step {step} request {rid}"
     assert next_id > 20 and sum(len(e) for e in emitted.values()) > 1000
+    assert not sampled or sum(checked) > 500
     # Drafts were rejected at times, and accepted runs longer than one token happened too.
     assert any(len(e) > 0 for e in emitted.values())
     # Pass sizes are logged, with the full-batch figure the issue's max/min ratio is about.
