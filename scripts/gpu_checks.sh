@@ -11,7 +11,8 @@
 #   bash scripts/gpu_checks.sh offload   # retraction with the KV kept in HiCache: lossless test + B 128 / 4K run
 #   bash scripts/gpu_checks.sh sampling  # temperature / top-p / top-k: SPARSESPEC keeps plain's distribution
 #   bash scripts/gpu_checks.sh tp2       # --tp 2 (two GPUs: nvidia-h200-x2), deterministic greedy equality
-#   bash scripts/gpu_checks.sh unified   # unified passes: lossless GPU test + B 128 512/2048 vs lockstep and plain
+#   bash scripts/gpu_checks.sh unified   # unified passes (the default): join/leave + logprob-switch and no-CUDA-graph lossless tests
+#   bash scripts/gpu_checks.sh unified2k # lockstep vs unified vs unified without delayed verification, B 128 512/2048 (pass timing)
 #   bash scripts/gpu_checks.sh unified4k # lockstep vs unified at B 128 512/4096 (full-batch pass sizes, pass timing)
 #   bash scripts/gpu_checks.sh ngram4k   # plain vs NGRAM at B 128 512/4096 (the benchmark issue's workload)
 #   bash scripts/gpu_checks.sh pool50    # KV pool at 50% of the final KV, B 128 512/4096: plain retract vs plain + HiCache
@@ -65,11 +66,13 @@ case "${1:-}" in
   unified)
     python -m pytest -q -p no:cacheprovider -m gpu \
       tests/test_e2e_gpu.py::test_unified_schedule_stays_lossless_as_requests_join_and_leave \
-      2>&1 | tail -5 | tee "$out/gpu_unified_test.txt" || true
+      tests/test_e2e_gpu.py::test_unified_schedule_without_cuda_graphs_stays_lossless \
+      2>&1 | tail -5 | tee "$out/gpu_unified_test.txt" ;;
+  unified2k)
     python scripts/bench_throughput.py --batch 128 --input-len 512 --output-len 2048 --forced-accept 7 \
-      --runs plain,sparsespec-draftnorm,sparsespec-draftnorm-unified,sparsespec-draftnorm-unified-nodelay \
+      --runs sparsespec-draftnorm,sparsespec-draftnorm-unified,sparsespec-draftnorm-unified-nodelay \
       --log-level info --out "$out/bench_unified.json" > "$out/bench_unified.log" 2>&1 || true
-    grep -E "^plain|^sparsespec|^speedup|SPARSESPEC unified:|Traceback" "$out/bench_unified.log" ;;
+    grep -E "^sparsespec|SPARSESPEC unified:|Traceback" "$out/bench_unified.log" ;;
   unified4k)
     $bench4k --runs sparsespec-draftnorm,sparsespec-draftnorm-unified --log-level info \
       --out "$out/bench_b128_4k_unified.json" > "$out/bench_b128_4k_unified.log" 2>&1 || true
