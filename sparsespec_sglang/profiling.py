@@ -166,9 +166,9 @@ class CycleProfiler:
 class PassTimer:
     """Where a unified pass's time goes (issue 5: CPU time on the critical path per pass).
 
-    Two consecutive steps out of every ``every`` (the last two) are sampled, without host syncs: each pass
-    records CUDA events right before and after its model forward (a graph replay or an eager
-    forward), and the host time it took to prepare and enqueue the whole pass. Events are read
+    Two consecutive steps out of every ``every`` (the last two) are sampled, without host syncs:
+    each pass records CUDA events right before and after its model forward (a graph replay or an
+    eager forward), and the host time it took to prepare and enqueue the whole pass. Events are read
     once the GPU has passed them (``query()``). On the GPU timeline, the time between one pass's
     forward and the next is the pass's small ops (row gathers, acceptance) plus any time the GPU
     sat idle waiting for the host; across a step boundary it is also the scheduler's work. Their
