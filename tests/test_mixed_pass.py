@@ -9,6 +9,7 @@ than the group buffer holds (the per-layer fallback).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from types import SimpleNamespace
@@ -32,7 +33,7 @@ def _ints(values) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.int32, device=DEVICE)
 
 
-def _run_pass(keep_group: tuple[int, int] | None, score_norm: str):
+def _run_pass(keep_group: tuple[int, int] | None, score_norm: str, streams=None):
     gen = torch.Generator().manual_seed(0)
     config = SparseSpecConfig(num_draft_steps=K, sparsity=0.2, min_selected=2, max_selected=16,
                               num_sink_tokens=2, score_norm=score_norm)
@@ -66,6 +67,9 @@ def _run_pass(keep_group: tuple[int, int] | None, score_norm: str):
     backend = object.__new__(SparseSpecAttnBackend)
     backend.state, backend._mixed, backend._num_sms = state, rows, 4
     backend.make_streams(DEVICE)
+    if streams is not None:  # a recorder of the streams' ordering (see StreamLog)
+        backend._streams = streams
+        backend._verify_stream, backend._topk_stream = streams.Stream("verify"), streams.Stream("topk")
     backend.token_to_kv_pool = SimpleNamespace(head_num=HKV, get_key_buffer=lambda i: k_buf[i],
                                                get_value_buffer=lambda i: v_buf[i])
     forward_batch = SimpleNamespace(req_pool_indices=_ints(row_pool), seq_lens=_ints(seq_lens))
@@ -75,6 +79,8 @@ def _run_pass(keep_group: tuple[int, int] | None, score_norm: str):
         layer = SimpleNamespace(layer_id=lid, tp_q_head_num=HQ, qk_head_dim=D, v_head_dim=D,
                                 scaling=1.0 / math.sqrt(D), logit_capping_method="tanh", logit_cap=0.0)
         inputs.append((q.view(t, HQ, D), k_buf[lid], v_buf[lid], layer.scaling))
+        if streams is not None:
+            streams.layer = lid
         outs.append(backend._forward_mixed(q, layer, forward_batch))
     pass_ = SimpleNamespace(rows=rows, forward_batch=forward_batch, inputs=inputs, num_draft=3)
     return torch.stack(outs), state, pass_
@@ -116,3 +122,82 @@ def test_verify_rows_come_from_the_verify_kernel_and_draft_rows_from_the_sparse_
         got = out[lid].view(-1, HQ, D)
         torch.testing.assert_close(got[d:], verify_out[d:], rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(got[:d], decode_out, rtol=1e-5, atol=1e-5)
+
+
+class _LoggedStream:
+    def __init__(self, log: "StreamLog", name: str):
+        self.log, self.name = log, name
+
+    def wait_stream(self, other: "_LoggedStream") -> None:
+        mine = self.log.clock[self.name]
+        for stream, count in self.log.clock[other.name].items():
+            mine[stream] = max(mine.get(stream, 0), count)
+
+
+class StreamLog:
+    """Stands in for ``torch.cuda``'s stream API and orders the pass's kernels with vector clocks:
+    ``happens_before(a, b)`` holds when the recorded waits make kernel ``a`` finish before ``b``
+    starts on a GPU, whatever the streams' relative speed."""
+
+    def __init__(self):
+        self.clock: dict[str, dict[str, int]] = {}
+        self.streams: dict[str, _LoggedStream] = {}
+        self.Stream("main")
+        self.current, self.layer, self.ops = "main", None, []
+
+    def Stream(self, name: str) -> _LoggedStream:  # noqa: N802 (torch's spelling)
+        self.clock[name] = {}
+        self.streams[name] = _LoggedStream(self, name)
+        return self.streams[name]
+
+    def current_stream(self) -> _LoggedStream:
+        return self.streams[self.current]
+
+    @contextlib.contextmanager
+    def stream(self, stream: _LoggedStream):
+        saved, self.current = self.current, stream.name
+        try:
+            yield
+        finally:
+            self.current = saved
+
+    def op(self, name: str) -> None:
+        clock = self.clock[self.current]
+        clock[self.current] = clock.get(self.current, 0) + 1
+        self.ops.append((name, self.layer, self.current, dict(clock)))
+
+    def find(self, name: str, layer) -> tuple:
+        return next(op for op in self.ops if op[0] == name and op[1] == layer)
+
+    @staticmethod
+    def happens_before(a: tuple, b: tuple) -> bool:
+        return a[3][a[2]] <= b[3].get(a[2], 0)
+
+
+def test_the_streams_of_a_pass_order_every_conflicting_kernel(monkeypatch):
+    """Layers 0, 1 form a top-K group, layer 2 is the last (its own group). The verify of a layer
+    runs beside its sparse decode (neither waits for the other), is finished before the next
+    layer's kernels on the forward's stream, the group's top-K is finished before the next
+    group's verify overwrites the score buffer, and every kernel is before the pass's end."""
+    import sparsespec_sglang.attention as attention
+
+    log = StreamLog()
+    for name in ("verify_attention_with_scores", "select_topk", "sparse_decode_attention"):
+        real = getattr(attention, name)
+        monkeypatch.setattr(attention, name,
+                            lambda *a, _real=real, _name=name, **k: (log.op(_name), _real(*a, **k))[1])
+    _run_pass((2, 4), "exact", streams=log)
+    log.layer = "end"
+    log.op("end")
+    verify = [log.find("verify_attention_with_scores", lid) for lid in range(LAYERS)]
+    decode = [log.find("sparse_decode_attention", lid) for lid in range(LAYERS)]
+    topk = [op for op in log.ops if op[0] == "select_topk"]
+    hb, end = StreamLog.happens_before, log.ops[-1]
+    assert [op[1] for op in topk] == [1, 2] and topk[0][2] == "topk" and topk[1][2] == "verify"
+    for lid in range(LAYERS):
+        assert verify[lid][2] == "verify" and decode[lid][2] == "main"
+        assert not hb(verify[lid], decode[lid]) and not hb(decode[lid], verify[lid])  # concurrent
+        if lid + 1 < LAYERS:
+            assert hb(verify[lid], decode[lid + 1]) and hb(verify[lid], verify[lid + 1])
+    assert hb(topk[0], verify[2])  # group 0's scores are read before layer 2 overwrites slot 0
+    assert all(hb(op, end) for op in log.ops[:-1])
