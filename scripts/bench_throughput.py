@@ -180,10 +180,10 @@ def main() -> int:
               "torch": torch.__version__, "shape": args.shape, "k": args.k,
               "max_total_tokens": args.max_total_tokens, "points": []}
     for name in names:
-        speculative = "speculative_algorithm" in configs[name]  # forced acceptance applies
-        for forced in (args.forced_accept if speculative else [None]):
+        algorithm = configs[name].get("speculative_algorithm")  # speculative runs take the sweep
+        for forced in (args.forced_accept if algorithm else [None]):
             profile_path = (Path(tempfile.mkdtemp()) / "cycles.json"
-                            if args.profile and name.startswith("sparsespec") else None)
+                            if args.profile and algorithm == "SPARSESPEC" else None)
             with _engine(name, model_dir, args, max(args.batch), forced, profile_path,
                          **configs[name]) as engine:
                 for i, (batch, input_len, output_len) in enumerate(shapes):

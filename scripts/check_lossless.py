@@ -89,16 +89,16 @@ def _run(model_dir: str, args: argparse.Namespace, prompts: list[list[int]], sam
     else:
         engine = _engine(model_dir, args, **kwargs)
     extra = {"return_logprob": True, "top_logprobs_num": 2} if top_logprobs else {}
-    extras = [extra if top_logprobs or not (logprob_every and i % logprob_every == logprob_every - 1)
-              else {"return_logprob": True} for i in range(len(prompts))]
+    asks = [not top_logprobs and logprob_every > 0 and i % logprob_every == logprob_every - 1
+            for i in range(len(prompts))]
+    extras = [{"return_logprob": True} if ask else extra for ask in asks]
     try:
         engine.generate(input_ids=prompts[:2], sampling_params={**sampling[0], "max_new_tokens": 8})
         start = time.perf_counter()
         if args.stagger_s > 0:
             outs = engine.loop.run_until_complete(_staggered(engine, prompts, sampling, extras, args.stagger_s))
-        elif logprob_every and not top_logprobs:
-            outs = engine.generate(input_ids=prompts, sampling_params=sampling,
-                                   return_logprob=[bool(e) for e in extras])
+        elif any(asks):
+            outs = engine.generate(input_ids=prompts, sampling_params=sampling, return_logprob=asks)
         else:
             outs = engine.generate(input_ids=prompts, sampling_params=sampling, **extra)
         elapsed = time.perf_counter() - start
