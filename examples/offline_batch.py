@@ -20,7 +20,7 @@ def main() -> None:
     args = ap.parse_args()
     model_path = args.model_path
     if model_path is None:
-        from sparsespec_sglang.model_dirs import make_model_dir
+        from sparsespec_sglang.testing.model_dirs import make_model_dir
 
         model_path = str(make_model_dir(Path(tempfile.mkdtemp()) / "small", "small"))
 

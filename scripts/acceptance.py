@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Acceptance study for SparseSpec (PillarAttn) with the PyTorch reference.
 
-Runs `sparsespec_sglang.reference.sparsespec_generate` over a set of prompts for every
+Runs `sparsespec_sglang.testing.reference.sparsespec_generate` over a set of prompts for every
 (k, sparsity) pair and writes one JSON file with, per config: mean drafts accepted per
 cycle, mean tokens per cycle (accepted + bonus), the acceptance histogram over 0..k,
 and tokens/cycle bucketed by position in the output.
@@ -154,13 +154,13 @@ def main(argv=None) -> int:
     import transformers
 
     import sparsespec_sglang
-    from sparsespec_sglang import reference as R
+    from sparsespec_sglang.testing import reference as R
 
     model_dir = Path(args.model_dir)
     if not model_dir.exists():
         if not args.make_tiny:
             raise SystemExit(f"--model-dir {model_dir} does not exist (pass --make-tiny to create a tiny model)")
-        from sparsespec_sglang.model_dirs import make_model_dir
+        from sparsespec_sglang.testing.model_dirs import make_model_dir
 
         make_model_dir(model_dir, "tiny", seed=args.seed)
 

@@ -145,7 +145,7 @@ def main() -> int:
     if bad_fa:
         ap.error(f"--forced-accept: each value must be in [1, k+1 = {args.k + 1}] (got {bad_fa})")
 
-    from sparsespec_sglang.model_dirs import make_model_dir
+    from sparsespec_sglang.testing.model_dirs import make_model_dir
 
     model_dir = str(make_model_dir(Path(tempfile.mkdtemp()) / args.shape, args.shape,
                                    with_weights=False, dtype="bfloat16"))

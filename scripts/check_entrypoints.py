@@ -91,7 +91,7 @@ def main() -> int:
     ap.add_argument("--extra", default="", help="extra server flags, space separated")
     args = ap.parse_args()
 
-    from sparsespec_sglang.model_dirs import make_model_dir
+    from sparsespec_sglang.testing.model_dirs import make_model_dir
 
     model_dir = str(make_model_dir(Path(tempfile.mkdtemp()) / "small", "small"))
     url = f"http://127.0.0.1:{args.port}"

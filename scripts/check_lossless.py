@@ -185,7 +185,7 @@ def main() -> int:
                     help="also run SPARSESPEC with sparsity 1.0 (drafts see every token)")
     args = ap.parse_args()
 
-    from sparsespec_sglang.model_dirs import make_model_dir
+    from sparsespec_sglang.testing.model_dirs import make_model_dir
 
     model_dir = str(make_model_dir(Path(tempfile.mkdtemp()) / args.shape, args.shape,
                                    with_weights=True, dtype=args.dtype))

@@ -93,7 +93,7 @@ def main() -> int:
     ap.add_argument("--alpha", type=float, default=1e-3, help="family-wise significance level")
     args = ap.parse_args()
 
-    from sparsespec_sglang.model_dirs import make_model_dir
+    from sparsespec_sglang.testing.model_dirs import make_model_dir
 
     model_dir = str(make_model_dir(Path(tempfile.mkdtemp()) / args.shape, args.shape,
                                    with_weights=True, dtype="bfloat16"))

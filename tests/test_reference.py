@@ -1,6 +1,6 @@
-"""CPU tests of the PyTorch SparseSpec reference (sparsespec_sglang/reference.py).
+"""CPU tests of the PyTorch SparseSpec reference (sparsespec_sglang/testing/reference.py).
 
-All on a tiny random Qwen3 built by sparsespec_sglang.model_dirs (float32).
+All on a tiny random Qwen3 built by sparsespec_sglang.testing.model_dirs (float32).
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from sparsespec_sglang import reference as R
-from sparsespec_sglang.model_dirs import make_model_dir
+from sparsespec_sglang.testing import reference as R
+from sparsespec_sglang.testing.model_dirs import make_model_dir
 
 MAX_NEW = 32
 
