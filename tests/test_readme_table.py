@@ -1,0 +1,52 @@
+"""The README's headline table and docs/results.md's non-default table match benchmarks/results/."""
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+
+import readme_table  # noqa: E402
+
+
+def test_published_tables_match_the_result_files():
+    assert readme_table.main(["--check"]) == 0, "run: python scripts/readme_table.py"
+
+
+def test_a_changed_result_file_makes_the_check_fail(tmp_path, monkeypatch):
+    results = tmp_path / "results"
+    shutil.copytree(readme_table.RESULTS, results, ignore=shutil.ignore_patterns("*.gz", "*.txt", "*.log"))
+    name = readme_table.DEFAULT[0].json
+    report = json.loads((results / name).read_text())
+    for p in report["points"]:
+        if p["run"] == "plain":
+            p["output_tok_per_s"] *= 1.1
+    (results / name).write_text(json.dumps(report))
+    monkeypatch.setattr(readme_table, "RESULTS", results)
+    assert readme_table.main(["--check"]) == 1
+
+
+def test_readme_table_refuses_a_non_default_configuration():
+    entry = readme_table.Entry("x", "bench_b128_4k_plain_vs_draftnorm_h100.json", "sparsespec-draftnorm")
+    with pytest.raises(ValueError, match="not the default configuration"):
+        readme_table.render_default([entry])
+
+
+def test_ratio_is_within_one_file_and_one_shape():
+    grid = readme_table.Entry("x", "bench_batches_b32_64_128_2k_h100.json", "sparsespec-draftnorm")
+    with pytest.raises(ValueError, match="3 points"):  # three batch sizes: the entry must pick one
+        readme_table.measure(grid)
+    m = readme_table.measure(readme_table.Entry("x", grid.json, grid.run, batch=64))
+    assert m["base_tok_s"] == pytest.approx(4612.0, abs=1) and m["ratio"] == pytest.approx(5203.5 / 4612.0, rel=1e-3)
+
+
+def test_replace_table_keeps_the_text_around_the_markers():
+    start, end = readme_table._markers("default")
+    text = f"intro\n{start}\nold\n{end}\noutro\n"
+    assert readme_table.replace_table(text, "default", "new") == f"intro\n{start}\nnew\n{end}\noutro\n"
+    with pytest.raises(ValueError, match="exactly one"):
+        readme_table.replace_table("no markers", "default", "new")
