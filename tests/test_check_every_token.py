@@ -1,0 +1,141 @@
+"""scripts/check_every_token.py's CPU parts: the per-position verdicts on synthetic records, and the
+record extraction from meta_info built by SGLang 0.5.17's own logprob post-processing."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+
+import check_every_token as cet  # noqa: E402
+
+THR = 0.25
+
+
+def _rec(token: int, top1: int, top2: int, gap: float) -> cet.PlainTop2:
+    return cet.PlainTop2(token=token, top1=top1, top1_logprob=-0.5, top2=top2, top2_logprob=-0.5 - gap)
+
+
+def test_wrong_token_after_a_near_tie_is_still_flagged():
+    """Position 1 is a legitimate near-tie (top-2, gap 0.1); position 3 is wrong: the check must
+    neither stop at the first non-top-1 token nor treat what follows it as out of sync."""
+    spec = [10, 21, 30, 99, 50]
+    recs = [_rec(10, 10, 11, 3.0), _rec(21, 20, 21, 0.1), _rec(30, 30, 31, 2.0), _rec(99, 40, 41, 5.0),
+            _rec(50, 50, 51, 1.0)]
+    res = cet.check_positions(spec, recs, THR)
+    assert (res["n_positions"], res["n_exact"], res["n_near_tie"], res["n_failing"]) == (5, 3, 1, 1)
+    assert [f["pos"] for f in res["near_ties"]] == [1]
+    (fail,) = res["failing"]
+    assert fail["pos"] == 3 and fail["token"] == 99 and fail["plain_top1"] == 40 and fail["plain_top2"] == 41
+    assert fail["reason"] == "not plain's top-2" and fail["gap"] == pytest.approx(5.0)
+
+
+def test_every_failure_is_listed():
+    spec = list(range(100, 140))
+    recs = [_rec(t, 1, 2, 9.0) for t in spec]  # every position wrong
+    res = cet.check_positions(spec, recs, THR)
+    assert res["n_failing"] == 40 and [f["pos"] for f in res["failing"]] == list(range(40))
+
+
+def test_top2_under_threshold_passes_as_near_tie_and_over_fails():
+    under = cet.check_positions([7], [_rec(7, 6, 7, THR - 0.01)], THR)
+    assert (under["n_exact"], under["n_near_tie"], under["n_failing"]) == (0, 1, 0)
+    over = cet.check_positions([7], [_rec(7, 6, 7, THR + 0.01)], THR)
+    assert (over["n_near_tie"], over["n_failing"]) == (0, 1)
+    assert over["failing"][0]["reason"] == "top-2 over the tie threshold"
+    at = cet.check_positions([7], [_rec(7, 6, 7, THR)], THR)  # "under": the threshold itself fails
+    assert at["n_failing"] == 1
+
+
+def test_misaligned_records_are_refused():
+    with pytest.raises(ValueError, match="teacher-forced token"):
+        cet.check_positions([1, 2], [_rec(1, 1, 0, 1.0), _rec(3, 3, 0, 1.0)], THR)
+    with pytest.raises(ValueError, match="records for"):
+        cet.check_positions([1, 2], [_rec(1, 1, 0, 1.0)], THR)
+
+
+def test_summary_and_verdict_line():
+    a = {**cet.check_positions([1, 2], [_rec(1, 1, 0, 1.0), _rec(2, 3, 2, 0.1)], THR), "truncated": False}
+    b = {**cet.check_positions([5], [_rec(5, 5, 0, 1.0)], THR), "truncated": True}
+    total = cet.summarize([a, b], THR)
+    assert (total["n_positions"], total["n_exact"], total["n_near_tie"], total["requests_failing"]) == (3, 2, 1, 1)
+    assert cet.summary_line(total, 0, None).startswith("every-token FAIL")
+    total_ok = cet.summarize([a], THR)
+    assert cet.summary_line(total_ok, 3, None).startswith("every-token PASS")
+    det = cet.exact_equality([[1, 2, 3], [4, 5]], [[1, 2, 3], [4, 6]])
+    assert det["mismatches"] == [{"request": 1, "first_mismatch": 1, "len_plain": 2, "len_spec": 2}]
+    assert cet.summary_line(total_ok, 0, det).startswith("every-token FAIL")
+
+
+def _sglang_meta_info(prompt: list[int], output: list[int], logprobs: torch.Tensor) -> dict:
+    """meta_info as SGLang 0.5.17 builds it for a prefill of prompt + output with
+    logprob_start_len = len(prompt) - 1 and top_logprobs_num = 2, from per-position logprobs
+    ``logprobs[p]`` (row p: the distribution at input position len(prompt) - 1 + p)."""
+    from sglang.srt.managers.scheduler_components.logprob_result_processor import (
+        SchedulerLogprobResultProcessor as Proc,
+    )
+    from sglang.srt.managers.tokenizer_manager import TokenizerManager as TM
+
+    ids = prompt + output
+    start = len(prompt) - 1
+    rows = len(ids) - start
+    # The logits processor's raw rows: position p scores input token p + 1 (the last row
+    # scores the sampled token; its input id is padded with 0).
+    nxt = ids[start + 1:] + [0]
+    raw_token = tuple(float(logprobs[p, nxt[p]]) for p in range(rows))
+    top = logprobs.topk(2, dim=-1)
+    proc = SimpleNamespace(_is_multi_item_scoring=lambda req: False,
+                           model_config=SimpleNamespace(vocab_size=logprobs.shape[1] + 10))
+    req = SimpleNamespace(origin_input_ids=ids, logprob_start_len=start,
+                          logprob=SimpleNamespace(top_logprobs_num=2, input_top_logprobs_val=None,
+                                                  input_top_logprobs_idx=None),
+                          temp_input_top_logprobs_val=[top.values.tolist()],
+                          temp_input_top_logprobs_idx=[top.indices.tolist()])
+    Proc._process_input_token_logprobs(proc, req, list(raw_token))
+    Proc._process_input_top_logprobs(proc, req)
+    tm = SimpleNamespace(detokenize_logprob_tokens=lambda v, i, d: TM.detokenize_logprob_tokens(None, v, i, d))
+    return {
+        "input_token_logprobs": TM.detokenize_logprob_tokens(
+            None, req.logprob.input_token_logprobs_val, req.logprob.input_token_logprobs_idx, False),
+        "input_top_logprobs": TM.detokenize_top_logprobs_tokens(
+            tm, req.logprob.input_top_logprobs_val, req.logprob.input_top_logprobs_idx, False),
+    }
+
+
+def test_records_from_sglang_meta_info_align_with_output_positions():
+    gen = torch.Generator().manual_seed(0)
+    vocab, prompt, output = 50, [3, 9, 4, 7], [11, 12, 13, 14, 15, 16]
+    logprobs = torch.log_softmax(torch.randn(len(output) + 1, vocab, generator=gen) * 3, dim=-1)
+    meta = _sglang_meta_info(prompt, output, logprobs)
+    recs = cet.records_from_meta_info(meta, len(output))
+    assert [r.token for r in recs] == output
+    for i, r in enumerate(recs):  # output token i is predicted at row i (the last prompt token is row 0)
+        top = logprobs[i].topk(2)
+        assert (r.top1, r.top2) == tuple(top.indices.tolist())
+        assert r.top1_logprob == pytest.approx(float(top.values[0]))
+        assert r.gap == pytest.approx(float(top.values[0] - top.values[1]))
+    with pytest.raises(ValueError, match="expected 6 input logprob rows"):
+        cet.records_from_meta_info(meta, len(output) - 1)
+    with pytest.raises(ValueError, match="lacks"):
+        cet.records_from_meta_info({"input_token_logprobs": []}, 0)
+
+
+def test_retraction_points_from_the_retraction_patch_log(monkeypatch, caplog):
+    from sparsespec_sglang.patches import retraction
+
+    monkeypatch.setattr(retraction, "keeps_retracted_kv", lambda server_args: True)
+    monkeypatch.setattr(retraction.offload, "activate", lambda: None)
+    with caplog.at_level(logging.INFO, logger=retraction.__name__):
+        for rid, kv in (("a1", 300), ("b2", 410), ("a1", 777)):
+            req = SimpleNamespace(rid=rid, effective_kv_committed_len=lambda kv=kv: kv)
+            retraction.release_req(lambda *a, **k: None, server_args=None, req=req)
+    assert cet.retraction_points(caplog.text) == {"a1": [300, 777], "b2": [410]}
+    log = "KV cache pool is full. Retract requests. #retracted_reqs: 3, #new_tokens_gained: 9\n" * 2
+    assert cet.retraction_summary(log) == {"retraction_events": 2, "retracted_reqs_logged": 6}
