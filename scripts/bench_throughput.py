@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
+from tqdm import tqdm
 
 RUNS = ("plain", "plain-hicache", "ngram", "sparsespec", "sparsespec-draftnorm", "sparsespec-draftnorm-hicache",
         "sparsespec-unified", "sparsespec-draftnorm-unified", "sparsespec-draftnorm-unified-nodelay")
@@ -136,6 +137,7 @@ def main() -> int:
                          "(running requests, KV usage, tok/s) and the SPARSESPEC cycle means")
     ap.add_argument("--cuda-graph-bs", type=int, default=None,
                     help="largest CUDA-graph batch (default: the largest --batch)")
+    ap.add_argument("--quiet", action="store_true", help="no progress bar")
     args = ap.parse_args()
     names = args.runs.split(",")
     bad = [n for n in names if n not in RUNS]
@@ -144,6 +146,8 @@ def main() -> int:
     bad_fa = [a for a in args.forced_accept if not 1 <= a <= args.k + 1]
     if bad_fa:
         ap.error(f"--forced-accept: each value must be in [1, k+1 = {args.k + 1}] (got {bad_fa})")
+    if not torch.cuda.is_available():
+        ap.exit(2, "bench_throughput.py: needs a CUDA GPU (torch.cuda.is_available() is False on this machine)\n")
 
     from sparsespec_sglang.testing.model_dirs import make_model_dir
 
@@ -179,6 +183,8 @@ def main() -> int:
     report = {"command": " ".join(sys.argv), "gpu": torch.cuda.get_device_name(),
               "torch": torch.__version__, "shape": args.shape, "k": args.k,
               "max_total_tokens": args.max_total_tokens, "points": []}
+    num_engines = sum(len(args.forced_accept) if configs[n].get("speculative_algorithm") else 1 for n in names)
+    progress = tqdm(total=num_engines * len(shapes), unit="point", desc="bench_throughput", disable=args.quiet)
     for name in names:
         algorithm = configs[name].get("speculative_algorithm")  # speculative runs take the sweep
         for forced in (args.forced_accept if algorithm else [None]):
@@ -192,10 +198,10 @@ def main() -> int:
                              "engine_kwargs": configs[name]}
                     point.update(_measure(engine, _prompts(batch, input_len, vocab, seed=i), output_len))
                     report["points"].append(point)
-                    print(name, json.dumps({k: point[k] for k in ("batch", "input_len", "output_len",
-                                            "forced_accept", "output_tok_per_s", "mean_accept_length",
-                                            "retractions")}),
-                          flush=True)
+                    progress.update()
+                    tqdm.write(name + " " + json.dumps({k: point[k] for k in (
+                        "batch", "input_len", "output_len", "forced_accept", "output_tok_per_s",
+                        "mean_accept_length", "retractions")}))
             if profile_path is not None and profile_path.exists():
                 # Per-cycle GPU times over the engine's points (the profiler syncs every cycle).
                 report.setdefault("cycle_profile", {})[f"{name}@{forced}"] = json.loads(profile_path.read_text())
@@ -204,6 +210,7 @@ def main() -> int:
                     if extra.exists():
                         shutil.copy(extra, Path(args.out).with_name(f"{Path(args.out).stem}.{name}{suffix}"))
             Path(args.out).write_text(json.dumps(report, indent=1))  # keep finished runs if a later one fails
+    progress.close()
     add_speedups(report["points"])
     for p in report["points"]:
         if "speedup_vs_plain" in p and p["run"] != "plain":

@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 import requests
+from tqdm import tqdm
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -89,6 +90,7 @@ def main() -> int:
     ap.add_argument("--out", required=True)
     ap.add_argument("--port", type=int, default=30000)
     ap.add_argument("--extra", default="", help="extra server flags, space separated")
+    ap.add_argument("--quiet", action="store_true", help="no progress bar")
     args = ap.parse_args()
 
     from sparsespec_sglang.testing.model_dirs import make_model_dir
@@ -101,21 +103,31 @@ def main() -> int:
         ["bash", str(ROOT / "examples/launch_server.sh"), model_dir, str(args.port),
          "--enable-metrics", "--mem-fraction-static", "0.4", *args.extra.split()],
         stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy())
+    progress = tqdm(total=4, unit="check", desc="check_entrypoints", disable=args.quiet)
     try:
+        progress.set_postfix_str("server starting")
         _wait_healthy(url, server, timeout=400)
+        progress.update()
+        progress.set_postfix_str("HTTP API")
         report["http"] = check_http(url)
+        progress.update()
+        progress.set_postfix_str("frontend program")
         fe = subprocess.run([sys.executable, str(ROOT / "examples/frontend_program.py"), "--url", url],
                             capture_output=True, text=True, timeout=300)
         report["frontend_program"] = {"returncode": fe.returncode, "stdout": fe.stdout[-2000:],
                                       "stderr": fe.stderr[-2000:]}
+        progress.update()
     finally:
         server.terminate()
         server.wait(timeout=60)
+    progress.set_postfix_str("offline Engine")
     ob = subprocess.run([sys.executable, str(ROOT / "examples/offline_batch.py"), "--model-path", model_dir,
                          "--num-prompts", "4", "--max-new-tokens", "64"],
                         capture_output=True, text=True, timeout=400)
     report["offline_batch"] = {"returncode": ob.returncode, "stdout": ob.stdout[-2000:],
                                "stderr": ob.stderr[-3000:]}
+    progress.update()
+    progress.close()
     Path(args.out).write_text(json.dumps(report, indent=1))
     ok = (report["frontend_program"]["returncode"] == 0 and ob.returncode == 0
           and len(report["http"]["metrics_sparsespec_lines"]) == 3)

@@ -24,6 +24,8 @@ from collections import Counter
 from pathlib import Path
 
 import torch
+from scipy.stats import chi2_contingency
+from tqdm import tqdm
 
 SETTINGS = {  # name -> sampling params (besides max_new_tokens)
     "t1.0": {"temperature": 1.0},
@@ -51,19 +53,14 @@ def homogeneity_pvalue(a: Counter, b: Counter, min_expected: float = 5.0) -> flo
         cells.append((rare_a, rare_b))
     if len(cells) < 2:
         return 1.0
-    stat = 0.0
-    for o_a, o_b in cells:
-        share = (o_a + o_b) / total
-        for observed, n in ((o_a, n_a), (o_b, n_b)):
-            expected = n * share
-            stat += (observed - expected) ** 2 / expected
-    df = len(cells) - 1
-    return float(torch.special.gammaincc(torch.tensor(df / 2, dtype=torch.float64),
-                                         torch.tensor(stat / 2, dtype=torch.float64)))
+    # Pearson's statistic on the 2 x categories table; no Yates correction (it would make
+    # the 2 x 2 case conservative and differ from the test on larger tables).
+    return float(chi2_contingency(list(zip(*cells)), correction=False).pvalue)
 
 
-def _samples(model_dir: str, args: argparse.Namespace, prompts: list[list[int]], **kwargs) -> dict:
-    """{setting: [prompt][position] -> Counter of token ids}."""
+def _samples(model_dir: str, args: argparse.Namespace, prompts: list[list[int]], progress: tqdm,
+             **kwargs) -> dict:
+    """{setting: [prompt][position] -> Counter of token ids}; one progress step per (setting, prompt)."""
     import sglang as sgl
 
     engine = sgl.Engine(model_path=model_dir, dtype="bfloat16", skip_tokenizer_init=True,
@@ -77,6 +74,7 @@ def _samples(model_dir: str, args: argparse.Namespace, prompts: list[list[int]],
             for prompt in prompts:
                 outs = engine.generate(input_ids=[prompt] * args.samples, sampling_params=sampling)
                 counts.append([Counter(o["output_ids"][t] for o in outs) for t in range(args.positions)])
+                progress.update()
             out[name] = counts
     finally:
         engine.shutdown()
@@ -91,7 +89,10 @@ def main() -> int:
     ap.add_argument("--samples", type=int, default=2000, help="samples per prompt and setting")
     ap.add_argument("--positions", type=int, default=4, help="output positions compared (the first is prefill's)")
     ap.add_argument("--alpha", type=float, default=1e-3, help="family-wise significance level")
+    ap.add_argument("--quiet", action="store_true", help="no progress bar")
     args = ap.parse_args()
+    if not torch.cuda.is_available():
+        ap.exit(2, "check_sampling.py: needs a CUDA GPU (torch.cuda.is_available() is False on this machine)\n")
 
     from sparsespec_sglang.testing.model_dirs import make_model_dir
 
@@ -101,14 +102,16 @@ def main() -> int:
     rng = random.Random(0)
     prompts = [[rng.randrange(3, vocab) for _ in range(rng.randint(32, 128))] for _ in range(args.num_prompts)]
 
-    base = _samples(model_dir, args, prompts, attention_backend="triton")
     runs = {"sparsespec-s0.05": dict(sparsespec_sparsity=0.05), "sparsespec-dense": dict(sparsespec_sparsity=1.0)}
+    progress = tqdm(total=(1 + len(runs)) * len(SETTINGS) * len(prompts), unit="batch",
+                    desc=f"check_sampling ({args.samples} samples each)", disable=args.quiet)
+    base = _samples(model_dir, args, prompts, progress, attention_backend="triton")
     report = {"command": " ".join(sys.argv), "gpu": torch.cuda.get_device_name(), "shape": args.shape,
               "samples": args.samples, "settings": SETTINGS, "runs": {}}
     pvalues = []
     for run, extra in runs.items():
-        spec = _samples(model_dir, args, prompts, speculative_algorithm="SPARSESPEC", speculative_num_steps=8,
-                        **extra)
+        spec = _samples(model_dir, args, prompts, progress, speculative_algorithm="SPARSESPEC",
+                        speculative_num_steps=8, **extra)
         rows = []
         for setting in SETTINGS:
             for i in range(len(prompts)):
@@ -118,7 +121,8 @@ def main() -> int:
                     rows.append({"setting": setting, "prompt": i, "position": t, "pvalue": p,
                                  "distinct_tokens": len(base[setting][i][t] | spec[setting][i][t])})
         report["runs"][run] = {"min_pvalue": min(r["pvalue"] for r in rows), "tests": rows}
-        print(run, "min p-value", report["runs"][run]["min_pvalue"], flush=True)
+        tqdm.write(f"{run} min p-value {report['runs'][run]['min_pvalue']:.3g}")
+    progress.close()
     threshold = args.alpha / len(pvalues)
     report["bonferroni_threshold"] = threshold
     # Power: the same test must tell plain decoding's two settings apart at the first

@@ -27,6 +27,16 @@ def test_bench_throughput_refuses_bad_runs_and_acceptance_before_starting_engine
         assert proc.returncode == 2 and needle in proc.stderr, proc.stderr
 
 
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the no-GPU path")
+@pytest.mark.parametrize("script", ["bench_throughput.py", "bench_kernels.py", "check_sampling.py"])
+def test_gpu_scripts_stop_with_one_line_without_a_gpu(script, tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / script), "--out", str(tmp_path / "x.json")],
+                          capture_output=True, text=True, timeout=300)
+    lines = [line for line in (proc.stdout + proc.stderr).splitlines() if line.strip()]
+    assert proc.returncode == 2 and lines == [f"{script}: needs a CUDA GPU (torch.cuda.is_available() is False "
+                                              "on this machine)"], proc.stderr
+
+
 def test_plots_and_table_from_a_grid_and_an_old_single_shape_file(tmp_path):
     points = [_point("plain", b, o, 1000.0 * b / 32) for b in (32, 64) for o in (1024, 2048)]
     points += [_point("sparsespec", b, o, 1000.0 * b / 32 * f / 4, forced=f)
