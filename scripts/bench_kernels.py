@@ -34,6 +34,7 @@ from typing import Callable
 
 import torch
 import triton
+from tqdm import tqdm
 
 from sparsespec_sglang.kernels.sparse_decode import pick_num_kv_splits, sparse_decode_attention
 from sparsespec_sglang.kernels.topk_select import select_topk
@@ -233,7 +234,7 @@ def _bench_case(batch: int, ctx: int, sparsity: float, page_size: int, kv, flush
             exact_with, [dict(score_pass_warps=w, score_pass_stages=st) for w in (4, 8) for st in (2, 3, 4)], flush)
         sweep["sparse_decode"] = _sweep(sparse_with, shapes, flush)
         for name, rows in sweep.items():
-            print(f"  sweep {name} B={batch} ctx={ctx}: best {rows[0] if rows else None}", flush=True)
+            tqdm.write(f"  sweep {name} B={batch} ctx={ctx}: best {rows[0] if rows else None}")
     plain_bytes = batch * ctx * kv_bytes_per_token
     scored_bytes = plain_bytes + batch * ctx * (HKV * HEAD_DIM * k_buffer.element_size() + HKV * 4)
     result["verify"] = {
@@ -277,8 +278,10 @@ def main() -> None:
                         help="also time the verify kernel over its launch shapes (splits, BLOCK_N, warps, stages)")
     parser.add_argument("--peak-tbps", type=float, default=None,
                         help="HBM peak for the bandwidth fraction (default: 4.8 on H200, else 3.35)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args()
-    assert torch.cuda.is_available(), "bench_kernels.py needs a CUDA GPU"
+    if not torch.cuda.is_available():
+        parser.exit(2, "bench_kernels.py: needs a CUDA GPU (torch.cuda.is_available() is False on this machine)\n")
 
     props = torch.cuda.get_device_properties(0)
     peak_tbps = args.peak_tbps or (4.8 if "H200" in props.name else 3.35)
@@ -300,25 +303,25 @@ def main() -> None:
 
     cases, skipped = [], []
     t0 = time.time()
-    for batch in batches:
-        for ctx in contexts:
-            if batch * math.ceil(ctx / args.page_size) * args.page_size > max_tokens:
-                skipped.append({"batch": batch, "context": ctx, "reason": "KV pool does not fit"})
-                continue
-            try:
-                res = _bench_case(batch, ctx, args.sparsity, args.page_size, (k_buffer, v_buffer), flush,
-                                  props.multi_processor_count, peak_tbps, gen, args.sweep_verify)
-            except torch.cuda.OutOfMemoryError:
-                torch.cuda.empty_cache()
-                skipped.append({"batch": batch, "context": ctx, "reason": "out of memory"})
-                continue
-            cases.append(res)
-            d, v, t = res["decode"], res["verify"], res["topk"]
-            print(f"B={batch:4d} ctx={ctx:6d} | decode sglang {d['sglang_full_ms']:.3f} ms sparse {d['sparse_ms']:.3f} ms "
-                  f"x{d['speedup']:.1f} (ideal x{d['ideal_speedup']:.1f}) | verify ext {v['sglang_extend_ms']:.3f} "
-                  f"plain {v['plain_ms']:.3f} +scores {v['with_scores_ms']:.3f} ms "
-                  f"(+{v['score_overhead_vs_plain_pct']:.0f}%) draft-normalised {v['with_draft_normalised_scores_ms']:.3f} ms "
-                  f"(+{v['draft_normalised_overhead_vs_plain_pct']:.0f}%) | topk {t['ms']:.3f} ms", flush=True)
+    grid = [(b, c) for b in batches for c in contexts]
+    for batch, ctx in tqdm(grid, unit="shape", desc="bench_kernels", disable=args.quiet):
+        if batch * math.ceil(ctx / args.page_size) * args.page_size > max_tokens:
+            skipped.append({"batch": batch, "context": ctx, "reason": "KV pool does not fit"})
+            continue
+        try:
+            res = _bench_case(batch, ctx, args.sparsity, args.page_size, (k_buffer, v_buffer), flush,
+                              props.multi_processor_count, peak_tbps, gen, args.sweep_verify)
+        except torch.cuda.OutOfMemoryError:
+            torch.cuda.empty_cache()
+            skipped.append({"batch": batch, "context": ctx, "reason": "out of memory"})
+            continue
+        cases.append(res)
+        d, v, t = res["decode"], res["verify"], res["topk"]
+        tqdm.write(f"B={batch:4d} ctx={ctx:6d} | decode sglang {d['sglang_full_ms']:.3f} ms sparse {d['sparse_ms']:.3f} ms "
+                   f"x{d['speedup']:.1f} (ideal x{d['ideal_speedup']:.1f}) | verify ext {v['sglang_extend_ms']:.3f} "
+                   f"plain {v['plain_ms']:.3f} +scores {v['with_scores_ms']:.3f} ms "
+                   f"(+{v['score_overhead_vs_plain_pct']:.0f}%) draft-normalised {v['with_draft_normalised_scores_ms']:.3f} ms "
+                   f"(+{v['draft_normalised_overhead_vs_plain_pct']:.0f}%) | topk {t['ms']:.3f} ms")
 
     report = {
         "command": " ".join([sys.executable, *sys.argv]),
