@@ -17,27 +17,12 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import requests
 from tqdm import tqdm
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def _wait_healthy(url: str, proc: subprocess.Popen, timeout: float) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}")
-        try:
-            if requests.get(f"{url}/health", timeout=2).status_code == 200:
-                return
-        except requests.RequestException:
-            pass
-        time.sleep(2)
-    raise TimeoutError("server did not become healthy")
 
 
 def _stream_text(resp: requests.Response, chat: bool) -> tuple[str, int]:
@@ -93,6 +78,8 @@ def main() -> int:
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
     args = ap.parse_args()
 
+    from sglang.utils import wait_for_http_ready
+
     from sparsespec_sglang.testing.model_dirs import make_model_dir
 
     model_dir = str(make_model_dir(Path(tempfile.mkdtemp()) / "small", "small"))
@@ -106,7 +93,7 @@ def main() -> int:
     progress = tqdm(total=4, unit="check", desc="check_entrypoints", disable=args.quiet)
     try:
         progress.set_postfix_str("server starting")
-        _wait_healthy(url, server, timeout=400)
+        wait_for_http_ready(f"{url}/health", timeout=400, process=server)
         progress.update()
         progress.set_postfix_str("HTTP API")
         report["http"] = check_http(url)
