@@ -29,6 +29,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_throughput import add_speedups  # noqa: E402
+from readme_table import CONFIGS  # noqa: E402
 
 
 def load_points(paths: list[Path]) -> list[dict]:
@@ -131,14 +132,15 @@ def _plot(lines: dict[tuple, list[tuple]], label, xlabel: str, ylabel: str, titl
 
 
 def table(points: list[dict]) -> str:
-    rows = ["| shape | run | batch | input | output | forced accept | output tok/s | vs plain | mean accepted | p50 latency (s) | source |",
-            "|---|---|---|---|---|---|---|---|---|---|---|"]
+    rows = ["| shape | run | configuration | batch | input | output | forced accept | output tok/s | vs plain "
+            "(same run) | mean accepted | p50 latency (s) | source |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     key = lambda p: (p["shape"], p["batch"], p["input_len"], p["output_len"], p["run"], p.get("forced_accept") or 0)  # noqa: E731
     for p in sorted(points, key=key):
         speed = f"{p['speedup_vs_plain']:.2f}x" if "speedup_vs_plain" in p else ""
         acc = f"{p['mean_accept_length']:.2f}" if p.get("mean_accept_length") is not None else ""
         forced = "" if p.get("forced_accept") is None else f"{p['forced_accept']:g}"
-        rows.append(f"| {p['shape']} | {p['run']} | {p['batch']} | {p['input_len']} | {p['output_len']} | {forced} | "
+        rows.append(f"| {p['shape']} | {p['run']} | {CONFIGS.get(p['run'], '')} | {p['batch']} | {p['input_len']} | {p['output_len']} | {forced} | "
                     f"{p['output_tok_per_s']:.0f} | {speed} | {acc} | {p.get('latency_p50_s', 0):.1f} | {p['source']} |")
     return "\n".join(rows) + "\n"
 

@@ -56,8 +56,9 @@ def test_plots_and_table_from_a_grid_and_an_old_single_shape_file(tmp_path):
     rows = (out / "table.md").read_text().splitlines()
     assert len(rows) == 2 + len(points) + 2
     # forced accept 9 = 8 drafts accepted: 9/4 of plain's throughput; the old file's 4560/3800.
-    assert any("| sparsespec | 64 | 512 | 2048 | 9 | 4500 | 2.25x |" in r for r in rows)
-    assert any("| sparsespec | 128 | 512 | 4096 | 7 | 4560 | 1.20x |" in r and "old.json" in r for r in rows)
+    assert any("| sparsespec | lockstep, exact scores | 64 | 512 | 2048 | 9 | 4500 | 2.25x |" in r for r in rows)
+    assert any("| sparsespec | lockstep, exact scores | 128 | 512 | 4096 | 7 | 4560 | 1.20x |" in r and "old.json" in r
+               for r in rows)
 
 
 def test_speedups_only_against_plain_of_the_same_run(tmp_path):
