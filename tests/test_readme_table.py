@@ -50,3 +50,14 @@ def test_replace_table_keeps_the_text_around_the_markers():
     assert readme_table.replace_table(text, "default", "new") == f"intro\n{start}\nnew\n{end}\noutro\n"
     with pytest.raises(ValueError, match="exactly one"):
         readme_table.replace_table("no markers", "default", "new")
+
+
+def test_readme_flag_table_lists_exactly_the_plugin_flags():
+    import re
+
+    from sparsespec_sglang.config import OPTIONS
+
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index("## Flags"):text.index("## Limitations")]
+    in_table = set(re.findall(r"^\| `(--sparsespec-[a-z-]+)`", section, flags=re.M))
+    assert in_table == {o.flag for o in OPTIONS}
