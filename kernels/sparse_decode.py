@@ -26,19 +26,16 @@ so any page size works (a slot id is ``page * page_size + offset``).
 
 from __future__ import annotations
 
-import math
-
 import torch
 import triton
 import triton.language as tl
 
+from .attention_common import merge_splits, pick_num_kv_splits, tanh
+
+__all__ = ["pick_num_kv_splits", "sparse_decode_attention", "sparse_decode_attention_ref"]
+
 # Token-block of the attended list processed per loop iteration; a split is a multiple of it.
 _BLOCK_N = 32
-
-
-@triton.jit
-def _tanh(x):
-    return 2 * tl.sigmoid(2 * x) - 1
 
 
 @triton.jit
@@ -152,7 +149,7 @@ def _sparse_decode_stage1(
             )
             qk = tl.dot(q, k) * sm_scale
             if LOGIT_CAP > 0:
-                qk = LOGIT_CAP * _tanh(qk / LOGIT_CAP)
+                qk = LOGIT_CAP * tanh(qk / LOGIT_CAP)
             # Only columns are masked: padded head rows have q = 0, so they stay finite.
             qk = tl.where(valid[None, :], qk, float("-inf"))
 
@@ -227,33 +224,11 @@ def _sparse_decode_reduce(
     offs_dv = tl.arange(0, BLOCK_DV)
     mask_dv = offs_dv < DV
 
-    e_max = -float("inf")
-    e_sum = 0.0
-    acc = tl.zeros([BLOCK_DV], dtype=tl.float32)
     lse_row = Att_Lse + b * stride_lb + hq * stride_lh
-    for s in range(0, num_kv_splits):
-        lse_s = tl.load(lse_row + s)
-        if lse_s > float("-inf"):
-            part = tl.load(
-                Att_Out + b * stride_ab + hq * stride_ah + s * stride_as + offs_dv,
-                mask=mask_dv,
-                other=0.0,
-            )
-            n_e_max = tl.maximum(e_max, lse_s)
-            old_scale = tl.exp(e_max - n_e_max)
-            w = tl.exp(lse_s - n_e_max)
-            acc = acc * old_scale + w * part
-            e_sum = e_sum * old_scale + w
-            e_max = n_e_max
-
-    safe_sum = tl.where(e_sum > 0, e_sum, 1.0)
-    tl.store(
-        O + b * stride_ob + hq * stride_oh + offs_dv,
-        (acc / safe_sum).to(O.dtype.element_ty),
-        mask=mask_dv,
-    )
+    out, lse = merge_splits(Att_Out + b * stride_ab + hq * stride_ah, lse_row, stride_as, num_kv_splits,
+                            offs_dv, mask_dv, BLOCK_DV)
+    tl.store(O + b * stride_ob + hq * stride_oh + offs_dv, out.to(O.dtype.element_ty), mask=mask_dv)
     # The merged lse lands in split slot 0 (all of this row's splits were read above).
-    lse = e_max + tl.log(e_sum)
     tl.store(lse_row, lse)
     if RING > 0:
         # Keyed by the query's position, so the verify finds it by position (no step counter).
@@ -263,18 +238,12 @@ def _sparse_decode_reduce(
         tl.store(Lse_Ring + ring_b * stride_rb + hq * stride_rh + pos % RING, lse)
 
 
-def pick_num_kv_splits(batch_size: int, num_kv_heads: int, num_sms: int, max_splits: int = 16,
-                       programs_per_sm: int = 2) -> int:
-    """A host-side split count that gives about ``programs_per_sm`` programs per SM (shape-only,
-    no sync)."""
-    return max(1, min(max_splits, math.ceil(programs_per_sm * num_sms / max(1, batch_size * num_kv_heads))))
-
-
 def sparse_decode_attention(
     q: torch.Tensor,
     k_buffer: torch.Tensor,
     v_buffer: torch.Tensor,
     out: torch.Tensor,
+    *,
     req_to_token: torch.Tensor,
     req_pool_indices: torch.Tensor,
     seq_lens: torch.Tensor,
@@ -429,6 +398,7 @@ def sparse_decode_attention(
 
 
 def attended_slots_ref(
+    *,
     req_to_token: torch.Tensor,
     req_pool_index: int,
     seq_len: int,
@@ -447,6 +417,7 @@ def sparse_decode_attention_ref(
     k_buffer: torch.Tensor,
     v_buffer: torch.Tensor,
     out: torch.Tensor,
+    *,
     req_to_token: torch.Tensor,
     req_pool_indices: torch.Tensor,
     seq_lens: torch.Tensor,
@@ -466,8 +437,9 @@ def sparse_decode_attention_ref(
         n_sel = int(sel_lens[b])
         for h in range(num_kv_heads):
             slots = attended_slots_ref(
-                req_to_token, int(req_pool_indices[b]), int(seq_lens[b]), int(dense_start[b]),
-                sel_indices[b, h, :n_sel], num_sink,
+                req_to_token=req_to_token, req_pool_index=int(req_pool_indices[b]),
+                seq_len=int(seq_lens[b]), dense_start=int(dense_start[b]),
+                sel_slots=sel_indices[b, h, :n_sel], num_sink=num_sink,
             )
             heads = slice(h * group, (h + 1) * group)
             if slots.numel() == 0:

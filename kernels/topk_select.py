@@ -31,6 +31,8 @@ import torch
 import triton
 import triton.language as tl
 
+from sparsespec_sglang.selection import SelectionPolicy, num_selected_device
+
 _BLOCK = 1024
 # 8-bit counters in the packed int64 words overflow after 255 increments per lane.
 _FLUSH_BLOCKS = 255
@@ -87,7 +89,7 @@ def _select_topk_kernel(
     Out_Indices,
     Out_Lens,
     num_sink,
-    sparsity,
+    sparsity_ppm,
     min_sel,
     max_sel,
     stride_sl,
@@ -112,10 +114,7 @@ def _select_topk_kernel(
     seq_len = tl.load(Seq_Lens + b)
     cand_end = tl.load(Cand_End + b)
     n_cand = tl.maximum(cand_end - num_sink, 0)
-    want = seq_len.to(tl.float32) * sparsity
-    k = want.to(tl.int32)
-    k += (k.to(tl.float32) < want).to(tl.int32)  # ceil for non-negative values
-    k = tl.minimum(tl.minimum(tl.maximum(k, min_sel), max_sel), n_cand)
+    k = num_selected_device(seq_len, cand_end, sparsity_ppm, min_sel, max_sel, num_sink)
     if (h == 0) & (layer == 0):
         tl.store(Out_Lens + out_b, k)
 
@@ -160,47 +159,41 @@ def _select_topk_kernel(
 
 def select_topk(
     scores: torch.Tensor,
+    policy: SelectionPolicy,
+    *,
     req_to_token: torch.Tensor,
     req_pool_indices: torch.Tensor,
     seq_lens: torch.Tensor,
     cand_end: torch.Tensor,
-    num_sink: int,
-    sparsity: float,
-    min_sel: int,
-    max_sel: int,
     out_indices: torch.Tensor,
     out_lens: torch.Tensor,
-    workspace: torch.Tensor | None = None,
     out_by_row: bool = False,
 ) -> None:
-    """Slot ids of the K_b best candidate positions [num_sink, cand_end[b]) per (b, KV head).
+    """Slot ids of the K_b best candidate positions [policy.num_sink, cand_end[b]) per (b, KV head).
 
-    K_b = min(clamp(ceil(sparsity * seq_lens[b]), min_sel, max_sel), max(cand_end[b] - num_sink, 0)),
-    with ceil computed in fp32. Shapes: scores [B, Hkv, >= max cand_end] fp32; req_to_token
-    [max_reqs, max_ctx] int32; req_pool_indices, seq_lens, cand_end [B] int32; out_indices
-    [B, Hkv, max_sel] int32 (entries [b, h, :K_b] written, sorted by position, rest untouched);
-    out_lens [B] int32. With ``out_by_row`` they are whole-pool tables ([rows, Hkv, max_sel] and
-    [rows]) written at row ``req_pool_indices[b]``, so no scatter from batch order is needed.
-    ``workspace`` is accepted for interface stability and unused: the select keeps all of its
-    state in registers.
+    K_b = ``policy.num_selected(seq_lens[b], cand_end[b])`` (``sparsespec_sglang.selection``,
+    integer arithmetic shared with the host). Shapes: scores [B, Hkv, >= max cand_end] fp32;
+    req_to_token [max_reqs, max_ctx] int32; req_pool_indices, seq_lens, cand_end [B] int32;
+    out_indices [B, Hkv, >= policy.max_selected] int32 (entries [b, h, :K_b] written, sorted by
+    position, rest untouched); out_lens [B] int32. With ``out_by_row`` they are whole-pool
+    tables ([rows, Hkv, max_sel] and [rows]) written at row ``req_pool_indices[b]``, so no
+    scatter from batch order is needed.
 
     Several layers in one launch: scores [L, B, Hkv, ctx] and out_indices [L, ..., Hkv, max_sel]
     (the same K_b for every layer, so out_lens is written once). One launch per layer is
     latency-bound when B is small (a unified pass verifies ~B / (k + 1) requests); one launch
     over a group of layers fills the GPU.
     """
-    del workspace
     if scores.dim() == 3:
         scores = scores.unsqueeze(0)
     if out_indices.dim() == 3:
         out_indices = out_indices.unsqueeze(0)
     num_layers, batch, num_kv_heads = scores.shape[:3]
     assert out_indices.dim() == 4 and out_indices.shape[0] == num_layers
-    assert out_indices.shape[2] == num_kv_heads and out_indices.shape[3] >= max_sel
+    assert out_indices.shape[2] == num_kv_heads and out_indices.shape[3] >= policy.max_selected
     assert out_by_row or (out_indices.shape[1] == batch and out_lens.shape[0] >= batch)
     assert scores.dtype == torch.float32 and scores.stride(3) == 1
     assert req_to_token.stride(1) == 1 and out_indices.stride(3) == 1
-    assert 0 <= min_sel <= max_sel
     if batch == 0 or num_layers == 0:
         return
     _select_topk_kernel[(batch, num_kv_heads, num_layers)](
@@ -211,10 +204,10 @@ def select_topk(
         cand_end,
         out_indices,
         out_lens,
-        num_sink,
-        float(sparsity),
-        min_sel,
-        max_sel,
+        policy.num_sink,
+        policy.sparsity_ppm,
+        policy.min_selected,
+        policy.max_selected,
         scores.stride(0),
         scores.stride(1),
         scores.stride(2),
@@ -231,22 +224,20 @@ def select_topk(
 
 def select_topk_ref(
     scores: torch.Tensor,
+    policy: SelectionPolicy,
+    *,
     req_to_token: torch.Tensor,
     req_pool_indices: torch.Tensor,
     seq_lens: torch.Tensor,
     cand_end: torch.Tensor,
-    num_sink: int,
-    sparsity: float,
-    min_sel: int,
-    max_sel: int,
     out_indices: torch.Tensor,
     out_lens: torch.Tensor,
 ) -> None:
     """PyTorch reference with the kernel's contract (ties -> lower position, output by position)."""
-    want = torch.ceil(seq_lens.float() * torch.tensor(sparsity, dtype=torch.float32)).long()
+    num_sink = policy.num_sink
     for b in range(scores.shape[0]):
-        n_cand = max(int(cand_end[b]) - num_sink, 0)
-        k = min(max(int(want[b]), min_sel), max_sel, n_cand)
+        n_cand = policy.num_candidates(int(cand_end[b]))
+        k = policy.num_selected(int(seq_lens[b]), int(cand_end[b]))
         out_lens[b] = k
         row = req_to_token[int(req_pool_indices[b])]
         for h in range(scores.shape[1]):

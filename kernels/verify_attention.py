@@ -53,20 +53,14 @@ steers which tokens later drafts attend to, never the verified output.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
 
-from .sparse_decode import pick_num_kv_splits
+from .attention_common import merge_splits, pick_num_kv_splits, sm_count, tanh
+from sparsespec_sglang.selection import AGGREGATIONS
 
 _BLOCK_N = 64
-
-
-@triton.jit
-def _tanh(x):
-    return 2 * tl.sigmoid(2 * x) - 1
 
 
 @triton.jit
@@ -179,7 +173,7 @@ def _verify_fwd(
             )
             qk = tl.dot(q, k) * sm_scale
             if LOGIT_CAP > 0:
-                qk = LOGIT_CAP * _tanh(qk / LOGIT_CAP)
+                qk = LOGIT_CAP * tanh(qk / LOGIT_CAP)
             qk = tl.where(pos_ok[None, :] & (pos[None, :] <= last_pos[:, None]), qk, float("-inf"))
             v = tl.load(
                 V_Buffer + slot[:, None] * stride_vbs + h * stride_vh + offs_dv[None, :],
@@ -253,29 +247,10 @@ def _verify_reduce(
         return
     offs_dv = tl.arange(0, BLOCK_DV)
     mask_dv = offs_dv < DV
-    e_max = -float("inf")
-    e_sum = 0.0
-    acc = tl.zeros([BLOCK_DV], dtype=tl.float32)
-    for s in range(0, num_kv_splits):
-        lse_s = tl.load(Part_Lse + t * stride_plt + hq * stride_plh + s)
-        if lse_s > float("-inf"):
-            part = tl.load(
-                Part_Out + t * stride_pt + hq * stride_ph + s * stride_ps + offs_dv,
-                mask=mask_dv,
-                other=0.0,
-            )
-            n_e_max = tl.maximum(e_max, lse_s)
-            old_scale = tl.exp(e_max - n_e_max)
-            w = tl.exp(lse_s - n_e_max)
-            acc = acc * old_scale + w * part
-            e_sum = e_sum * old_scale + w
-            e_max = n_e_max
-    tl.store(
-        Out + t * stride_ot + hq * stride_oh + offs_dv,
-        (acc / tl.where(e_sum > 0, e_sum, 1.0)).to(Out.dtype.element_ty),
-        mask=mask_dv,
-    )
-    tl.store(Lse + t * stride_lt + hq * stride_lh, e_max + tl.log(e_sum))
+    out, lse = merge_splits(Part_Out + t * stride_pt + hq * stride_ph, Part_Lse + t * stride_plt + hq * stride_plh,
+                            stride_ps, num_kv_splits, offs_dv, mask_dv, BLOCK_DV)
+    tl.store(Out + t * stride_ot + hq * stride_oh + offs_dv, out.to(Out.dtype.element_ty), mask=mask_dv)
+    tl.store(Lse + t * stride_lt + hq * stride_lh, lse)
 
 
 @triton.jit
@@ -351,7 +326,7 @@ def _verify_scores(
             )
             qk = tl.dot(q, k) * sm_scale
             if LOGIT_CAP > 0:
-                qk = LOGIT_CAP * _tanh(qk / LOGIT_CAP)
+                qk = LOGIT_CAP * tanh(qk / LOGIT_CAP)
             seen = row_ok[:, None] & pos_ok[None, :] & (pos[None, :] <= last_pos[:, None])
             prob = tl.where(seen, tl.exp(qk - lse[:, None]), 0.0)
             if AGG_MAX:
@@ -365,13 +340,6 @@ def _verify_scores(
                 else:
                     agg = agg + prev
             tl.store(score_row + pos, agg, mask=pos_ok)
-
-
-@functools.lru_cache(maxsize=None)
-def _num_sms(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 1
 
 
 def _blocks(num_tokens: int, batch: int, group: int, dv: int) -> tuple[int, int]:
@@ -388,6 +356,7 @@ def verify_attention(
     k_buffer: torch.Tensor,
     v_buffer: torch.Tensor,
     out: torch.Tensor,
+    *,
     req_to_token: torch.Tensor,
     req_pool_indices: torch.Tensor,
     prefix_lens: torch.Tensor,
@@ -396,7 +365,6 @@ def verify_attention(
     sm_scale: float,
     logit_cap: float = 0.0,
     num_kv_splits: int | None = None,
-    *,
     scores: torch.Tensor | None = None,
     score_lse: torch.Tensor | None = None,
     aggregation: str = "sum",
@@ -423,7 +391,7 @@ def verify_attention(
     assert req_to_token.stride(1) == 1 and out.stride(-1) == 1
     group = num_q_heads // num_kv_heads
     if num_kv_splits is None:
-        num_kv_splits = pick_num_kv_splits(batch, num_kv_heads, _num_sms(q.device))
+        num_kv_splits = pick_num_kv_splits(batch, num_kv_heads, sm_count(q.device))
     block_m, default_warps = _blocks(batch * max_ext if max_ext else num_tokens, batch, group, dv)
     block_dv = triton.next_power_of_2(dv)
     lse = torch.empty((num_tokens, num_q_heads), dtype=torch.float32, device=q.device)
@@ -474,6 +442,7 @@ def verify_attention_with_scores(
     k_buffer: torch.Tensor,
     v_buffer: torch.Tensor,
     out: torch.Tensor,
+    *,
     req_to_token: torch.Tensor,
     req_pool_indices: torch.Tensor,
     prefix_lens: torch.Tensor,
@@ -513,8 +482,8 @@ def verify_attention_with_scores(
       KV read: the scores come out of pass 1's QK^T tiles. With ``score_lse_rows [B]`` (int)
       the ring is read at row ``score_lse_rows[b]`` instead of ``b`` (keyed by pool row).
     """
-    if aggregation not in ("sum", "max"):
-        raise ValueError(f"aggregation must be 'sum' or 'max', got {aggregation!r}")
+    if aggregation not in AGGREGATIONS:
+        raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {aggregation!r}")
     num_tokens, num_q_heads, head_dim = q.shape
     batch = prefix_lens.shape[0]
     num_kv_heads = k_buffer.shape[1]
@@ -523,20 +492,22 @@ def verify_attention_with_scores(
     if batch == 0 or num_tokens == 0:
         return
     if num_kv_splits is None:
-        num_kv_splits = pick_num_kv_splits(batch, num_kv_heads, _num_sms(q.device))
-    lse = verify_attention(q, k_buffer, v_buffer, out, req_to_token, req_pool_indices, prefix_lens,
-                           extend_lens, qo_indptr, sm_scale, logit_cap, num_kv_splits,
-                           scores=scores, score_lse=score_lse, aggregation=aggregation,
-                           max_ext=max_ext, score_lse_rows=score_lse_rows, **launch)
+        num_kv_splits = pick_num_kv_splits(batch, num_kv_heads, sm_count(q.device))
+    layout = dict(req_to_token=req_to_token, req_pool_indices=req_pool_indices, prefix_lens=prefix_lens,
+                  extend_lens=extend_lens, qo_indptr=qo_indptr)
+    lse = verify_attention(q, k_buffer, v_buffer, out, **layout, sm_scale=sm_scale, logit_cap=logit_cap,
+                           num_kv_splits=num_kv_splits, scores=scores, score_lse=score_lse,
+                           aggregation=aggregation, max_ext=max_ext, score_lse_rows=score_lse_rows, **launch)
     if score_lse is None:
-        verify_scores(q, k_buffer, req_to_token, req_pool_indices, prefix_lens, extend_lens, qo_indptr,
-                      lse, scores, sm_scale, aggregation, logit_cap, num_kv_splits,
+        verify_scores(q, k_buffer, **layout, lse=lse, scores=scores, sm_scale=sm_scale,
+                      aggregation=aggregation, logit_cap=logit_cap, num_kv_splits=num_kv_splits,
                       num_warps=score_pass_warps, num_stages=score_pass_stages, max_ext=max_ext)
 
 
 def verify_scores(
     q: torch.Tensor,
     k_buffer: torch.Tensor,
+    *,
     req_to_token: torch.Tensor,
     req_pool_indices: torch.Tensor,
     prefix_lens: torch.Tensor,
@@ -560,7 +531,7 @@ def verify_scores(
     if batch == 0 or num_tokens == 0:
         return
     if num_kv_splits is None:
-        num_kv_splits = pick_num_kv_splits(batch, num_kv_heads, _num_sms(q.device))
+        num_kv_splits = pick_num_kv_splits(batch, num_kv_heads, sm_count(q.device))
     group = num_q_heads // num_kv_heads
     block_m, _ = _blocks(batch * max_ext if max_ext else num_tokens, batch, group, head_dim)
     _verify_scores[(batch, num_kv_heads, num_kv_splits)](
@@ -579,6 +550,7 @@ def verify_attention_with_scores_ref(
     k_buffer: torch.Tensor,
     v_buffer: torch.Tensor,
     out: torch.Tensor,
+    *,
     req_to_token: torch.Tensor,
     req_pool_indices: torch.Tensor,
     prefix_lens: torch.Tensor,

@@ -57,8 +57,9 @@ def test_matches_causal_verify_attention_and_its_lse():
     ref = torch.empty_like(q)
     scores = torch.zeros(2, HKV, 96)
     qo = torch.arange(0, 3, dtype=torch.int32) * width
-    verify_attention_with_scores_ref(q, k, v, ref, req_to_token, rows, seq_lens.int(),
-                                     torch.full((2,), width, dtype=torch.int32), qo, scores, D ** -0.5)
+    verify_attention_with_scores_ref(q, k, v, ref, req_to_token=req_to_token, req_pool_indices=rows,
+                                     prefix_lens=seq_lens.int(), extend_lens=torch.full((2,), width, dtype=torch.int32),
+                                     qo_indptr=qo, scores=scores, sm_scale=D ** -0.5)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
     # The lse is each row's log-sum-exp over its causal context (what the exact scores need).
     for b in range(2):

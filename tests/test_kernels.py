@@ -34,6 +34,7 @@ from sparsespec_sglang.kernels.verify_attention import (  # noqa: E402
     verify_attention_with_scores,
     verify_attention_with_scores_ref,
 )
+from sparsespec_sglang.selection import SelectionPolicy, sparsity_ppm  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -154,14 +155,15 @@ def _run_decode(pool, q, seq_lens, dense_start, sel, sel_lens, num_sink, splits,
     logits = torch.full((batch + extra_rows, hq, splits + extra_splits, dv), 5.0, device=DEVICE)
     lse_ws = torch.full((batch + extra_rows, hq, splits + extra_splits), 5.0, device=DEVICE)
     sm_scale = 1.0 / math.sqrt(q.shape[-1])
-    args = (pool.req_to_token, pool.req_pool_indices, _ints(seq_lens), _ints(dense_start), sel, sel_lens,
-            num_sink, sm_scale, logit_cap)
-    kernel_args = (*args[:4], _by_row(pool, sel) if sel_by_row else sel, *args[5:])
+    args = dict(req_to_token=pool.req_to_token, req_pool_indices=pool.req_pool_indices, seq_lens=_ints(seq_lens),
+                dense_start=_ints(dense_start), sel_indices=sel, sel_lens=sel_lens, num_sink=num_sink,
+                sm_scale=sm_scale, logit_cap=logit_cap)
+    kernel_args = {**args, "sel_indices": _by_row(pool, sel) if sel_by_row else sel}
     ring = torch.full((batch + extra_rows, hq, 5), -3.0, device=DEVICE)
-    lse = sparse_decode_attention(q, pool.k, pool.v, out_big[:batch], *kernel_args, num_kv_splits=splits,
+    lse = sparse_decode_attention(q, pool.k, pool.v, out_big[:batch], **kernel_args, num_kv_splits=splits,
                                   workspace=(logits, lse_ws), lse_ring=ring, sel_by_row=sel_by_row)
     ref_out = torch.empty(batch, hq, dv, dtype=q.dtype, device=DEVICE)
-    ref_lse = sparse_decode_attention_ref(q, pool.k, pool.v, ref_out, *args)
+    ref_lse = sparse_decode_attention_ref(q, pool.k, pool.v, ref_out, **args)
     assert lse.shape == (batch, hq)
     # The lse ring holds each row's lse at (seq_len - 1) % 5 and nothing else.
     expect = torch.full_like(ring, -3.0)
@@ -269,6 +271,12 @@ def _verify_case(prefix_lens, extend_lens, group, num_kv_heads=2, head_dim=64, p
     return pool, q, _ints(qo)
 
 
+def _verify_layout(pool, prefix_lens, extend_lens, qo, rows=None) -> dict:
+    return dict(req_to_token=pool.req_to_token,
+                req_pool_indices=pool.req_pool_indices if rows is None else rows,
+                prefix_lens=_ints(prefix_lens), extend_lens=_ints(extend_lens), qo_indptr=qo)
+
+
 def _run_verify(pool, q, prefix_lens, extend_lens, qo, aggregation, splits, logit_cap=0.0, extra_rows=2,
                 score_lse=None):
     """Kernel vs reference; out and scores start as sentinels so untouched entries can be checked."""
@@ -278,13 +286,14 @@ def _run_verify(pool, q, prefix_lens, extend_lens, qo, aggregation, splits, logi
     out_big = torch.full((tokens + extra_rows, hq, pool.v.shape[-1]), 7.0, dtype=q.dtype, device=DEVICE)
     scores = torch.full((batch, num_kv_heads, ctx), -1.0, device=DEVICE)
     sm_scale = 1.0 / math.sqrt(q.shape[-1])
-    args = (pool.req_to_token, pool.req_pool_indices, _ints(prefix_lens), _ints(extend_lens), qo)
-    verify_attention_with_scores(q, pool.k, pool.v, out_big[:tokens], *args, scores, sm_scale, aggregation,
-                                 logit_cap, num_kv_splits=splits, score_lse=score_lse)
+    args = _verify_layout(pool, prefix_lens, extend_lens, qo)
+    verify_attention_with_scores(q, pool.k, pool.v, out_big[:tokens], **args, scores=scores, sm_scale=sm_scale,
+                                 aggregation=aggregation, logit_cap=logit_cap, num_kv_splits=splits,
+                                 score_lse=score_lse)
     ref_out = torch.empty_like(out_big[:tokens])
     ref_scores = torch.full_like(scores, -1.0)
-    verify_attention_with_scores_ref(q, pool.k, pool.v, ref_out, *args, ref_scores, sm_scale, aggregation,
-                                     logit_cap, score_lse=score_lse)
+    verify_attention_with_scores_ref(q, pool.k, pool.v, ref_out, **args, scores=ref_scores, sm_scale=sm_scale,
+                                     aggregation=aggregation, logit_cap=logit_cap, score_lse=score_lse)
     assert torch.all(out_big[tokens:] == 7.0), "rows past the verify tokens were written"
     for b, (p, e) in enumerate(zip(prefix_lens, extend_lens)):
         assert torch.all(scores[b, :, p + e:] == -1.0), "scores past the request length were written"
@@ -343,9 +352,9 @@ def test_verify_in_a_unified_pass_leaves_draft_rows_alone(splits):
                                                    device=DEVICE)])
     scores = torch.full((3 + padded, pool.k.shape[1], pool.req_to_token.shape[1]), -1.0, device=DEVICE)
     verify_attention_with_scores(
-        q_mixed, pool.k, pool.v, out, pool.req_to_token, rows, _ints(prefix_lens + [0] * padded),
-        _ints(extend_lens + [0] * padded), qo_mixed, scores, 1.0 / math.sqrt(d), "sum",
-        num_kv_splits=splits)
+        q_mixed, pool.k, pool.v, out,
+        **_verify_layout(pool, prefix_lens + [0] * padded, extend_lens + [0] * padded, qo_mixed, rows=rows),
+        scores=scores, sm_scale=1.0 / math.sqrt(d), aggregation="sum", num_kv_splits=splits)
     assert torch.all(out[:drafts] == 7.0) and torch.all(out[drafts + len(q):] == 7.0)
     torch.testing.assert_close(out[drafts:drafts + len(q)], ref_out, **_tol(torch.float32))
     torch.testing.assert_close(scores[:3], ref_scores, **_score_tol(torch.float32))
@@ -361,13 +370,13 @@ def test_lse_ring_keyed_by_pool_row(splits):
     pool, q, sel, sel_lens = _decode_case(seq_lens, dense_start, sel_counts, 4, 4, seed=3)
     hq, ring_w = q.shape[1], 5
     out = torch.empty(3, hq, pool.v.shape[-1], device=DEVICE)
-    args = (q, pool.k, pool.v, out, pool.req_to_token, pool.req_pool_indices, _ints(seq_lens),
-            _ints(dense_start), sel, sel_lens, 4, 0.125)
+    args = dict(req_to_token=pool.req_to_token, req_pool_indices=pool.req_pool_indices, seq_lens=_ints(seq_lens),
+                dense_start=_ints(dense_start), sel_indices=sel, sel_lens=sel_lens, num_sink=4, sm_scale=0.125)
     by_batch = torch.full((3, hq, ring_w), -3.0, device=DEVICE)
-    sparse_decode_attention(*args, num_kv_splits=splits, lse_ring=by_batch)
+    sparse_decode_attention(q, pool.k, pool.v, out, **args, num_kv_splits=splits, lse_ring=by_batch)
     rows = _ints([6, 1, 4])
     by_row = torch.full((8, hq, ring_w), -3.0, device=DEVICE)
-    sparse_decode_attention(*args, num_kv_splits=splits, lse_ring=by_row, ring_rows=rows)
+    sparse_decode_attention(q, pool.k, pool.v, out, **args, num_kv_splits=splits, lse_ring=by_row, ring_rows=rows)
     assert torch.equal(by_row[rows.long()], by_batch)
     untouched = [r for r in range(8) if r not in (6, 1, 4)]
     assert torch.all(by_row[untouched] == -3.0)
@@ -381,8 +390,8 @@ def test_lse_ring_keyed_by_pool_row(splits):
     scores = torch.full_like(expect, -1.0)
     verify_attention_with_scores(
         vq, vpool.k, vpool.v, torch.empty(vq.shape[0], vq.shape[1], vpool.v.shape[-1], device=DEVICE),
-        vpool.req_to_token, vpool.req_pool_indices, _ints(prefix_lens), _ints(extend_lens), qo, scores,
-        1.0 / math.sqrt(vq.shape[-1]), "sum", num_kv_splits=2, score_lse=ring, score_lse_rows=rows)
+        **_verify_layout(vpool, prefix_lens, extend_lens, qo), scores=scores, sm_scale=1.0 / math.sqrt(vq.shape[-1]),
+        aggregation="sum", num_kv_splits=2, score_lse=ring, score_lse_rows=rows)
     torch.testing.assert_close(scores, expect)
 
 
@@ -394,13 +403,13 @@ def test_sparse_decode_leaves_the_skipped_rows_alone(splits):
     seq_lens, dense_start, sel_counts = [300, 41, 170, 90, 120], [280, 33, 150, 80, 100], [20, 3, 11, 5, 9]
     pool, q, sel, sel_lens = _decode_case(seq_lens, dense_start, sel_counts, 4, 4, seed=5)
     hq, ring_w = q.shape[1], 5
-    args = (q, pool.k, pool.v, None, pool.req_to_token, pool.req_pool_indices, _ints(seq_lens),
-            _ints(dense_start), sel, sel_lens, 4, 0.125)
+    args = dict(req_to_token=pool.req_to_token, req_pool_indices=pool.req_pool_indices, seq_lens=_ints(seq_lens),
+                dense_start=_ints(dense_start), sel_indices=sel, sel_lens=sel_lens, num_sink=4, sm_scale=0.125)
     outs, rings = [], []
     for skip in (None, (_ints([1, 2, 3, 5]), 2)):  # rows 1 and 2 skipped, 0, 3 and 4 computed
         out = torch.full((5, hq, pool.v.shape[-1]), 7.0, device=DEVICE)
         ring = torch.full((5, hq, ring_w), -3.0, device=DEVICE)
-        sparse_decode_attention(*args[:3], out, *args[4:], num_kv_splits=splits, lse_ring=ring,
+        sparse_decode_attention(q, pool.k, pool.v, out, **args, num_kv_splits=splits, lse_ring=ring,
                                 skip_rows=skip)
         outs.append(out)
         rings.append(ring)
@@ -417,8 +426,8 @@ def test_verify_draft_normalised_with_the_true_lse_is_exact():
     _, exact, _, _ = _run_verify(pool, q, prefix_lens, extend_lens, qo, "sum", 2)
     out = torch.empty_like(q)
     sm_scale = 1.0 / math.sqrt(q.shape[-1])
-    args = (pool.req_to_token, pool.req_pool_indices, _ints(prefix_lens), _ints(extend_lens), qo)
-    true_lse = verify_attention(q, pool.k, pool.v, out, *args, sm_scale)  # [B, Hq]: one row each
+    args = _verify_layout(pool, prefix_lens, extend_lens, qo)
+    true_lse = verify_attention(q, pool.k, pool.v, out, **args, sm_scale=sm_scale)  # [B, Hq]: one row each
     ring = 9
     score_lse = torch.zeros(len(prefix_lens), q.shape[1], ring, device=DEVICE)
     for b, p in enumerate(prefix_lens):
@@ -481,11 +490,12 @@ def _run_topk(pool, scores, seq_lens, cand_end, num_sink, sparsity, min_sel, max
     batch, num_kv_heads, _ = scores.shape
     out = torch.full((batch, num_kv_heads, max_sel), -5, dtype=torch.int32, device=DEVICE)
     lens = torch.full((batch,), -5, dtype=torch.int32, device=DEVICE)
-    args = (pool.req_to_token, pool.req_pool_indices, _ints(seq_lens), _ints(cand_end), num_sink, sparsity,
-            min_sel, max_sel)
-    select_topk(scores, *args, out, lens)
+    policy = SelectionPolicy(sparsity_ppm(sparsity), min_sel, max_sel, num_sink)
+    args = dict(req_to_token=pool.req_to_token, req_pool_indices=pool.req_pool_indices, seq_lens=_ints(seq_lens),
+                cand_end=_ints(cand_end))
+    select_topk(scores, policy, **args, out_indices=out, out_lens=lens)
     ref_out, ref_lens = torch.full_like(out, -5), torch.full_like(lens, -5)
-    select_topk_ref(scores, *args, ref_out, ref_lens)
+    select_topk_ref(scores, policy, **args, out_indices=ref_out, out_lens=ref_lens)
     for b in range(batch):
         assert torch.all(out[b, :, int(lens[b]):] == -5), "entries past K were written"
     # The same selection written straight into whole-pool tables at each request's row.
@@ -493,7 +503,7 @@ def _run_topk(pool, scores, seq_lens, cand_end, num_sink, sparsity, min_sel, max
     table = torch.full((pool.req_to_token.shape[0], num_kv_heads, max_sel), -5, dtype=torch.int32,
                        device=DEVICE)
     table_lens = torch.full((pool.req_to_token.shape[0],), -5, dtype=torch.int32, device=DEVICE)
-    select_topk(scores, *args, table, table_lens, out_by_row=True)
+    select_topk(scores, policy, **args, out_indices=table, out_lens=table_lens, out_by_row=True)
     assert torch.equal(table[rows], out) and torch.equal(table_lens[rows], lens)
     others = torch.ones(table.shape[0], dtype=torch.bool, device=DEVICE)
     others[rows] = False
@@ -508,7 +518,7 @@ def _run_topk(pool, scores, seq_lens, cand_end, num_sink, sparsity, min_sel, max
         (0, 0.3, 4, 64, 16),
         (4, 0.5, 0, 40, 16),  # cap dominates
         (0, 1.0, 0, 300, 1),  # K >= candidates: clamped, take all
-        (4, 0.0, 0, 64, 1),  # K = 0
+        (4, 0.05, 0, 0, 1),  # K = 0
     ],
 )
 def test_topk_matches_ref(num_sink, sparsity, min_sel, max_sel, page_size):
@@ -540,15 +550,17 @@ def test_topk_over_a_group_of_layers_equals_one_launch_per_layer():
     pool, base = _topk_case(seq_lens, cand_end, page_size=16, seed=7)
     layers, rows = 3, pool.req_to_token.shape[0]
     scores_all = torch.stack([base.roll(i * 17, dims=-1) for i in range(layers + 1)])  # [L+1, B, H, ctx]
-    args = (pool.req_to_token, pool.req_pool_indices, _ints(seq_lens), _ints(cand_end), 4, 0.1, 4, 48)
+    policy = SelectionPolicy(sparsity_ppm(0.1), 4, 48, 4)
+    args = dict(req_to_token=pool.req_to_token, req_pool_indices=pool.req_pool_indices, seq_lens=_ints(seq_lens),
+                cand_end=_ints(cand_end), out_by_row=True)
     tables = torch.full((layers + 2, rows, base.shape[1], 64), -5, dtype=torch.int32, device=DEVICE)
     lens = torch.full((rows,), -5, dtype=torch.int32, device=DEVICE)
-    select_topk(scores_all[:layers], *args, tables[1:layers + 1, :, :, :48], lens, out_by_row=True)
+    select_topk(scores_all[:layers], policy, **args, out_indices=tables[1:layers + 1, :, :, :48], out_lens=lens)
     assert torch.all(tables[0] == -5) and torch.all(tables[layers + 1] == -5)  # neighbours untouched
     for i in range(layers):
         one = torch.full((rows, base.shape[1], 48), -5, dtype=torch.int32, device=DEVICE)
         one_lens = torch.full_like(lens, -5)
-        select_topk(scores_all[i], *args, one, one_lens, out_by_row=True)
+        select_topk(scores_all[i], policy, **args, out_indices=one, out_lens=one_lens)
         assert torch.equal(tables[i + 1, :, :, :48], one) and torch.equal(lens, one_lens)
     assert not torch.equal(tables[1], tables[2])  # the layers' scores differ, so do the picks
 
@@ -606,20 +618,23 @@ def test_cycle_with_full_budget_is_dense_attention():
     scores = torch.zeros(2, 2, pool.req_to_token.shape[1], device=DEVICE)
     out = torch.empty_like(q_verify)
     sm_scale = 1.0 / math.sqrt(q_verify.shape[-1])
-    verify_attention_with_scores(q_verify, pool.k, pool.v, out, pool.req_to_token, pool.req_pool_indices,
-                                 _ints(prefix_lens), _ints([k1, k1]), qo, scores, sm_scale)
+    verify_attention_with_scores(q_verify, pool.k, pool.v, out, **_verify_layout(pool, prefix_lens, [k1, k1], qo),
+                                 scores=scores, sm_scale=sm_scale)
     # Next draft token sits after the accepted prefix + 3 tokens; candidates are the verified prefix.
     seq_lens = [p + 3 for p in prefix_lens]
     max_sel = 200
     sel = torch.zeros(2, 2, max_sel, dtype=torch.int32, device=DEVICE)
     sel_lens = torch.zeros(2, dtype=torch.int32, device=DEVICE)
-    select_topk(scores, pool.req_to_token, pool.req_pool_indices, _ints(seq_lens), _ints(prefix_lens),
-                num_sink, 1.0, 0, max_sel, sel, sel_lens)
+    select_topk(scores, SelectionPolicy(sparsity_ppm(1.0), 0, max_sel, num_sink), req_to_token=pool.req_to_token,
+                req_pool_indices=pool.req_pool_indices, seq_lens=_ints(seq_lens), cand_end=_ints(prefix_lens),
+                out_indices=sel, out_lens=sel_lens)
     assert sel_lens.tolist() == [p - num_sink for p in prefix_lens]
     q = torch.randn(2, 2 * group, 64, generator=pool.gen).to(DEVICE)
     dec = torch.empty_like(q)
-    sparse_decode_attention(q, pool.k, pool.v, dec, pool.req_to_token, pool.req_pool_indices, _ints(seq_lens),
-                            _ints(prefix_lens), sel, sel_lens, num_sink, sm_scale, num_kv_splits=4)
+    sparse_decode_attention(q, pool.k, pool.v, dec, req_to_token=pool.req_to_token,
+                            req_pool_indices=pool.req_pool_indices, seq_lens=_ints(seq_lens),
+                            dense_start=_ints(prefix_lens), sel_indices=sel, sel_lens=sel_lens, num_sink=num_sink,
+                            sm_scale=sm_scale, num_kv_splits=4)
     for b in range(2):
         slots = pool.req_to_token[pool.req_pool_indices[b], : seq_lens[b]].long()
         torch.testing.assert_close(dec[b], _dense_attention(q[b], pool.k[slots], pool.v[slots], sm_scale),

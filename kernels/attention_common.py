@@ -1,0 +1,59 @@
+"""Pieces shared by the attention kernels (sparse decode and verify).
+
+Both are flash-decoding style: with several KV splits, each split writes an fp32 partial output
+and its log-sum-exp, and a second kernel merges the splits of every row (``merge_splits``).
+How many splits a launch gets is a host-side, shape-only choice (``pick_num_kv_splits``) from the
+GPU's SM count, so the launch grid is fixed and a call can be captured in a CUDA graph.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def tanh(x):
+    """tanh for the logit cap (``cap * tanh(s / cap)``); triton.language has no portable one."""
+    return 2 * tl.sigmoid(2 * x) - 1
+
+
+@triton.jit
+def merge_splits(part_out, part_lse, stride_split, num_splits, offs_dv, mask_dv,
+                 BLOCK_DV: tl.constexpr):
+    """Merges one row's split partials: ``part_out + s * stride_split`` holds split s's
+    normalised output (fp32, ``offs_dv`` wide) and ``part_lse + s`` its lse; a split whose lse is
+    -inf saw nothing and is skipped. Returns (output fp32 [BLOCK_DV], the row's lse)."""
+    e_max = -float("inf")
+    e_sum = 0.0
+    acc = tl.zeros([BLOCK_DV], dtype=tl.float32)
+    for s in range(0, num_splits):
+        lse_s = tl.load(part_lse + s)
+        if lse_s > float("-inf"):
+            part = tl.load(part_out + s * stride_split + offs_dv, mask=mask_dv, other=0.0)
+            n_e_max = tl.maximum(e_max, lse_s)
+            old_scale = tl.exp(e_max - n_e_max)
+            w = tl.exp(lse_s - n_e_max)
+            acc = acc * old_scale + w * part
+            e_sum = e_sum * old_scale + w
+            e_max = n_e_max
+    return acc / tl.where(e_sum > 0, e_sum, 1.0), e_max + tl.log(e_sum)
+
+
+@functools.lru_cache(maxsize=None)
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of ``device`` (1 off CUDA, where kernels run interpreted)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 1
+
+
+def pick_num_kv_splits(batch_size: int, num_kv_heads: int, num_sms: int, max_splits: int = 16,
+                       programs_per_sm: int = 2) -> int:
+    """A host-side split count that gives about ``programs_per_sm`` programs per SM (shape-only,
+    no sync)."""
+    return max(1, min(max_splits, math.ceil(programs_per_sm * num_sms / max(1, batch_size * num_kv_heads))))

@@ -1,0 +1,95 @@
+"""PillarAttn's selection policy: how many KV tokens a draft step attends to, and which compete.
+
+Defined once and used by every implementation (the top-K kernel, PillarState's first-cycle window,
+the PyTorch reference), because three float versions of ``ceil(s * len)`` disagreed at the edge:
+0.07 * 100 is 7.000000000000001 in float64 (ceil 8) and 7.0 in fp32 (ceil 7). Here the sparsity
+is carried as an integer number of parts per million, so K is integer arithmetic that the host,
+torch and Triton compute identically:
+
+    K = min(clamp(ceil(ppm * context_len / 10^6), min_selected, max_selected), #candidates)
+
+* ``context_len``: tokens in the cache when the selection is made (after a verify: the
+  committed prefix + the k + 1 verify tokens; after prefill: the prompt length L).
+* candidates: positions ``[num_sink, cand_end)``; sinks are always attended separately, and
+  positions from ``cand_end`` on are the drafts' dense tail. After a verify ``cand_end`` is the
+  verify window's start; after prefill it is L.
+* first cycle after prefill (no verify scores yet): the K most recent candidates
+  ``[L - K, L)``, the positions the prefill's last queries attend to most in practice.
+* verify scores are pooled over verify queries and GQA query heads by ``sum`` or ``max``.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import triton
+import triton.language as tl
+
+PPM = 1_000_000  # sparsity resolution: parts per million
+AGGREGATIONS = ("sum", "max")
+
+
+def sparsity_ppm(sparsity: float) -> int:
+    """``sparsity`` as the nearest whole number of parts per million, in [1, 10^6]."""
+    ppm = round(float(sparsity) * PPM)
+    if not 1 <= ppm <= PPM:
+        raise ValueError(f"sparsity must be in [{1 / PPM}, 1] (got {sparsity!r})")
+    return ppm
+
+
+@triton.jit
+def num_selected_device(context_len, cand_end, sparsity_ppm, min_sel, max_sel, num_sink):
+    """K of one request inside a Triton kernel (int32 scalars in, int32 out)."""
+    want = ((context_len.to(tl.int64) * sparsity_ppm + 999_999) // 1_000_000).to(tl.int32)
+    n_cand = tl.maximum(cand_end - num_sink, 0)
+    return tl.minimum(tl.minimum(tl.maximum(want, min_sel), max_sel), n_cand)
+
+
+@dataclass(frozen=True)
+class SelectionPolicy:
+    """The four numbers that fix K and the candidate range (``min_selected <= max_selected``)."""
+
+    sparsity_ppm: int
+    min_selected: int
+    max_selected: int
+    num_sink: int
+
+    def __post_init__(self) -> None:
+        if not (1 <= self.sparsity_ppm <= PPM and 0 <= self.min_selected <= self.max_selected
+                and self.num_sink >= 0):
+            raise ValueError(f"invalid selection policy {self}")
+
+    @staticmethod
+    @functools.lru_cache(maxsize=None)
+    def of(config: Any, table_width: int | None = None) -> "SelectionPolicy":
+        """The policy of a SparseSpecConfig; ``table_width`` (selection slots per row) lowers
+        the cap, and the floor with it, so K always fits the table."""
+        cap = config.max_selected if table_width is None else min(config.max_selected, table_width)
+        return SelectionPolicy(sparsity_ppm(config.sparsity), min(config.min_selected, cap), cap,
+                               config.num_sink_tokens)
+
+    def num_candidates(self, cand_end: int) -> int:
+        return max(cand_end - self.num_sink, 0)
+
+    def num_selected(self, context_len: int, cand_end: int | None = None) -> int:
+        """K for one request (host integers); ``cand_end`` None: no candidate limit."""
+        want = (context_len * self.sparsity_ppm + PPM - 1) // PPM
+        k = min(max(want, self.min_selected), self.max_selected)
+        return k if cand_end is None else min(k, self.num_candidates(cand_end))
+
+    def num_selected_tensor(self, context_lens: torch.Tensor,
+                            cand_end: torch.Tensor | None = None) -> torch.Tensor:
+        """K per request, int32, computed on ``context_lens``'s device (no host sync)."""
+        want = (context_lens.long() * self.sparsity_ppm + PPM - 1) // PPM
+        k = want.clamp(min=self.min_selected, max=self.max_selected)
+        if cand_end is not None:
+            k = torch.minimum(k, (cand_end.long() - self.num_sink).clamp(min=0))
+        return k.to(torch.int32)
+
+    def window_positions(self, prompt_len: int) -> range:
+        """First cycle after prefill: the K most recent candidates of a prompt of ``prompt_len``."""
+        k = self.num_selected(prompt_len, cand_end=prompt_len)
+        return range(prompt_len - k, prompt_len)
