@@ -37,7 +37,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from check_lossless import _prefill_tokens, _stdio_to  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_PROMPTS = ROOT / "benchmarks" / "prompts" / "reasoning_prompts.jsonl"
 
 
 # ----------------------------------------------------------------------------- pure checking logic
@@ -159,40 +158,21 @@ def summary_line(total: dict, retracted: int, deterministic: dict | None) -> str
 # ----------------------------------------------------------------------------- prompts
 
 
-def chat_prompt_ids(tokenizer: Any, messages: list[dict]) -> list[int]:
-    """Token ids of a chat with the model's template, ready for the assistant's turn."""
-    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
-
-
-def load_prompts(model_dir: str, num_prompts: int, path: Path) -> list[list[int]]:
-    """The project's reasoning prompts through the model's chat template, cycled to ``num_prompts``."""
+def load_prompts(model_dir: str, num_prompts: int, path: Path | None = None) -> list[list[int]]:
+    """The project's reasoning prompts (``sparsespec_sglang.testing.prompts``), each question as one
+    user turn in the model's chat template, cycled to ``num_prompts``."""
     from transformers import AutoTokenizer
 
-    try:
-        from sparsespec_sglang.testing import prompts as project_prompts
-    except ImportError:
-        project_prompts = None
+    from sparsespec_sglang.testing import prompts as project_prompts
+
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    if project_prompts is not None and hasattr(project_prompts, "chat_prompt_ids"):
-        return project_prompts.chat_prompt_ids(tokenizer, num_prompts, path=path)
-    if not path.is_file():
-        raise SystemExit(f"--prompts: no such file {path}")
-    chats = []
-    for line in path.read_text().splitlines():
-        if not line.strip():
-            continue
-        row = json.loads(line)
-        if "messages" in row:
-            chats.append(row["messages"])
-        else:
-            text = next((row[k] for k in ("prompt", "question", "problem", "text") if k in row), None)
-            if text is None:
-                raise SystemExit(f"--prompts {path}: a row has none of messages/prompt/question/problem/text")
-            chats.append([{"role": "user", "content": text}])
-    if not chats:
-        raise SystemExit(f"--prompts {path}: no prompts")
-    return [chat_prompt_ids(tokenizer, chats[i % len(chats)]) for i in range(num_prompts)]
+    try:
+        records = project_prompts.load_prompts(path)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"--prompts: {e}") from None
+    texts = [project_prompts.chat_prompt(tokenizer, records[i % len(records)]["question"])
+             for i in range(num_prompts)]
+    return [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
 
 
 def random_model_and_prompts(args: argparse.Namespace) -> tuple[str, list[list[int]]]:
@@ -276,7 +256,8 @@ def main() -> int:
     src = ap.add_mutually_exclusive_group(required=True)
     src.add_argument("--model-dir", help="a Hugging Face model dir (real weights; prompts from --prompts)")
     src.add_argument("--shape", help="random-weight model of this testing shape (random prompts)")
-    ap.add_argument("--prompts", type=Path, default=DEFAULT_PROMPTS, help="jsonl of reasoning prompts")
+    ap.add_argument("--prompts", type=Path, default=None,
+                    help="prompt jsonl (default: $SPARSESPEC_PROMPTS or benchmarks/prompts/reasoning_prompts.jsonl)")
     ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
     ap.add_argument("--num-prompts", type=int, default=64)
     ap.add_argument("--max-new-tokens", type=int, default=2048)
