@@ -22,15 +22,17 @@ from typing import Any, Callable, Optional
 from sglang.srt.plugins.hook_registry import HookType
 
 from sparsespec_sglang.patches import register_once
-from sparsespec_sglang.server_args import sparsespec_config
+from sparsespec_sglang.validation import sparsespec_config
 
 
 def unified_reserve(server_args: Any) -> Optional[int]:
     """The reserve a unified SPARSESPEC server needs, or None for any other server."""
     config = sparsespec_config(server_args)
-    if config is None or config.schedule != "unified":
+    if config is None:
         return None
-    return 3 * (config.num_draft_steps + 1)
+    from sparsespec_sglang.schedule import schedule_class
+
+    return schedule_class(config.schedule).kv_reserve_per_decode(config.num_draft_steps)
 
 
 def _server_args(server_args: Any) -> Any:

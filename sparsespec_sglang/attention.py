@@ -1,11 +1,12 @@
 """The ``sparsespec`` attention backend: SGLang's Triton backend plus the PillarAttn paths.
 
-Prefill and ordinary decode go to :class:`TritonAttnBackend` unchanged. Two
-forwards of the SPARSESPEC cycle take the plugin's kernels instead:
+Prefill and ordinary decode go to :class:`TritonAttnBackend` unchanged. Three
+forwards of the SPARSESPEC cycle take the plugin's kernels instead; a schedule names the first
+two per forward with a :class:`~sparsespec_sglang.pillar.ForwardPlan` (:meth:`planned`):
 
-- a *draft step* (DECODE run by the worker inside :meth:`draft_step`): sparse
-  decode over sink + selected + dense-tail slots (``kernels/sparse_decode.py``);
-- a *unified pass* (DECODE rows run by the worker inside :meth:`mixed_pass`, issue 5): draft
+- a *draft step* (a DECODE forward under ``ForwardPlan.sparse_draft``, lockstep schedule):
+  sparse decode over sink + selected + dense-tail slots (``kernels/sparse_decode.py``);
+- a *unified pass* (a DECODE forward under ``ForwardPlan.unified_pass``, issue 5): draft
   rows take the sparse decode, the verifying requests' rows the verify kernel with the score
   dump and top-K below, in the same forward;
 - a *verify pass* (TARGET_VERIFY): causal attention of the k+1 verify tokens
@@ -21,27 +22,28 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from typing import Any, ContextManager, Iterator, Optional
+from typing import Any, Iterator, Optional
 
 import torch
 from sglang.srt.layers.attention.triton_backend import TritonAttnBackend, logit_capping_mod
 
 from sparsespec_sglang.deterministic import verify_as_decode_rows
-from sparsespec_sglang.kernels.sparse_decode import pick_num_kv_splits, sparse_decode_attention
+from sparsespec_sglang.kernels.attention_common import pick_num_kv_splits, sm_count
+from sparsespec_sglang.kernels.sparse_decode import sparse_decode_attention
 from sparsespec_sglang.kernels.topk_select import select_topk
 from sparsespec_sglang.kernels.verify_attention import verify_attention_with_scores, verify_scores
-from sparsespec_sglang.pillar import DraftStep, MixedRows, PillarState
+from sparsespec_sglang.pillar import ForwardPlan, PillarState, PlanKind
+from sparsespec_sglang.selection import SelectionPolicy
 
 
 class SparseSpecAttnBackend(TritonAttnBackend):
     def __init__(self, model_runner: Any, *args: Any, **kwargs: Any) -> None:
         super().__init__(model_runner, *args, **kwargs)
         self.state: Optional[PillarState] = None
-        self._draft: Optional[DraftStep] = None
-        self._mixed: Optional[MixedRows] = None
+        self.plan = ForwardPlan.plain()  # the current forward's path (see planned)
         self._verify_consts: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
         self._graph_state_size: tuple[int, int] = (0, 0)
-        self._num_sms = torch.cuda.get_device_properties(self.device).multi_processor_count
+        self._num_sms = sm_count(torch.device(self.device))
         self.make_streams(torch.device(self.device))
 
     def make_streams(self, device: torch.device) -> None:
@@ -65,23 +67,23 @@ class SparseSpecAttnBackend(TritonAttnBackend):
         self.state = state
 
     @contextlib.contextmanager
-    def _mode(self, name: str, inputs: Any) -> Iterator[None]:
-        setattr(self, name, inputs)
+    def planned(self, plan: ForwardPlan) -> Iterator[None]:
+        """Run one forward (or capture its CUDA graphs) on ``plan``'s path; the plan says which
+        PillarAttn path a DECODE forward takes and carries that path's per-row inputs. Outside
+        it every forward takes the plain path (SGLang's Triton kernels; TARGET_VERIFY: verify)."""
+        if self.plan.kind is not PlanKind.PLAIN:
+            raise RuntimeError(f"SPARSESPEC backend: a {plan.kind.value} forward inside a "
+                               f"{self.plan.kind.value} forward")
+        self.plan = plan
+        self._topk_pending = self._topk_launched = False
         try:
             yield
         finally:
-            setattr(self, name, None)
-
-    def draft_step(self, step: DraftStep) -> ContextManager[None]:
-        return self._mode("_draft", step)
-
-    def mixed_pass(self, rows: MixedRows) -> ContextManager[None]:
-        self._topk_pending = self._topk_launched = False
-        return self._mode("_mixed", rows)
+            self.plan = ForwardPlan.plain()
 
     def _is_sparse_draft(self, forward_batch: Any) -> bool:
-        return ((self._draft is not None or self._mixed is not None)
-                and forward_batch.forward_mode.is_decode())
+        """A DECODE forward under a draft or unified-pass plan: the sparse decode kernel."""
+        return self.plan.kind is not PlanKind.PLAIN and forward_batch.forward_mode.is_decode()
 
     def _is_pillar_verify(self, forward_batch: Any) -> bool:
         return self.state is not None and forward_batch.forward_mode.is_target_verify()
@@ -115,9 +117,9 @@ class SparseSpecAttnBackend(TritonAttnBackend):
         assert sinks is None and score_mod is None, "SPARSESPEC drafts: no attention sinks/score_mod"
         if save_kv_cache:
             self._save_kv(layer, forward_batch, k, v)
-        if self._mixed is not None:
+        if self.plan.kind is PlanKind.UNIFIED_PASS:
             return self._forward_mixed(q, layer, forward_batch)
-        state, step = self.state, self._draft
+        state, step = self.state, self.plan.draft
         hq, d, dv = layer.tp_q_head_num, layer.qk_head_dim, layer.v_head_dim
         bs = q.shape[0]
         o = q.new_empty((bs, hq * dv))
@@ -126,30 +128,32 @@ class SparseSpecAttnBackend(TritonAttnBackend):
             self.token_to_kv_pool.get_key_buffer(layer.layer_id),
             self.token_to_kv_pool.get_value_buffer(layer.layer_id),
             o.view(-1, hq, dv),
-            state.req_to_token,
-            forward_batch.req_pool_indices,
-            forward_batch.seq_lens,
-            step.dense_start[:bs],
-            state.sel_indices[layer.layer_id],
-            step.sel_lens[:bs],
-            state.config.num_sink_tokens,
-            layer.scaling,
-            logit_capping_mod(layer.logit_capping_method, layer.logit_cap),
+            req_to_token=state.req_to_token,
+            req_pool_indices=forward_batch.req_pool_indices,
+            seq_lens=forward_batch.seq_lens,
+            dense_start=step.dense_start[:bs],
+            sel_indices=state.sel_indices[layer.layer_id],
+            sel_lens=step.sel_lens[:bs],
+            num_sink=state.config.num_sink_tokens,
+            sm_scale=layer.scaling,
+            logit_cap=logit_capping_mod(layer.logit_capping_method, layer.logit_cap),
             num_kv_splits=pick_num_kv_splits(bs, self.token_to_kv_pool.head_num, self._num_sms),
+            # the lse ring is keyed by pool row, as in a unified pass (PillarState.draft_lse)
             lse_ring=None if state.draft_lse is None else state.draft_lse[layer.layer_id],
+            ring_rows=None if state.draft_lse is None else forward_batch.req_pool_indices,
             sel_by_row=True,
         )
         return o
 
     def _forward_mixed(self, q, layer, forward_batch):
-        """One layer of a unified pass: rows are single tokens (DECODE), ``self._mixed`` says
+        """One layer of a unified pass: rows are single tokens (DECODE), the plan's rows say
         which rows belong to verifying requests. The verify kernel (full causal attention with
         the score dump) runs on a side stream over the verify rows while the sparse decode runs
         the draft rows on the forward's stream: the verify of a pass's few verifying requests is
         latency-bound, so on its own it would leave most SMs idle. The top-K of a group of layers
         runs on a third stream, overlapping the next layer, and is joined before the group
         buffer is written again (and by the pass's last layer)."""
-        state, rows, config = self.state, self._mixed, self.state.config
+        state, rows, config = self.state, self.plan.rows, self.state.config
         hq, d, dv = layer.tp_q_head_num, layer.qk_head_dim, layer.v_head_dim
         bs = q.shape[0]
         o = q.new_empty((bs, hq * dv))
@@ -166,10 +170,11 @@ class SparseSpecAttnBackend(TritonAttnBackend):
                 self._verify_rows(q.view(-1, hq, d), k_buffer, v_buffer, o.view(-1, hq, dv), layer,
                                   logit_cap, ring, nv, num_kv_heads)
         sparse_decode_attention(
-            q.view(-1, hq, d), k_buffer, v_buffer, o.view(-1, hq, dv), state.req_to_token,
-            forward_batch.req_pool_indices, forward_batch.seq_lens, rows.dense_start[:bs],
-            state.sel_indices[layer.layer_id], rows.sel_lens[:bs], config.num_sink_tokens,
-            layer.scaling, logit_cap,
+            q.view(-1, hq, d), k_buffer, v_buffer, o.view(-1, hq, dv), req_to_token=state.req_to_token,
+            req_pool_indices=forward_batch.req_pool_indices, seq_lens=forward_batch.seq_lens,
+            dense_start=rows.dense_start[:bs], sel_indices=state.sel_indices[layer.layer_id],
+            sel_lens=rows.sel_lens[:bs], num_sink=config.num_sink_tokens, sm_scale=layer.scaling,
+            logit_cap=logit_cap,
             num_kv_splits=pick_num_kv_splits(bs, num_kv_heads, self._num_sms),
             sel_by_row=True, lse_ring=ring, ring_rows=None if ring is None else rows.ring_rows[:bs],
             skip_rows=(rows.qo_indptr, nv) if nv else None,
@@ -183,7 +188,7 @@ class SparseSpecAttnBackend(TritonAttnBackend):
 
     def _verify_rows(self, q, k_buffer, v_buffer, o, layer, logit_cap, ring, nv, num_kv_heads):
         """The verify rows of one layer of a unified pass, and the top-K of a finished group."""
-        state, rows, config = self.state, self._mixed, self.state.config
+        state, rows, config = self.state, self.plan.rows, self.state.config
         # A graph's verify entries are about half spare: split the KV for the real ones, about
         # one program per SM (H100 sweep at 14 and 28 requests: 2 splits, then 1, were fastest).
         real = nv if rows.num_verify is not None else max(1, nv // 2)
@@ -198,9 +203,10 @@ class SparseSpecAttnBackend(TritonAttnBackend):
             self._topk_pending = False
         scores = group[lid % group.shape[0], :nv] if grouped else state.scores[:nv]
         verify_attention_with_scores(
-            q, k_buffer, v_buffer, o, state.req_to_token,
-            rows.verify_rows[:nv], rows.verify_prefix[:nv], rows.verify_lens[:nv],
-            rows.qo_indptr[:nv + 1], scores, layer.scaling, config.aggregation, logit_cap,
+            q, k_buffer, v_buffer, o, req_to_token=state.req_to_token,
+            req_pool_indices=rows.verify_rows[:nv], prefix_lens=rows.verify_prefix[:nv],
+            extend_lens=rows.verify_lens[:nv], qo_indptr=rows.qo_indptr[:nv + 1], scores=scores,
+            sm_scale=layer.scaling, aggregation=config.aggregation, logit_cap=logit_cap,
             num_kv_splits=pick_num_kv_splits(real, num_kv_heads, self._num_sms, programs_per_sm=1),
             score_lse=ring, max_ext=rows.width,
             score_lse_rows=None if ring is None else rows.verify_rows[:nv],
@@ -212,9 +218,10 @@ class SparseSpecAttnBackend(TritonAttnBackend):
                 return  # the group's last layer selects for all of them
             scores = group[:lid + 1 - first, :nv]
         topk = functools.partial(
-            select_topk, scores, state.req_to_token, rows.verify_rows[:nv], rows.verify_end[:nv],
-            rows.verify_prefix[:nv], config.num_sink_tokens, config.sparsity, config.min_selected,
-            state.max_sel, state.sel_indices[first:lid + 1], state.sel_lens, out_by_row=True)
+            select_topk, scores, SelectionPolicy.of(config, state.max_sel), req_to_token=state.req_to_token,
+            req_pool_indices=rows.verify_rows[:nv], seq_lens=rows.verify_end[:nv],
+            cand_end=rows.verify_prefix[:nv], out_indices=state.sel_indices[first:lid + 1],
+            out_lens=state.sel_lens, out_by_row=True)
         if not grouped or lid + 1 == num_layers:
             topk()  # joined by this layer (state.scores is reused by the next layer)
             return
@@ -260,23 +267,28 @@ class SparseSpecAttnBackend(TritonAttnBackend):
                 logit_cap=logit_cap, xai_temperature_len=layer.xai_temperature_len,
                 use_pdl=self.use_pdl, page_size=self.page_size,
             )
-            verify_scores(q.view(-1, hq, d), k_buffer, state.req_to_token,
-                          forward_batch.req_pool_indices, prefix_lens, extend_lens, qo_indptr, lse,
-                          scores, layer.scaling, config.aggregation, logit_cap)
+            verify_scores(q.view(-1, hq, d), k_buffer, req_to_token=state.req_to_token,
+                          req_pool_indices=forward_batch.req_pool_indices, prefix_lens=prefix_lens,
+                          extend_lens=extend_lens, qo_indptr=qo_indptr, lse=lse, scores=scores,
+                          sm_scale=layer.scaling, aggregation=config.aggregation, logit_cap=logit_cap)
         else:
             verify_attention_with_scores(
                 q.view(-1, hq, d), k_buffer, self.token_to_kv_pool.get_value_buffer(layer.layer_id),
-                o.view(-1, hq, dv), state.req_to_token, forward_batch.req_pool_indices, prefix_lens,
-                extend_lens, qo_indptr, scores, layer.scaling, config.aggregation, logit_cap,
-                score_lse=None if state.draft_lse is None else state.draft_lse[layer.layer_id][:batch_size],
+                o.view(-1, hq, dv), req_to_token=state.req_to_token,
+                req_pool_indices=forward_batch.req_pool_indices, prefix_lens=prefix_lens,
+                extend_lens=extend_lens, qo_indptr=qo_indptr, scores=scores, sm_scale=layer.scaling,
+                aggregation=config.aggregation, logit_cap=logit_cap,
+                score_lse=None if state.draft_lse is None else state.draft_lse[layer.layer_id],
+                score_lse_rows=None if state.draft_lse is None else forward_batch.req_pool_indices,
             )
         # Next cycle: candidates are the positions before this verify window
         # (the window itself becomes the drafts' dense tail).
         # Written straight into each request's row (CUDA-graph padding uses the reserved row 0).
         select_topk(
-            scores, state.req_to_token, forward_batch.req_pool_indices, prefix_lens + width,
-            prefix_lens, config.num_sink_tokens, config.sparsity, config.min_selected,
-            state.max_sel, state.sel_indices[layer.layer_id], state.sel_lens, out_by_row=True,
+            scores, SelectionPolicy.of(config, state.max_sel), req_to_token=state.req_to_token,
+            req_pool_indices=forward_batch.req_pool_indices, seq_lens=prefix_lens + width,
+            cand_end=prefix_lens, out_indices=state.sel_indices[layer.layer_id],
+            out_lens=state.sel_lens, out_by_row=True,
         )
         return o
 

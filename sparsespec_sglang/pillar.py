@@ -1,21 +1,34 @@
-"""PillarState: per-request sparse index state on the GPU, keyed by req_pool_idx.
+"""PillarState: per-request sparse index state on the GPU, keyed by req_pool_idx; ForwardPlan.
 
 Keying by SGLang's request-pool row (stable while a request lives) instead of by
 batch position means requests can join and leave the running batch every step
 with no bookkeeping: the kernels read and write row ``req_pool_indices[b]``
 directly (sparse decode reads the selection there, top-K writes it there). A new
 occupant of a row always passes through prefill, which re-initialises the row
-(:meth:`init_window`). Row 0 is SGLang's reserved CUDA-graph padding row.
+(:meth:`PillarState.init_window`), so a finished request's row needs no clean-up.
+Row 0 is SGLang's reserved CUDA-graph padding row.
+
+:class:`PillarState` is the one owner of that state: the worker and the schedules change it
+only through its named transitions (:meth:`~PillarState.init_window`,
+:meth:`~PillarState.set_pending`, :meth:`~PillarState.load_draft_step`,
+:meth:`~PillarState.commit`); the attention backend hands the kernels its tables to read and
+the top-K output to write (the verify's selection) and never assigns a field.
+
+:class:`ForwardPlan` is what a schedule tells the attention backend about one forward: which
+PillarAttn path it takes and that path's per-row inputs (:class:`DraftStep`, :class:`MixedRows`).
 """
 
 from __future__ import annotations
 
+import enum
 import logging
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
 from sparsespec_sglang.config import SparseSpecConfig
+from sparsespec_sglang.selection import SelectionPolicy
 
 
 @dataclass
@@ -80,11 +93,41 @@ class MixedRows:
         return self.num_verify if self.num_verify is not None else num_rows // self.width
 
 
+class PlanKind(enum.Enum):
+    PLAIN = "plain"  # SGLang's Triton paths; a TARGET_VERIFY forward is the PillarAttn verify
+    SPARSE_DRAFT = "sparse_draft"  # every row is a draft step of one request
+    UNIFIED_PASS = "unified_pass"  # draft rows and verify chains in one forward
+
+
+@dataclass(frozen=True)
+class ForwardPlan:
+    """The attention path of one forward and its per-row inputs (static buffers, so a CUDA graph
+    captured under a plan replays with whatever the buffers hold at replay time)."""
+
+    kind: PlanKind
+    draft: Optional[DraftStep] = None
+    rows: Optional[MixedRows] = None
+
+    @classmethod
+    def plain(cls) -> "ForwardPlan":
+        return _PLAIN
+
+    @classmethod
+    def sparse_draft(cls, step: DraftStep) -> "ForwardPlan":
+        return cls(PlanKind.SPARSE_DRAFT, draft=step)
+
+    @classmethod
+    def unified_pass(cls, rows: MixedRows) -> "ForwardPlan":
+        return cls(PlanKind.UNIFIED_PASS, rows=rows)
+
+
+_PLAIN = ForwardPlan(PlanKind.PLAIN)
+
 logger = logging.getLogger(__name__)
 
 
 class PillarState:
-    """Selection tables and scratch buffers shared by the worker and the backend.
+    """Selection tables and scratch buffers shared by the schedules and the backend.
 
     - ``sel_indices [L, R, Hkv, max_sel]`` int32 slot ids chosen per layer and KV head;
     - ``sel_lens [R]`` int32 entries in use (the same K for every layer and head);
@@ -92,15 +135,21 @@ class PillarState:
     - ``pending [R]`` int64 each request's last emitted token, the next cycle's first input;
     - ``scores [R, Hkv, max_ctx]`` fp32, one layer's verify scores at a time
       (batch order; a batch never has more requests than pool rows R);
-    - ``group_scores`` (unified passes only, :meth:`keep_group_scores`): several layers' scores;
+    - ``group_scores [G, V, Hkv, max_ctx]`` fp32 (unified schedule: ``group_scores=(G, V)``):
+      the scores of G layers for up to V verifying requests, so the top-K of a group of layers
+      runs as one launch;
     - ``draft_step``: batch-ordered copies of ``dense_start``/``sel_lens`` that the
       draft steps (and their CUDA graphs) read, refreshed once per cycle;
-    - ``draft_lse [L, R, Hq, k+1]`` fp32 (``--sparsespec-score-norm draft`` only), batch order:
+    - ``draft_lse [L, R, Hq, k+1]`` fp32 (``--sparsespec-score-norm draft`` only), by pool row:
       each draft step's sparse lse by position modulo k+1, the verify's score normaliser.
+
+    All of it is allocated here, after SGLang sized the KV pool (the selection tables need the
+    request-pool shape), and logged with its size (:attr:`nbytes`).
     """
 
     def __init__(self, config: SparseSpecConfig, num_layers: int, num_q_heads: int,
-                 num_kv_heads: int, req_to_token: torch.Tensor) -> None:
+                 num_kv_heads: int, req_to_token: torch.Tensor,
+                 group_scores: Optional[tuple[int, int]] = None) -> None:
         self.config = config
         self.req_to_token = req_to_token
         num_rows, max_ctx = req_to_token.shape
@@ -118,25 +167,27 @@ class PillarState:
                         dtype=torch.float32, device=device)
             if config.score_norm == "draft" else None
         )
-        self.group_scores: torch.Tensor | None = None  # see keep_group_scores
+        self.group_scores = None
+        if group_scores is not None and group_scores[1] > 0:
+            layers, requests = group_scores
+            self.group_scores = torch.zeros((min(layers, num_layers), requests, num_kv_heads, max_ctx),
+                                            dtype=torch.float32, device=device)
         self.draft_step = DraftStep(dense_start=torch.zeros_like(self.dense_start),
                                     sel_lens=torch.zeros_like(self.sel_lens))
-        nbytes = sum(t.numel() * t.element_size() for t in
-                     (self.sel_indices, self.sel_lens, self.dense_start, self.scores, self.draft_lse)
-                     if t is not None)
-        logger.info("SPARSESPEC state: %d layers x %d rows x %d KV heads x %d selected, "
-                    "%.1f MiB", num_layers, num_rows, num_kv_heads, self.max_sel, nbytes / 2**20)
+        group = ("none" if self.group_scores is None else
+                 f"{self.group_scores.shape[0]} layers x {self.group_scores.shape[1]} requests")
+        logger.info("SPARSESPEC state: %d layers x %d rows x %d KV heads x %d selected, grouped "
+                    "top-K scores for %s, %.1f MiB of GPU memory outside SGLang's KV budget "
+                    "(lower --mem-fraction-static by that much if the GPU runs short)",
+                    num_layers, num_rows, num_kv_heads, self.max_sel, group, self.nbytes / 2**20)
 
-    def keep_group_scores(self, layers_per_group: int, max_verify: int) -> None:
-        """Unified passes: keep the verify scores of ``layers_per_group`` layers for up to
-        ``max_verify`` verifying requests (``group_scores [G, V, Hkv, max_ctx]`` fp32), so the
-        top-K of a group of layers runs as one launch."""
-        num_layers, _, num_kv_heads, _ = self.sel_indices.shape
-        shape = (min(layers_per_group, num_layers), max_verify, num_kv_heads, self.scores.shape[2])
-        self.group_scores = torch.zeros(shape, dtype=torch.float32, device=self.scores.device)
-        logger.info("SPARSESPEC: top-K over groups of %d layers for up to %d verifying requests "
-                    "per pass, %.1f MiB", shape[0], max_verify,
-                    self.group_scores.numel() * 4 / 2**20)
+    @property
+    def nbytes(self) -> int:
+        """GPU bytes of every buffer this state holds."""
+        tensors = (self.sel_indices, self.sel_lens, self.dense_start, self.pending, self.scores,
+                   self.draft_lse, self.group_scores, self.draft_step.dense_start,
+                   self.draft_step.sel_lens)
+        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
     def load_draft_step(self, req_pool_indices: torch.Tensor) -> DraftStep:
         """Gather this cycle's per-request draft inputs into batch order (rows past B zeroed)."""
@@ -149,10 +200,8 @@ class PillarState:
         return step
 
     def num_selected(self, context_lens: torch.Tensor) -> torch.Tensor:
-        """K per request: clamp(ceil(s * len), min, max), never above the table width."""
-        k = torch.ceil(context_lens.to(torch.float64) * self.config.sparsity).to(torch.int32)
-        return k.clamp(min=self.config.min_selected, max=self.config.max_selected).clamp(
-            max=self.max_sel)
+        """K per request (``sparsespec_sglang.selection``), never above the table width."""
+        return SelectionPolicy.of(self.config, self.max_sel).num_selected_tensor(context_lens)
 
     def init_window(self, req_pool_indices: torch.Tensor, seq_lens: torch.Tensor) -> None:
         """First cycle after prefill: the K most recent prompt tokens (+ sinks, + dense tail).
@@ -165,9 +214,7 @@ class PillarState:
         if req_pool_indices.numel() == 0:
             return
         seq_lens = seq_lens.to(torch.int32)
-        sink = self.config.num_sink_tokens
-        num_cand = (seq_lens - sink).clamp(min=0)
-        k = torch.minimum(self.num_selected(seq_lens), num_cand)
+        k = SelectionPolicy.of(self.config, self.max_sel).num_selected_tensor(seq_lens, cand_end=seq_lens)
         j = torch.arange(self.max_sel, device=seq_lens.device, dtype=torch.int32)
         pos = (seq_lens - k).unsqueeze(1) + j.unsqueeze(0)  # [B, max_sel]
         valid = j.unsqueeze(0) < k.unsqueeze(1)
@@ -178,3 +225,15 @@ class PillarState:
         self.sel_indices[:, rows] = slots[None, :, None, :].to(torch.int32)
         self.sel_lens[rows] = k
         self.dense_start[rows] = seq_lens
+
+    def set_pending(self, req_pool_indices: torch.Tensor, tokens: torch.Tensor) -> None:
+        """A prefill emitted each request's first token: the first cycle's first input."""
+        self.pending[req_pool_indices] = tokens.to(torch.int64)
+
+    def commit(self, req_pool_indices: torch.Tensor, window_start: torch.Tensor,
+               last_tokens: torch.Tensor) -> None:
+        """A verify accepted: the request's last accepted token is the next cycle's first input,
+        and its verify window (from ``window_start``, the committed length before the verify) is
+        the next drafts' dense tail. Its selection was written by the verify's top-K."""
+        self.pending[req_pool_indices] = last_tokens.to(torch.int64)
+        self.dense_start[req_pool_indices] = window_start.to(torch.int32)

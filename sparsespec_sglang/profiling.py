@@ -1,17 +1,21 @@
-"""Per-cycle timing of the SPARSESPEC worker: where a cycle's time goes.
+"""Per-cycle timing of the SPARSESPEC schedules: where a decode step's time goes.
 
-Always on, without host syncs: every cycle records CUDA events around the draft steps, the
-verify forward and the acceptance tail; a cycle's GPU phase times are read once its last event
-has completed (``query()``, a few cycles later), so timing never stalls the overlap scheduler.
-Every ``every`` cycles the means are logged and, with ``--enable-metrics``, exported as
-Prometheus gauges ``sparsespec:{draft,verify,accept}_gpu_ms_per_cycle`` next to SGLang's own
-``sglang:spec_*`` metrics. Host (enqueue) time per phase is kept too: ``gpu_*`` > ``host_*``
-means the GPU was the bottleneck of that phase, ``gpu_*`` ~= ``host_*`` that it waited for the host.
+Always on, without host syncs: every step records CUDA events at the boundaries of its phases,
+named by the schedule: lockstep ``draft`` (the k sparse draft forwards), ``verify`` (the verify
+forward) and ``accept`` (acceptance, logprobs); unified, summed over the k + 1 passes of a step,
+``inputs`` (the pass's row gathers), ``forward`` (the forward that runs the draft rows and the
+verify chains side by side, so it has no draft/verify split) and ``accept`` (the acceptance of the
+pass's verifying requests). A step's GPU phase times are read once its last event has completed
+(``query()``, a few steps later), so timing never stalls the overlap scheduler. Every ``every``
+steps the means are logged and, with ``--enable-metrics``, exported as Prometheus gauges
+``sparsespec:<phase>_gpu_ms_per_cycle`` next to SGLang's own ``sglang:spec_*`` metrics. Host
+(enqueue) time per phase is kept too: ``gpu_*`` > ``host_*`` means the GPU was the bottleneck of
+that phase, ``gpu_*`` ~= ``host_*`` that it waited for the host.
 
 With ``SPARSESPEC_PROFILE=<path.json>`` in the server's environment (a measurement switch for
-``scripts/``, not a server flag), every cycle also synchronises at its end (so accepted tokens
-per cycle and the host time *between* cycles are exact, and throughput drops), ``<path.json>``
-is rewritten every 50 cycles with the means, and cycles ``TRACE_FROM`` to
+``scripts/``, not a server flag), every step also synchronises at its end (so accepted tokens
+per step and the host time *between* steps are exact, and throughput drops), ``<path.json>``
+is rewritten every 50 steps with the means, and steps ``TRACE_FROM`` to
 ``TRACE_FROM + TRACE_CYCLES`` run under ``torch.profiler`` (scheduler work between them
 included): ``<path>.ops.txt`` (top CPU and CUDA ops) and ``<path>.trace.json`` (Chrome trace).
 """
@@ -25,28 +29,34 @@ import os
 import time
 import weakref
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 
 logger = logging.getLogger(__name__)
 
 PROFILE_ENV = "SPARSESPEC_PROFILE"
-PHASES = ("draft", "verify", "accept")
 TRACE_FROM, TRACE_CYCLES = 100, 3
 # registry -> phase -> Gauge (weak: an id() key could be reused by a later registry)
 _GAUGES: "weakref.WeakKeyDictionary[Any, dict[str, Any]]" = weakref.WeakKeyDictionary()
 
 
 class CycleProfiler:
-    def __init__(self, every: int = 200, path: Optional[str] = None,
-                 event_factory: Optional[Callable[[], Any]] = None, gauge_every: int = 16) -> None:
+    """Host and GPU time per named phase of a step: ``begin()``, then ``mark(phase)`` at the end
+    of every phase (a phase may end several times in one step: the unified passes), then
+    ``end_cycle``."""
+
+    def __init__(self, phases: Sequence[str], every: int = 200, path: Optional[str] = None,
+                 event_factory: Optional[Callable[[], Any]] = None, gauge_every: int = 16,
+                 clock: Callable[[], float] = time.perf_counter) -> None:
+        self.phases = tuple(phases)
         self.every = every
         self.gauge_every = gauge_every  # gauges refresh more often than the log line
         self.path = Path(path) if path else None
         if event_factory is None and torch.cuda.is_available():
             event_factory = lambda: torch.cuda.Event(enable_timing=True)  # noqa: E731
         self._new_event = event_factory
+        self._clock = clock
         self.cycles = 0
         self.batch = 0
         self.host = collections.defaultdict(float)
@@ -54,62 +64,76 @@ class CycleProfiler:
         self.gpu_cycles = 0
         self.tokens = 0
         self.between = 0.0
-        self._marks: list[tuple[float, Any]] = []
+        self._marks: list[tuple[Optional[str], float, Any]] = []  # (phase ended, host time, event)
         self._in_flight: collections.deque = collections.deque()
         self._last_end: Optional[float] = None
         self._trace: Optional[torch.profiler.profile] = None
         self._gauges: Optional[dict[str, Any]] = None
 
     @classmethod
-    def from_env(cls, tp_rank: int = 0) -> "CycleProfiler":
+    def from_env(cls, phases: Sequence[str], tp_rank: int = 0) -> "CycleProfiler":
         path = os.environ.get(PROFILE_ENV)
         if path and tp_rank == 0:
             logger.warning("SPARSESPEC: profiling every cycle into %s (syncs each cycle)", path)
-            return cls(every=50, path=path)
-        return cls()
+            return cls(phases, every=50, path=path)
+        return cls(phases)
 
     def export_metrics(self, labels: dict[str, str], registry: Any = None) -> None:
         """Publish the GPU phase means as Prometheus gauges (call when --enable-metrics)."""
         from prometheus_client import REGISTRY, Gauge
 
         registry = registry or REGISTRY
-        # A registry refuses a second metric of the same name: one set per registry and process.
-        gauges = _GAUGES.get(registry)
-        if gauges is None:
-            gauges = _GAUGES[registry] = {
-                phase: Gauge(name=f"sparsespec:{phase}_gpu_ms_per_cycle",
-                             documentation=f"SPARSESPEC: mean GPU time of the {phase} phase per cycle (ms).",
-                             labelnames=list(labels), multiprocess_mode="mostrecent", registry=registry)
-                for phase in PHASES
-            }
-        self._gauges = {phase: gauge.labels(**labels) for phase, gauge in gauges.items()}
+        # A registry refuses a second metric of the same name: one per registry, process, phase.
+        gauges = _GAUGES.setdefault(registry, {})
+        for phase in self.phases:
+            if phase not in gauges:
+                gauges[phase] = Gauge(
+                    name=f"sparsespec:{phase}_gpu_ms_per_cycle",
+                    documentation=f"SPARSESPEC: mean GPU time of the {phase} phase per cycle (ms).",
+                    labelnames=list(labels), multiprocess_mode="mostrecent", registry=registry)
+        self._gauges = {phase: gauges[phase].labels(**labels) for phase in self.phases}
 
-    def mark(self) -> None:
-        """Phase boundary: call once before the drafts and after each phase in PHASES."""
-        if self.path is not None and not self._marks and self.cycles == TRACE_FROM:
+    def begin(self) -> None:
+        """A step starts."""
+        if self._marks:
+            raise RuntimeError("CycleProfiler.begin: the previous step has not ended")
+        if self.path is not None and self.cycles == TRACE_FROM:
             self._trace = torch.profiler.profile(
                 activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA])
             self._trace.start()
+        self._record(None)
+
+    def mark(self, phase: str) -> None:
+        """``phase`` ends now: the time since the previous mark (or ``begin``) is its."""
+        if phase not in self.phases:
+            raise ValueError(f"CycleProfiler.mark: unknown phase {phase!r}; phases: {self.phases}")
+        if not self._marks:
+            raise RuntimeError("CycleProfiler.mark: call begin() first")
+        self._record(phase)
+
+    def _record(self, phase: Optional[str]) -> None:
         event = None
         if self._new_event is not None:
             event = self._new_event()
             event.record()
-        self._marks.append((time.perf_counter(), event))
+        self._marks.append((phase, self._clock(), event))
 
     def end_cycle(self, batch_size: int, accept_lens: torch.Tensor) -> None:
         marks, self._marks = self._marks, []
-        assert len(marks) == len(PHASES) + 1, "mark() once before and once after each phase"
-        for name, (a, _), (b, _) in zip(PHASES, marks, marks[1:]):
-            self.host[name] += b - a
-        if marks[0][1] is not None:
-            self._in_flight.append([event for _, event in marks])
+        missing = set(self.phases) - {phase for phase, _, _ in marks}
+        if missing:
+            raise RuntimeError(f"CycleProfiler.end_cycle: no mark for phase(s) {sorted(missing)}")
+        for (_, a, _), (phase, b, _) in zip(marks, marks[1:]):
+            self.host[phase] += b - a
+        if marks[0][2] is not None:
+            self._in_flight.append([(phase, event) for phase, _, event in marks])
         if self.path is not None:
             if self._in_flight:
-                self._in_flight[-1][-1].synchronize()
+                self._in_flight[-1][-1][1].synchronize()
             self.tokens += int(accept_lens.sum())
             if self._last_end is not None:
-                self.between += marks[0][0] - self._last_end
-            self._last_end = time.perf_counter()
+                self.between += marks[0][1] - self._last_end
+            self._last_end = self._clock()
         self._collect()
         self.batch += batch_size
         self.cycles += 1
@@ -121,20 +145,20 @@ class CycleProfiler:
             self._set_gauges(self.summary())  # only with --enable-metrics
 
     def _collect(self) -> None:
-        """Fold in the GPU times of every finished cycle, oldest first, without waiting."""
-        while self._in_flight and self._in_flight[0][-1].query():
-            events = self._in_flight.popleft()
-            for name, a, b in zip(PHASES, events, events[1:]):
-                self.gpu[name] += a.elapsed_time(b) / 1e3
+        """Fold in the GPU times of every finished step, oldest first, without waiting."""
+        while self._in_flight and self._in_flight[0][-1][1].query():
+            marks = self._in_flight.popleft()
+            for (_, a), (phase, b) in zip(marks, marks[1:]):
+                self.gpu[phase] += a.elapsed_time(b) / 1e3
             self.gpu_cycles += 1
 
     def summary(self) -> dict:
         n = max(self.cycles, 1)
         out = {"cycles": self.cycles, "mean_batch": self.batch / n}
-        out.update({f"host_{k}_ms": 1e3 * self.host[k] / n for k in PHASES})
+        out.update({f"host_{k}_ms": 1e3 * self.host[k] / n for k in self.phases})
         if self.gpu_cycles:
-            out.update({f"gpu_{k}_ms": 1e3 * self.gpu[k] / self.gpu_cycles for k in PHASES})
-            out["gpu_cycle_ms"] = sum(out[f"gpu_{k}_ms"] for k in PHASES)
+            out.update({f"gpu_{k}_ms": 1e3 * self.gpu[k] / self.gpu_cycles for k in self.phases})
+            out["gpu_cycle_ms"] = sum(out[f"gpu_{k}_ms"] for k in self.phases)
         if self.path is not None:
             out["host_between_cycles_ms"] = 1e3 * self.between / max(n - 1, 1)
             out["tokens_per_cycle"] = self.tokens / n

@@ -16,8 +16,8 @@ restores the batch afterwards. Other batches go to ``eagle_sample`` untouched.
 from __future__ import annotations
 
 import logging
+import functools
 from contextlib import contextmanager
-from functools import cache
 from typing import Any, Iterator, Optional
 
 import torch
@@ -27,11 +27,22 @@ from sglang.srt.speculative.eagle_utils import eagle_sample
 logger = logging.getLogger(__name__)
 
 
-@cache
+@functools.cache
 def _warn_penalties() -> None:
     logger.warning("SPARSESPEC: frequency/presence/repetition penalties follow SGLang's speculative "
                    "semantics: every verified position sees the penalty state of the cycle's start, "
                    "so sampling with penalties is close to, not exactly, plain decoding's")
+
+
+@functools.lru_cache(maxsize=None)
+def chain_tree(num: int, width: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``retrieve_index``, ``retrieve_next_token`` and ``retrieve_next_sibling`` of ``num``
+    chains of ``width`` nodes, as ``eagle_sample`` expects them (cached, never written)."""
+    index = torch.arange(num * width, device=device, dtype=torch.int64).view(num, width)
+    nxt = torch.arange(1, width + 1, device=device, dtype=torch.int64).repeat(num, 1)
+    nxt[:, -1] = -1
+    sibling = torch.full((num, width), -1, device=device, dtype=torch.int64)
+    return index, nxt, sibling
 
 
 def filter_probs(probs: torch.Tensor, top_ks: torch.Tensor, top_ps: torch.Tensor,

@@ -15,23 +15,24 @@ delayed verification buys in the paper (the host never stalls on a verify result
 request has to sit a pass out either. ``--sparsespec-disable-delayed-verify`` makes the host
 wait for every pass's results instead, to measure what that costs.
 
-State across steps, by request-pool row: ``PillarState.pending`` / ``dense_start`` / selection,
-and ``drafts`` (tokens drafted since the last verify, which may cross a step boundary; their
-KV positions are covered by patches/kv_reserve.py). Discarding drafts is always safe (they are
-only proposals), which is how a request re-enters after a prefill or a lockstep step.
+State across steps, by request-pool row: ``PillarState.pending`` / ``dense_start`` / selection
+(changed only through ``PillarState.commit`` and the verify's top-K), and this schedule's own
+``drafts`` (tokens drafted since the last verify, which may cross a step boundary; their
+KV positions are covered by patches/kv_reserve.py, sized by :meth:`UnifiedSchedule.kv_reserve_per_decode`).
+Discarding drafts is always safe (they are only proposals), which is how a request re-enters
+after a prefill or a lockstep step (:meth:`UnifiedSchedule.forget`).
 """
 
 from __future__ import annotations
 
 import collections
 import copy
-import functools
 import json
 import logging
 import time
 from dataclasses import dataclass
 from types import SimpleNamespace
-from typing import Any, Callable, Optional
+from typing import Any, ClassVar, Optional
 
 import torch
 from sglang.srt.environ import envs
@@ -41,8 +42,10 @@ from sglang.srt.speculative.ngram_info import NgramVerifyInput
 
 from sparsespec_sglang.draft_graph import DraftGraphs, as_decode_rows
 from sparsespec_sglang.phases import PassPlan, PhasePlanner
-from sparsespec_sglang.pillar import MixedRows, PillarState
-from sparsespec_sglang.profiling import PassTimer
+from sparsespec_sglang.pillar import ForwardPlan, MixedRows
+from sparsespec_sglang.profiling import CycleProfiler, PassTimer
+from sparsespec_sglang.sampling import chain_tree, sample_like_plain
+from sparsespec_sglang.schedule import ScheduleContext, StepResult
 
 logger = logging.getLogger(__name__)
 
@@ -92,17 +95,6 @@ class PassLayout:
         return [j + 1 if j + 1 < n else -1 for n in self.verify_lens for j in range(width)]
 
 
-@functools.lru_cache(maxsize=None)
-def chain_tree(num: int, width: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``retrieve_index``, ``retrieve_next_token`` and ``retrieve_next_sibling`` of ``num``
-    chains of ``width`` nodes, as ``eagle_sample`` expects them (cached, never written)."""
-    index = torch.arange(num * width, device=device, dtype=torch.int64).view(num, width)
-    nxt = torch.arange(1, width + 1, device=device, dtype=torch.int64).repeat(num, 1)
-    nxt[:, -1] = -1
-    sibling = torch.full((num, width), -1, device=device, dtype=torch.int64)
-    return index, nxt, sibling
-
-
 def select_requests(info: Any, index: torch.Tensor, batch_size: int) -> Any:
     """``SamplingBatchInfo`` of a subset of the batch's requests (per-request tensors indexed)."""
     sub = copy.copy(info)
@@ -112,34 +104,59 @@ def select_requests(info: Any, index: torch.Tensor, batch_size: int) -> Any:
     return sub
 
 
-class UnifiedRunner:
-    """Runs one scheduler step as k + 1 unified passes for the worker."""
+class UnifiedSchedule:
+    """One scheduler step as k + 1 unified passes."""
 
-    def __init__(self, k: int, state: PillarState, backend: Any, model_runner: Any,
-                 sample: Callable, delayed_verification: bool) -> None:
-        self.k, self.width = k, k + 1
-        self.state, self.backend, self.model_runner = state, backend, model_runner
-        self.sample = sample  # (verify_input, batch-like, logits_output) -> predict, lens, index
-        self.delayed_verification = delayed_verification
-        self.graphs: Optional[DraftGraphs] = None  # set by the worker once captured
-        self.device = state.req_to_token.device
-        num_rows = state.req_to_token.shape[0]
-        self.planner = PhasePlanner(k, step_aligned=True)
-        # A full pass verifies ~R / (k + 1) requests; twice that covers the planner's imbalance
-        # and the spare entries of the largest graph (capture_sizes: up to 2 R + 16 rows).
-        state.keep_group_scores(TOPK_LAYER_GROUP, min(64, 2 * -(-num_rows // self.width) + 2))
-        self.drafts = torch.zeros((num_rows, k), dtype=torch.int64, device=self.device)
+    name: ClassVar[str] = "unified"
+    PHASES: ClassVar[tuple[str, ...]] = ("inputs", "forward", "accept")
+
+    def __init__(self, ctx: ScheduleContext, profiler: Optional[CycleProfiler] = None) -> None:
+        self.ctx = ctx
+        self.k, self.width = ctx.k, ctx.k + 1
+        self.state, self.backend, self.model_runner = ctx.state, ctx.backend, ctx.model_runner
+        self.delayed_verification = ctx.delayed_verification
+        self.profiler = profiler or CycleProfiler(phases=self.PHASES)
+        self.graphs: Optional[DraftGraphs] = None  # set by capture_graphs
+        self.device = ctx.state.req_to_token.device
+        num_rows = ctx.state.req_to_token.shape[0]
+        self.planner = PhasePlanner(self.k, step_aligned=True)
+        self.drafts = torch.zeros((num_rows, self.k), dtype=torch.int64, device=self.device)
         self.rows = MixedRows.allocate(self.width, num_rows * self.width, self.device)
+        self.plan = ForwardPlan.unified_pass(self.rows)
         self.steps = 0
         self.graph_passes = 0
         self.pass_tokens: list[tuple[int, int, bool]] = []  # (requests, tokens, steady) per pass since the last log
         self.timer = PassTimer()
         self._moved = False  # the planner moved requests between offsets at the last step's end
 
+    @classmethod
+    def kv_reserve_per_decode(cls, k: int) -> Optional[int]:
+        # A request verifies in one of the k + 1 passes and drafts in the later ones: up to
+        # 2k + 1 positions past the step's committed length, 3 (k + 1) with the overlap
+        # scheduler's one-verify lag of the committed length.
+        return 3 * (k + 1)
+
+    @classmethod
+    def group_scores(cls, k: int, num_rows: int) -> Optional[tuple[int, int]]:
+        # A full pass verifies ~R / (k + 1) requests; twice that covers the planner's imbalance
+        # and the spare entries of the largest graph (capture_sizes: up to 2 R + 16 rows).
+        return TOPK_LAYER_GROUP, min(64, 2 * -(-num_rows // (k + 1)) + 2)
+
     @staticmethod
     def capture_sizes(max_requests: int) -> list[int]:
         """Row counts to capture: a full pass has B + k B / (k + 1) < 2 B rows."""
         return sorted({1, 2, 4, 8} | set(range(16, 2 * max_requests + 16, 16)))
+
+    def capture_graphs(self, max_batch_size: int) -> None:
+        self.graphs = DraftGraphs(
+            self.model_runner, self.backend, lambda: self.backend.planned(self.plan),
+            capture_sizes=self.capture_sizes(max_batch_size), label="unified-pass")
+
+    def handles(self, batch: Any) -> bool:
+        """Batches that need per-token logprobs, a grammar or hidden states run lockstep: those
+        SGLang helpers expect one verify forward of the whole batch."""
+        return bool(batch.reqs) and not (batch.return_logprob or batch.has_grammar
+                                         or getattr(batch, "return_hidden_states", False))
 
     def forget(self, pool_rows: list[int]) -> None:
         """These rows start over (a prefill, or a lockstep step verified them): no drafts."""
@@ -147,10 +164,10 @@ class UnifiedRunner:
             if row in self.planner.offset:
                 self.planner.release(row)
 
-    def step(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Any]:
-        """k + 1 passes; returns accept_tokens [B * (k + 1)], accept_lens [B], new_seq_lens [B]
-        and the last pass's logits output."""
+    def step(self, batch: Any) -> StepResult:
+        """k + 1 passes; every request of the batch verifies in exactly one of them."""
         self.timer.begin_step()
+        self.profiler.begin()
         pool_rows = [req.req_pool_idx for req in batch.reqs]
         batch_pos = {row: i for i, row in enumerate(pool_rows)}
         left = [r for r in self.planner.offset if r not in batch_pos]
@@ -173,7 +190,7 @@ class UnifiedRunner:
         host = _pack(layouts, w)
         plan = torch.tensor(host[0], dtype=torch.int64).to(self.device, non_blocking=True)
         logits_output = None
-        with as_decode_rows(batch) as saved, self.backend.mixed_pass(self.rows):
+        with as_decode_rows(batch) as saved:
             for layout, offsets in zip(layouts, host[1]):
                 logits_output = self._pass(batch, saved, layout, plan, offsets, committed,
                                            tokens, lens)
@@ -182,11 +199,12 @@ class UnifiedRunner:
                     torch.get_device_module(self.device).current_stream().synchronize()
                     self.timer.waited(time.perf_counter() - t0)
         self.timer.end_step(len(layouts))
+        self.profiler.end_cycle(bs, lens)
         self.pass_tokens += [(bs, layout.num_rows, steady) for layout in layouts]
         self.steps += 1
         if self.steps % LOG_EVERY == 0:
             self._log()
-        return tokens.flatten(), lens, committed, logits_output
+        return StepResult(tokens.flatten(), lens, committed, logits_output, self.graphs is not None)
 
     def _pass(self, batch: Any, saved: dict[str, Any], layout: PassLayout, plan: torch.Tensor,
               offsets: dict[str, slice], committed: torch.Tensor, tokens: torch.Tensor,
@@ -226,23 +244,28 @@ class UnifiedRunner:
         forward_batch = ForwardBatch.init_new(batch, self.model_runner,
                                               return_hidden_states_before_norm=False)
         graph_rows = self.graphs.bucket(t) if self.graphs is not None else None
-        if (graph_rows is not None and nv <= graph_rows // w
-                and self.graphs.runner.can_run_graph(forward_batch)):
+        use_graph = (graph_rows is not None and nv <= graph_rows // w
+                     and self.graphs.runner.can_run_graph(forward_batch))
+        if use_graph:
             rows.pad_for_graph(t, graph_rows, nv)
-            self.timer.forward_start()
-            logits = self.graphs.run(forward_batch)
-            self.graph_passes += 1
-        else:
-            self.timer.forward_start()
-            # SGLang's eager runner copies a batch into buffers sized for max_running_requests;
-            # a pass has up to ~2x as many rows, so it runs on the ForwardBatch's own tensors.
-            with envs.SGLANG_EAGER_INPUT_NO_COPY.override(True):
-                logits = self.model_runner.forward(forward_batch).logits_output.next_token_logits
+        self.profiler.mark("inputs")
+        self.timer.forward_start()
+        with self.backend.planned(self.plan):
+            if use_graph:
+                logits = self.graphs.run(forward_batch)
+                self.graph_passes += 1
+            else:
+                # SGLang's eager runner copies a batch into buffers sized for max_running_requests;
+                # a pass has up to ~2x as many rows, so it runs on the ForwardBatch's own tensors.
+                with envs.SGLANG_EAGER_INPUT_NO_COPY.override(True):
+                    logits = self.model_runner.forward(forward_batch).logits_output.next_token_logits
         self.timer.forward_end()
+        self.profiler.mark("forward")
 
         if d:
             self.drafts[pool[:d], row_index[:d]] = torch.argmax(logits[:d], dim=-1)
         if not nv:
+            self.profiler.mark("accept")
             return LogitsProcessorOutput(next_token_logits=logits)
         if all(n == w for n in layout.verify_lens):
             chain_rows = slice(d, t)
@@ -259,16 +282,17 @@ class UnifiedRunner:
         sub = SimpleNamespace(
             device=self.device, forward_mode=ForwardMode.TARGET_VERIFY, seq_lens=verify_prefix,
             sampling_info=info if _greedy_only(info) else select_requests(info, verify_batch, len(batch.reqs)))
-        predict, accept_lens, accept_index = self.sample(verify_input, sub, verify_logits)
+        predict, accept_lens, accept_index = sample_like_plain(verify_input, sub, verify_logits, None,
+                                                               self.ctx.sampling_backend)
         # A short chain accepts at most its own length (forced-acceptance benchmarks would not).
         accept_lens = torch.minimum(accept_lens, verify_lens)
         accepted = predict[accept_index].view(nv, w).to(torch.int32)
-        state.pending[verify_pool] = accepted[torch.arange(nv, device=self.device),
-                                              accept_lens.long() - 1].to(torch.int64)
-        state.dense_start[verify_pool] = verify_prefix.to(torch.int32)
+        state.commit(verify_pool, window_start=verify_prefix,
+                     last_tokens=accepted[torch.arange(nv, device=self.device), accept_lens.long() - 1])
         committed[verify_batch] = verify_prefix + accept_lens
         tokens[verify_batch] = accepted
         lens[verify_batch] = accept_lens
+        self.profiler.mark("accept")
         return verify_logits
 
     def _log(self) -> None:

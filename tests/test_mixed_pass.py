@@ -23,7 +23,7 @@ from sparsespec_sglang.attention import SparseSpecAttnBackend  # noqa: E402
 from sparsespec_sglang.config import SparseSpecConfig  # noqa: E402
 from sparsespec_sglang.kernels.sparse_decode import sparse_decode_attention  # noqa: E402
 from sparsespec_sglang.kernels.verify_attention import verify_attention_with_scores  # noqa: E402
-from sparsespec_sglang.pillar import MixedRows, PillarState  # noqa: E402
+from sparsespec_sglang.pillar import ForwardPlan, MixedRows, PillarState  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 LAYERS, HQ, HKV, D, K = 3, 4, 2, 16, 3
@@ -39,9 +39,7 @@ def _run_pass(keep_group: tuple[int, int] | None, score_norm: str, streams=None)
                               num_sink_tokens=2, score_norm=score_norm)
     num_rows, ctx = 8, 96
     req_to_token = (torch.randperm(num_rows * ctx, generator=gen) + 1).int().view(num_rows, ctx)
-    state = PillarState(config, LAYERS, HQ, HKV, req_to_token.to(DEVICE))
-    if keep_group is not None:
-        state.keep_group_scores(*keep_group)
+    state = PillarState(config, LAYERS, HQ, HKV, req_to_token.to(DEVICE), group_scores=keep_group)
     if state.draft_lse is not None:
         state.draft_lse.copy_(torch.rand(state.draft_lse.shape, generator=gen) + 3.0)
     num_slots = num_rows * ctx + 1
@@ -65,7 +63,7 @@ def _run_pass(keep_group: tuple[int, int] | None, score_norm: str, streams=None)
     rows.num_verify = 2
 
     backend = object.__new__(SparseSpecAttnBackend)
-    backend.state, backend._mixed, backend._num_sms = state, rows, 4
+    backend.state, backend.plan, backend._num_sms = state, ForwardPlan.unified_pass(rows), 4
     backend.make_streams(DEVICE)
     if streams is not None:  # a recorder of the streams' ordering (see StreamLog)
         backend._streams = streams
@@ -110,15 +108,16 @@ def test_verify_rows_come_from_the_verify_kernel_and_draft_rows_from_the_sparse_
     for lid, (q, k_buf, v_buf, scale) in enumerate(p.inputs):
         verify_out = torch.full((q.shape[0], HQ, D), 7.0, device=DEVICE)
         verify_attention_with_scores(
-            q, k_buf, v_buf, verify_out, state.req_to_token, rows.verify_rows[:2],
-            rows.verify_prefix[:2], rows.verify_lens[:2], rows.qo_indptr[:3],
-            torch.zeros(2, HKV, state.req_to_token.shape[1], device=DEVICE), scale, "sum",
-            num_kv_splits=1)
+            q, k_buf, v_buf, verify_out, req_to_token=state.req_to_token, req_pool_indices=rows.verify_rows[:2],
+            prefix_lens=rows.verify_prefix[:2], extend_lens=rows.verify_lens[:2], qo_indptr=rows.qo_indptr[:3],
+            scores=torch.zeros(2, HKV, state.req_to_token.shape[1], device=DEVICE), sm_scale=scale,
+            aggregation="sum", num_kv_splits=1)
         decode_out = torch.full((d, HQ, D), 7.0, device=DEVICE)
         sparse_decode_attention(
-            q[:d], k_buf, v_buf, decode_out, state.req_to_token, fb.req_pool_indices[:d],
-            fb.seq_lens[:d], rows.dense_start[:d], state.sel_indices[lid], rows.sel_lens[:d],
-            state.config.num_sink_tokens, scale, num_kv_splits=1, sel_by_row=True)
+            q[:d], k_buf, v_buf, decode_out, req_to_token=state.req_to_token,
+            req_pool_indices=fb.req_pool_indices[:d], seq_lens=fb.seq_lens[:d],
+            dense_start=rows.dense_start[:d], sel_indices=state.sel_indices[lid], sel_lens=rows.sel_lens[:d],
+            num_sink=state.config.num_sink_tokens, sm_scale=scale, num_kv_splits=1, sel_by_row=True)
         got = out[lid].view(-1, HQ, D)
         torch.testing.assert_close(got[d:], verify_out[d:], rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(got[:d], decode_out, rtol=1e-5, atol=1e-5)

@@ -4,7 +4,9 @@ import pytest
 import torch
 from prometheus_client import CollectorRegistry
 
-from sparsespec_sglang.profiling import PHASES, CycleProfiler
+from sparsespec_sglang.profiling import CycleProfiler
+
+PHASES = ("draft", "verify", "accept")  # the lockstep schedule's
 
 
 class FakeEvent:
@@ -31,8 +33,9 @@ class FakeEvent:
 
 
 def _cycle(prof):
-    for _ in range(len(PHASES) + 1):
-        prof.mark()
+    prof.begin()
+    for phase in PHASES:
+        prof.mark(phase)
     prof.end_cycle(4, torch.tensor([2, 3, 1, 1]))
 
 
@@ -43,7 +46,8 @@ def test_gpu_times_are_folded_in_only_once_the_gpu_is_done():
         events.append(FakeEvent())
         return events[-1]
 
-    prof = CycleProfiler(every=1000, event_factory=factory)
+    host_clock = iter(range(0, 1000, 2))  # every phase takes 2 s of host time
+    prof = CycleProfiler(PHASES, every=1000, event_factory=factory, clock=lambda: next(host_clock))
     _cycle(prof)
     _cycle(prof)
     assert "gpu_cycle_ms" not in prof.summary()  # nothing finished: no wait, no numbers
@@ -54,19 +58,40 @@ def test_gpu_times_are_folded_in_only_once_the_gpu_is_done():
     assert prof.gpu_cycles == 1 and summary["cycles"] == 3 and summary["mean_batch"] == 4
     assert all(summary[f"gpu_{p}_ms"] == pytest.approx(1.0) for p in PHASES)
     assert summary["gpu_cycle_ms"] == pytest.approx(3.0)
-    assert all(summary[f"host_{p}_ms"] >= 0 for p in PHASES)
+    assert all(summary[f"host_{p}_ms"] == pytest.approx(2000.0) for p in PHASES)
 
 
-def test_a_missing_phase_mark_is_an_error():
-    prof = CycleProfiler(event_factory=FakeEvent)
-    prof.mark()
-    prof.mark()
-    with pytest.raises(AssertionError, match="mark"):
+def test_a_phase_that_ends_several_times_a_step_sums_its_intervals():
+    """The unified schedule marks its phases once per pass: a step's phase time is their sum."""
+    host_clock = iter(range(0, 1000, 1))
+    prof = CycleProfiler(("inputs", "forward", "accept"), event_factory=FakeEvent,
+                         clock=lambda: next(host_clock))
+    prof.begin()
+    for _ in range(3):  # three passes
+        for phase in ("inputs", "forward", "forward", "accept"):  # forward: 2 ticks per pass
+            prof.mark(phase)
+    prof._marks[-1][2].done = True
+    prof.end_cycle(2, torch.tensor([1, 1]))
+    summary = prof.summary()
+    assert summary["gpu_forward_ms"] == pytest.approx(6.0) and summary["gpu_inputs_ms"] == pytest.approx(3.0)
+    assert summary["host_forward_ms"] == pytest.approx(6000.0)
+
+
+def test_a_missing_or_unknown_phase_mark_is_an_error():
+    prof = CycleProfiler(PHASES, event_factory=FakeEvent)
+    with pytest.raises(RuntimeError, match="begin"):
+        prof.mark("draft")
+    prof.begin()
+    prof.mark("draft")
+    with pytest.raises(ValueError, match="unknown phase 'forward'"):
+        prof.mark("forward")
+    prof.mark("verify")
+    with pytest.raises(RuntimeError, match="accept"):
         prof.end_cycle(1, torch.tensor([1]))
 
 
 def test_profile_mode_syncs_and_counts_tokens(tmp_path):
-    prof = CycleProfiler(every=2, path=str(tmp_path / "p.json"), event_factory=FakeEvent)
+    prof = CycleProfiler(PHASES, every=2, path=str(tmp_path / "p.json"), event_factory=FakeEvent)
     _cycle(prof)
     _cycle(prof)
     summary = prof.summary()
@@ -76,32 +101,37 @@ def test_profile_mode_syncs_and_counts_tokens(tmp_path):
 
 def test_env_enables_profiling_on_rank_zero_only(monkeypatch, tmp_path):
     monkeypatch.setenv("SPARSESPEC_PROFILE", str(tmp_path / "p.json"))
-    assert CycleProfiler.from_env(0).path == tmp_path / "p.json"
-    assert CycleProfiler.from_env(1).path is None
+    assert CycleProfiler.from_env(PHASES, 0).path == tmp_path / "p.json"
+    assert CycleProfiler.from_env(PHASES, 1).path is None
 
 
 def test_gauges_carry_the_gpu_phase_means():
     registry = CollectorRegistry()
-    prof = CycleProfiler(every=1, event_factory=FakeEvent)
+    prof = CycleProfiler(PHASES, every=1, event_factory=FakeEvent)
     prof.export_metrics({"model_name": "m"}, registry=registry)
-    for _ in range(len(PHASES) + 1):
-        prof.mark()
-    prof._marks[-1][1].done = True  # the cycle's last event has completed
+    prof.begin()
+    for phase in PHASES:
+        prof.mark(phase)
+    prof._marks[-1][2].done = True  # the cycle's last event has completed
     prof.end_cycle(2, torch.tensor([1, 1]))
     value = registry.get_sample_value("sparsespec:verify_gpu_ms_per_cycle", {"model_name": "m"})
     assert value == pytest.approx(1.0)
     # A second worker in the same process reuses the gauges instead of failing to register.
-    CycleProfiler(event_factory=FakeEvent).export_metrics({"model_name": "m"}, registry=registry)
+    CycleProfiler(PHASES, event_factory=FakeEvent).export_metrics({"model_name": "m"}, registry=registry)
+    # A schedule with other phases adds its own gauges beside them.
+    CycleProfiler(("inputs", "forward", "accept")).export_metrics({"model_name": "m"}, registry=registry)
+    assert registry.get_sample_value("sparsespec:forward_gpu_ms_per_cycle", {"model_name": "m"}) == 0.0
 
 
 def test_gauges_refresh_between_log_lines():
     registry = CollectorRegistry()
-    prof = CycleProfiler(every=1000, event_factory=FakeEvent, gauge_every=2)
+    prof = CycleProfiler(PHASES, every=1000, event_factory=FakeEvent, gauge_every=2)
     prof.export_metrics({"model_name": "g"}, registry=registry)
     for cycle in range(2):
-        for _ in range(len(PHASES) + 1):
-            prof.mark()
-        prof._marks[-1][1].done = True
+        prof.begin()
+        for phase in PHASES:
+            prof.mark(phase)
+        prof._marks[-1][2].done = True
         prof.end_cycle(1, torch.tensor([1]))
         value = registry.get_sample_value("sparsespec:draft_gpu_ms_per_cycle", {"model_name": "g"})
         assert value == (0.0 if cycle == 0 else pytest.approx(1.0))  # unset until cycle 2

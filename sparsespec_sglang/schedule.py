@@ -1,0 +1,93 @@
+"""How one decode step of a batch is laid out over forward passes: the schedule interface.
+
+The worker (``worker.py``) is a thin SGLang adapter; the order of draft and verify forwards in a
+decode step is a *schedule*. Two exist, each in its own module:
+
+- ``lockstep`` (``lockstep.py``): k sparse draft forwards of the whole batch, then one verify
+  forward of the whole batch (the deterministic default, and the fallback for batches that need
+  per-token logprobs, a grammar or hidden states);
+- ``unified`` (``unified.py``, the default): k + 1 passes that each mix drafting and verifying
+  requests, so every pass carries a flat token count.
+
+Both read and write per-request PillarAttn state only through
+:class:`~sparsespec_sglang.pillar.PillarState`'s transitions, and tell the attention backend what
+each forward is with a :class:`~sparsespec_sglang.attention.ForwardPlan`. A new schedule is one
+module with a class that follows :class:`Schedule`, plus one line in :data:`SCHEDULES`.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Any, ClassVar, Optional, Protocol
+
+import torch
+
+# name -> "module:class"; imported on first use, so that config validation and the KV-reserve
+# hook can name schedules without importing their modules.
+SCHEDULES: dict[str, str] = {
+    "unified": "sparsespec_sglang.unified:UnifiedSchedule",
+    "lockstep": "sparsespec_sglang.lockstep:LockstepSchedule",
+}
+
+
+@dataclass
+class StepResult:
+    """One decode step of a batch, in SGLang's spec-v2 result shape (batch order)."""
+
+    accept_tokens: torch.Tensor  # [B * (k + 1)] int32: request b's accepted tokens at [b * (k + 1):]
+    accept_lens: torch.Tensor  # [B] int32, 1..k + 1 (the bonus token included)
+    new_seq_lens: torch.Tensor  # [B] committed lengths after the step
+    logits_output: Any  # the last verify forward's logits output (logprobs read it)
+    can_run_cuda_graph: bool
+
+
+@dataclass
+class ScheduleContext:
+    """What a schedule drives: the target model, the backend, the shared state."""
+
+    k: int  # draft steps per cycle
+    state: Any  # PillarState, the one owner of per-request PillarAttn state
+    backend: Any  # SparseSpecAttnBackend
+    model_runner: Any  # SGLang's target ModelRunner
+    target_worker: Any  # SGLang's TpModelWorker (verify forwards of the lockstep schedule)
+    sampling_backend: str  # --sampling-backend: which plain sampler the acceptance matches
+    delayed_verification: bool  # unified: the host never waits on a verify result
+
+
+class Schedule(Protocol):
+    """One decode step of a batch as draft and verify forwards on the target model."""
+
+    name: ClassVar[str]
+
+    @classmethod
+    def kv_reserve_per_decode(cls, k: int) -> Optional[int]:
+        """KV positions SGLang must reserve past a request's committed length before each decode
+        step (patches/kv_reserve.py), or None when SGLang's own spec-v2 reserve suffices."""
+
+    @classmethod
+    def group_scores(cls, k: int, num_rows: int) -> Optional[tuple[int, int]]:
+        """(layers, verifying requests) whose verify scores PillarState keeps for one grouped
+        top-K launch, or None; asked before PillarState is built, so all of it is allocated at once."""
+
+    def handles(self, batch: Any) -> bool:
+        """Whether this schedule can run the batch (the worker falls back to lockstep if not)."""
+
+    def step(self, batch: Any) -> StepResult:
+        """Draft and verify every request of a decode batch once; restores the batch's fields."""
+
+    def forget(self, pool_rows: list[int]) -> None:
+        """These request-pool rows start over (prefilled, or stepped by another schedule): drop
+        whatever this schedule carries for them across steps."""
+
+    def capture_graphs(self, max_batch_size: int) -> None:
+        """Capture this schedule's CUDA graphs (after SGLang captured the verify graphs)."""
+
+
+def schedule_class(name: str) -> type:
+    """The class registered under ``name`` (``--sparsespec-schedule``)."""
+    if name not in SCHEDULES:
+        raise ValueError(f"--sparsespec-schedule: unknown schedule {name!r}; allowed: "
+                         f"{', '.join(SCHEDULES)}")
+    module, cls = SCHEDULES[name].split(":")
+    return getattr(importlib.import_module(module), cls)

@@ -1,0 +1,140 @@
+"""A toy target model for CPU tests of the schedules and the worker (not a test module).
+
+The target's next token is a fixed function of (token, position); a draft row (a sparse draft
+step, or a row before a unified pass's verify rows) gets that token or, at some positions, a
+wrong one, so drafts are rejected at ragged points. Only SGLang's model forward, its CUDA-only
+acceptance kernel and its CUDA/sgl_kernel cache-location op are replaced; schedules, worker,
+PillarState and the backend's plan plumbing are the real ones.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import torch
+from sglang.srt.model_executor.forward_batch_info import ForwardMode
+
+from sparsespec_sglang.attention import SparseSpecAttnBackend
+from sparsespec_sglang.pillar import ForwardPlan, PlanKind
+
+VOCAB = 97
+
+
+def target_next(token: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    return (token * 31 + pos * 7 + 3) % VOCAB
+
+
+def target_sequence(last_prompt_token: int, prompt_len: int, n: int) -> list[int]:
+    """The target's own greedy continuation of a prompt ending in ``last_prompt_token``."""
+    seq = [int(target_next(torch.tensor(last_prompt_token), torch.tensor(prompt_len - 1)))]
+    for p in range(prompt_len, prompt_len + n - 1):
+        seq.append(int(target_next(torch.tensor(seq[-1]), torch.tensor(p))))
+    return seq
+
+
+def _logits(tokens: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.one_hot(tokens.long(), VOCAB).float()
+
+
+class ToyBackend(SparseSpecAttnBackend):
+    """The real backend's plan plumbing (``planned``, ``attach``) without SGLang's constructor."""
+
+    def __init__(self) -> None:  # noqa: D107 -- no TritonAttnBackend: no model runner on CPU
+        self.state = None
+        self.plan = ForwardPlan.plain()
+
+
+class ToyModelRunner:
+    """``model_runner.forward`` over single-token DECODE rows, under the backend's plan."""
+
+    def __init__(self, backend: ToyBackend, device: str = "cpu") -> None:
+        self.backend = backend
+        self.device = device
+        self.forwards: list[tuple[PlanKind, int]] = []  # (plan kind, rows) per forward
+        self.draft_inputs: list[tuple[list[int], list[int]]] = []  # per draft forward: (dense_start, sel_lens)
+
+    def forward(self, fb):
+        plan = self.backend.plan
+        assert fb.forward_mode.is_decode() and plan.kind is not PlanKind.PLAIN
+        pos = fb.seq_lens - 1
+        nxt = target_next(fb.input_ids, pos)
+        n = len(nxt)
+        if plan.kind is PlanKind.SPARSE_DRAFT:
+            draft_rows = n
+            self.draft_inputs.append((plan.draft.dense_start[:n].tolist(), plan.draft.sel_lens[:n].tolist()))
+        else:
+            draft_rows = int(plan.rows.qo_indptr[0])
+        wrong = (torch.arange(n) < draft_rows) & (pos % 5 == 2)
+        nxt = torch.where(wrong, (nxt + 1) % VOCAB, nxt)
+        self.forwards.append((plan.kind, n))
+        return SimpleNamespace(logits_output=SimpleNamespace(next_token_logits=_logits(nxt)))
+
+
+class ToyTargetWorker:
+    """SGLang's TpModelWorker: prefill (EXTEND) and the lockstep verify (TARGET_VERIFY)."""
+
+    def __init__(self, model_runner: ToyModelRunner, req_to_token: torch.Tensor) -> None:
+        self.model_runner = model_runner
+        self.req_to_token_pool = SimpleNamespace(req_to_token=req_to_token)
+        self.verifies: list[int] = []  # batch size per verify
+
+    def get_memory_pool(self):
+        return self.req_to_token_pool, None
+
+    def forward_batch_generation(self, batch, is_verify: bool = False):
+        if is_verify:
+            assert batch.forward_mode == ForwardMode.TARGET_VERIFY and is_verify
+            assert self.model_runner.backend.plan.kind is PlanKind.PLAIN
+            info = batch.spec_info
+            self.verifies.append(len(batch.reqs))
+            logits = _logits(target_next(batch.input_ids, info.positions))
+            return SimpleNamespace(logits_output=SimpleNamespace(next_token_logits=logits),
+                                   can_run_cuda_graph=False)
+        assert batch.forward_mode.is_extend()
+        first = target_next(batch.input_ids_last, batch.seq_lens - 1)
+        return SimpleNamespace(logits_output=None, next_token_ids=first, can_run_cuda_graph=False)
+
+
+def greedy_chain_accept(verify_input, batch, logits_output, grammar_mask=None, sampling_backend=None):
+    """SGLang's greedy chain acceptance (``verify_tree_greedy``, CUDA-only) in PyTorch."""
+    assert grammar_mask is None
+    w = verify_input.draft_token_num
+    cand = verify_input.draft_token.view(-1, w)
+    target = logits_output.next_token_logits.argmax(-1).view(-1, w)
+    nxt = verify_input.retrieve_next_token
+    nv = cand.shape[0]
+    predict = torch.zeros(nv * w, dtype=torch.int32)
+    accept_index = torch.full((nv, w), -1, dtype=torch.int32)
+    lens = torch.zeros(nv, dtype=torch.int32)
+    for v in range(nv):
+        j = 0
+        while True:
+            accept_index[v, j] = v * w + j
+            predict[v * w + j] = target[v, j]
+            if nxt[v, j] < 0 or cand[v, j + 1] != target[v, j]:
+                break
+            j += 1
+        lens[v] = j + 1
+    return predict, lens, accept_index
+
+
+def extend_cache_locs(req_pool_indices, req_to_token, start_offset, end_offset, batch_size,
+                      draft_token_num, device):
+    """SGLang's ``assign_extend_cache_locs_func`` (Triton or sgl_kernel) in PyTorch."""
+    pos = start_offset.unsqueeze(1) + torch.arange(draft_token_num)
+    return req_to_token[req_pool_indices.unsqueeze(1), pos].flatten().to(torch.int64)
+
+
+def forward_batch_of(batch, *_args, **_kwargs):
+    """``ForwardBatch.init_new``: the fields the toy runner reads."""
+    return SimpleNamespace(input_ids=batch.input_ids, seq_lens=batch.seq_lens,
+                           forward_mode=batch.forward_mode, req_pool_indices=batch.req_pool_indices)
+
+
+def patch_sglang(monkeypatch) -> None:
+    """Replace the CUDA-only SGLang pieces the schedules call (see the module docstring)."""
+    for module in ("lockstep", "unified"):
+        monkeypatch.setattr(f"sparsespec_sglang.{module}.sample_like_plain", greedy_chain_accept)
+        monkeypatch.setattr(f"sparsespec_sglang.{module}.ForwardBatch",
+                            SimpleNamespace(init_new=forward_batch_of))
+    monkeypatch.setattr("sparsespec_sglang.lockstep.assign_extend_cache_locs_func", extend_cache_locs)
