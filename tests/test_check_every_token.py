@@ -139,3 +139,114 @@ def test_retraction_points_from_the_retraction_patch_log(monkeypatch, caplog):
     assert cet.retraction_points(caplog.text) == {"a1": [300, 777], "b2": [410]}
     log = "KV cache pool is full. Retract requests. #retracted_reqs: 3, #new_tokens_gained: 9\n" * 2
     assert cet.retraction_summary(log) == {"retraction_events": 2, "retracted_reqs_logged": 6}
+
+
+# ----------------------------------------------------------------------------- main() wiring
+
+VOCAB = 1000
+
+
+def _top2(ctx: list[int]) -> list[tuple[float, int, None]]:
+    """A deterministic stand-in for plain's distribution: every 5th context length is a near-tie."""
+    a = (sum(ctx[-3:]) * 31 + len(ctx)) % VOCAB
+    gap = 0.1 if len(ctx) % 5 == 0 else 2.0
+    return [(-0.1, a, None), (-0.1 - gap, (a + 1) % VOCAB, None)]
+
+
+class _FakeEngine:
+    """Stands in for sglang.Engine in main(): decodes with _top2 (SPARSESPEC: takes top-2 at
+    near-ties, and a wrong token at each (prompt index, position) in ``corrupt``), and answers
+    teacher-forcing requests in SGLang 0.5.17's input-logprob layout."""
+
+    corrupt: set = set()
+    prompts: list = []
+    started: list = []
+
+    def __init__(self, **kwargs):
+        import asyncio
+
+        self.kwargs, self.loop = kwargs, asyncio.new_event_loop()
+        self.spec = kwargs.get("speculative_algorithm") == "SPARSESPEC"
+        _FakeEngine.started.append(kwargs)
+
+    async def async_generate(self, input_ids, sampling_params, **extra):
+        i = _FakeEngine.prompts.index(list(input_ids))
+        ctx, out = list(input_ids), []
+        for pos in range(sampling_params["max_new_tokens"]):
+            (lp1, t1, _), (lp2, t2, _) = _top2(ctx)
+            tok = t2 if self.spec and lp1 - lp2 < 0.25 else t1
+            if self.spec and (i, pos) in _FakeEngine.corrupt:
+                tok = (t1 + 7) % VOCAB
+            ctx.append(tok)
+            out.append(tok)
+        return {"output_ids": out, "meta_info": {"id": f"rid{i}", "finish_reason": {"type": "length"},
+                                                 "num_retractions": 0}}
+
+    def generate(self, input_ids, sampling_params, return_logprob, logprob_start_len, top_logprobs_num):
+        assert return_logprob and top_logprobs_num == 2 and sampling_params["max_new_tokens"] == 1
+        res = []
+        for ids, start in zip(input_ids, logprob_start_len):
+            tok = [(None, ids[start], None)]
+            top = [None]
+            for p in range(start + 1, len(ids)):
+                t2 = _top2(ids[:p])
+                tok.append((next((lp for lp, t, _ in t2 if t == ids[p]), -9.0), ids[p], None))
+                top.append(t2)
+            res.append({"output_ids": [0], "meta_info": {"input_token_logprobs": tok, "input_top_logprobs": top}})
+        return res
+
+    def shutdown(self):
+        self.loop.close()
+
+
+def _run_main(monkeypatch, tmp_path, corrupt, *extra):
+    import json
+
+    import sglang
+
+    from sparsespec_sglang.testing.model_dirs import make_model_dir
+
+    model_dir = make_model_dir(tmp_path / "tok", "tiny", with_weights=False)
+    prompts_file = tmp_path / "p.jsonl"
+    prompts_file.write_text("".join(json.dumps({"id": i, "task": "t", "question": q, "answer": "1", "solution": None})
+                                    + "\n" for i, q in enumerate(["what is 1+1?", "name a prime", "count to 3"])))
+    tok = __import__("transformers").AutoTokenizer.from_pretrained(model_dir)
+    from sparsespec_sglang.testing.prompts import chat_prompt
+
+    _FakeEngine.prompts = [tok(chat_prompt(tok, q), add_special_tokens=False)["input_ids"]
+                           for q in ["what is 1+1?", "name a prime", "count to 3", "what is 1+1?"]]
+    _FakeEngine.corrupt, _FakeEngine.started = set(corrupt), []
+    monkeypatch.setattr(sglang, "Engine", _FakeEngine)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "fake")
+    out = tmp_path / "et.json"
+    monkeypatch.setattr(sys, "argv", ["check_every_token.py", "--model-dir", str(model_dir), "--prompts",
+                                      str(prompts_file), "--num-prompts", "4", "--max-new-tokens", "40",
+                                      "--quiet", "--out", str(out), *extra])
+    rc = cet.main()
+    return rc, json.loads(out.read_text())
+
+
+def test_main_wiring_passes_clean_outputs_and_counts_near_ties(monkeypatch, tmp_path):
+    rc, report = _run_main(monkeypatch, tmp_path, set(), "--schedule", "lockstep")
+    s = report["summary"]
+    assert rc == 0 and s["n_positions"] == 160 and s["n_failing"] == 0 and s["n_near_tie"] > 0
+    assert s["n_exact"] + s["n_near_tie"] == 160 and report["deterministic_exact"] is None
+    assert _FakeEngine.started[0]["sparsespec_schedule"] == "lockstep"
+    assert _FakeEngine.started[1]["attention_backend"] == "triton"
+
+
+def test_main_deterministic_requires_exact_equality(monkeypatch, tmp_path):
+    """The fake SPARSESPEC takes plain's top-2 at near-ties: fine up to ties, not in deterministic mode."""
+    rc, report = _run_main(monkeypatch, tmp_path, set(), "--deterministic")
+    assert report["summary"]["n_failing"] == 0 and report["summary"]["n_near_tie"] > 0
+    assert rc == 1 and report["deterministic_exact"]["num_mismatched"] == 4
+    assert all(kw["enable_deterministic_inference"] for kw in _FakeEngine.started) and len(_FakeEngine.started) == 2
+
+
+def test_main_wiring_flags_a_corrupted_position_after_near_ties(monkeypatch, tmp_path):
+    rc, report = _run_main(monkeypatch, tmp_path, {(2, 33)})
+    assert rc == 1 and report["summary"]["n_failing"] == 1 and report["summary"]["requests_failing"] == 1
+    (fail,) = report["requests"][2]["failing"]
+    assert fail["pos"] == 33 and fail["reason"] == "not plain's top-2"
+    assert report["requests"][2]["n_near_tie"] > 0 and report["requests"][2]["rid"] == "rid2"

