@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.metadata
 import io
 import json
 import statistics
@@ -49,14 +50,18 @@ def _codeio(n: int, seed: int) -> list[dict]:
 
     # The dataset executes its own reference snippets to make input/output pairs; a snippet that
     # fails yields empty data (and prints the error), so draw extra items and keep the good ones.
-    data = reasoning_gym.create_dataset("codeio", seed=seed, size=4 * n)
+    data = reasoning_gym.create_dataset("codeio", seed=seed, size=6 * n)
     rows = []
     bar = tqdm(total=n, desc="codeio")
     for i in range(len(data)):
         with contextlib.redirect_stdout(io.StringIO()):
-            item = data[i]
+            item, again = data[i], data[i]
         meta = item["metadata"]
         if not meta["input_data"] or meta["output_data"] in ({}, None):
+            continue
+        # Snippets that draw from a global (unseeded) random source give a different answer on
+        # every run; keep only items whose answer is reproducible.
+        if "random" in item["question"].split("Tip: Here is a reference code snippet")[-1] or item != again:
             continue
         rows.append({
             "id": f"codeio-{len(rows):03d}",
@@ -82,7 +87,7 @@ def generate(args: argparse.Namespace) -> None:
     args.out.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     meta = {
         "command": "python scripts/make_prompts.py " + " ".join(sys.argv[1:]),
-        "reasoning_gym": reasoning_gym.__version__ if hasattr(reasoning_gym, "__version__") else None,
+        "reasoning_gym": importlib.metadata.version("reasoning-gym"),
         "counts": {"gsm_symbolic": args.gsm, "codeio": args.code},
         "seed": args.seed,
     }
