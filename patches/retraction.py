@@ -30,7 +30,7 @@ from sglang.srt.plugins.hook_registry import HookType
 
 from sparsespec_sglang import offload
 from sparsespec_sglang.patches import register_once
-from sparsespec_sglang.server_args import is_sparsespec, keep_retracted_kv_flag, sparsespec_config
+from sparsespec_sglang.validation import is_sparsespec, keep_retracted_kv_flag, sparsespec_config
 
 logger = logging.getLogger(__name__)
 _keep_kv: contextvars.ContextVar[bool] = contextvars.ContextVar("sparsespec_keep_kv", default=False)

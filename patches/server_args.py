@@ -36,7 +36,7 @@ from sparsespec_sglang.config import (
     check_keep_retracted_kv,
 )
 from sparsespec_sglang.patches import register_once
-from sparsespec_sglang.server_args import is_sparsespec, select_attention_backend
+from sparsespec_sglang.validation import is_sparsespec, select_attention_backend
 
 MODULE = "sglang.srt.server_args"
 _cli_values: contextvars.ContextVar[dict | None] = contextvars.ContextVar(

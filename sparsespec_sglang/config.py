@@ -14,6 +14,8 @@ import math
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Optional
 
+from sparsespec_sglang.selection import AGGREGATIONS, PPM
+
 ALGORITHM_NAME = "SPARSESPEC"
 ATTENTION_BACKEND_NAME = "sparsespec"
 
@@ -64,7 +66,7 @@ KEEP_RETRACTED_KV = Option(
 
 OPTIONS = (
     Option("sparsity", "--sparsespec-sparsity", float,
-           "Fraction s of the context each draft step attends to (0 < s <= 1)."),
+           "Fraction s of the context each draft step attends to (1e-6 <= s <= 1, in steps of 1e-6)."),
     Option("min_selected", "--sparsespec-min-selected", int,
            "Floor on selected tokens per KV head (>= 0)."),
     Option("max_selected", "--sparsespec-max-selected", int,
@@ -76,12 +78,6 @@ OPTIONS = (
     Option("score_norm", "--sparsespec-score-norm", str,
            "Normaliser of the verify's selection scores: exact (each row's own lse; one more "
            "K read per verify) or draft (the draft step's sparse lse; fused into the verify pass)."),
-    Option("offload_low_watermark", "--sparsespec-offload-low-watermark", float,
-           "Offload running requests' KV to host when the free GPU KV fraction falls below this "
-           "(watermark-driven offload is not built yet: refused)."),
-    Option("offload_high_watermark", "--sparsespec-offload-high-watermark", float,
-           "Load parked requests back when the free GPU KV fraction rises above this "
-           "(watermark-driven offload is not built yet: refused)."),
     Option("schedule", "--sparsespec-schedule", str,
            "How drafts and verifies share forward passes: unified (the default; every pass mixes "
            "drafting and verifying requests, k + 1 passes per scheduler step) or lockstep (k draft "
@@ -98,12 +94,6 @@ OPTIONS = (
     KEEP_RETRACTED_KV,
 )
 
-# Parts of the design that are not built yet (issue 6). The config refuses a setting that could
-# only be ignored: never a flag that silently does nothing.
-NOT_BUILT = {
-    "offload_low_watermark": "watermark-driven KV offload",
-    "offload_high_watermark": "watermark-driven KV offload",
-}
 SCHEDULES = ("unified", "lockstep")
 OPTIONS_BY_DEST = {o.dest: o for o in OPTIONS}
 OPTIONS_BY_FIELD = {o.field: o for o in OPTIONS if o.field is not None}
@@ -120,8 +110,6 @@ class SparseSpecConfig:
     num_sink_tokens: int = 4
     aggregation: str = "sum"
     score_norm: str = "exact"
-    offload_low_watermark: float = 0.05
-    offload_high_watermark: float = 0.15
     schedule: str = "unified"
     delayed_verification: bool = True  # unified schedule: the host never waits on a verify
     kv_offload: bool = True  # retracted KV kept in the hierarchical cache (patches/retraction.py)
@@ -129,8 +117,9 @@ class SparseSpecConfig:
     def __post_init__(self) -> None:
         _check(_is_int(self.num_draft_steps) and 1 <= self.num_draft_steps <= 32,
                "--speculative-num-steps", "an integer in [1, 32]", self.num_draft_steps)
-        _check(_is_real(self.sparsity) and 0.0 < self.sparsity <= 1.0,
-               "--sparsespec-sparsity", "a number in (0, 1]", self.sparsity)
+        # Selection counts the sparsity in parts per million (sparsespec_sglang.selection).
+        _check(_is_real(self.sparsity) and 1 <= round(self.sparsity * PPM) <= PPM,
+               "--sparsespec-sparsity", f"a number in [{1 / PPM}, 1]", self.sparsity)
         _check(_is_int(self.min_selected) and self.min_selected >= 0,
                "--sparsespec-min-selected", "an integer >= 0", self.min_selected)
         _check(_is_int(self.max_selected) and self.max_selected >= max(1, self.min_selected),
@@ -139,18 +128,10 @@ class SparseSpecConfig:
                self.max_selected)
         _check(_is_int(self.num_sink_tokens) and self.num_sink_tokens >= 0,
                "--sparsespec-sink-tokens", "an integer >= 0", self.num_sink_tokens)
-        _check(self.aggregation in ("sum", "max"),
-               "--sparsespec-aggregation", "one of: sum, max", self.aggregation)
+        _check(self.aggregation in AGGREGATIONS,
+               "--sparsespec-aggregation", "one of: " + ", ".join(AGGREGATIONS), self.aggregation)
         _check(self.score_norm in ("exact", "draft"),
                "--sparsespec-score-norm", "one of: exact, draft", self.score_norm)
-        _check(_is_real(self.offload_low_watermark) and 0.0 <= self.offload_low_watermark < 1.0,
-               "--sparsespec-offload-low-watermark", "a number in [0, 1)",
-               self.offload_low_watermark)
-        _check(_is_real(self.offload_high_watermark)
-               and self.offload_low_watermark < self.offload_high_watermark <= 1.0,
-               "--sparsespec-offload-high-watermark",
-               f"a number in (--sparsespec-offload-low-watermark={self.offload_low_watermark}, 1]",
-               self.offload_high_watermark)
         _check(isinstance(self.kv_offload, bool), "--sparsespec-disable-kv-offload", "set or unset",
                self.kv_offload)
         _check(self.schedule in SCHEDULES, "--sparsespec-schedule", "one of: " + ", ".join(SCHEDULES),
@@ -174,10 +155,6 @@ class SparseSpecConfig:
                 raise SparseSpecArgsError(f"unknown SPARSESPEC option {dest!r}; allowed: {allowed}")
             if value is None or option.field is None:  # field None: check_keep_retracted_kv validates it
                 continue
-            if option.field in NOT_BUILT and not option.store_false:
-                raise SparseSpecArgsError(
-                    f"{ALGORITHM_NAME}: {option.flag} has no effect yet ({NOT_BUILT[option.field]} "
-                    f"is not built); leave it unset (got {value!r})")
             kwargs[option.field] = (not value) if option.store_false else value
         return cls(**kwargs)
 

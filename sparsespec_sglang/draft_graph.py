@@ -3,12 +3,13 @@
 SGLang 0.5.17's model runner captures decode graphs of one token width per
 speculative algorithm; for SPARSESPEC (NGRAM-shaped) that is the k+1-token
 verify. A draft step is one token per request, so the worker captures a second
-``DecodeCudaGraphRunner`` over the same model runner, built while the runner
-presents itself as a plain decoder (width 1, DECODE mode) and with the
-attention backend in sparse-draft mode: the captured attention is the PillarAttn
-sparse decode kernel, which reads only graph-static buffers (forward-batch
-inputs, the selection table, and the per-request draft buffers of
-:class:`~sparsespec_sglang.pillar.PillarState`).
+runner over the same model runner, :class:`SingleTokenGraphRunner`: SGLang's
+``DecodeCudaGraphRunner`` built while the model runner presents itself as a plain
+decoder (width 1, DECODE mode) and with the attention backend in sparse-draft mode: the
+captured attention is the PillarAttn sparse decode kernel, which reads only graph-static
+buffers (forward-batch inputs, the selection table, and the per-request draft buffers of
+:class:`~sparsespec_sglang.pillar.PillarState`). ``tests/test_sglang_contract.py`` pins every
+``spec_algorithm`` read of SGLang's runner, the reads this presentation changes.
 
 A unified pass (``unified.py``) is the same kind of forward (single-token rows) with the backend
 in mixed mode; its graphs are keyed by the row count and captured for their own list of sizes
@@ -25,9 +26,10 @@ from typing import Any, Callable, ContextManager, Iterator, Optional, Sequence
 import torch
 from sglang.srt.model_executor.forward_batch_info import ForwardMode
 from sglang.srt.model_executor.forward_context import ForwardContext, forward_context
-from sglang.srt.model_executor.runner import decode_cuda_graph_runner
 from sglang.srt.model_executor.runner.decode_cuda_graph_runner import DecodeCudaGraphRunner
 from sglang.srt.speculative.spec_info import SpeculativeAlgorithm
+
+from sparsespec_sglang.patches.graph_capture_sizes import capturing
 
 logger = logging.getLogger(__name__)
 
@@ -62,18 +64,21 @@ def as_decode_rows(batch: Any) -> Iterator[dict[str, Any]]:
             setattr(batch, name, value)
 
 
-@contextlib.contextmanager
-def _capture_sizes(sizes: Optional[Sequence[int]]) -> Iterator[None]:
-    """Capture these row counts instead of the server's decode batch sizes."""
-    if sizes is None:
-        yield
-        return
-    saved = decode_cuda_graph_runner.get_batch_sizes_to_capture
-    decode_cuda_graph_runner.get_batch_sizes_to_capture = lambda *_a, **_k: (sorted(set(sizes)), [])
-    try:
-        yield
-    finally:
-        decode_cuda_graph_runner.get_batch_sizes_to_capture = saved
+class SingleTokenGraphRunner(DecodeCudaGraphRunner):
+    """SGLang's decode graph runner for single-token DECODE rows on a SPARSESPEC model runner.
+
+    SGLang derives a runner's token width (``decode_num_tokens_per_req``) and capture mode from
+    ``model_runner.spec_algorithm``: k + 1 tokens in TARGET_VERIFY for any speculative
+    algorithm. Built (and its graphs captured) while the model runner reads as non-speculative,
+    it captures width-1 DECODE graphs for ``capture_sizes`` row counts (None: the server's
+    decode batch sizes, ``patches/graph_capture_sizes.py``)."""
+
+    def __init__(self, model_runner: Any, capture_sizes: Optional[Sequence[int]] = None) -> None:
+        with _as_plain_decoder(model_runner), capturing(capture_sizes):
+            super().__init__(model_runner)
+        if capture_sizes is not None and list(self.capture_bs) != sorted(set(capture_sizes)):
+            raise RuntimeError("SPARSESPEC: graph sizes were not applied (is the plugin's "
+                               "patches/graph_capture_sizes.py hook installed?)")
 
 
 class DraftGraphs:
@@ -85,8 +90,8 @@ class DraftGraphs:
                  capture_sizes: Optional[Sequence[int]] = None, label: str = "draft") -> None:
         self.model_runner = model_runner
         self.backend = backend
-        with _as_plain_decoder(model_runner), _capture_sizes(capture_sizes), mode():
-            self.runner = DecodeCudaGraphRunner(model_runner)
+        with mode():
+            self.runner = SingleTokenGraphRunner(model_runner, capture_sizes)
         self.sizes = list(self.runner.capture_bs)
         logger.info("SPARSESPEC: captured %s CUDA graphs for %s", label, self.sizes)
 

@@ -15,7 +15,7 @@ from sglang.srt.speculative.spec_info import SpeculativeAlgorithm
 from sglang.srt.speculative.spec_registry import CustomSpecAlgo, get_spec
 
 from sparsespec_sglang.config import ALGORITHM_NAME, ATTENTION_BACKEND_NAME, SparseSpecArgsError
-from sparsespec_sglang.server_args import validate_server_args
+from sparsespec_sglang.validation import validate_server_args
 
 logger = logging.getLogger(__name__)
 
@@ -27,7 +27,10 @@ class SparseSpecAlgo(CustomSpecAlgo):
     of k+1 tokens verified through ``NgramVerifyInput`` in TARGET_VERIFY mode,
     and the draft state relayed through ``batch.spec_info`` rather than the
     EAGLE FutureMap buffers; ``is_ngram()`` routes it through those branches
-    (verify CUDA graphs, relay, KV sizing). Drafts write KV only into the verify
+    (verify CUDA graphs, relay, KV sizing). ``tests/test_sglang_contract.py`` lists every
+    ``is_ngram()`` call site of SGLang 0.5.17 with what SPARSESPEC needs there and fails when
+    the list changes; the one NGRAM branch SPARSESPEC must not take (the external corpus
+    manager) is undone by ``patches/corpus_manager.py``. Drafts write KV only into the verify
     slots of the same step, hence ``has_draft_kv() is False``.
 
     ``CustomSpecAlgo`` also lacks three methods the 0.5.17 scheduler calls on
@@ -99,6 +102,8 @@ def register() -> None:
         # --enable-deterministic-inference (sparsespec_sglang/deterministic.py).
         DETERMINISTIC_ATTENTION_BACKEND_CHOICES.append(ATTENTION_BACKEND_NAME)
 
+    from sparsespec_sglang.patches import corpus_manager as corpus_manager_patch
+    from sparsespec_sglang.patches import graph_capture_sizes as graph_capture_sizes_patch
     from sparsespec_sglang.patches import hicache_io as hicache_io_patch
     from sparsespec_sglang.patches import kv_reserve as kv_reserve_patch
     from sparsespec_sglang.patches import retraction as retraction_patch
@@ -108,4 +113,6 @@ def register() -> None:
     retraction_patch.register()
     kv_reserve_patch.register()
     hicache_io_patch.register()
+    corpus_manager_patch.register()
+    graph_capture_sizes_patch.register()
     logger.info("sparsespec-sglang: registered %s", ALGORITHM_NAME)

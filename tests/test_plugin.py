@@ -120,8 +120,7 @@ def test_deterministic_inference_keeps_the_sparsespec_backend(sglang_loaded, mod
     (dict(sparsespec_score_norm="approx"), "--sparsespec-score-norm"),
     (dict(sparsespec_score_norm="draft", enable_deterministic_inference=True),
      "--sparsespec-score-norm must be exact with --enable-deterministic-inference"),
-    (dict(sparsespec_offload_high_watermark=0.2), "--sparsespec-offload-high-watermark has no effect yet"),
-    (dict(sparsespec_offload_low_watermark=0.1), "--sparsespec-offload-low-watermark has no effect yet"),
+    (dict(sparsespec_sparsity=4e-7), "--sparsespec-sparsity must be a number in [1e-06, 1]"),
     (dict(sparsespec_schedule="lockstep", sparsespec_disable_delayed_verify=True),
      "--sparsespec-disable-delayed-verify must be used with --sparsespec-schedule unified only"),
     (dict(sparsespec_disable_delayed_verify=True, enable_deterministic_inference=True),
@@ -135,6 +134,7 @@ def test_deterministic_inference_keeps_the_sparsespec_backend(sglang_loaded, mod
     (dict(disaggregation_mode="decode"), "--disaggregation-mode"),
     (dict(speculative_draft_model_path="SELF"), "--speculative-draft-model-path"),
     (dict(sparsespec_bogus=1), "sparsespec_bogus"),
+    (dict(sparsespec_offload_low_watermark=0.1), "unknown keyword argument 'sparsespec_offload_low_watermark'"),
 ])
 def test_bad_values_rejected_with_one_line(sglang_loaded, model_dir, kwargs, flag):
     kwargs = {k: model_dir if v == "SELF" else v for k, v in kwargs.items()}
@@ -159,7 +159,7 @@ def test_sparsespec_flags_need_the_algorithm(sglang_loaded, model_dir):
 @pytest.mark.parametrize("algorithm", [None, "NGRAM", "EAGLE"])
 def test_keep_retracted_kv_flag_for_servers_without_sparsespec(sglang_loaded, model_dir, algorithm):
     """The Engine-kwarg path: allowed without SPARSESPEC, with HiCache; travels with server_args."""
-    from sparsespec_sglang.server_args import keep_retracted_kv_flag
+    from sparsespec_sglang.validation import keep_retracted_kv_flag
 
     sa = _server_args(model_dir, speculative_algorithm=algorithm, enable_hierarchical_cache=True,
                       sparsespec_keep_retracted_kv=True)
@@ -220,7 +220,7 @@ def test_keep_retracted_kv_refused_with_one_line(sglang_loaded, model_dir, kwarg
 
 def test_keep_retracted_kv_false_is_unset(sglang_loaded, model_dir):
     """``sparsespec_keep_retracted_kv=False`` (an Engine kwarg) asks for nothing: no error anywhere."""
-    from sparsespec_sglang.server_args import keep_retracted_kv_flag
+    from sparsespec_sglang.validation import keep_retracted_kv_flag
 
     assert not keep_retracted_kv_flag(_server_args(model_dir, sparsespec_keep_retracted_kv=False))
     assert not keep_retracted_kv_flag(_server_args(model_dir, speculative_algorithm=None,
@@ -247,7 +247,7 @@ def test_cli_flags_parse_and_bad_value_is_one_line(model_dir):
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1] == (
-        "error: SPARSESPEC: --sparsespec-sparsity must be a number in (0, 1] (got 0.0)")
+        "error: SPARSESPEC: --sparsespec-sparsity must be a number in [1e-06, 1] (got 0.0)")
 
 
 def test_keep_retracted_kv_without_hicache_is_one_line(model_dir):
