@@ -19,6 +19,8 @@
 #   bash scripts/gpu_checks.sh pool50spec # the same for SPARSESPEC + HiCache (with the host-copy timing lines)
 #   bash scripts/gpu_checks.sh long16k   # plain vs SPARSESPEC at B 16, 512/16384 (speedup vs context from the log)
 #   bash scripts/gpu_checks.sh shape14b  # plain vs SPARSESPEC, Qwen3-14B shape, B 32/64, 512/2048
+#   bash scripts/gpu_checks.sh everytoken # every-token lossless check (plain teacher-forces each output), random weights
+# Real weights (SmolLM2-135M carried in pieces): scripts/gpu_real_weights.sh.
 # then, on any machine: python scripts/plot_results.py $OUT/*.json --out-dir plots/
 set -euo pipefail
 out=${OUT:-gpu-results}
@@ -100,6 +102,9 @@ case "${1:-}" in
     python scripts/bench_throughput.py --shape qwen3-14b --batch 32,64 --input-len 512 --output-len 2048 --forced-accept 7 \
       --runs plain,sparsespec-draftnorm --log-level info --out "$out/bench_14b.json" > "$out/bench_14b.log" 2>&1 || true
     grep -E "^plain|^sparsespec|^speedup|Traceback" "$out/bench_14b.log" ;;
+  everytoken)
+    python scripts/check_every_token.py --shape small --num-prompts 16 --max-new-tokens 512 --stagger-s 0.05 \
+      --ragged-max-new-tokens --quiet --out "$out/every_token_small.json" 2>&1 | grep -E "^every-token|Traceback" ;;
   *)
-    echo "usage: $0 {tests|lossless|kernels|plain4k|spec4k|batches|accept|offload|sampling|tp2|unified|unified4k|ngram4k|pool50|pool50spec|long16k|shape14b}" >&2; exit 2 ;;
+    echo "usage: $0 {tests|lossless|kernels|plain4k|spec4k|batches|accept|offload|sampling|tp2|unified|unified4k|ngram4k|pool50|pool50spec|long16k|shape14b|everytoken}" >&2; exit 2 ;;
 esac

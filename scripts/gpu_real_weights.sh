@@ -26,7 +26,8 @@
 #   lossless-det       --deterministic: SPARSESPEC ids must equal a plain deterministic decode    ~5-7 min
 #   sampling      scripts/check_sampling.py (unified default; random-weight model)
 #   entrypoints   scripts/check_entrypoints.py (unified default; random-weight model)
-# Knobs: NUM_PROMPTS (64), MAX_NEW (2048), ACC_PROMPTS (16), ACC_MAX_NEW (512), POOL_TOKENS (70000).
+# Knobs: NUM_PROMPTS (64), MAX_NEW (2048), DTYPE (bfloat16; float32 makes near-ties rare), ACC_PROMPTS (16),
+# ACC_MAX_NEW (512), POOL_TOKENS (70000, about half the final KV of 64 x (prompt + 2048)).
 set -euo pipefail
 out=${OUT:-gpu-results}
 mkdir -p "$out"
@@ -36,7 +37,7 @@ model=.gpu/smollm2-135m
 export SPARSESPEC_MODEL_CACHE=${SPARSESPEC_MODEL_CACHE:-.gpu/model-cache}  # inside the repo: survives warm calls
 n=${NUM_PROMPTS:-64}
 max_new=${MAX_NEW:-2048}
-every="python scripts/check_every_token.py --model-dir $model --num-prompts $n --max-new-tokens $max_new"
+every="python scripts/check_every_token.py --model-dir $model --dtype ${DTYPE:-bfloat16} --num-prompts $n --max-new-tokens $max_new"
 
 need_model() {
   [ -f "$model/config.json" ] || { echo "no model at $model: run the build stage first" >&2; exit 2; }
