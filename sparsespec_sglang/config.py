@@ -14,6 +14,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Optional
 
+from sparsespec_sglang.schedule import SCHEDULES as SCHEDULE_REGISTRY
 from sparsespec_sglang.selection import AGGREGATIONS, PPM
 
 ALGORITHM_NAME = "SPARSESPEC"
@@ -94,7 +95,7 @@ OPTIONS = (
     KEEP_RETRACTED_KV,
 )
 
-SCHEDULES = ("unified", "lockstep")
+SCHEDULES = tuple(SCHEDULE_REGISTRY)  # the names of schedule.SCHEDULES, the default first
 OPTIONS_BY_DEST = {o.dest: o for o in OPTIONS}
 OPTIONS_BY_FIELD = {o.field: o for o in OPTIONS if o.field is not None}
 
