@@ -189,13 +189,14 @@ def random_model_and_prompts(args: argparse.Namespace) -> tuple[str, list[list[i
 # ----------------------------------------------------------------------------- engines
 
 
-def _engine(model_dir: str, args: argparse.Namespace, log_level: str = "warning", **kwargs):
+def _engine(model_dir: str, args: argparse.Namespace, log_level: str = "warning", radix_cache: bool = True,
+            **kwargs):
     import sglang as sgl
 
     if args.deterministic:
         kwargs["enable_deterministic_inference"] = True
     return sgl.Engine(model_path=model_dir, dtype=args.dtype, skip_tokenizer_init=True,
-                      mem_fraction_static=args.mem_fraction, disable_radix_cache=args.deterministic,
+                      mem_fraction_static=args.mem_fraction, disable_radix_cache=args.deterministic or not radix_cache,
                       cuda_graph_max_bs_decode=args.cuda_graph_max_bs, disable_prefill_cuda_graph=True,
                       log_level=log_level, max_running_requests=args.num_prompts, **kwargs)
 
@@ -323,7 +324,9 @@ def main() -> int:
         engine.shutdown()
     log = log_path.read_text(errors="replace")
 
-    engine = _engine(model_dir, args, attention_backend="triton")
+    # No prefix cache for plain: every teacher-forced position is computed by this request's own
+    # prefill, whatever SGLang's rules for caching below logprob_start_len.
+    engine = _engine(model_dir, args, radix_cache=False, attention_backend="triton")
     try:
         plain_ids = None
         if args.deterministic:
@@ -365,6 +368,11 @@ def main() -> int:
         "max_total_tokens": args.max_total_tokens, "hierarchical_cache": args.enable_hierarchical_cache,
         "deterministic": args.deterministic, "summary": total,
         "retractions": {"total": retracted, "requests_retracted": sum(1 for r in requests if r["num_retractions"]),
+                        # every position is checked, so a retracted request's tail is too; counted here
+                        "positions_checked_in_retracted_requests": sum(
+                            r["n_positions"] for r in requests if r["num_retractions"]),
+                        "positions_checked_past_known_retraction_points": sum(
+                            r["positions_checked_past_first_retraction"] or 0 for r in requests),
                         **retraction_summary(log), **_prefill_tokens(log)},
         "deterministic_exact": deterministic, "log": str(log_path), "requests": requests,
     }

@@ -233,7 +233,8 @@ def test_main_wiring_passes_clean_outputs_and_counts_near_ties(monkeypatch, tmp_
     assert rc == 0 and s["n_positions"] == 160 and s["n_failing"] == 0 and s["n_near_tie"] > 0
     assert s["n_exact"] + s["n_near_tie"] == 160 and report["deterministic_exact"] is None
     assert _FakeEngine.started[0]["sparsespec_schedule"] == "lockstep"
-    assert _FakeEngine.started[1]["attention_backend"] == "triton"
+    assert _FakeEngine.started[1]["attention_backend"] == "triton" and _FakeEngine.started[1]["disable_radix_cache"]
+    assert not _FakeEngine.started[0]["disable_radix_cache"]
 
 
 def test_main_deterministic_requires_exact_equality(monkeypatch, tmp_path):
