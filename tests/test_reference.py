@@ -507,3 +507,98 @@ def test_speculative_sampling_end_to_end_matches_target(model, prompts, monkeypa
     monkeypatch.setattr(R, "acceptance_probabilities", lambda p_, q_, d_: torch.ones(len(d_), dtype=torch.float64))
     bad_counts, _ = run(400)
     assert _chi2(bad_counts, expect, 400) > 80
+
+
+# ----------------------------------------------------------------------------- fast paths
+
+
+def _cycle_trace(out):
+    return [(c.position, c.accepted, c.drafts, c.bonus, c.num_selected) for c in out.cycles]
+
+
+@pytest.mark.parametrize("k,score_norm", [(4, "exact"), (8, "exact"), (8, "draft"), (16, "draft")])
+def test_teacher_forced_drafts_equal_sequential_drafts(model, prompts, plain, k, score_norm):
+    """Drafting a cycle in one teacher-forced forward (given the target's output, a wrong guess,
+    or a partly right one) gives exactly the step-by-step drafts, KV, selections and scores."""
+    g = torch.Generator().manual_seed(7)
+    kw = dict(k=k, sparsity=0.7, min_sel=2, num_sink=2, score_norm=score_norm, ignore_eos=True, trace=True)
+    accepted, cycles = 0, 0
+    for p, ref in zip(prompts, plain):
+        seq = R.sparsespec_generate(model, p, MAX_NEW, **kw)
+        accepted, cycles = accepted + sum(seq.accepted_counts), cycles + len(seq.cycles)
+        wrong = torch.randint(3, 259, (MAX_NEW,), generator=g).tolist()
+        half = [t if i % 3 else w for i, (t, w) in enumerate(zip(ref, wrong))]
+        for guess in (ref, wrong, half, ref[:5]):
+            fast = R.sparsespec_generate(model, p, MAX_NEW, target_tokens=guess, **kw)
+            assert fast.tokens == seq.tokens == ref
+            assert _cycle_trace(fast) == _cycle_trace(seq)
+            for a, b in zip(fast.cycles, seq.cycles):
+                assert torch.equal(a.selection, b.selection)
+                torch.testing.assert_close(a.scores, b.scores, rtol=1e-5, atol=1e-6)
+    assert 0 < accepted < k * cycles  # misses and hits both exercised
+
+
+def test_teacher_forced_path_runs_fewer_forwards(model, prompts, plain, monkeypatch):
+    calls = []
+    real = R._forward
+    monkeypatch.setattr(R, "_forward", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    kw = dict(k=8, sparsity=0.7, min_sel=2, num_sink=2, ignore_eos=True)
+    seq = R.sparsespec_generate(model, prompts[2], MAX_NEW, **kw)
+    longer = R.plain_generate(model, prompts[2], MAX_NEW + 16, ignore_eos=True).tokens  # guesses past the end
+    n_seq, calls[:] = len(calls) - (MAX_NEW + 16), []
+    fast = R.sparsespec_generate(model, prompts[2], MAX_NEW, target_tokens=longer, **kw)
+    assert fast.accepted_counts == seq.accepted_counts and sum(seq.accepted_counts) > 0
+    # Per cycle at most: one forward fixing the m + 1 drafts up to the first miss, one per draft
+    # after it, one verify (the prefill once); step by step: k drafts and a verify.
+    bound = 1 + sum(1 + (8 - min(c.accepted + 1, 8)) + 1 for c in seq.cycles)
+    assert len(calls) <= bound < n_seq == 1 + 9 * len(seq.cycles)
+
+
+def test_prefill_reuse(model, prompts, plain):
+    p = prompts[1]
+    pre = R.prefill(model, p)
+    n = pre.cache.get_seq_length()
+    assert R.plain_generate(model, p, MAX_NEW, ignore_eos=True, prefilled=pre).tokens == plain[1]
+    out = R.sparsespec_generate(model, p, MAX_NEW, k=4, sparsity=0.2, min_sel=1, ignore_eos=True, prefilled=pre)
+    assert out.tokens == plain[1] and pre.cache.get_seq_length() == n == len(p)  # not consumed
+    with pytest.raises(ValueError, match="another prompt"):
+        R.plain_generate(model, prompts[0], 4, prefilled=pre)
+
+
+# ----------------------------------------------------------------------------- selection policies
+
+
+def test_policy_selections():
+    scores = torch.tensor([[9.0, 9.0, 0.1, 5.0, 0.2, 4.0, 0.3, 3.0, 0.0, 7.0]])
+    sel = lambda name, k, end=10: R.SelectionPolicy.parse(name).select(scores, 2, end, k,  # noqa: E731
+                                                                        torch.Generator().manual_seed(0))
+    assert sel("pillar", 3).tolist() == [[3, 5, 9]]
+    assert sel("inverted", 3).tolist() == [[2, 4, 8]]
+    assert sel("window", 3).tolist() == [[7, 8, 9]]
+    assert sel("window", 3, end=4).tolist() == [[2, 3]]  # clipped at the sinks
+    assert sel("hybrid:0.5", 4).tolist() == [[3, 5, 8, 9]]  # 2 recent + top 2 of [2, 8)
+    assert sel("hybrid:0", 3).tolist() == sel("pillar", 3).tolist()
+    assert sel("hybrid:1", 3).tolist() == sel("window", 3).tolist()
+    r = sel("random", 4)
+    assert r.shape == (1, 4) and len(set(r[0].tolist())) == 4 and ((r >= 2) & (r < 10)).all()
+    assert torch.equal(r, sel("random", 4)) and (r[0] == r[0].sort().values).all()
+    many = R.SelectionPolicy("random").select(torch.zeros(2, 3, 100), 4, 100, 10, torch.Generator().manual_seed(1))
+    assert len({tuple(x) for x in many.reshape(6, 10).tolist()}) == 6  # independent per (layer, head)
+    assert R.SelectionPolicy.parse("hybrid:0.25").label == "hybrid:0.25"
+    for bad in ("top", "hybrid:2", "hybrid:x", "window:3", "random:x"):
+        with pytest.raises(ValueError, match="selection policy"):
+            R.SelectionPolicy.parse(bad)
+
+
+@pytest.mark.parametrize("policy", ["window", "random", "inverted", "hybrid:0.5"])
+def test_policies_are_lossless_and_wired(model, prompts, plain, policy):
+    pol = R.SelectionPolicy.parse(policy)
+    cfg = R.SparseSpecConfig(num_draft_steps=4, sparsity=0.1, min_selected=3, max_selected=6, num_sink_tokens=2)
+    for p, ref in zip(prompts, plain):
+        rng = torch.Generator().manual_seed(pol.seed)  # each generation seeds its own
+        out = R.sparsespec_generate(model, p, MAX_NEW, cfg, policy=policy, ignore_eos=True, trace=True,
+                                    target_tokens=ref)
+        assert out.tokens == ref
+        for prev, cur in zip(out.cycles, out.cycles[1:]):
+            expect = pol.select(prev.scores, 2, prev.position, cur.num_selected, rng)
+            assert torch.equal(cur.selection, expect)

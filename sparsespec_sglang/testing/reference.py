@@ -37,15 +37,23 @@ Request state and one cycle
   uses, for verify row i, the lse that draft step min(i, k-1) computed over its sparse set
   (the same query token; the bonus row reuses the last draft's), i.e.
   scores[p] = AGG exp(s - draft_lse), the exponent capped at 60 as in the Triton kernel.
+* Selection policy (`SelectionPolicy`, for acceptance studies): "pillar" is the above; the
+  baselines "window", "random", "inverted" and "hybrid" pick other positions at the same K.
 * First cycle after prefill ("window" choice): dense_start = L, selection = the K most
   recent candidates [max(num_sink, L - K), L) with K computed for context_len = L.
 
 `ceil(sparsity * context_len)` is evaluated in float64 with a 1e-9 slack
 (`num_selected`), so 0.07 * 100 gives 7, not 8.
+
+Speed: the GQA group is folded into the query rows (no K/V copies per query head); a prompt's
+prefill can be computed once (`prefill`) and reused; and greedy drafts, given a guess of the
+output (`target_tokens`), come from teacher-forced sparse forwards over several draft positions
+at once (`_greedy_drafts`): same drafts, KV and scores as step-by-step drafting.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass, field, fields
 from typing import Any, Sequence
@@ -65,6 +73,7 @@ __all__ = [
     "aggregate_scores",
     "select_topk",
     "window_selection",
+    "SelectionPolicy",
     "draft_key_mask",
     "pillar_attention",
     "sampling_probs",
@@ -76,6 +85,8 @@ __all__ = [
     "GenerationOutput",
     "eos_token_ids",
     "SpecOutput",
+    "Prefill",
+    "prefill",
     "plain_generate",
     "sparsespec_generate",
 ]
@@ -121,9 +132,11 @@ def resolve_config(config: Any = None, **overrides) -> SparseSpecConfig:
 
 
 def num_selected(context_len: int, num_candidates: int, cfg: SparseSpecConfig) -> int:
-    """K = min(clamp(ceil(sparsity * context_len), min_selected, max_selected), #candidates)."""
-    raw = math.ceil(cfg.sparsity * context_len - 1e-9)
-    return max(0, min(max(raw, cfg.min_selected), cfg.max_selected, num_candidates))
+    """K = min(clamp(ceil(sparsity * context_len), min_selected, max_selected), #candidates),
+    as ``sparsespec_sglang.selection`` defines it for every implementation."""
+    from sparsespec_sglang.selection import SelectionPolicy
+
+    return min(SelectionPolicy.of(cfg).num_selected(context_len), max(num_candidates, 0))
 
 
 def aggregate_scores(probs: torch.Tensor, num_kv_heads: int, aggregation: str = "sum") -> torch.Tensor:
@@ -167,6 +180,87 @@ def window_selection(num_layers: int, num_kv_heads: int, prompt_len: int, num_si
     return pos.expand(num_layers, num_kv_heads, pos.numel()).clone()
 
 
+@dataclass(frozen=True)
+class SelectionPolicy:
+    """Which candidate positions a cycle's drafts attend to, at the same per-head budget K.
+
+    pillar    top-K by the last verify's scores (PillarAttn, the default)
+    window    the K most recent candidates (StreamingLLM / MagicDec: sinks + recent window)
+    random    K uniform candidates per (layer, KV head), drawn from a generator seeded `seed`
+    inverted  the K lowest-scored candidates (a deliberately broken selection, for tests)
+    hybrid    the round(recent_fraction * K) most recent candidates + the top rest by score
+    Sinks and the tokens written since the last verify are attended under every policy, and
+    the first cycle after prefill uses the window for all of them (no verify scores yet).
+    Text form (`parse`): "pillar", "window", "random", "random:SEED", "inverted", "hybrid:F".
+    """
+
+    name: str = "pillar"
+    recent_fraction: float = 0.5
+    seed: int = 0
+
+    NAMES = ("pillar", "window", "random", "inverted", "hybrid")
+
+    def __post_init__(self) -> None:
+        if self.name not in self.NAMES:
+            raise ValueError(f"selection policy must be one of {', '.join(self.NAMES)} (got {self.name!r})")
+        if not 0.0 <= self.recent_fraction <= 1.0:
+            raise ValueError(f"hybrid recent fraction must be in [0, 1] (got {self.recent_fraction!r})")
+
+    @classmethod
+    def parse(cls, text: "str | SelectionPolicy") -> "SelectionPolicy":
+        if isinstance(text, SelectionPolicy):
+            return text
+        name, colon, arg = str(text).strip().partition(":")
+        usage = "use pillar, window, random[:SEED], inverted or hybrid[:F] with F in [0, 1]"
+        if name not in cls.NAMES or (colon and name not in ("hybrid", "random")):
+            raise ValueError(f"bad selection policy {text!r}: {usage}")
+        try:
+            if name == "hybrid":
+                return cls(name, recent_fraction=float(arg) if colon else 0.5)
+            if name == "random":
+                return cls(name, seed=int(arg) if colon else 0)
+        except ValueError:
+            raise ValueError(f"bad selection policy {text!r}: {usage}") from None
+        return cls(name)
+
+    @property
+    def label(self) -> str:
+        if self.name == "hybrid":
+            return f"hybrid:{self.recent_fraction:g}"
+        if self.name == "random" and self.seed:
+            return f"random:{self.seed}"
+        return self.name
+
+    def select(self, scores: torch.Tensor, num_sink: int, candidate_end: int, k: int,
+               generator: torch.Generator | None = None) -> torch.Tensor:
+        """[..., k] positions in [num_sink, candidate_end), each row sorted ascending.
+
+        scores: verify scores [..., T] (T >= candidate_end); `generator` drives `random`.
+        """
+        start = min(num_sink, candidate_end)
+        k = max(0, min(k, candidate_end - start))
+        lead = scores.shape[:-1]
+        if self.name == "pillar":
+            return select_topk(scores, num_sink, candidate_end, k)
+        if self.name == "inverted":
+            return select_topk(-scores, num_sink, candidate_end, k)
+        if self.name == "window":
+            return _recent(lead, candidate_end - k, candidate_end, scores.device)
+        if self.name == "random":
+            noise = torch.rand(*lead, candidate_end - start, generator=generator).to(scores.device)
+            return torch.sort(noise.topk(k, dim=-1).indices + start, dim=-1).values
+        # hybrid: a recent window, then the best-scored of the older candidates.
+        w = round(self.recent_fraction * k)
+        recent = _recent(lead, candidate_end - w, candidate_end, scores.device)
+        older = select_topk(scores, num_sink, candidate_end - w, k - w)
+        return torch.sort(torch.cat([older, recent], dim=-1), dim=-1).values
+
+
+def _recent(lead: torch.Size, start: int, end: int, device) -> torch.Tensor:
+    pos = torch.arange(start, end, dtype=torch.long, device=device)
+    return pos.expand(*lead, pos.numel()).clone()
+
+
 def draft_key_mask(kv_len: int, num_sink: int, dense_start: int, selection: torch.Tensor) -> torch.Tensor:
     """Keys a draft query may attend to, per KV head (before the causal limit).
 
@@ -195,9 +289,21 @@ class _AttnState:
     selection: torch.Tensor | None = None  # [num_layers, num_kv_heads, K] (draft)
     aggregation: str = "sum"
     scores: dict = field(default_factory=dict)  # layer -> [num_kv_heads, kv_len] (verify)
-    # Draft steps append each layer's row lse [Hq] here; a verify given these normalises row i
-    # by entry min(i, len - 1) instead of its own lse (score_norm "draft").
+    # Draft steps append each layer's row lse [Hq] here (one entry per draft query row); a
+    # verify given these normalises row i by entry min(i, len - 1) instead of its own lse
+    # (score_norm "draft").
     row_lse: dict | None = None  # layer -> list of [Hq] tensors
+    # Draft: per-layer additive bias [Hkv, 1, dense_start] (0 = attended, -inf = skipped) over
+    # the keys before the dense window, built once per cycle from `selection`.
+    bias: dict = field(default_factory=dict)
+
+    def draft_bias(self, layer: int, device) -> torch.Tensor:
+        if layer not in self.bias:
+            sel = self.selection[layer]
+            allowed = draft_key_mask(self.dense_start, self.num_sink, self.dense_start, sel.to(device))
+            b = torch.zeros(allowed.shape, dtype=torch.float32, device=device)
+            self.bias[layer] = b.masked_fill_(~allowed, float("-inf"))[:, None, :]
+        return self.bias[layer]
 
 
 def pillar_attention(module, query, key, value, attention_mask=None, scaling=None, dropout=0.0,
@@ -207,42 +313,47 @@ def pillar_attention(module, query, key, value, attention_mask=None, scaling=Non
     query [1, Hq, q_len, D]; key/value [1, Hkv, kv_len, D] = the whole cache after this
     step's update; the queries are the last q_len positions. The (absent) transformers
     mask is ignored: the causal / sparse mask is built here from positions alone.
-    Math mirrors transformers' eager attention (matmul in the input dtype, float32 softmax).
+    Math mirrors transformers' eager attention (matmul in the input dtype, float32 softmax),
+    with the GQA group folded into the query rows ([Hkv, group * q_len, D]) instead of
+    repeating K/V per query head. A prefill from an empty cache (full mode, q_len == kv_len)
+    goes through SDPA: nothing is read from its probabilities.
     """
     if query.shape[0] != 1:
         raise ValueError("the reference runs one request at a time (batch size 1)")
     st = sparsespec_state or _AttnState()
-    hq, q_len = query.shape[1], query.shape[2]
+    hq, q_len, dim = query.shape[1], query.shape[2], query.shape[3]
     hkv, kv_len = key.shape[1], key.shape[2]
     group = hq // hkv
     if scaling is None:
-        scaling = query.shape[-1] ** -0.5
+        scaling = dim ** -0.5
+    if st.mode == "full" and q_len == kv_len and q_len > 1:
+        out = torch.nn.functional.scaled_dot_product_attention(
+            query, key, value, is_causal=True, scale=scaling, enable_gqa=True)
+        return out.transpose(1, 2).contiguous(), None
 
-    q_pos = torch.arange(kv_len - q_len, kv_len, device=query.device)
-    k_pos = torch.arange(kv_len, device=query.device)
-    allowed = (k_pos[None, :] <= q_pos[:, None])[None].expand(hkv, q_len, kv_len)  # causal
+    # Query head h belongs to KV head h // group (the repeat_kv grouping).
+    q = query[0].reshape(hkv, group * q_len, dim)
+    logits = (torch.matmul(q, key[0].transpose(-1, -2)) * scaling).view(hkv, group, q_len, kv_len)
     if st.mode == "draft":
-        sel = st.selection[module.layer_idx]
-        allowed = allowed & draft_key_mask(kv_len, st.num_sink, st.dense_start, sel)[:, None, :]
-    allowed = allowed.repeat_interleave(group, dim=0)  # [Hq, q_len, kv_len]
-
-    k_rep = key[0].repeat_interleave(group, dim=0)
-    v_rep = value[0].repeat_interleave(group, dim=0)
-    logits = torch.matmul(query[0], k_rep.transpose(-1, -2)) * scaling
-    logits = logits.masked_fill(~allowed, float("-inf"))
+        ds = st.dense_start
+        logits[..., :ds] += st.draft_bias(module.layer_idx, logits.device)[:, None].to(logits.dtype)
+    if q_len > 1:  # causal limit inside the last q_len keys (every earlier key is visible)
+        tail = torch.ones(q_len, q_len, dtype=torch.bool, device=logits.device).triu(1)
+        logits[..., kv_len - q_len:].masked_fill_(tail, float("-inf"))
     probs = torch.softmax(logits, dim=-1, dtype=torch.float32)  # = exp(s - row_lse)
     if st.mode == "draft" and st.row_lse is not None:
-        st.row_lse.setdefault(module.layer_idx, []).append(
-            torch.logsumexp(logits.float(), dim=-1)[:, -1])
+        lse = torch.logsumexp(logits.float(), dim=-1).reshape(hq, q_len)
+        st.row_lse.setdefault(module.layer_idx, []).extend(lse.unbind(1))
     if st.mode == "verify":
-        scored = probs
+        scored = probs.view(hq, q_len, kv_len)
         if st.row_lse is not None:
             drafts = torch.stack(st.row_lse[module.layer_idx], dim=1)  # [Hq, k]
             rows = torch.arange(q_len, device=query.device).clamp(max=drafts.shape[1] - 1)
-            scored = torch.exp((logits.float() - drafts[:, rows, None]).clamp(max=60.0))
+            scored = torch.exp((logits.float().view(hq, q_len, kv_len) - drafts[:, rows, None]).clamp(max=60.0))
         st.scores[module.layer_idx] = aggregate_scores(scored, hkv, st.aggregation)
-    out = torch.matmul(probs.to(query.dtype), v_rep)  # [Hq, q_len, D]
-    return out.transpose(0, 1).unsqueeze(0).contiguous(), probs.unsqueeze(0)
+    out = torch.matmul(probs.to(query.dtype).view(hkv, group * q_len, kv_len), value[0])
+    out = out.view(hq, q_len, dim)
+    return out.transpose(0, 1).unsqueeze(0).contiguous(), probs.view(1, hq, q_len, kv_len)
 
 
 def register_attention() -> None:
@@ -272,15 +383,17 @@ def load_model(model_dir, device: str = "cpu", dtype: str = "float32"):
 
 
 @torch.no_grad()
-def _forward(model, cache, token_ids: Sequence[int], start_pos: int, state: _AttnState) -> torch.Tensor:
-    """Run tokens at positions [start_pos, start_pos + n); returns float32 logits [n, V]."""
+def _forward(model, cache, token_ids: Sequence[int], start_pos: int, state: _AttnState,
+             last_only: bool = False) -> torch.Tensor:
+    """Run tokens at positions [start_pos, start_pos + n); returns float32 logits [n, V]
+    ([1, V] with last_only: a long prefill skips the LM head on every other row)."""
     if cache.get_seq_length() != start_pos:
         raise AssertionError(f"cache holds {cache.get_seq_length()} positions, expected {start_pos}")
     dev = model.device
     ids = torch.tensor([list(token_ids)], dtype=torch.long, device=dev)
     pos = torch.arange(start_pos, start_pos + len(token_ids), device=dev)[None]
     out = model(input_ids=ids, position_ids=pos, past_key_values=cache, use_cache=True,
-                sparsespec_state=state)
+                sparsespec_state=state, logits_to_keep=1 if last_only else 0)
     return out.logits[0].float()
 
 
@@ -426,13 +539,46 @@ def _pick(logits_row, temperature, top_k, top_p, generator) -> int:
     return _sample(sampling_probs(logits_row, temperature, top_k, top_p), generator)
 
 
+@dataclass
+class Prefill:
+    """A prompt's full-attention KV and last-row logits, reusable by many generations of the
+    same prompt (an acceptance sweep runs every config on the same prompts)."""
+
+    prompt: list[int]
+    cache: Any
+    last_logits: torch.Tensor  # [V] float32
+
+    def fresh_cache(self):
+        return copy.deepcopy(self.cache)
+
+
+@torch.no_grad()
+def prefill(model, prompt_ids: Sequence[int]) -> Prefill:
+    """Full-attention prefill of the prompt (no LM head except on the last row)."""
+    prepare_model(model)
+    prompt = list(prompt_ids)
+    cache = _new_cache(model)
+    logits = _forward(model, cache, prompt, 0, _AttnState(), last_only=True)
+    return Prefill(prompt, cache, logits[-1])
+
+
+def _start(model, prompt: list[int], pre: Prefill | None):
+    if pre is None:
+        pre = prefill(model, prompt)
+    elif pre.prompt != prompt:
+        raise ValueError("the Prefill given is for another prompt")
+    return pre.fresh_cache(), pre.last_logits
+
+
 @torch.no_grad()
 def plain_generate(model, prompt_ids: Sequence[int], max_new_tokens: int, *, eos_token_id=None,
                    temperature: float = 0.0, top_k: int = -1, top_p: float = 1.0,
-                   generator: torch.Generator | None = None, ignore_eos: bool = False) -> GenerationOutput:
+                   generator: torch.Generator | None = None, ignore_eos: bool = False,
+                   prefilled: Prefill | None = None) -> GenerationOutput:
     """Plain autoregressive decoding with the same attention function and cache type.
 
-    eos_token_id: int, list, or None (model's generation_config / config eos).
+    eos_token_id: int, list, or None (model's generation_config / config eos). prefilled: this
+    prompt's `prefill` (its cache is copied, not consumed).
     """
     prepare_model(model)
     eos = set() if ignore_eos else eos_token_ids(model, eos_token_id)
@@ -440,25 +586,56 @@ def plain_generate(model, prompt_ids: Sequence[int], max_new_tokens: int, *, eos
     out: list[int] = []
     if max_new_tokens <= 0:
         return GenerationOutput(out, "length")
-    cache = _new_cache(model)
-    logits = _forward(model, cache, prompt, 0, _AttnState())
+    cache, last = _start(model, prompt, prefilled)
     pos = len(prompt)
     while True:
-        tok = _pick(logits[-1], temperature, top_k, top_p, generator)
+        tok = _pick(last, temperature, top_k, top_p, generator)
         out.append(tok)
         if tok in eos:
             return GenerationOutput(out, "stop")
         if len(out) >= max_new_tokens:
             return GenerationOutput(out, "length")
-        logits = _forward(model, cache, [tok], pos, _AttnState())
+        last = _forward(model, cache, [tok], pos, _AttnState())[-1]
         pos += 1
+
+
+def _greedy_drafts(model, cache, pending: int, P: int, k: int, state: _AttnState,
+                   guess: Sequence[int]) -> list[int]:
+    """The k greedy drafts of a cycle, exactly as k sequential single-token draft steps give them.
+
+    Each forward feeds the last known draft (first the pending token) plus guessed next drafts:
+    row j sees the same inputs, sparse mask and KV as the sequential step would, as long as every
+    guessed input before it equals the draft the sequential steps would have fed. Rows up to the
+    first wrong guess are kept (their KV and draft lse too); the predictions of the rows after it
+    become the next forward's guesses (Jacobi iteration). The first guesses are `guess`, normally
+    the target's own greedy continuation. Every forward fixes at least one draft, so this never
+    needs more forwards than drafting step by step, and it needs one when all guesses are right.
+    """
+    drafts: list[int] = []
+    cur, guess = pending, list(guess)
+    while len(drafts) < k:
+        j = len(drafts)
+        inputs = [cur] + guess[: k - 1 - j]
+        preds = _forward(model, cache, inputs, P + j, state).argmax(dim=-1).tolist()
+        n = 1  # rows 0..n-1 had the sequential inputs
+        while n < len(preds) and preds[n - 1] == inputs[n]:
+            n += 1
+        drafts += preds[:n]
+        cache.crop(P + j + n)
+        if state.row_lse is not None:
+            for rows in state.row_lse.values():
+                del rows[j + n:]
+        cur, guess = drafts[-1], preds[n:]
+    return drafts
 
 
 @torch.no_grad()
 def sparsespec_generate(model, prompt_ids: Sequence[int], max_new_tokens: int, config: Any = None, *,
                         eos_token_id=None, temperature: float = 0.0, top_k: int = -1, top_p: float = 1.0,
                         generator: torch.Generator | None = None, ignore_eos: bool = False,
-                        trace: bool = False, **config_overrides) -> SpecOutput:
+                        trace: bool = False, policy: "str | SelectionPolicy" = "pillar",
+                        target_tokens: Sequence[int] | None = None, prefilled: Prefill | None = None,
+                        **config_overrides) -> SpecOutput:
     """SparseSpec decoding of one request (see the module docstring for the algorithm).
 
     config: SparseSpecConfig or an object with its attribute names; config_overrides: num_draft_steps
@@ -466,9 +643,14 @@ def sparsespec_generate(model, prompt_ids: Sequence[int], max_new_tokens: int, c
     (num_sink), aggregation, score_norm. temperature 0 = greedy (lossless: identical ids to
     `plain_generate`); > 0 = speculative sampling with the same top_k / top_p filters on
     the target and draft distributions. trace=True keeps each cycle's selection and
-    verify scores in its CycleStats.
+    verify scores in its CycleStats. policy: the `SelectionPolicy` (or its text form).
+    target_tokens (greedy only): the expected output, e.g. `plain_generate`'s, used by
+    `_greedy_drafts` to draft a cycle in as few forwards as its guesses allow (one if all are
+    right). Any guess gives the same drafts, KV and scores; only the speed depends on it.
+    prefilled: this prompt's `prefill`, reused instead of recomputed.
     """
     cfg = resolve_config(config, **config_overrides)
+    pol = SelectionPolicy.parse(policy)
     prepare_model(model)
     eos = set() if ignore_eos else eos_token_ids(model, eos_token_id)
     greedy = temperature <= 0
@@ -476,6 +658,7 @@ def sparsespec_generate(model, prompt_ids: Sequence[int], max_new_tokens: int, c
     n_layers = model.config.num_hidden_layers
     n_kv = model.config.num_key_value_heads
     dev = model.device
+    policy_rng = torch.Generator().manual_seed(pol.seed)
 
     prompt = list(prompt_ids)
     L = len(prompt)
@@ -493,9 +676,8 @@ def sparsespec_generate(model, prompt_ids: Sequence[int], max_new_tokens: int, c
         return len(out) >= max_new_tokens
 
     # Prefill (full attention); the first token becomes pending at position L.
-    cache = _new_cache(model)
-    logits = _forward(model, cache, prompt, 0, _AttnState())
-    pending = _pick(logits[-1], temperature, top_k, top_p, generator)
+    cache, last = _start(model, prompt, prefilled)
+    pending = _pick(last, temperature, top_k, top_p, generator)
     if commit(pending):
         return result
     P = L
@@ -509,18 +691,17 @@ def sparsespec_generate(model, prompt_ids: Sequence[int], max_new_tokens: int, c
         # ---- draft: k sparse steps, each writing (sparse-computed) KV at P + j.
         draft_state = _AttnState("draft", num_sink=num_sink, dense_start=dense_start, selection=selection,
                                  row_lse={} if cfg.score_norm == "draft" else None)
-        drafts: list[int] = []
         q_rows = []
-        cur = pending
-        for j in range(k):
-            lg = _forward(model, cache, [cur], P + j, draft_state)[-1]
-            if greedy:
-                cur = int(lg.argmax())
-            else:
-                q = sampling_probs(lg, temperature, top_k, top_p)
+        if greedy:
+            guess = target_tokens[P - L + 1:] if target_tokens is not None else []
+            drafts = _greedy_drafts(model, cache, pending, P, k, draft_state, guess)
+        else:
+            drafts, cur = [], pending
+            for j in range(k):
+                q = sampling_probs(_forward(model, cache, [cur], P + j, draft_state)[-1], temperature, top_k, top_p)
                 q_rows.append(q)
                 cur = _sample(q, generator)
-            drafts.append(cur)
+                drafts.append(cur)
 
         # ---- verify: drop draft KV, recompute [pending, d_1..d_k] with full attention.
         cache.crop(P)
@@ -555,6 +736,6 @@ def sparsespec_generate(model, prompt_ids: Sequence[int], max_new_tokens: int, c
         cache.crop(P + m + 1)
         scores = torch.stack([vstate.scores[i] for i in range(n_layers)])  # [L, Hkv, P+k+1]
         n_sel = num_selected(scores.shape[-1], max(0, P - num_sink), cfg)
-        selection = select_topk(scores, num_sink, P, n_sel)
+        selection = pol.select(scores, num_sink, P, n_sel, policy_rng)
         dense_start = P
         P, pending = P + m + 1, bonus
