@@ -226,18 +226,22 @@ def free_port() -> int:
 
 def stop(proc: Optional[subprocess.Popen], grace_s: float = 30.0) -> None:
     """Stop a process this script started and its children (it leads its own process group)."""
-    if proc is None or proc.poll() is not None:
+    if proc is None:
         return
     for sig, wait in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 10.0)):
         try:
             os.killpg(proc.pid, sig)
         except ProcessLookupError:
             return
-        try:
-            proc.wait(wait)
-            return
-        except subprocess.TimeoutExpired:
-            continue
+        deadline = time.monotonic() + wait
+        # Wait for the whole group (a server's scheduler holds the GPU after its parent exits).
+        while time.monotonic() < deadline:
+            proc.poll()
+            try:
+                os.killpg(proc.pid, 0)
+            except ProcessLookupError:
+                return
+            time.sleep(0.5)
 
 
 def _get_json(url: str, timeout: float = 10.0) -> Any:

@@ -45,7 +45,8 @@ OUTPUT_MEAN, OUTPUT_STD = 13185, 7626
 OUTPUT_CLIP = (1024, 32768)
 PAPER_TEMPERATURE = 0.6
 # Random prompt ids stay clear of the low ids (bytes, specials in the test tokenizers) and of the
-# top of the vocabulary (Qwen's special tokens sit at 151643+).
+# top of the vocabulary (Qwen's special tokens sit at 151643+); small test vocabularies keep
+# their middle half.
 RANDOM_ID_MARGIN = 1000
 PROMPT_KEYS = ("prompt", "text", "question", "problem")
 
@@ -82,12 +83,18 @@ def output_lengths(n: int, rng: np.random.Generator, *, mean: float = OUTPUT_MEA
     return np.clip(np.rint(rng.normal(mean, std, size=n)), clip[0], clip[1]).astype(np.int64)
 
 
+def random_id_range(vocab_size: int) -> tuple[int, int]:
+    """``[lo, hi)`` of the ids random prompts draw from."""
+    margin = min(RANDOM_ID_MARGIN, vocab_size // 4)
+    if vocab_size < 8:
+        raise ValueError(f"vocab_size {vocab_size} is too small for random prompts")
+    return margin, vocab_size - margin
+
+
 def random_prompts(n: int, rng: np.random.Generator, vocab_size: int,
                    length_range: tuple[int, int] = PROMPT_LEN_RANGE) -> list[list[int]]:
     """``n`` prompts of random token ids, lengths uniform in ``length_range`` (inclusive)."""
-    lo, hi = RANDOM_ID_MARGIN, vocab_size - RANDOM_ID_MARGIN
-    if hi <= lo:
-        raise ValueError(f"vocab_size {vocab_size} leaves no id range for random prompts")
+    lo, hi = random_id_range(vocab_size)
     lens = rng.integers(length_range[0], length_range[1] + 1, size=n)
     return [rng.integers(lo, hi, size=int(k)).tolist() for k in lens]
 
@@ -146,7 +153,7 @@ def mid_run(workload: Sequence[Request], n: int, *, seed: int = 0, vocab_size: i
     request still generates ``output_len - done`` (>= 1) tokens."""
     outs = np.array([r.output_len for r in workload], dtype=np.float64)
     cdf = np.cumsum(outs) / outs.sum()
-    lo, hi = RANDOM_ID_MARGIN, vocab_size - RANDOM_ID_MARGIN
+    lo, hi = random_id_range(vocab_size)
     reqs = []
     for j in range(n):
         # One generator per draw: the first m of n draws equal the m draws of a shorter list, so
