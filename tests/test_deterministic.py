@@ -10,7 +10,8 @@ import torch
 from sparsespec_sglang.deterministic import verify_as_decode_rows
 from sparsespec_sglang.kernels.verify_attention import verify_attention_with_scores_ref
 
-HQ, HKV, D, TILE = 8, 2, 32, 16
+# TILE is a multiple of the decode kernel's 32-token block, so the split count sets the chunking.
+HQ, HKV, D, TILE = 8, 2, 32, 64
 
 
 def _pool(seed=0, rows=4, ctx=96):
@@ -35,18 +36,44 @@ def _run(q, k, v, req_to_token, rows, seq_lens, width, max_kv_splits=8):
     return out, lse
 
 
-def test_every_verify_row_is_bitwise_its_own_decode_step():
-    req_to_token, k, v, gen = _pool()
-    rows, seq_lens, width = torch.tensor([2, 0, 3], dtype=torch.int32), torch.tensor([40, 7, 70]), 5
+def _plain_decode_step(q_row, k, v, req_to_token, row, length, max_kv_splits=8):
+    """One plain SGLang decode step of a batch of one, set up as TritonAttnBackend does it under
+    --enable-deterministic-inference: kv_indices straight from req_to_token, the split count
+    from the backend's own get_num_kv_splits (fixed tile), then decode_attention_fwd."""
+    from types import SimpleNamespace
+
+    from sglang.srt.layers.attention.triton_backend import TritonAttnBackend
+
+    backend = SimpleNamespace(static_kv_splits=False, device_core_count=1, enable_deterministic=True,
+                              split_tile_size=TILE, max_kv_splits=max_kv_splits)
+    num_kv_splits = torch.empty(1, dtype=torch.int32)
+    TritonAttnBackend.get_num_kv_splits(backend, num_kv_splits, torch.tensor([length], dtype=torch.int32))
+    kv_indptr = torch.tensor([0, length], dtype=torch.int32)
+    kv_indices = req_to_token[row, :length].long()
+    out = torch.empty(1, HQ, D)
+    attn_logits = torch.empty(1, HQ, max_kv_splits, D)
+    attn_lse = torch.full((1, HQ, max_kv_splits), float("-inf"))
+    _decode_fwd()(q_row.unsqueeze(0), k, v, out, kv_indptr, kv_indices, attn_logits, attn_lse,
+                  num_kv_splits, max_kv_splits, D ** -0.5, 1.0, 1.0)
+    return out[0], int(num_kv_splits[0])
+
+
+def test_every_verify_row_is_bitwise_the_plain_decode_step():
+    """Verify token i of request b equals, bit for bit, SGLang's own decode step at length
+    seq_len + i + 1 (set up independently of verify_as_decode_rows)."""
+    req_to_token, k, v, gen = _pool(ctx=160)
+    # Lengths 61..65, 8..12 and 129..133: across the split-tile boundaries at 64 and 128.
+    rows, seq_lens, width = torch.tensor([2, 0, 3], dtype=torch.int32), torch.tensor([60, 7, 128]), 5
     q = torch.randn(3 * width, HQ, D, generator=gen)
-    out, lse = _run(q, k, v, req_to_token, rows, seq_lens, width)
+    out, _ = _run(q, k, v, req_to_token, rows, seq_lens, width)
+    splits_seen = set()
     for b in range(3):
         for i in range(width):
             t = b * width + i
-            # Plain decoding at that position: a batch of one, length seq_len + i + 1.
-            alone, alone_lse = _run(q[t:t + 1], k, v, req_to_token, rows[b:b + 1],
-                                    torch.tensor([int(seq_lens[b]) + i]), 1)
-            assert torch.equal(out[t], alone[0]) and torch.equal(lse[t], alone_lse[0])
+            plain, splits = _plain_decode_step(q[t], k, v, req_to_token, int(rows[b]), int(seq_lens[b]) + i + 1)
+            splits_seen.add(splits)
+            assert torch.equal(out[t], plain), (b, i)
+    assert splits_seen == {1, 2, 3}
 
 
 def test_matches_causal_verify_attention_and_its_lse():
