@@ -1,5 +1,6 @@
 """PillarState: per-request selection rows keyed by req_pool_idx (CPU)."""
 
+import pytest
 import torch
 
 from sparsespec_sglang.config import SparseSpecConfig
@@ -8,7 +9,7 @@ from sparsespec_sglang.pillar import PillarState
 
 def _state(**cfg):
     req_to_token = torch.arange(4 * 64, dtype=torch.int32).view(4, 64).flip(1).contiguous()
-    config = SparseSpecConfig(sparsity=0.25, min_selected=2, max_selected=8, num_sink_tokens=2, **cfg)
+    config = SparseSpecConfig(**{"sparsity": 0.25, "min_selected": 2, "max_selected": 8, "num_sink_tokens": 2, **cfg})
     return (PillarState(config, num_layers=3, num_q_heads=4, num_kv_heads=2, req_to_token=req_to_token),
             req_to_token)
 
@@ -53,6 +54,25 @@ def test_draft_lse_ring_only_for_draft_normalised_scores():
     assert state.draft_lse.shape == (3, 4, 4, 4)  # [L, R, Hq, k+1]
 
 
-def test_pending_token_row_per_request():
+def test_pending_token_follows_prefill_then_each_commit_by_pool_row():
+    """The pending token (the next cycle's first input) is kept per pool row: a prefill sets it,
+    an accepted verify replaces it and moves the dense start; other rows keep theirs."""
     state, _ = _state()
-    assert state.pending.shape == (4,) and state.pending.dtype == torch.int64
+    state.set_pending(torch.tensor([3, 1]), torch.tensor([1000, 2**40]))
+    assert state.pending.tolist() == [0, 2**40, 0, 1000]
+    state.init_window(torch.tensor([3, 1]), torch.tensor([20, 5]))
+    state.commit(torch.tensor([1]), window_start=torch.tensor([7]), last_tokens=torch.tensor([55]))
+    assert state.pending.tolist() == [0, 55, 0, 1000]
+    assert state.dense_start.tolist() == [0, 7, 0, 20]
+    assert state.pending.dtype == torch.int64  # token ids beyond int32 survive
+
+
+@pytest.mark.parametrize("sparsity, lens, want", [
+    (0.07, [100, 101, 29, 114], [7, 8, 3, 8]),  # 0.07 * 100 is 7.000000000000001 in float64
+    (0.13, [8, 40, 54, 100], [2, 6, 8, 8]),  # floor, 5.2, 7.02, cap
+    (1 / 3, [3, 6, 7, 21], [2, 2, 3, 7]),  # 333333 ppm: 3 -> ceil(0.999999) = 1, raised to the floor 2
+    (0.03, [100, 101, 200], [3, 4, 6]),
+])
+def test_num_selected_at_non_power_of_two_sparsities(sparsity, lens, want):
+    state, _ = _state(sparsity=sparsity)
+    assert state.num_selected(torch.tensor(lens)).tolist() == want

@@ -79,10 +79,11 @@ def test_every_implementation_gives_the_same_k(sparsity):
     assert _device_k(policy, LENGTHS, [big] * len(LENGTHS)) == want
     cfg = SparseSpecConfig(sparsity=sparsity, min_selected=0, max_selected=big, num_sink_tokens=0)
     assert [R.num_selected(n, big, cfg) for n in LENGTHS] == want
+    width = 1 << 17
     state = PillarState(cfg, num_layers=1, num_q_heads=1, num_kv_heads=1,
-                        req_to_token=torch.zeros((1, 1), dtype=torch.int32))
-    # PillarState caps K at its table width (max_ctx = 1 here): the cap is the only difference.
-    assert state.num_selected(lens).tolist() == [min(k, 1) for k in want]
+                        req_to_token=torch.zeros((1, width), dtype=torch.int32))
+    # PillarState caps K at its table width (max_ctx): the cap is the only difference.
+    assert state.num_selected(lens).tolist() == [min(k, width) for k in want]
 
 
 @pytest.mark.parametrize("sparsity", [0.07, 0.13, 1 / 3])
