@@ -234,6 +234,9 @@ def test_smollm2_builds_with_low_perplexity_and_chat_template():
         assert f.get_tensor("model.embed_tokens.weight").dtype == torch.bfloat16
     assert "lm_head.weight" not in keys and len(keys) == 1 + 30 * 9 + 1  # tied head: SGLang reuses embed_tokens
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    # The GGUF's own special tokens (transformers' GGUF conversion alone names eos = <|im_start|>).
+    assert (tokenizer.eos_token, tokenizer.eos_token_id, config.eos_token_id) == ("<|im_end|>", 2, 2)
+    assert "chat_template" in json.loads((model_dir / "tokenizer_config.json").read_text())
     chat = chat_prompt(tokenizer, "What is 2 + 3?")
     assert "<|im_start|>user\nWhat is 2 + 3?<|im_end|>" in chat and chat.endswith("<|im_start|>assistant\n")
     ppl, n_tokens = rm.perplexity(model_dir)
