@@ -28,14 +28,15 @@ def greedy_run(tmp_path_factory):
     proc = _run("--model-dir", model_dir, "--make-tiny", "--num-prompts", 2, "--prompt-len", 24,
                 "--max-new-tokens", 24, "--k", "2,4", "--sparsity", "0.05,1.0", "--min-selected", 1,
                 "--score-norm", "exact,draft", "--ignore-eos", "--check-lossless", "--bucket-size", 8,
-                "--out", out)
+                "--no-progress", "--out", out)
     return model_dir, json.loads(out.read_text()), proc
 
 
 def test_greedy_sweep_json(greedy_run):
     model_dir, res, proc = greedy_run
     assert (model_dir / "config.json").exists() and (model_dir / "tokenizer.json").exists()
-    assert "acceptance.py" in res["command"] and "--k" in res["argv"]
+    assert "acceptance.py" in res["command"] and "--k" in res["argv"] and res["commit"]
+    assert res["plain_tokens"] == [24, 24] and res["machine"]["torch_threads"] >= 1
     assert set(res["versions"]) >= {"python", "torch", "transformers", "sparsespec_sglang"}
     assert res["num_prompts"] == 2 and res["prompt_lens"] == [24, 24] and res["max_new_tokens"] == 24
     assert res["selection"]["first_cycle"] == "window" and res["selection"]["min_selected"] == 1
@@ -67,7 +68,7 @@ def test_prompt_file_sampling_and_errors(greedy_run, tmp_path):
     prompts.write_text('{"prompt": "What is 2 + 2?"}\n"Tell me a story."\n')
     out = tmp_path / "r.json"
     _run("--model-dir", model_dir, "--prompts", prompts, "--chat", "--max-new-tokens", 12, "--k", 3,
-         "--sparsity", 0.1, "--temperature", 1.0, "--top-k", 20, "--out", out)
+         "--sparsity", 0.1, "--temperature", 1.0, "--top-k", 20, "--no-progress", "--out", out)
     res = json.loads(out.read_text())
     assert res["num_prompts"] == 2 and res["sampling"]["temperature"] == 1.0
     # ChatML, one token per byte: "<|im_start|>user\n" (6) + content + "<|im_end|>\n" (2)
@@ -78,3 +79,51 @@ def test_prompt_file_sampling_and_errors(greedy_run, tmp_path):
 
     proc = _run("--model-dir", tmp_path / "missing", "--max-new-tokens", 4, "--out", out, check=False)
     assert proc.returncode != 0 and "--make-tiny" in proc.stderr
+
+
+def test_points_policies_and_prompt_set(greedy_run, tmp_path):
+    """--points with overrides and policies, on few-shot prompts from a prompt set."""
+    model_dir = greedy_run[0]
+    records = [{"id": f"q{i}", "task": "gsm_symbolic", "question": f"What is {i} + {i}?", "answer": str(2 * i),
+                "solution": f"{i} + {i} = {2 * i}. The answer is {2 * i}."} for i in range(12)]
+    prompt_set = tmp_path / "set.jsonl"
+    prompt_set.write_text("".join(json.dumps(r) + "\n" for r in records))
+    out = tmp_path / "points.json"
+    proc = _run("--model-dir", model_dir, "--prompt-set", prompt_set, "--num-prompts", 2, "--few-shot-tokens", 200,
+                "--max-new-tokens", 16, "--ignore-eos", "--min-selected", 2,
+                "--points", "default,k=3+s=0.2,policy=window,policy=hybrid:0.5,policy=random:3,temperature=0.8",
+                "--out", out)
+    res = json.loads(out.read_text())
+    assert res["prompts"] == ["q0", "q1"] and all(150 < n <= 200 for n in res["prompt_lens"])
+    rows = {r["label"]: r for r in res["results"]}
+    assert list(rows) == ["default", "k=3+s=0.2", "policy=window", "policy=hybrid:0.5", "policy=random:3",
+                          "temperature=0.8"]
+    assert (rows["default"]["k"], rows["default"]["policy"], rows["default"]["min_selected"]) == (8, "pillar", 2)
+    assert (rows["k=3+s=0.2"]["k"], rows["k=3+s=0.2"]["sparsity"]) == (3, 0.2)
+    assert rows["policy=random:3"]["policy"] == "random:3"
+    assert all(rows[x]["lossless"] is True for x in list(rows)[:-1]) and "lossless" not in rows["temperature=0.8"]
+    assert rows["temperature=0.8"]["temperature"] == 0.8
+    assert "acceptance" in proc.stderr  # tqdm progress
+
+
+@pytest.mark.parametrize("points,message", [("k=x", "k needs an integer"), ("bogus=1", "bad point 'bogus=1'"),
+                                            ("policy=top", "bad selection policy 'top'")])
+def test_bad_points_are_one_line_errors(tmp_path, points, message):
+    proc = _run("--model-dir", tmp_path, "--max-new-tokens", 4, "--points", points, "--out", tmp_path / "o.json",
+                check=False)
+    assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_ofat_point_set():
+    sys.path.insert(0, str(SCRIPT.parent))
+    try:
+        import acceptance
+    finally:
+        sys.path.pop(0)
+    args = acceptance.parse_args(["--model-dir", "x", "--max-new-tokens", "4", "--points", "ofat", "--out", "o"])
+    pts = {p.label: p for p in args.point_list}
+    assert pts["default"] == acceptance.Point("default", 8, 0.05, 64, 2048, 4, "exact", "sum", 0.0, "pillar")
+    assert pts["min_sel=192"].min_selected == 192 and pts["score_norm=draft"].score_norm == "draft"
+    assert {p.policy for p in pts.values()} == {"pillar", "window", "random", "inverted", "hybrid:0.25",
+                                                 "hybrid:0.5", "hybrid:0.75"}
+    assert len(pts) == 17
