@@ -20,6 +20,14 @@ kernel does). Partial results go to ``attn_logits``/``attn_lse`` and a second ke
 with their log-sum-exps. With a preallocated workspace the call allocates nothing, never syncs
 with the host and has a fixed launch grid, so it can be captured in a CUDA graph.
 
+Cost per request, layer and KV head, with A = sinks + selected + dense attended tokens, head
+dims D/Dv and KV element size e bytes: one read of A K rows and A V rows, ``A * (D + Dv) * e``
+bytes, shared by all G query heads (plus A int32 slot ids: the selected list and the
+req_to_token entries of sinks and dense tail). With S > 1 splits the partials add
+``G * S * (Dv + 1) * 4`` bytes written and read back by the reduce, negligible next to the KV.
+So a draft step reads about A / context of a dense decode's KV bytes (K = 5% of a 4K context:
+~5.4%); ``scripts/bench_kernels.py`` measures the achieved fraction.
+
 KV layout: SGLang ``MHATokenToKVPool`` buffers ``[num_slots, Hkv, D]``; kernels index per token,
 so any page size works (a slot id is ``page * page_size + offset``).
 """
