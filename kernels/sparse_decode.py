@@ -26,7 +26,7 @@ bytes, shared by all G query heads (plus A int32 slot ids: the selected list and
 req_to_token entries of sinks and dense tail). With S > 1 splits the partials add
 ``G * S * (Dv + 1) * 4`` bytes written and read back by the reduce, negligible next to the KV.
 So a draft step reads about A / context of a dense decode's KV bytes (K = 5% of a 4K context:
-~5.4%); ``scripts/bench_kernels.py`` measures the achieved fraction.
+~5.3%); ``scripts/bench_kernels.py`` measures the achieved fraction.
 
 KV layout: SGLang ``MHATokenToKVPool`` buffers ``[num_slots, Hkv, D]``; kernels index per token,
 so any page size works (a slot id is ``page * page_size + offset``).
