@@ -36,9 +36,11 @@ import torch
 import triton
 from tqdm import tqdm
 
-from sparsespec_sglang.kernels.sparse_decode import pick_num_kv_splits, sparse_decode_attention
+from sparsespec_sglang.kernels.attention_common import pick_num_kv_splits
+from sparsespec_sglang.kernels.sparse_decode import sparse_decode_attention
 from sparsespec_sglang.kernels.topk_select import select_topk
 from sparsespec_sglang.kernels.verify_attention import verify_attention, verify_attention_with_scores
+from sparsespec_sglang.selection import SelectionPolicy, sparsity_ppm
 
 HQ, HKV, HEAD_DIM = 32, 8, 128
 DTYPE = torch.bfloat16
@@ -129,7 +131,8 @@ def _bench_case(batch: int, ctx: int, sparsity: float, page_size: int, kv, flush
         decode_attention_fwd(q, k_buffer, v_buffer, o, kv_indptr, kv_indices, attn_logits, attn_lse,
                              num_kv_splits, SGLANG_MAX_KV_SPLITS, sm_scale, 1.0, 1.0, use_pdl=use_pdl)
 
-    n_sel = min(max(math.ceil(sparsity * ctx), 64), 4096)
+    policy = SelectionPolicy(sparsity_ppm(sparsity), min_selected=64, max_selected=4096, num_sink=NUM_SINK)
+    n_sel = policy.num_selected(ctx)
     dense_start = torch.full((batch,), ctx - DRAFT_TOKENS, dtype=torch.int32, device=DEVICE)
     positions = torch.argsort(torch.rand(batch, HKV, ctx - DRAFT_TOKENS - NUM_SINK, device=DEVICE), -1)
     positions = positions[:, :, :n_sel] + NUM_SINK
@@ -142,9 +145,12 @@ def _bench_case(batch: int, ctx: int, sparsity: float, page_size: int, kv, flush
     )
     o_sparse = torch.empty_like(q)
 
+    decode_args = dict(req_to_token=req_to_token, req_pool_indices=req_pool_indices, seq_lens=seq_lens,
+                       dense_start=dense_start, sel_indices=sel_indices, sel_lens=sel_lens, num_sink=NUM_SINK,
+                       sm_scale=sm_scale, num_kv_splits=splits, workspace=sparse_ws)
+
     def sparse_decode():
-        sparse_decode_attention(q, k_buffer, v_buffer, o_sparse, req_to_token, req_pool_indices, seq_lens,
-                                dense_start, sel_indices, sel_lens, NUM_SINK, sm_scale, 0.0, splits, sparse_ws)
+        sparse_decode_attention(q, k_buffer, v_buffer, o_sparse, **decode_args)
 
     attended = NUM_SINK + n_sel + DRAFT_TOKENS
     dense_ms = _time_ms(sglang_decode, flush)
@@ -183,20 +189,21 @@ def _bench_case(batch: int, ctx: int, sparsity: float, page_size: int, kv, flush
         extend_attention_fwd(qv, k_extend, v_extend, ov, k_buffer, v_buffer, qo_indptr, prefix_indptr,
                              prefix_indices, None, True, None, VERIFY_TOKENS, 1.0, 1.0, sm_scale)
 
+    layout = dict(req_to_token=req_to_token, req_pool_indices=req_pool_indices, prefix_lens=prefix_lens,
+                  extend_lens=extend_lens, qo_indptr=qo_indptr, sm_scale=sm_scale)
+
     def plain_verify():
-        verify_attention(qv, k_buffer, v_buffer, ov, req_to_token, req_pool_indices, prefix_lens, extend_lens,
-                         qo_indptr, sm_scale)
+        verify_attention(qv, k_buffer, v_buffer, ov, **layout)
 
     def scored_verify():
-        verify_attention_with_scores(qv, k_buffer, v_buffer, ov, req_to_token, req_pool_indices, prefix_lens,
-                                     extend_lens, qo_indptr, scores, sm_scale, "sum")
+        verify_attention_with_scores(qv, k_buffer, v_buffer, ov, **layout, scores=scores, aggregation="sum")
 
     # Draft-normalised scores read their row normaliser from a ring the drafts fill.
     score_lse = torch.full((batch, HQ, VERIFY_TOKENS), math.log(ctx), dtype=torch.float32, device=DEVICE)
 
     def fused_verify():
-        verify_attention_with_scores(qv, k_buffer, v_buffer, ov, req_to_token, req_pool_indices, prefix_lens,
-                                     extend_lens, qo_indptr, scores, sm_scale, "sum", score_lse=score_lse)
+        verify_attention_with_scores(qv, k_buffer, v_buffer, ov, **layout, scores=scores, aggregation="sum",
+                                     score_lse=score_lse)
 
     ext_ms = _time_ms(sglang_verify, flush)
     expected = ov.float().clone()
@@ -207,22 +214,18 @@ def _bench_case(batch: int, ctx: int, sparsity: float, page_size: int, kv, flush
     sweep = {}
     if sweep_verify:
         def plain_with(num_kv_splits=None, **launch):
-            verify_attention(qv, k_buffer, v_buffer, ov, req_to_token, req_pool_indices, prefix_lens,
-                             extend_lens, qo_indptr, sm_scale, 0.0, num_kv_splits, **launch)
+            verify_attention(qv, k_buffer, v_buffer, ov, **layout, num_kv_splits=num_kv_splits, **launch)
 
         def fused_with(**launch):
-            verify_attention_with_scores(qv, k_buffer, v_buffer, ov, req_to_token, req_pool_indices, prefix_lens,
-                                         extend_lens, qo_indptr, scores, sm_scale, "sum", score_lse=score_lse,
-                                         **launch)
+            verify_attention_with_scores(qv, k_buffer, v_buffer, ov, **layout, scores=scores, aggregation="sum",
+                                         score_lse=score_lse, **launch)
 
         def exact_with(**launch):
-            verify_attention_with_scores(qv, k_buffer, v_buffer, ov, req_to_token, req_pool_indices, prefix_lens,
-                                         extend_lens, qo_indptr, scores, sm_scale, "sum", **launch)
+            verify_attention_with_scores(qv, k_buffer, v_buffer, ov, **layout, scores=scores, aggregation="sum",
+                                         **launch)
 
         def sparse_with(**launch):
-            sparse_decode_attention(q, k_buffer, v_buffer, o_sparse, req_to_token, req_pool_indices, seq_lens,
-                                    dense_start, sel_indices, sel_lens, NUM_SINK, sm_scale, 0.0, splits,
-                                    sparse_ws, **launch)
+            sparse_decode_attention(q, k_buffer, v_buffer, o_sparse, **decode_args, **launch)
 
         shapes = [dict(block_n=n, num_warps=w, num_stages=st) for n in (32, 64) for w in (4, 8) for st in (2, 3, 4)]
         sweep["verify_plain"] = _sweep(plain_with, [dict(num_kv_splits=x, **c) for x in (1, 2) for c in shapes
@@ -256,8 +259,8 @@ def _bench_case(batch: int, ctx: int, sparsity: float, page_size: int, kv, flush
     out_lens = torch.empty(batch, dtype=torch.int32, device=DEVICE)
 
     def topk():
-        select_topk(scores, req_to_token, req_pool_indices, seq_lens, prefix_lens, NUM_SINK, sparsity, 64, 4096,
-                    out_indices, out_lens)
+        select_topk(scores, policy, req_to_token=req_to_token, req_pool_indices=req_pool_indices,
+                    seq_lens=seq_lens, cand_end=prefix_lens, out_indices=out_indices, out_lens=out_lens)
 
     topk_ms = _time_ms(topk, flush)
     result["topk"] = {
