@@ -1,8 +1,10 @@
 """Hook on ``get_batch_sizes_to_capture``: the row counts of the SPARSESPEC draft / unified graphs.
 
 SGLang's ``DecodeCudaGraphRunner`` captures the server's decode batch sizes, read from
-``get_batch_sizes_to_capture`` (``base_cuda_graph_runner``, imported by
-``decode_cuda_graph_runner``). A unified pass has up to ~2x as many single-token rows as the
+``get_batch_sizes_to_capture``, defined in ``base_cuda_graph_runner`` and imported by name into
+``decode_cuda_graph_runner``. The hook targets the name the runner resolves at call time (the
+``decode_cuda_graph_runner`` module global): a scheduler process imports that module before the
+plugin's hooks are applied, so patching the defining module alone would never reach the runner. A unified pass has up to ~2x as many single-token rows as the
 batch has requests, so ``sparsespec_sglang.draft_graph`` captures its own list of row counts.
 Target (AROUND): inside :func:`capturing` it returns that list (and no torch.compile sizes);
 everywhere else, and on every other server, SGLang's own sizes. The sizes live in a context
@@ -42,7 +44,7 @@ def get_batch_sizes_to_capture(original: Callable, model_runner: Any, *args: Any
 
 
 HOOKS = (
-    ("sglang.srt.model_executor.runner.base_cuda_graph_runner.get_batch_sizes_to_capture",
+    ("sglang.srt.model_executor.runner.decode_cuda_graph_runner.get_batch_sizes_to_capture",
      get_batch_sizes_to_capture, HookType.AROUND),
 )
 

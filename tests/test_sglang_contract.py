@@ -241,14 +241,20 @@ def test_graph_capture_sizes_hook_routes_only_inside_capturing(sglang_loaded):  
 
     from sparsespec_sglang.patches import graph_capture_sizes
 
-    assert _params(base_cuda_graph_runner.get_batch_sizes_to_capture.__wrapped__) == [
+    from sglang.srt.model_executor.runner.decode_cuda_graph_runner import DecodeCudaGraphRunner
+
+    assert _params(base_cuda_graph_runner.get_batch_sizes_to_capture) == [
         "model_runner", "captured_req_width"]
-    for fn in (base_cuda_graph_runner.get_batch_sizes_to_capture,
-               decode_cuda_graph_runner.get_batch_sizes_to_capture):
-        with graph_capture_sizes.capturing([8, 2, 8, 4]):
-            assert fn(object(), 1) == ([2, 4, 8], [])
-        with graph_capture_sizes.capturing(None), pytest.raises(AttributeError):
-            fn(object(), 1)  # SGLang's own sizing, which reads the (fake) model runner
+    # The hook must sit on the name the runner resolves when it runs (its module's global), whatever
+    # the import order: schedulers import the runner module before the plugin's hooks are applied.
+    (target, _, _), = graph_capture_sizes.HOOKS
+    assert target == f"{DecodeCudaGraphRunner.__module__}.get_batch_sizes_to_capture"
+    fn = DecodeCudaGraphRunner.__init__.__globals__["get_batch_sizes_to_capture"]
+    assert fn is decode_cuda_graph_runner.get_batch_sizes_to_capture
+    with graph_capture_sizes.capturing([8, 2, 8, 4]):
+        assert fn(object(), 1) == ([2, 4, 8], [])
+    with graph_capture_sizes.capturing(None), pytest.raises(AttributeError):
+        fn(object(), 1)  # SGLang's own sizing, which reads the (fake) model runner
     # The hook itself: outside ``capturing`` it is SGLang's function.
     assert graph_capture_sizes.get_batch_sizes_to_capture(lambda mr, w: ("own", w), None, 3) == ("own", 3)
 
