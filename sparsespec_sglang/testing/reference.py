@@ -42,8 +42,8 @@ Request state and one cycle
 * First cycle after prefill ("window" choice): dense_start = L, selection = the K most
   recent candidates [max(num_sink, L - K), L) with K computed for context_len = L.
 
-`ceil(sparsity * context_len)` is evaluated in float64 with a 1e-9 slack
-(`num_selected`), so 0.07 * 100 gives 7, not 8.
+`ceil(sparsity * context_len)` is integer arithmetic on the sparsity in parts per million
+(`num_selected`, from `sparsespec_sglang.selection`, shared with the kernel), so 0.07 * 100 gives 7.
 
 Speed: the GQA group is folded into the query rows (no K/V copies per query head); a prompt's
 prefill can be computed once (`prefill`) and reused; and greedy drafts, given a guess of the
