@@ -196,15 +196,21 @@ def window_stats(start: Scrape, end: Scrape, samples: Sequence[Scrape]) -> dict:
     def gauges(name: str) -> Optional[dict]:
         return _stats([v for s in inside if (v := s.gauge(name)) is not None])
 
+    contexts = [lens / running for s in inside
+                if (lens := s.gauge("sglang:decode_sum_seq_lens")) is not None
+                and (running := s.gauge("sglang:num_running_reqs"))]
+
     out = {
         "seconds": seconds,
         "output_tokens": decode,
         "output_tok_per_s": decode / seconds,
         "prefill_tokens": _delta(start, end, DECODE_COUNTER, mode="prefill_compute") or 0.0,
-        "retracted_requests": _delta(start, end, RETRACT_COUNTER),
-        "finished_requests_output_tokens": _delta(start, end, "sglang:generation_tokens_total"),
+        # A labelled counter appears on /metrics at its first increment: absent means none yet.
+        "retracted_requests": _delta(start, end, RETRACT_COUNTER) or 0.0,
+        "finished_requests_output_tokens": _delta(start, end, "sglang:generation_tokens_total") or 0.0,
         "num_scrapes": len(inside),
         "running_requests": gauges("sglang:num_running_reqs"),
+        "context_tokens_per_running_request": _stats(contexts),
         "queued_requests": gauges("sglang:num_queue_reqs"),
         "token_usage": gauges("sglang:token_usage"),
         "sglang_gen_throughput": gauges("sglang:gen_throughput"),

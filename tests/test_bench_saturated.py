@@ -177,7 +177,8 @@ REAL_LINES = [
 
 
 def metrics_text(*, decode: float, prefill: float = 0.0, running: float = 0, queued: float = 0,
-                 usage: float = 0.0, retracted: float = 0.0, accept: float = 7.0, gen: float = 0.0) -> str:
+                 usage: float = 0.0, retracted: float = 0.0, accept: float = 7.0, gen: float = 0.0,
+                 seq_lens: float = 0.0) -> str:
     lines = [
         "# HELP sglang:realtime_tokens_total Total number of tokens processed (updated on each log interval).",
         "# TYPE sglang:realtime_tokens_total counter",
@@ -187,6 +188,7 @@ def metrics_text(*, decode: float, prefill: float = 0.0, running: float = 0, que
         "# TYPE sglang:num_queue_reqs gauge", f"sglang:num_queue_reqs{{{LABELS}}} {queued}",
         "# TYPE sglang:token_usage gauge", f"sglang:token_usage{{{LABELS}}} {usage}",
         "# TYPE sglang:gen_throughput gauge", f"sglang:gen_throughput{{{LABELS}}} {gen}",
+        "# TYPE sglang:decode_sum_seq_lens gauge", f"sglang:decode_sum_seq_lens{{{LABELS}}} {seq_lens}",
         "# TYPE sglang:spec_accept_length gauge", f"sglang:spec_accept_length{{{LABELS}}} {accept}",
         "# TYPE sglang:num_retracted_requests_total counter",
         f"sglang:num_retracted_requests_total{{{LABELS}}} {retracted}",
@@ -200,6 +202,46 @@ def test_parse_real_sglang_metrics_lines():
     assert s.gauge("sglang:spec_accept_length") == 1.025
     assert s.names("sparsespec:") == ["sparsespec:verify_gpu_ms_per_cycle"]
     assert s.gauge("sglang:num_running_reqs") is None
+
+
+# Runs in its own process: SGLang's collector registers on prometheus_client's global registry.
+REAL_COLLECTOR = """
+import dataclasses, os, sys, tempfile, types
+os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp()  # as a server with --enable-metrics
+from prometheus_client import CollectorRegistry, generate_latest, multiprocess
+from sglang.srt.observability.metrics_collector import QueueCount, SchedulerMetricsCollector, SchedulerStats
+from sglang.srt.server_args import ServerArgs
+
+# The server-args defaults the collector reads (a full ServerArgs would load the model config).
+defaults = types.SimpleNamespace(**{f.name: f.default for f in dataclasses.fields(ServerArgs)
+                                    if f.default is not dataclasses.MISSING})
+c = SchedulerMetricsCollector(labels={"model_name": "m", "engine_type": "unified", "tp_rank": "0",
+                                      "pp_rank": "0", "moe_ep_rank": "0"}, server_args=defaults)
+c.log_stats(SchedulerStats(num_running_reqs=QueueCount(total=80), num_queue_reqs=QueueCount(total=500),
+                           token_usage=0.93, gen_throughput=4100.0, spec_accept_length=7.0,
+                           decode_sum_seq_lens=712000))
+c.increment_realtime_tokens(None, decode_tokens=12345)
+c.increment_realtime_tokens(None, prefill_compute_tokens=999)
+registry = CollectorRegistry()
+multiprocess.MultiProcessCollector(registry)  # what a server's /metrics serves
+sys.stdout.write(generate_latest(registry).decode())
+"""
+
+
+def test_parse_what_sglangs_own_collector_exports():
+    import subprocess
+
+    out = subprocess.run([sys.executable, "-c", REAL_COLLECTOR], capture_output=True,
+                         text=True, timeout=300, check=True).stdout
+    a, b = bs.parse_metrics(out, t=0.0), bs.parse_metrics(out.replace("12345.0", "72345.0"), t=20.0)
+    w = bs.window_stats(a, b, [a, b])
+    assert w["output_tokens"] == 60000 and w["output_tok_per_s"] == 3000.0 and w["prefill_tokens"] == 0
+    assert w["running_requests"]["mean"] == 80 and w["queued_requests"]["mean"] == 500
+    assert w["token_usage"]["mean"] == 0.93 and w["sglang_gen_throughput"]["mean"] == 4100.0
+    assert w["spec_accept_length"]["mean"] == 7.0 and w["retracted_requests"] == 0.0
+    assert w["context_tokens_per_running_request"]["mean"] == 8900.0
+    assert b.counter(bs.DECODE_COUNTER, mode="prefill_compute") == 999
+    assert bs.Saturation(stable_s=20).holds([a, b])
 
 
 def test_metric_names_are_sglang_0517s():
@@ -235,9 +277,12 @@ def _scrape(t: float, **kw) -> bs.Scrape:
 
 
 def test_window_throughput_is_the_decode_counter_growth_over_the_window():
-    start = _scrape(100.0, decode=1_000_000, prefill=5000, retracted=3, running=80, usage=0.9, queued=500)
-    mid = _scrape(130.0, decode=1_150_000, prefill=5000, retracted=4, running=82, usage=0.95, queued=499)
-    end = _scrape(160.0, decode=1_300_000, prefill=9000, retracted=7, running=84, usage=0.97, queued=498)
+    start = _scrape(100.0, decode=1_000_000, prefill=5000, retracted=3, running=80, usage=0.9, queued=500,
+                    seq_lens=80 * 9000)
+    mid = _scrape(130.0, decode=1_150_000, prefill=5000, retracted=4, running=82, usage=0.95, queued=499,
+                  seq_lens=82 * 9100)
+    end = _scrape(160.0, decode=1_300_000, prefill=9000, retracted=7, running=84, usage=0.97, queued=498,
+                  seq_lens=84 * 9200)
     before = _scrape(50.0, decode=0, running=1, usage=0.1, queued=0)  # outside the window: ignored
     w = bs.window_stats(start, end, [before, start, mid, end])
     assert w["seconds"] == 60.0 and w["output_tokens"] == 300_000
@@ -246,6 +291,7 @@ def test_window_throughput_is_the_decode_counter_growth_over_the_window():
     assert w["running_requests"] == {"mean": 82.0, "min": 80.0, "max": 84.0}
     assert w["token_usage"]["mean"] == pytest.approx(0.94) and w["num_scrapes"] == 3
     assert w["spec_accept_length"]["mean"] == 7.0
+    assert w["context_tokens_per_running_request"] == pytest.approx({"mean": 9100.0, "min": 9000.0, "max": 9200.0})
     assert w["sparsespec:verify_gpu_ms_per_cycle"]["mean"] == pytest.approx(0.58391, rel=1e-4)
 
 
@@ -441,10 +487,17 @@ def sglang_parser():
     return parser
 
 
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    from sparsespec_sglang.testing.model_dirs import make_model_dir
+
+    return str(make_model_dir(tmp_path_factory.mktemp("m") / "tiny", "tiny", with_weights=False))
+
+
 @pytest.mark.parametrize("name", bs.CONFIGS)
-def test_every_configuration_parses_with_sglangs_own_parser(sglang_parser, name):
+def test_every_configuration_parses_with_sglangs_own_parser(sglang_parser, tiny_model_dir, name):
     args = bs.parse_args(["--config", name, "--out", "x.json", "--server-args", "--chunked-prefill-size 8192"])
-    cmd = bs.server_command("/m", 30000, bs.config_flags(name, 8, 48), args)
+    cmd = bs.server_command(tiny_model_dir, 30000, bs.config_flags(name, 8, 48), args)
     assert cmd[1:3] == ["-m", "sglang.launch_server"]
     ns = sglang_parser.parse_args(cmd[3:])
     assert ns.enable_metrics and ns.disable_prefill_cuda_graph and ns.load_format == "dummy"
@@ -454,6 +507,12 @@ def test_every_configuration_parses_with_sglangs_own_parser(sglang_parser, name)
     assert spec == {"plain": None, "plain-hicache": None, "ngram": "NGRAM"}.get(name, "SPARSESPEC")
     assert ns.enable_hierarchical_cache == (name not in ("plain", "ngram", "sparsespec-no-hicache"))
     assert bs.is_speculative(bs.config_flags(name, 8, 48)) == (spec is not None)
+    # SGLang's and the plugin's validation accept the whole command (ServerArgs on CPU).
+    from sglang.srt.server_args import ServerArgs
+
+    sa = ServerArgs.from_cli_args(sglang_parser.parse_args(cmd[3:] + ["--device", "cpu"]))
+    assert sa.max_running_requests == 256
+    assert sa.speculative_num_draft_tokens == (None if spec is None else 9)
 
 
 def test_ablation_flags_change_one_thing_each():
