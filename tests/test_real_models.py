@@ -136,6 +136,28 @@ def test_cache_marker_makes_second_build_instant(fake_model, monkeypatch, tmp_pa
     assert len(calls) == 2
 
 
+def test_from_gguf_recognises_a_known_file_by_checksum(fake_model, monkeypatch, tmp_path):
+    spec, blob = fake_model
+    calls = []
+
+    def fake_convert(gguf_path, out_dir):
+        calls.append(Path(gguf_path))
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "config.json").write_text("{}")
+
+    monkeypatch.setattr(rm, "convert_gguf", fake_convert)
+    monkeypatch.setattr(rm, "check_model_dir", lambda d, bound: {"perplexity": 1.5, "max_perplexity": bound})
+    carried = tmp_path / "carried.gguf"
+    carried.write_bytes(blob)
+    assert rm.main(["from-gguf", str(carried), "--out", str(tmp_path / "out")]) == 0
+    assert calls == [carried] and (tmp_path / "out" / "config.json").is_file()
+    assert rm.ensure_model(spec.name, install=False) == rm.cache_root() / spec.name and len(calls) == 1
+    # --name insists on a model: a file that is not it is refused before any conversion.
+    carried.write_bytes(blob[:-1] + b"\xff")
+    assert rm.main(["from-gguf", str(carried), "--out", str(tmp_path / "out2"), "--name", spec.name]) == 2
+    assert len(calls) == 1 and not (tmp_path / "out2").exists()
+
+
 def test_failed_build_leaves_no_trusted_dir(fake_model, monkeypatch):
     spec, _ = fake_model
 
