@@ -43,7 +43,7 @@ import tempfile
 import time
 import urllib.request
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import workload as wl  # noqa: E402  (scripts/ is not a package)
@@ -256,17 +256,20 @@ def _get_json(url: str, timeout: float = 10.0) -> Any:
 
 
 def wait_ready(base_url: str, proc: subprocess.Popen, timeout_s: float, log: Path) -> float:
-    """Seconds until ``/model_info`` answers; raises with the log's tail if the server dies."""
+    """Seconds until ``/health`` answers 200 (SGLang answers 503 until its warm-up request is
+    done); raises with the log's tail if the server dies."""
     start = time.monotonic()
     while time.monotonic() - start < timeout_s:
         if proc.poll() is not None:
             raise RuntimeError(f"server exited with {proc.returncode} during startup; log tail:\n"
                                + _tail(log))
         try:
-            _get_json(f"{base_url}/model_info", timeout=5)
-            return time.monotonic() - start
-        except OSError:
-            time.sleep(2)
+            with urllib.request.urlopen(f"{base_url}/health", timeout=5) as r:
+                if r.status == 200:
+                    return time.monotonic() - start
+        except OSError:  # refused, or HTTPError 503 while starting
+            pass
+        time.sleep(2)
     raise TimeoutError(f"server not ready after {timeout_s:.0f} s (--startup-timeout); log tail:\n" + _tail(log))
 
 
@@ -339,14 +342,20 @@ def server_command(model_dir: str, port: int, flags: Sequence[str], args: argpar
     return cmd + list(args.server_args)
 
 
+def server_env(flags: Sequence[str], forced_accept: float, base: Mapping[str, str]) -> tuple[dict, Optional[float]]:
+    """The server's environment and its forced acceptance: ``SGLANG_SIMULATE_ACC_LEN`` for a
+    speculative server only (random weights accept nothing real), never inherited by a plain one."""
+    env = {k: v for k, v in base.items() if k != "SGLANG_SIMULATE_ACC_LEN"}
+    if not is_speculative(flags):
+        return env, None
+    env["SGLANG_SIMULATE_ACC_LEN"] = str(forced_accept)
+    return env, forced_accept
+
+
 def run_one(name: str, model_dir: str, fresh: list[wl.Request], args: argparse.Namespace, work: Path) -> dict:
     flags = config_flags(name, args.k, args.hicache_size)
-    env = dict(os.environ)
-    env.pop("SGLANG_SIMULATE_ACC_LEN", None)
-    forced = None
-    if is_speculative(flags):
-        forced = args.forced_accept
-        env["SGLANG_SIMULATE_ACC_LEN"] = str(forced)
+    env, forced = server_env(flags, args.forced_accept, os.environ)
+    if forced is not None:
         print(f"WARNING [{name}]: benchmark-only forced acceptance SGLANG_SIMULATE_ACC_LEN={forced} "
               "(accepted tokens per cycle incl. the bonus; outputs are not the model's)", flush=True)
     port = free_port()
@@ -372,7 +381,8 @@ def run_one(name: str, model_dir: str, fresh: list[wl.Request], args: argparse.N
         path = work / f"{name}.workload.jsonl"
         wl.write_jsonl(reqs, path)
         load_cmd = [sys.executable, str(Path(__file__).with_name("workload.py")), "replay", "--workload",
-                    str(path), "--base-url", base_url, "--temperature", str(args.temperature)]
+                    str(path), "--base-url", base_url, "--temperature", str(args.temperature),
+                    "--max-concurrency", str(args.max_concurrency)]
         with open(load_log, "w") as f:
             load = subprocess.Popen(load_cmd, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
 
@@ -465,6 +475,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                     help="speculative servers only: SGLANG_SIMULATE_ACC_LEN, accepted tokens per cycle "
                          "incl. the bonus, in [1, k+1] (7 = 6 of 8 drafts; the paper measured 6.16)")
     ap.add_argument("--max-running-requests", type=int, default=256)
+    ap.add_argument("--max-concurrency", type=int, default=512,
+                    help="requests in flight from the client (bench_serving's semaphore, FIFO): keeps a "
+                         "queue at the server without thousands of open connections")
     ap.add_argument("--cuda-graph-max-bs", type=int, default=160,
                     help="largest decode CUDA-graph batch (a saturated 8B-shape H200 pool holds ~80-110 "
                          "requests of the paper's workload; larger batches decode without graphs)")
@@ -504,6 +517,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
         ap.error(f"--forced-accept must be in [1, k+1 = {args.k + 1}] (got {args.forced_accept})")
     if args.fixed_output_len is not None and args.fixed_output_len < 1:
         ap.error(f"--fixed-output-len must be >= 1 (got {args.fixed_output_len})")
+    if args.max_concurrency <= args.max_running_requests:
+        ap.error(f"--max-concurrency must exceed --max-running-requests={args.max_running_requests} "
+                 f"(a saturated server needs a queue; got {args.max_concurrency})")
     for flag, value in (("--window", args.window), ("--poll", args.poll), ("--mid-run-fill", args.mid_run_fill)):
         if value <= 0:
             ap.error(f"{flag} must be > 0 (got {value})")
@@ -535,8 +551,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         "workload": {"seed": args.seed, "prompts": args.prompts, "fixed_output_len": args.fixed_output_len,
                      "temperature": args.temperature, "ignore_eos": True, **wl.summary(fresh)},
         "settings": {k: getattr(args, k) for k in (
-            "k", "forced_accept", "max_running_requests", "cuda_graph_max_bs", "mem_fraction", "hicache_size",
-            "disable_prefill_cuda_graph", "decode_log_interval", "window", "poll", "saturation_usage",
+            "k", "forced_accept", "max_running_requests", "max_concurrency", "cuda_graph_max_bs", "mem_fraction",
+            "hicache_size", "disable_prefill_cuda_graph", "decode_log_interval", "window", "poll", "saturation_usage",
             "stable_s", "stable_tolerance", "saturation_timeout", "mid_run_fill", "server_args")},
         "work_dir": str(work), "runs": [],
     }

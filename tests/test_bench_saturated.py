@@ -381,8 +381,9 @@ class ScriptedServer:
     """A tiny SGLang stand-in: scripted /metrics bodies in turn, /generate (non-streaming) and
     /server_info; records the /generate payloads."""
 
-    def __init__(self, metrics_bodies):
+    def __init__(self, metrics_bodies, health=(200,)):
         self.metrics = list(metrics_bodies)
+        self.health = list(health)
         self.payloads = []
         outer = self
 
@@ -398,7 +399,12 @@ class ScriptedServer:
                 self.wfile.write(body)
 
             def do_GET(self):
-                if self.path == "/metrics":
+                if self.path == "/health":
+                    status = outer.health.pop(0) if len(outer.health) > 1 else outer.health[0]
+                    self.send_response(status)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                elif self.path == "/metrics":
                     body = outer.metrics.pop(0) if len(outer.metrics) > 1 else outer.metrics[0]
                     self._send(body.encode(), "text/plain; version=0.0.4")
                 else:
@@ -427,6 +433,26 @@ def test_scrape_over_http_and_pool_size():
         assert b.t >= a.t
         assert bs.pool_tokens(srv.url) == 123456
     finally:
+        srv.close()
+
+
+def test_wait_ready_waits_for_health_and_reports_a_dead_server(tmp_path, monkeypatch):
+    import subprocess
+
+    monkeypatch.setattr(bs.time, "sleep", lambda s: None)
+    srv = ScriptedServer([metrics_text(decode=0)], health=(503, 503, 200))
+    alive = subprocess.Popen(["sleep", "30"], start_new_session=True)
+    try:
+        assert bs.wait_ready(srv.url, alive, 60, tmp_path / "log") >= 0
+        assert srv.health == [200]  # it asked until the 200
+        log = tmp_path / "server.log"
+        log.write_text("line\nValueError: bad flag\n")
+        dead = subprocess.Popen(["sh", "-c", "exit 3"])
+        dead.wait()
+        with pytest.raises(RuntimeError, match="exited with 3 during startup(.|\n)*bad flag"):
+            bs.wait_ready(srv.url, dead, 60, log)
+    finally:
+        bs.stop(alive, grace_s=1)
         srv.close()
 
 
@@ -469,6 +495,105 @@ def test_stop_ends_the_whole_process_group(script):
     with pytest.raises(ProcessLookupError):
         os.killpg(proc.pid, 0)
     assert proc.returncode is not None
+
+
+# A stand-in for `python -m sglang.launch_server`: /health 503 then 200, /server_info with the pool
+# size, /metrics of a saturated server whose decode counter grows 1000 tokens/s (its accept-length
+# gauge echoes SGLANG_SIMULATE_ACC_LEN), /generate that holds every request (the load never ends).
+FAKE_SERVER = """
+import json, os, sys, time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+T0 = time.monotonic()
+ACC = float(os.environ.get("SGLANG_SIMULATE_ACC_LEN", "0"))
+L = 'model_name="m",engine_type="unified",tp_rank="0",pp_rank="0",moe_ep_rank="0"'
+generate_calls = [0]
+
+
+class H(BaseHTTPRequestHandler):
+    def log_message(self, *a):
+        pass
+
+    def reply(self, status, body=b""):
+        self.send_response(status)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_GET(self):
+        t = time.monotonic() - T0
+        if self.path == "/health":
+            self.reply(200 if t > 1.0 else 503)
+        elif self.path == "/server_info":
+            self.reply(200, json.dumps({"max_total_num_tokens": 50000}).encode())
+        elif self.path == "/model_info":
+            self.reply(200, json.dumps({"model_path": sys.argv[2], "tokenizer_path": sys.argv[2]}).encode())
+        elif self.path == "/metrics":
+            sending = generate_calls[0] > 0
+            lines = [f'sglang:realtime_tokens_total{{{L},mode="decode"}} {1000.0 * t}',
+                     f"sglang:num_running_reqs{{{L}}} {50 if sending else 0}",
+                     f"sglang:num_queue_reqs{{{L}}} {100 if sending else 0}",
+                     f"sglang:token_usage{{{L}}} {0.95 if sending else 0.0}",
+                     f"sglang:spec_accept_length{{{L}}} {ACC}"]
+            self.reply(200, ("\\n".join(lines) + "\\n").encode())
+        else:
+            self.reply(404)
+
+    def do_POST(self):
+        self.rfile.read(int(self.headers["Content-Length"]))
+        generate_calls[0] += 1
+        time.sleep(600)
+
+
+ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
+"""
+
+
+def test_run_one_drives_a_server_and_its_load_end_to_end(tmp_path, tiny_model_dir, monkeypatch):
+    """run_one: launch, /health, pool size, mid-run workload, bench_serving load, saturation, the
+    window, forced acceptance for a speculative server only, and both process groups stopped."""
+    import os
+    import subprocess
+
+    def fake_command(model_dir, port, flags, args):
+        return [sys.executable, "-c", FAKE_SERVER, str(port), model_dir]
+
+    started = []
+    real_popen = subprocess.Popen
+
+    def popen(*a, **kw):
+        started.append(real_popen(*a, **kw))
+        return started[-1]
+
+    monkeypatch.setattr(bs, "server_command", fake_command)
+    monkeypatch.setattr(bs.subprocess, "Popen", popen)
+    args = bs.parse_args(["--config", "sparsespec", "--out", "x.json", "--window", "3", "--poll", "0.5",
+                          "--stable-s", "1", "--saturation-timeout", "120", "--num-requests", "512"])
+    args.seed, args.vocab_size = 0, 512
+    fresh = wl.make_workload(512, seed=0, vocab_size=512, fixed_output_len=64)
+    rec = bs.run_one("sparsespec", tiny_model_dir, fresh, args, tmp_path)
+    assert rec["forced_accept"] == 7.0 and rec["saturated"], rec
+    assert rec["pool_tokens"] == 50000 and rec["num_mid_run"] == bs.num_mid_run(50000, fresh, 1.0)
+    assert rec["requests"]["num_requests"] == 512 + rec["num_mid_run"]
+    w = rec["window"]
+    assert w["seconds"] >= 3 and w["output_tok_per_s"] == pytest.approx(1000.0, rel=0.1)
+    assert w["spec_accept_length"]["mean"] == 7.0  # the server saw SGLANG_SIMULATE_ACC_LEN
+    assert w["running_requests"]["mean"] == 50 and rec["cuda_graph_covers_batch"]
+    assert "--speculative-algorithm SPARSESPEC" in rec["server_command"] or rec["server_flags"][:2] == [
+        "--speculative-algorithm", "SPARSESPEC"]
+    assert len(started) == 2  # the server and the bench_serving load
+    for proc in started:
+        with pytest.raises(ProcessLookupError):
+            os.killpg(proc.pid, 0)
+
+
+@pytest.mark.parametrize("name", bs.CONFIGS)
+def test_forced_acceptance_for_speculative_servers_only(name):
+    env, forced = bs.server_env(bs.config_flags(name, 8, 48), 7.0, {"PATH": "/bin", "SGLANG_SIMULATE_ACC_LEN": "3"})
+    if name.startswith("plain"):
+        assert forced is None and env == {"PATH": "/bin"}  # not even inherited
+    else:
+        assert forced == 7.0 and env == {"PATH": "/bin", "SGLANG_SIMULATE_ACC_LEN": "7.0"}
 
 
 # ---------------------------------------------------------------- launch commands, CLI, JSON
