@@ -77,7 +77,7 @@ case "${1:-}" in
     every_token retract_hicache --schedule unified --max-total-tokens "${POOL_TOKENS:-70000}" \
       --enable-hierarchical-cache --stagger-s 0.05 --ragged-max-new-tokens ;;
   lossless-det)
-    every_token deterministic --schedule unified --deterministic ;;
+    every_token deterministic --schedule lockstep --deterministic ;;  # deterministic inference runs lockstep
   sampling)
     python scripts/check_sampling.py --quiet --out "$out/sampling.json" 2>&1 \
       | grep -E "min p-value|DISTRIBUTION|Traceback" ;;
