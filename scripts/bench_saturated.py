@@ -230,6 +230,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def child_setup() -> None:
+    """``preexec_fn`` of every process this script starts: its own process group (``stop`` signals
+    the whole tree) and, on Linux, SIGTERM when this script dies (``PR_SET_PDEATHSIG``), so a
+    benchmark killed from outside never leaves a server holding the GPU."""
+    os.setsid()
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+
+
 def stop(proc: Optional[subprocess.Popen], grace_s: float = 30.0) -> None:
     """Stop a process this script started and its children (it leads its own process group)."""
     if proc is None:
@@ -370,7 +381,7 @@ def run_one(name: str, model_dir: str, fresh: list[wl.Request], args: argparse.N
     t0 = time.monotonic()
     try:
         with open(log, "w") as f:
-            server = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+            server = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, preexec_fn=child_setup)
         record["startup_s"] = wait_ready(base_url, server, args.startup_timeout, log)
         record["pool_tokens"] = pool_tokens(base_url)
         reqs = list(fresh)
@@ -384,7 +395,7 @@ def run_one(name: str, model_dir: str, fresh: list[wl.Request], args: argparse.N
                     str(path), "--base-url", base_url, "--temperature", str(args.temperature),
                     "--max-concurrency", str(args.max_concurrency)]
         with open(load_log, "w") as f:
-            load = subprocess.Popen(load_cmd, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+            load = subprocess.Popen(load_cmd, stdout=f, stderr=subprocess.STDOUT, preexec_fn=child_setup)
 
         def alive() -> Optional[str]:
             if server.poll() is not None:
@@ -405,7 +416,11 @@ def run_one(name: str, model_dir: str, fresh: list[wl.Request], args: argparse.N
               f"{record['time_to_saturation_s']:.0f} s; window {w['seconds']:.0f} s: "
               f"{w['output_tok_per_s']:.1f} output tok/s, running {w['running_requests']}, "
               f"token_usage {w['token_usage']}, retracted {w['retracted_requests']}, "
-              f"accept length {w['spec_accept_length']}", flush=True)
+              f"accept length {w['spec_accept_length']}"
+              + (f" (FORCED acceptance {forced})" if forced is not None else ""), flush=True)
+    except Exception as e:  # the record keeps what was measured, the error and the log's tail
+        record["error"] = str(e)
+        print(f"[{name}] FAILED: {e}", flush=True)
     finally:
         stop(load, grace_s=10)
         stop(server)
@@ -443,7 +458,7 @@ def git_commit() -> str:
 
 def add_ratios(report: dict) -> None:
     """``ratio``: every run's window throughput over the first (baseline) run's."""
-    runs = [r for r in report["runs"] if "window" in r]
+    runs = [r for r in report["runs"] if "window" in r and "error" not in r]
     if len(runs) < 2:
         return
     base = runs[0]
@@ -512,7 +527,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     if args.mode not in MODES:
         ap.error(f"--mode must be one of: {', '.join(MODES)} (got {args.mode!r})")
     if args.num_requests < 512:
-        ap.error(f"--num-requests must be >= 512, the saturated queue must outlast the window (got {args.num_requests})")
+        ap.error("--num-requests must be >= 512, the saturated queue must outlast the window "
+                 f"(got {args.num_requests})")
     if not 1 <= args.forced_accept <= args.k + 1:
         ap.error(f"--forced-accept must be in [1, k+1 = {args.k + 1}] (got {args.forced_accept})")
     if args.fixed_output_len is not None and args.fixed_output_len < 1:
@@ -559,13 +575,15 @@ def main(argv: Optional[list[str]] = None) -> int:
     print(f"[{args.mode}] workload {json.dumps(report['workload'])}", flush=True)
     out = Path(args.out)
     status = 0
+    # A SIGTERM (e.g. `timeout`) unwinds through run_one's `finally`, which stops the server.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     for name in args.names:
         try:
             report["runs"].append(run_one(name, model_dir, fresh, args, work))
         except Exception as e:  # keep the other run of a pair and write what was measured
             print(f"[{name}] FAILED: {e}", flush=True)
             report["runs"].append({"config": name, "error": str(e)})
-            status = 1
+        status = 1 if any("error" in r for r in report["runs"]) else 0
         add_ratios(report)
         out.write_text(json.dumps(report, indent=1))
     for key, value in report.get("ratio", {}).items():

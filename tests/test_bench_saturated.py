@@ -596,6 +596,44 @@ def test_forced_acceptance_for_speculative_servers_only(name):
         assert forced == 7.0 and env == {"PATH": "/bin", "SGLANG_SIMULATE_ACC_LEN": "7.0"}
 
 
+PARENT_DIES = """
+import subprocess, sys
+sys.path.insert(0, sys.argv[1])
+import bench_saturated as bs
+child = subprocess.Popen(["sleep", "60"], preexec_fn=bs.child_setup, stdin=subprocess.DEVNULL,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # the pipe ends with the parent
+print(child.pid, flush=True)
+"""
+
+
+def test_a_started_process_dies_with_this_script():
+    import os
+    import subprocess
+    import time
+
+    scripts = str(Path(bs.__file__).parent)
+    out = subprocess.run([sys.executable, "-c", PARENT_DIES, scripts], capture_output=True, text=True,
+                         timeout=50, check=True).stdout  # returns when the parent exits, not the child
+    pid = int(out.split()[0])
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pid, 0)  # its own group, led by it
+        except ProcessLookupError:
+            return
+        time.sleep(0.1)
+    os.killpg(pid, 9)
+    pytest.fail("the child outlived the script that started it")
+
+
+def test_a_failed_run_keeps_its_record(tmp_path, tiny_model_dir, monkeypatch):
+    monkeypatch.setattr(bs, "server_command", lambda *a: [sys.executable, "-c", "import sys; print('bad flag'); sys.exit(2)"])
+    args = bs.parse_args(["--config", "plain", "--out", "x.json", "--num-requests", "512"])
+    rec = bs.run_one("plain", tiny_model_dir, [], args, tmp_path)
+    assert "exited with 2 during startup" in rec["error"] and "bad flag" in rec["error"]
+    assert rec["config"] == "plain" and rec["forced_accept"] is None and "wall_s" in rec
+
+
 # ---------------------------------------------------------------- launch commands, CLI, JSON
 
 
