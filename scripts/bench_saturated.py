@@ -584,6 +584,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             print(f"[{name}] FAILED: {e}", flush=True)
             report["runs"].append({"config": name, "error": str(e)})
         status = 1 if any("error" in r for r in report["runs"]) else 0
+        report["forced_acceptance"] = {r["config"]: r.get("forced_accept") for r in report["runs"]}
         add_ratios(report)
         out.write_text(json.dumps(report, indent=1))
     for key, value in report.get("ratio", {}).items():

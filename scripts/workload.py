@@ -39,7 +39,7 @@ from typing import Any, Iterable, Optional, Sequence
 
 import numpy as np
 
-# The paper's workload (Sec. 6 / its Table of datasets): AIME, OlympiadBench, LiveCodeBench traces.
+# The paper's workload (its AIME / OlympiadBench / LiveCodeBench traces, as /work/shared/DESIGN.md quotes them).
 PROMPT_LEN_RANGE = (124, 148)
 OUTPUT_MEAN, OUTPUT_STD = 13185, 7626
 OUTPUT_CLIP = (1024, 32768)

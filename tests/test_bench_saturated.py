@@ -722,6 +722,7 @@ def test_pair_report_json(tmp_path, monkeypatch):
     assert report["ratio"] == {"sparsespec/plain": 1.5}
     assert [r["config"] for r in report["runs"]] == ["plain", "sparsespec"]
     assert [r["forced_accept"] for r in report["runs"]] == [None, 7.0]
+    assert report["forced_acceptance"] == {"plain": None, "sparsespec": 7.0}
     assert report["commit"] and report["versions"]["sglang"] == "0.5.17"
     assert report["workload"]["num_requests"] == 512 and report["workload"]["ignore_eos"] is True
     assert "--pair plain,sparsespec" in report["command"]
