@@ -514,7 +514,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     ap.add_argument("--startup-timeout", type=float, default=420.0)
     ap.add_argument("--mid-run-fill", type=float, default=1.0,
                     help="steady-state: mid-run requests whose contexts add up to this many pools")
-    ap.add_argument("--server-args", default="", help="extra launch_server flags, one quoted string")
+    ap.add_argument("--server-args", default="",
+                    help='extra launch_server flags, one quoted string: --server-args="--disable-radix-cache"')
     args = ap.parse_args(argv)
     names = args.pair or args.config
     bad = [n for n in names if n not in CONFIGS]
