@@ -151,7 +151,7 @@ def parse_args(argv=None):
 
 def build_points(args) -> list[Point]:
     """The study points from --points (or the product of the list flags)."""
-    from sparsespec_sglang.testing.reference import SelectionPolicy
+    from sparsespec_sglang.testing.reference import DraftSelection
 
     base = dict(k=args.k[0], sparsity=args.sparsity[0], min_selected=args.min_selected,
                 max_selected=args.max_selected, num_sink=args.num_sink, score_norm=args.score_norm[0],
@@ -179,7 +179,7 @@ def build_points(args) -> list[Point]:
             specs.append((label, values))
     points = []
     for label, values in specs:
-        values["policy"] = SelectionPolicy.parse(values["policy"]).label
+        values["policy"] = DraftSelection.parse(values["policy"]).label
         points.append(Point(label=label, **values))
     return points
 

@@ -570,7 +570,7 @@ def test_prefill_reuse(model, prompts, plain):
 
 def test_policy_selections():
     scores = torch.tensor([[9.0, 9.0, 0.1, 5.0, 0.2, 4.0, 0.3, 3.0, 0.0, 7.0]])
-    sel = lambda name, k, end=10: R.SelectionPolicy.parse(name).select(scores, 2, end, k,  # noqa: E731
+    sel = lambda name, k, end=10: R.DraftSelection.parse(name).select(scores, 2, end, k,  # noqa: E731
                                                                         torch.Generator().manual_seed(0))
     assert sel("pillar", 3).tolist() == [[3, 5, 9]]
     assert sel("inverted", 3).tolist() == [[2, 4, 8]]
@@ -582,17 +582,17 @@ def test_policy_selections():
     r = sel("random", 4)
     assert r.shape == (1, 4) and len(set(r[0].tolist())) == 4 and ((r >= 2) & (r < 10)).all()
     assert torch.equal(r, sel("random", 4)) and (r[0] == r[0].sort().values).all()
-    many = R.SelectionPolicy("random").select(torch.zeros(2, 3, 100), 4, 100, 10, torch.Generator().manual_seed(1))
+    many = R.DraftSelection("random").select(torch.zeros(2, 3, 100), 4, 100, 10, torch.Generator().manual_seed(1))
     assert len({tuple(x) for x in many.reshape(6, 10).tolist()}) == 6  # independent per (layer, head)
-    assert R.SelectionPolicy.parse("hybrid:0.25").label == "hybrid:0.25"
+    assert R.DraftSelection.parse("hybrid:0.25").label == "hybrid:0.25"
     for bad in ("top", "hybrid:2", "hybrid:x", "window:3", "random:x"):
         with pytest.raises(ValueError, match="selection policy"):
-            R.SelectionPolicy.parse(bad)
+            R.DraftSelection.parse(bad)
 
 
 @pytest.mark.parametrize("policy", ["window", "random", "inverted", "hybrid:0.5"])
 def test_policies_are_lossless_and_wired(model, prompts, plain, policy):
-    pol = R.SelectionPolicy.parse(policy)
+    pol = R.DraftSelection.parse(policy)
     cfg = R.SparseSpecConfig(num_draft_steps=4, sparsity=0.1, min_selected=3, max_selected=6, num_sink_tokens=2)
     for p, ref in zip(prompts, plain):
         rng = torch.Generator().manual_seed(pol.seed)  # each generation seeds its own

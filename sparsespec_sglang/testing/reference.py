@@ -37,7 +37,7 @@ Request state and one cycle
   uses, for verify row i, the lse that draft step min(i, k-1) computed over its sparse set
   (the same query token; the bonus row reuses the last draft's), i.e.
   scores[p] = AGG exp(s - draft_lse), the exponent capped at 60 as in the Triton kernel.
-* Selection policy (`SelectionPolicy`, for acceptance studies): "pillar" is the above; the
+* Draft selection (`DraftSelection`, for acceptance studies): "pillar" is the above; the
   baselines "window", "random", "inverted" and "hybrid" pick other positions at the same K.
 * First cycle after prefill ("window" choice): dense_start = L, selection = the K most
   recent candidates [max(num_sink, L - K), L) with K computed for context_len = L.
@@ -73,7 +73,7 @@ __all__ = [
     "aggregate_scores",
     "select_topk",
     "window_selection",
-    "SelectionPolicy",
+    "DraftSelection",
     "draft_key_mask",
     "pillar_attention",
     "sampling_probs",
@@ -181,7 +181,7 @@ def window_selection(num_layers: int, num_kv_heads: int, prompt_len: int, num_si
 
 
 @dataclass(frozen=True)
-class SelectionPolicy:
+class DraftSelection:
     """Which candidate positions a cycle's drafts attend to, at the same per-head budget K.
 
     pillar    top-K by the last verify's scores (PillarAttn, the default)
@@ -207,8 +207,8 @@ class SelectionPolicy:
             raise ValueError(f"hybrid recent fraction must be in [0, 1] (got {self.recent_fraction!r})")
 
     @classmethod
-    def parse(cls, text: "str | SelectionPolicy") -> "SelectionPolicy":
-        if isinstance(text, SelectionPolicy):
+    def parse(cls, text: "str | DraftSelection") -> "DraftSelection":
+        if isinstance(text, DraftSelection):
             return text
         name, colon, arg = str(text).strip().partition(":")
         usage = "use pillar, window, random[:SEED], inverted or hybrid[:F] with F in [0, 1]"
@@ -633,7 +633,7 @@ def _greedy_drafts(model, cache, pending: int, P: int, k: int, state: _AttnState
 def sparsespec_generate(model, prompt_ids: Sequence[int], max_new_tokens: int, config: Any = None, *,
                         eos_token_id=None, temperature: float = 0.0, top_k: int = -1, top_p: float = 1.0,
                         generator: torch.Generator | None = None, ignore_eos: bool = False,
-                        trace: bool = False, policy: "str | SelectionPolicy" = "pillar",
+                        trace: bool = False, policy: "str | DraftSelection" = "pillar",
                         target_tokens: Sequence[int] | None = None, prefilled: Prefill | None = None,
                         **config_overrides) -> SpecOutput:
     """SparseSpec decoding of one request (see the module docstring for the algorithm).
@@ -643,14 +643,14 @@ def sparsespec_generate(model, prompt_ids: Sequence[int], max_new_tokens: int, c
     (num_sink), aggregation, score_norm. temperature 0 = greedy (lossless: identical ids to
     `plain_generate`); > 0 = speculative sampling with the same top_k / top_p filters on
     the target and draft distributions. trace=True keeps each cycle's selection and
-    verify scores in its CycleStats. policy: the `SelectionPolicy` (or its text form).
+    verify scores in its CycleStats. policy: the `DraftSelection` (or its text form).
     target_tokens (greedy only): the expected output, e.g. `plain_generate`'s, used by
     `_greedy_drafts` to draft a cycle in as few forwards as its guesses allow (one if all are
     right). Any guess gives the same drafts, KV and scores; only the speed depends on it.
     prefilled: this prompt's `prefill`, reused instead of recomputed.
     """
     cfg = resolve_config(config, **config_overrides)
-    pol = SelectionPolicy.parse(policy)
+    pol = DraftSelection.parse(policy)
     prepare_model(model)
     eos = set() if ignore_eos else eos_token_ids(model, eos_token_id)
     greedy = temperature <= 0
