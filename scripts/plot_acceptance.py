@@ -62,11 +62,11 @@ def main(argv=None) -> int:
     fig.savefig(args.plots / f"acceptance_{args.name}_points.png", dpi=120)
 
     fig, ax = plt.subplots(figsize=(7, 4))
-    for r in rows:
-        if r["k"] != 8 or r["temperature"] > 0:
-            continue
+    lines = [r for r in rows if r["k"] == 8 and r["temperature"] <= 0]
+    for i, r in enumerate(lines):
         xs = [(b["start"] + b["end"]) / 2 for b in r["by_position"]]
-        ax.plot(xs, [b["mean_accepted"] for b in r["by_position"]], marker="o", label=r["label"])
+        ax.plot(xs, [b["mean_accepted"] for b in r["by_position"]], marker="o", label=r["label"],
+                color=plt.cm.tab20(i % 20), linestyle="-" if r["policy"] == "pillar" else "--")
     ax.set_xlabel("output position (tokens)")
     ax.set_ylabel("mean accepted of 8")
     ax.set_title(f"{args.name}: accepted vs output position (k=8, greedy)")
