@@ -51,10 +51,17 @@ class PlainTop2:
     top1_logprob: float
     top2: int
     top2_logprob: float
+    token_logprob: float | None = None  # plain's logprob of the teacher-forced token itself
 
     @property
     def gap(self) -> float:
         return self.top1_logprob - self.top2_logprob
+
+    @property
+    def token_gap(self) -> float | None:
+        """top-1 minus the token's own logprob: catches ties of three or more, where the tied
+        token SPARSESPEC picked is not among plain's top-2 only because of tie order."""
+        return None if self.token_logprob is None else self.top1_logprob - self.token_logprob
 
 
 def records_from_meta_info(meta_info: dict, num_output: int) -> list[PlainTop2]:
@@ -81,7 +88,9 @@ def records_from_meta_info(meta_info: dict, num_output: int) -> list[PlainTop2]:
         (lp1, id1, *_), (lp2, id2, *_) = top[0], top[1]
         if lp2 > lp1:  # SGLang sorts by logprob; keep the check independent of that
             (lp1, id1), (lp2, id2) = (lp2, id2), (lp1, id1)
-        records.append(PlainTop2(int(tokens[j][1]), int(id1), float(lp1), int(id2), float(lp2)))
+        token_lp = tokens[j][0]
+        records.append(PlainTop2(int(tokens[j][1]), int(id1), float(lp1), int(id2), float(lp2),
+                                 None if token_lp is None else float(token_lp)))
     return records
 
 
@@ -100,8 +109,11 @@ def check_positions(spec_tokens: Sequence[int], records: Sequence[PlainTop2], ti
             n_exact += 1
             continue
         entry = {"pos": pos, "token": tok, "plain_top1": rec.top1, "plain_top2": rec.top2,
-                 "gap": rec.gap}
+                 "gap": rec.gap, "token_gap": rec.token_gap}
         if tok == rec.top2 and rec.gap < tie_threshold:
+            near_ties.append(entry)
+        elif rec.token_gap is not None and rec.token_gap < tie_threshold:
+            entry["kind"] = "tie beyond top-2"
             near_ties.append(entry)
         else:
             entry["reason"] = "top-2 over the tie threshold" if tok == rec.top2 else "not plain's top-2"

@@ -38,7 +38,7 @@ CONVENTIONS = {
     "table_width": "SGLang also clamps K at its selection table width (PillarState.max_sel); "
                    "the reference has no such cap",
     "score_norm": "both 'exact' unless --score-norm says otherwise",
-    "numerics": "SGLang: --dtype (default float32) with Triton kernels; reference: float32 eager PyTorch; "
+    "numerics": "SGLang: --dtype (default bfloat16: sgl_kernel's rmsnorm has no float32 path) with Triton kernels; reference: float32 eager PyTorch; "
                 "score ties go to the lower position on both sides",
     "short_chains": "SGLang may draft fewer than k tokens near max_new_tokens (unified.py caps accept_lens at "
                     "the chain length); the reference always drafts k",
@@ -179,7 +179,7 @@ def main() -> int:
     ap.add_argument("--sparsity", type=float, default=0.05)
     ap.add_argument("--min-selected", type=int, required=True, help="--sparsespec-min-selected (both sides)")
     ap.add_argument("--score-norm", default=None, choices=("exact", "draft"), help="default: the plugin's")
-    ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+    ap.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16"),
                     help="SGLang side (the reference is always float32)")
     ap.add_argument("--ref-device", default="cuda", help="reference device: cuda or cpu")
     ap.add_argument("--tolerance", type=float, default=0.1,

@@ -251,3 +251,14 @@ def test_main_wiring_flags_a_corrupted_position_after_near_ties(monkeypatch, tmp
     (fail,) = report["requests"][2]["failing"]
     assert fail["pos"] == 33 and fail["reason"] == "not plain's top-2"
     assert report["requests"][2]["n_near_tie"] > 0 and report["requests"][2]["rid"] == "rid2"
+
+
+def test_a_token_tied_with_the_top_beyond_top2_is_a_near_tie_and_a_far_one_fails():
+    """Three-way tie: plain lists two of the tied tokens as its top-2, SPARSESPEC picked the third;
+    its own plain logprob (input_token_logprobs) shows the tie. The same token 3 nats down fails."""
+    tied = cet.PlainTop2(token=9, top1=1, top1_logprob=-1.0, top2=2, top2_logprob=-1.0, token_logprob=-1.0)
+    far = cet.PlainTop2(token=9, top1=1, top1_logprob=-1.0, top2=2, top2_logprob=-1.0, token_logprob=-4.0)
+    res = cet.check_positions([9, 9], [tied, far], tie_threshold=0.25)
+    assert res["n_near_tie"] == 1 and res["near_ties"][0]["kind"] == "tie beyond top-2"
+    assert [f["pos"] for f in res["failing"]] == [1]
+    assert res["failing"][0]["token_gap"] == pytest.approx(3.0)
