@@ -34,10 +34,9 @@ import json
 import math
 import platform
 import shlex
-import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 # One-factor-at-a-time study around the default (k=8, s=0.05, exact scores, sum, greedy).
@@ -264,11 +263,9 @@ def summarize(outputs, k: int, bucket_size: int) -> dict:
 
 
 def _commit() -> str | None:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=Path(__file__).resolve().parents[1], check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
+    from sparsespec_sglang.testing import provenance
+
+    return provenance.commit()
 
 
 def _machine(device: str) -> dict:

@@ -448,12 +448,10 @@ def gpu_name() -> str:
         return "none"
 
 
-def git_commit() -> str:
-    def git(*a: str) -> str:
-        return subprocess.run(["git", *a], cwd=REPO, capture_output=True, text=True).stdout.strip()
+def git_commit() -> str | None:
+    from sparsespec_sglang.testing.provenance import commit
 
-    commit = git("rev-parse", "--short", "HEAD")
-    return commit + ("-dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
+    return commit()
 
 
 def add_ratios(report: dict) -> None:

@@ -24,7 +24,6 @@ import json
 import platform
 import random
 import re
-import subprocess
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -32,6 +31,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from tqdm import tqdm
+
+from sparsespec_sglang.testing import provenance
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from check_lossless import _prefill_tokens, _stdio_to  # noqa: E402
@@ -253,11 +254,7 @@ def _versions() -> dict:
     import torch
     import transformers
 
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                                text=True).stdout.strip() or None
-    except OSError:
-        commit = None
+    commit = provenance.commit()
     return {"python": platform.python_version(), "torch": torch.__version__, "sglang": sglang.__version__,
             "transformers": transformers.__version__, "commit": commit,
             "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}

@@ -19,11 +19,12 @@ import importlib.metadata
 import io
 import json
 import statistics
-import subprocess
 import sys
 from pathlib import Path
 
 from tqdm.auto import tqdm
+
+from sparsespec_sglang.testing import provenance
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT_DIR = ROOT / "benchmarks" / "prompts"
@@ -105,8 +106,7 @@ def measure(args: argparse.Namespace) -> None:
     questions = [r for r in records if r["task"] == "gsm_symbolic"]
     result = {
         "command": "python scripts/make_prompts.py " + " ".join(sys.argv[1:]),
-        "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                                 text=True).stdout.strip(),
+        "commit": provenance.commit(),
         "prompt_file": str(Path(args.prompts).relative_to(ROOT)) if args.prompts else None,
         "questions": len(questions),
         "models": {},

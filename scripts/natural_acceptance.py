@@ -15,13 +15,14 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any, Sequence
 
 from tqdm import tqdm
+
+from sparsespec_sglang.testing import provenance
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from check_every_token import load_prompts  # noqa: E402
@@ -160,8 +161,7 @@ def _versions() -> dict:
             versions[name] = __import__(name).__version__
         except ImportError:
             versions[name] = None
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
-    versions["commit"] = commit.stdout.strip() or None
+    versions["commit"] = provenance.commit()
     versions["gpu"] = torch.cuda.get_device_name() if torch.cuda.is_available() else None
     return versions
 

@@ -54,7 +54,6 @@ at once (`_greedy_drafts`): same drafts, KV and scores as step-by-step drafting.
 from __future__ import annotations
 
 import copy
-import math
 from dataclasses import dataclass, field, fields
 from typing import Any, Sequence
 
