@@ -33,6 +33,7 @@ import argparse
 import asyncio
 import json
 import sys
+import types
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence
@@ -237,11 +238,31 @@ def dataset_rows(reqs: Sequence[Request]) -> list:
     return [DatasetRow(prompt=r.input_ids, prompt_len=r.prompt_len, output_len=r.output_len) for r in reqs]
 
 
+def _allow_without_hf_datasets() -> None:
+    """bench_serving's dataset registry imports Hugging Face ``datasets`` at module level for its
+    hub-backed loaders (MMMU and others), which replay never calls: it hands ``benchmark()`` its own
+    rows. Where the package is absent (the GPU host's SGLang bundle lacks it), a stand-in module
+    lets the import succeed, and any loader that would really need it fails with one line."""
+    try:
+        import datasets  # noqa: F401
+        return
+    except ImportError:
+        pass
+
+    def load_dataset(*_args: Any, **_kwargs: Any) -> Any:
+        raise RuntimeError("this bench_serving dataset needs the Hugging Face `datasets` package: pip install datasets")
+
+    stand_in = types.ModuleType("datasets")
+    stand_in.load_dataset = load_dataset  # type: ignore[attr-defined]
+    sys.modules["datasets"] = stand_in
+
+
 def replay(reqs: Sequence[Request], base_url: str, *, temperature: float = PAPER_TEMPERATURE,
            max_concurrency: Optional[int] = None, output_file: Optional[str] = None,
            tokenizer: Any = None) -> dict:
     """Send every request at once (request rate inf) through bench_serving's ``benchmark()``
     against an SGLang server's ``/generate``; returns bench_serving's result dict."""
+    _allow_without_hf_datasets()
     from sglang.benchmark import serving
     from sglang.benchmark.utils import set_ulimit
 

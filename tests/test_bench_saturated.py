@@ -8,6 +8,7 @@ from __future__ import annotations
 import inspect
 import json
 import re
+import subprocess
 import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -742,3 +743,18 @@ def test_a_failed_run_keeps_the_other_and_exits_nonzero(tmp_path, monkeypatch):
     report = json.loads(out.read_text())
     assert report["runs"][1] == {"config": "sparsespec", "error": "server exited with 1"}
     assert "ratio" not in report
+
+
+def test_replay_imports_bench_serving_without_hf_datasets():
+    """The GPU host's SGLang bundle has no Hugging Face `datasets`; bench_serving's module-level
+    import of it must not stop a replay, and a hub loader must still fail with one clear line."""
+    code = (
+        "import sys; sys.modules['datasets'] = None\n"  # `import datasets` now raises ImportError
+        "sys.path.insert(0, 'scripts'); import workload\n"
+        "workload._allow_without_hf_datasets()\n"
+        "from sglang.benchmark import serving\n"
+        "import datasets\n"
+        "try:\n    datasets.load_dataset('x')\nexcept RuntimeError as e:\n    print('ok', e)\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parent.parent, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.startswith("ok ") and "pip install datasets" in out.stdout
