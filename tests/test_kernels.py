@@ -182,7 +182,7 @@ def _run_decode(pool, q, seq_lens, dense_start, sel, sel_lens, num_sink, splits,
         (1, 1, 0, torch.float32, 1),
         (4, 16, 4, torch.float32, 3),
         (8, 1, 4, torch.float16, 4),
-        (4, 1, 0, torch.bfloat16, 8),
+        (3, 1, 0, torch.bfloat16, 8),  # group 3: SmolLM2-135M (9 query / 3 KV heads), not a power of 2
         (8, 16, 0, torch.float32, 2),
         (1, 16, 4, torch.bfloat16, 3),
     ],
@@ -316,7 +316,7 @@ def _ring_lse(prefix_lens, num_q_heads, ring, seed):
         (1, 1, torch.float32, "sum", 1),
         (4, 16, torch.float32, "max", 3),
         (8, 1, torch.float32, "sum", 2),
-        (4, 1, torch.bfloat16, "sum", None),
+        (7, 1, torch.bfloat16, "sum", None),  # group 7: Qwen2.5-0.5B (14 query / 2 KV heads)
         (8, 16, torch.float16, "max", 1),
         (1, 16, torch.bfloat16, "max", 4),
     ],
