@@ -112,9 +112,10 @@ def test_unknown_model_name_names_the_choices(capsys):
     assert "smollm2-135m" in capsys.readouterr().err
 
 
-def test_cache_marker_makes_second_build_instant(fake_model, monkeypatch, tmp_path):
-    spec, _ = fake_model
-    calls = []
+
+def _fake_builds(monkeypatch) -> list[Path]:
+    """Stand-ins for the GGUF conversion and its check; returns the list of GGUFs converted."""
+    calls: list[Path] = []
 
     def fake_convert(gguf_path, out_dir):
         calls.append(Path(gguf_path))
@@ -123,6 +124,11 @@ def test_cache_marker_makes_second_build_instant(fake_model, monkeypatch, tmp_pa
 
     monkeypatch.setattr(rm, "convert_gguf", fake_convert)
     monkeypatch.setattr(rm, "check_model_dir", lambda d, bound: {"perplexity": 1.5, "max_perplexity": bound})
+    return calls
+
+def test_cache_marker_makes_second_build_instant(fake_model, monkeypatch, tmp_path):
+    spec, _ = fake_model
+    calls = _fake_builds(monkeypatch)
     first = rm.ensure_model(spec.name)
     assert len(calls) == 1 and json.loads((first / rm.MARKER).read_text())["gguf_sha256"] == spec.sha256
     assert rm.ensure_model(spec.name) == first and len(calls) == 1  # marker: no second conversion
@@ -138,15 +144,7 @@ def test_cache_marker_makes_second_build_instant(fake_model, monkeypatch, tmp_pa
 
 def test_from_gguf_recognises_a_known_file_by_checksum(fake_model, monkeypatch, tmp_path):
     spec, blob = fake_model
-    calls = []
-
-    def fake_convert(gguf_path, out_dir):
-        calls.append(Path(gguf_path))
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "config.json").write_text("{}")
-
-    monkeypatch.setattr(rm, "convert_gguf", fake_convert)
-    monkeypatch.setattr(rm, "check_model_dir", lambda d, bound: {"perplexity": 1.5, "max_perplexity": bound})
+    calls = _fake_builds(monkeypatch)
     carried = tmp_path / "carried.gguf"
     carried.write_bytes(blob)
     assert rm.main(["from-gguf", str(carried), "--out", str(tmp_path / "out")]) == 0
