@@ -602,3 +602,91 @@ def test_policies_are_lossless_and_wired(model, prompts, plain, policy):
         for prev, cur in zip(out.cycles, out.cycles[1:]):
             expect = pol.select(prev.scores, 2, prev.position, cur.num_selected, rng)
             assert torch.equal(cur.selection, expect)
+
+
+# ----------------------------------------------------------------------------- following a trajectory
+
+
+def _check_follow_cycles(out, traj, k):
+    """Every cycle counts acceptance against `traj` and the cycles tile the output."""
+    expect_offset = 0
+    for c in out.cycles:
+        assert c.output_offset == expect_offset and c.position == out.prompt_len + c.output_offset
+        nxt = traj[c.output_offset + 1:]
+        m = 0
+        while m < min(k, len(nxt)) and c.drafts[m] == nxt[m]:
+            m += 1
+        assert c.accepted == m
+        assert c.bonus == (nxt[m] if m < len(nxt) else None)
+        expect_offset += m + 1
+
+
+@pytest.mark.parametrize("k,score_norm", [(4, "exact"), (8, "draft")])
+def test_following_the_own_greedy_output_reproduces_the_run(model, prompts, plain, k, score_norm):
+    """follow_tokens = the model's own greedy output changes nothing: tokens, cycles, drafts,
+    selections and scores equal the unforced run (with or without a drafting guess)."""
+    kw = dict(k=k, sparsity=0.3, min_sel=2, num_sink=2, score_norm=score_norm, ignore_eos=True, trace=True)
+    wrong = [(t + 1) % 256 + 3 for t in plain[0]]
+    accepted, cycles = 0, 0
+    for p, ref in zip(prompts, plain):
+        own = R.sparsespec_generate(model, p, MAX_NEW, **kw)
+        accepted, cycles = accepted + sum(own.accepted_counts), cycles + len(own.cycles)
+        for guess in (None, wrong):
+            fol = R.sparsespec_generate(model, p, MAX_NEW, follow_tokens=ref, target_tokens=guess, **kw)
+            assert fol.tokens == own.tokens == ref and fol.finish_reason == own.finish_reason
+            assert _cycle_trace(fol) == _cycle_trace(own)
+            assert [c.committed for c in fol.cycles] == [c.committed for c in own.cycles]
+            for a, b in zip(fol.cycles, own.cycles):
+                assert torch.equal(a.selection, b.selection)
+                torch.testing.assert_close(a.scores, b.scores, rtol=1e-5, atol=1e-6)
+    assert 0 < accepted < k * cycles  # misses and hits both exercised
+
+
+def test_following_stops_at_the_trajectory_end(model, prompts, plain):
+    p, ref = prompts[1], plain[1]
+    kw = dict(k=4, sparsity=1.0, min_sel=0, max_sel=10**6, ignore_eos=True)
+    for n in (1, 2, 7, 20):
+        out = R.sparsespec_generate(model, p, MAX_NEW, follow_tokens=ref[:n], **kw)
+        assert out.tokens == ref[:n] and out.finish_reason == "length"
+        _check_follow_cycles(out, ref[:n], 4)
+        # Dense drafts match the whole remaining trajectory: the last cycle counts only what it covers.
+        if out.cycles:
+            assert out.cycles[-1].accepted == min(4, n - 1 - out.cycles[-1].output_offset)
+    assert R.sparsespec_generate(model, p, 5, follow_tokens=ref, **kw).tokens == ref[:5]  # budget first
+    assert R.sparsespec_generate(model, p, MAX_NEW, follow_tokens=[], **kw).tokens == []
+    eos = R.sparsespec_generate(model, p, MAX_NEW, follow_tokens=ref, k=4, eos_token_id=ref[9])
+    assert eos.tokens == ref[: ref.index(ref[9]) + 1] and eos.finish_reason == "stop"
+    with pytest.raises(ValueError, match="follow_tokens needs greedy"):
+        R.sparsespec_generate(model, p, MAX_NEW, follow_tokens=ref, temperature=0.7)
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+def test_following_a_changed_trajectory(model, prompts, plain, sparse):
+    """The greedy output with one token changed mid-way: exactly its tokens are committed, every
+    cycle counts acceptance against it, and the KV follows it (dense drafts = the model's greedy
+    continuation of the trajectory's text so far, so the cache holds that text)."""
+    k = 4
+    kw = (dict(k=k, sparsity=0.3, min_sel=2, num_sink=2) if sparse
+          else dict(k=k, sparsity=1.0, min_sel=0, max_sel=10**6))
+    for p, ref in zip(prompts[1:], plain[1:]):
+        i = 13
+        traj = ref[:i] + [(ref[i] + 7) % 256 + 3] + ref[i + 1:]
+        assert traj[i] != ref[i]
+        out = R.sparsespec_generate(model, p, MAX_NEW, follow_tokens=traj, ignore_eos=True, trace=True, **kw)
+        assert out.tokens == traj
+        _check_follow_cycles(out, traj, k)
+        # The changed token is never drafted (the model's argmax there is ref[i]): it is a bonus.
+        assert any(c.output_offset + 1 + c.accepted == i and c.bonus == traj[i] for c in out.cycles)
+        # Before the change, the run is the unforced one.
+        own = R.sparsespec_generate(model, p, MAX_NEW, ignore_eos=True, trace=True, **kw)
+        before = [c for c in own.cycles if c.output_offset + 1 + c.accepted < i]
+        assert _cycle_trace(out)[: len(before)] == _cycle_trace(SimpleNamespace(cycles=before))
+        fast = R.sparsespec_generate(model, p, MAX_NEW, follow_tokens=traj, target_tokens=ref, ignore_eos=True,
+                                     trace=True, **kw)
+        assert _cycle_trace(fast) == _cycle_trace(out)
+        if not sparse:
+            for c in out.cycles:
+                ctx = p + traj[: c.output_offset + 1]
+                assert c.drafts == R.plain_generate(model, ctx, k, ignore_eos=True).tokens
+            after = [c for c in out.cycles if c.output_offset >= i]
+            assert after and sum(c.accepted for c in after) < k * len(after)  # the text after no longer fits

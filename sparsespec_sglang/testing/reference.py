@@ -24,6 +24,13 @@ Request state and one cycle
   Greedy: m = longest prefix with d_j == argmax p_{j-1}; bonus = argmax p_m.
   Sampling: standard speculative sampling (`speculative_accept`).
   Commit d_1..d_m, bonus (new pending at P+m+1), crop the cache to [0, P+m].
+* Following a given trajectory (`follow_tokens`, greedy only; to measure acceptance along another
+  implementation's output, e.g. SGLang's bf16 tokens): the first token and every verify commit
+  the trajectory's tokens instead of the target's argmax, i.e. m = longest prefix with
+  d_j == t_{j} (the trajectory's next tokens), bonus = the trajectory token after them. Drafting,
+  verify scores, selection, cache and cycle boundaries then follow that trajectory exactly as an
+  implementation that produced it would have. The request stops at the trajectory's end (the
+  last cycle's m counts only drafts the trajectory covers).
   EOS / max_new_tokens stop the request mid-cycle; nothing past them is emitted.
 * Selection (PillarAttn): the verify forward also yields, per layer and KV head,
   scores[p] = AGG over (verify query rows, query heads of the GQA group) of the softmax
@@ -47,7 +54,7 @@ Request state and one cycle
 
 Speed: the GQA group is folded into the query rows (no K/V copies per query head); a prompt's
 prefill can be computed once (`prefill`) and reused; and greedy drafts, given a guess of the
-output (`target_tokens`), come from teacher-forced sparse forwards over several draft positions
+output (`target_tokens`, else `follow_tokens`), come from teacher-forced sparse forwards over several draft positions
 at once (`_greedy_drafts`): same drafts, KV and scores as step-by-step drafting.
 """
 
@@ -489,7 +496,7 @@ class CycleStats:
     dense_start: int
     num_selected: int  # K
     drafts: list[int]
-    bonus: int
+    bonus: int | None  # None only when a followed trajectory ended before it
     selection: torch.Tensor | None = None  # [layers, kv_heads, K] (trace=True)
     scores: torch.Tensor | None = None  # verify scores [layers, kv_heads, P+k+1] (trace=True)
 
@@ -628,13 +635,22 @@ def _greedy_drafts(model, cache, pending: int, P: int, k: int, state: _AttnState
     return drafts
 
 
+def _follow_accept(drafts: Sequence[int], trajectory: Sequence[int]) -> tuple[int, int | None]:
+    """greedy_accept against a given trajectory (its tokens after the pending one): m = longest
+    prefix of the drafts equal to it, bonus = its next token (None if it ends there)."""
+    m = 0
+    while m < len(drafts) and m < len(trajectory) and drafts[m] == trajectory[m]:
+        m += 1
+    return m, (trajectory[m] if m < len(trajectory) else None)
+
+
 @torch.no_grad()
 def sparsespec_generate(model, prompt_ids: Sequence[int], max_new_tokens: int, config: Any = None, *,
                         eos_token_id=None, temperature: float = 0.0, top_k: int = -1, top_p: float = 1.0,
                         generator: torch.Generator | None = None, ignore_eos: bool = False,
                         trace: bool = False, policy: "str | DraftSelection" = "pillar",
                         target_tokens: Sequence[int] | None = None, prefilled: Prefill | None = None,
-                        **config_overrides) -> SpecOutput:
+                        follow_tokens: Sequence[int] | None = None, **config_overrides) -> SpecOutput:
     """SparseSpec decoding of one request (see the module docstring for the algorithm).
 
     config: SparseSpecConfig or an object with its attribute names; config_overrides: num_draft_steps
@@ -647,12 +663,19 @@ def sparsespec_generate(model, prompt_ids: Sequence[int], max_new_tokens: int, c
     `_greedy_drafts` to draft a cycle in as few forwards as its guesses allow (one if all are
     right). Any guess gives the same drafts, KV and scores; only the speed depends on it.
     prefilled: this prompt's `prefill`, reused instead of recomputed.
+    follow_tokens (greedy only): commit this trajectory instead of the target's argmax (see
+    the module docstring); acceptance is counted against it and the request stops at its end
+    (or earlier at max_new_tokens / EOS). It is also the drafting guess when target_tokens is None.
     """
     cfg = resolve_config(config, **config_overrides)
     pol = DraftSelection.parse(policy)
     prepare_model(model)
     eos = set() if ignore_eos else eos_token_ids(model, eos_token_id)
     greedy = temperature <= 0
+    follow = None if follow_tokens is None else [int(t) for t in follow_tokens]
+    if follow is not None and not greedy:
+        raise ValueError(f"follow_tokens needs greedy decoding (temperature 0), got temperature={temperature}")
+    guide = target_tokens if target_tokens is not None else follow
     k, num_sink = cfg.num_draft_steps, cfg.num_sink_tokens
     n_layers = model.config.num_hidden_layers
     n_kv = model.config.num_key_value_heads
@@ -662,7 +685,8 @@ def sparsespec_generate(model, prompt_ids: Sequence[int], max_new_tokens: int, c
     prompt = list(prompt_ids)
     L = len(prompt)
     result = SpecOutput(tokens=[], finish_reason="length", prompt_len=L, config=cfg)
-    if max_new_tokens <= 0:
+    budget = max_new_tokens if follow is None else min(max_new_tokens, len(follow))
+    if budget <= 0:
         return result
     out = result.tokens
 
@@ -672,11 +696,11 @@ def sparsespec_generate(model, prompt_ids: Sequence[int], max_new_tokens: int, c
         if tok in eos:
             result.finish_reason = "stop"
             return True
-        return len(out) >= max_new_tokens
+        return len(out) >= budget
 
     # Prefill (full attention); the first token becomes pending at position L.
     cache, last = _start(model, prompt, prefilled)
-    pending = _pick(last, temperature, top_k, top_p, generator)
+    pending = follow[0] if follow is not None else _pick(last, temperature, top_k, top_p, generator)
     if commit(pending):
         return result
     P = L
@@ -692,7 +716,7 @@ def sparsespec_generate(model, prompt_ids: Sequence[int], max_new_tokens: int, c
                                  row_lse={} if cfg.score_norm == "draft" else None)
         q_rows = []
         if greedy:
-            guess = target_tokens[P - L + 1:] if target_tokens is not None else []
+            guess = guide[P - L + 1:] if guide is not None else []
             drafts = _greedy_drafts(model, cache, pending, P, k, draft_state, guess)
         else:
             drafts, cur = [], pending
@@ -706,7 +730,9 @@ def sparsespec_generate(model, prompt_ids: Sequence[int], max_new_tokens: int, c
         cache.crop(P)
         vstate = _AttnState("verify", aggregation=cfg.aggregation, row_lse=draft_state.row_lse)
         tlogits = _forward(model, cache, [pending] + drafts, P, vstate)  # p_0..p_k
-        if greedy:
+        if follow is not None:
+            m, bonus = _follow_accept(drafts, follow[P - L + 1:])
+        elif greedy:
             m, bonus = greedy_accept(tlogits, drafts)
         else:
             p = sampling_probs(tlogits, temperature, top_k, top_p)
