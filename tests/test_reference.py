@@ -653,6 +653,12 @@ def test_following_stops_at_the_trajectory_end(model, prompts, plain):
         if out.cycles:
             assert out.cycles[-1].accepted == min(4, n - 1 - out.cycles[-1].output_offset)
     assert R.sparsespec_generate(model, p, 5, follow_tokens=ref, **kw).tokens == ref[:5]  # budget first
+    # A trajectory whose first token is not the prefill's argmax: that token is committed and the
+    # (dense) drafts continue from it.
+    first = [(ref[0] + 5) % 256 + 3] + ref[1:6]
+    out = R.sparsespec_generate(model, p, MAX_NEW, follow_tokens=first, **kw)
+    assert out.tokens == first and out.cycles[0].accepted < 4
+    assert out.cycles[0].drafts == R.plain_generate(model, p + first[:1], 4, ignore_eos=True).tokens
     assert R.sparsespec_generate(model, p, MAX_NEW, follow_tokens=[], **kw).tokens == []
     eos = R.sparsespec_generate(model, p, MAX_NEW, follow_tokens=ref, k=4, eos_token_id=ref[9])
     assert eos.tokens == ref[: ref.index(ref[9]) + 1] and eos.finish_reason == "stop"
