@@ -696,3 +696,15 @@ def test_following_a_changed_trajectory(model, prompts, plain, sparse):
                 assert c.drafts == R.plain_generate(model, ctx, k, ignore_eos=True).tokens
             after = [c for c in out.cycles if c.output_offset >= i]
             assert after and sum(c.accepted for c in after) < k * len(after)  # the text after no longer fits
+
+
+def test_followed_trajectory_is_the_drafting_guess(model, prompts, plain, monkeypatch):
+    """Without target_tokens the followed tokens guide `_greedy_drafts` (same drafts, fewer forwards)."""
+    calls = []
+    real = R._forward
+    monkeypatch.setattr(R, "_forward", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    kw = dict(k=8, sparsity=0.7, min_sel=2, num_sink=2, ignore_eos=True)
+    out = R.sparsespec_generate(model, prompts[2], MAX_NEW, follow_tokens=plain[2], **kw)
+    assert sum(out.accepted_counts) > 0
+    bound = 1 + sum(1 + (8 - min(c.accepted + 1, 8)) + 1 for c in out.cycles)
+    assert len(calls) <= bound < 1 + 9 * len(out.cycles)
