@@ -17,7 +17,9 @@
 # Stages (estimated: SGLang engine start 60-120 s each; SmolLM2 decodes fast):
 #   pieces        which pieces/manifest are on this host (no GPU work)
 #   build         join + verify the pieces, build the HF checkpoint (real_models from-gguf)     ~1-2 min
-#   accept [M..]  natural acceptance, SGLang vs fp32 reference, k 8, s 0.05, min-selected M
+#   accept [M..]  natural acceptance, k 8, s 0.05, min-selected M: SGLang vs the reference run along
+#                 SGLang's own output tokens (the verdict) and free-running (reported); REF_DTYPE picks
+#                 the reference dtype (float32; bfloat16 narrows the drafting-numerics gap)
 #                 (default "16 128"; ~4-5 min each: run one value per call when short of time)
 #   lossless-unified   every-token check, 64 x 2048, unified schedule (the default)                ~4-6 min
 #   lossless-lockstep  the same, lockstep schedule                                                 ~4-6 min
@@ -27,7 +29,7 @@
 #   sampling      scripts/check_sampling.py (unified default; random-weight model)
 #   entrypoints   scripts/check_entrypoints.py (unified default; random-weight model)
 # Knobs: NUM_PROMPTS (64), MAX_NEW (2048), DTYPE (bfloat16; float32 makes near-ties rare), ACC_PROMPTS (16),
-# ACC_MAX_NEW (512), POOL_TOKENS (70000, about half the final KV of 64 x (prompt + 2048)).
+# ACC_MAX_NEW (512), REF_DTYPE (float32), POOL_TOKENS (70000, about half the final KV of 64 x (prompt + 2048)).
 set -euo pipefail
 out=${OUT:-gpu-results}
 mkdir -p "$out"
@@ -63,11 +65,13 @@ case "${1:-}" in
   accept)
     need_model
     shift
+    ref_dtype=${REF_DTYPE:-float32}
     for m in ${*:-16 128}; do
+      name=natural_acceptance_min${m}_ref_$ref_dtype
       python scripts/natural_acceptance.py --model-dir "$model" --num-prompts "${ACC_PROMPTS:-16}" \
         --max-new-tokens "${ACC_MAX_NEW:-512}" --k 8 --sparsity 0.05 --min-selected "$m" --ref-device cuda \
-        --quiet --out "$out/natural_acceptance_min$m.json" > "$out/natural_acceptance_min$m.txt" 2>&1 || true
-      grep -E "^natural acceptance|Traceback|Error" "$out/natural_acceptance_min$m.txt" | tail -5
+        --ref-dtype "$ref_dtype" --quiet --out "$out/$name.json" > "$out/$name.txt" 2>&1 || true
+      grep -E "^natural acceptance|Traceback|Error" "$out/$name.txt" | tail -5
     done ;;
   lossless|lossless-unified)
     every_token unified --schedule unified ;;
