@@ -104,7 +104,8 @@ case "${1:-}" in
     grep -E "^plain|^sparsespec|^speedup|Traceback" "$out/bench_14b.log" ;;
   everytoken)
     python scripts/check_every_token.py --shape small --num-prompts 16 --max-new-tokens 512 --stagger-s 0.05 \
-      --ragged-max-new-tokens --quiet --out "$out/every_token_small.json" 2>&1 | grep -E "^every-token|Traceback" ;;
+      --ragged-max-new-tokens --quiet --out "$out/every_token_small.json" > "$out/every_token_small.txt" 2>&1 || true
+    grep -E "^every-token|Traceback" -A12 "$out/every_token_small.txt" | tail -20 ;;  # the whole output stays in the .txt
   *)
     echo "usage: $0 {tests|lossless|kernels|plain4k|spec4k|batches|accept|offload|sampling|tp2|unified|unified4k|ngram4k|pool50|pool50spec|long16k|shape14b|everytoken}" >&2; exit 2 ;;
 esac
