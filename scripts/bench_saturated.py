@@ -45,6 +45,8 @@ import urllib.request
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence
 
+from sparsespec_sglang.testing import provenance
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import workload as wl  # noqa: E402  (scripts/ is not a package)
 
@@ -448,12 +450,6 @@ def gpu_name() -> str:
         return "none"
 
 
-def git_commit() -> str | None:
-    from sparsespec_sglang.testing.provenance import commit
-
-    return commit()
-
-
 def add_ratios(report: dict) -> None:
     """``ratio``: every run's window throughput over the first (baseline) run's."""
     runs = [r for r in report["runs"] if "window" in r and "error" not in r]
@@ -561,7 +557,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                              fixed_output_len=args.fixed_output_len, prompts=prompts)
     report = {
         "command": " ".join([sys.executable, *sys.argv]) if argv is None else " ".join(argv),
-        "mode": args.mode, "commit": git_commit(), "gpu": gpu_name(), "machine": platform.node(),
+        "mode": args.mode, "commit": provenance.commit(), "gpu": gpu_name(), "machine": platform.node(),
         "versions": versions(), "shape": args.shape,
         "workload": {"seed": args.seed, "prompts": args.prompts, "fixed_output_len": args.fixed_output_len,
                      "temperature": args.temperature, "ignore_eos": True, **wl.summary(fresh)},

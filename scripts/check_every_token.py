@@ -249,17 +249,6 @@ def teacher_force(engine, prompts: list[list[int]], outputs: list[list[int]], ba
     return records
 
 
-def _versions() -> dict:
-    import sglang
-    import torch
-    import transformers
-
-    commit = provenance.commit()
-    return {"python": platform.python_version(), "torch": torch.__version__, "sglang": sglang.__version__,
-            "transformers": transformers.__version__, "commit": commit,
-            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True)
@@ -369,7 +358,7 @@ def main() -> int:
     retracted = sum(r["num_retractions"] for r in requests)
     deterministic = exact_equality(plain_ids, [o["output_ids"] for o in spec]) if plain_ids is not None else None
     report = {
-        "command": " ".join(sys.argv), "versions": _versions(), "machine": platform.node(),
+        "command": " ".join(sys.argv), "versions": provenance.versions(), "machine": platform.node(),
         "model": args.model_dir or f"random {args.shape}", "dtype": args.dtype, "schedule": args.schedule,
         "k": args.k, "sparsity": args.sparsity, "min_selected": args.min_selected,
         "num_prompts": args.num_prompts, "max_new_tokens": args.max_new_tokens,

@@ -207,20 +207,6 @@ def run_reference(model_dir: str, prompts: list[list[int]], args: argparse.Names
     return free, aligned
 
 
-def _versions() -> dict:
-    import torch
-
-    versions = {"python": platform.python_version(), "torch": torch.__version__}
-    for name in ("sglang", "transformers"):
-        try:
-            versions[name] = __import__(name).__version__
-        except ImportError:
-            versions[name] = None
-    versions["commit"] = provenance.commit()
-    versions["gpu"] = torch.cuda.get_device_name() if torch.cuda.is_available() else None
-    return versions
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True)
@@ -268,7 +254,7 @@ def main() -> int:
                                                                  sg_outs, ref_outs, aligned_outs))]
     result = compare(sg_rows, ref_rows, args.tolerance)
     aligned = compare_aligned(sg_rows, aligned_rows, args.tolerance)
-    report = {"command": " ".join(sys.argv), "versions": _versions(), "machine": platform.node(),
+    report = {"command": " ".join(sys.argv), "versions": provenance.versions(), "machine": platform.node(),
               "model_dir": args.model_dir, "num_prompts": args.num_prompts,
               "max_new_tokens": args.max_new_tokens, "ignore_eos": args.ignore_eos, "k": args.k,
               "sparsity": args.sparsity, "min_selected": args.min_selected, "score_norm": args.score_norm,

@@ -1,4 +1,4 @@
-"""Which code produced a result: the commit every results JSON records.
+"""Which code produced a result: the commit and versions every results JSON records.
 
 The GPU host runs a copy of the working tree whose ``.git`` can lag the checkout it came from, so a
 run there names its commit through ``SPARSESPEC_COMMIT`` (set by the command that ships the tree);
@@ -28,3 +28,20 @@ def commit() -> str | None:
     except OSError:
         return None
     return (head + ("-dirty" if dirty else "")) or None
+
+
+def versions() -> dict:
+    """Python, torch, SGLang and transformers versions, the commit, and the GPU (None where absent)."""
+    import platform
+
+    import torch
+
+    out = {"python": platform.python_version(), "torch": torch.__version__}
+    for name in ("sglang", "transformers"):
+        try:
+            out[name] = __import__(name).__version__
+        except ImportError:
+            out[name] = None
+    out["commit"] = commit()
+    out["gpu"] = torch.cuda.get_device_name() if torch.cuda.is_available() else None
+    return out
