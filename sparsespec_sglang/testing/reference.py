@@ -443,11 +443,7 @@ def _sample(dist: torch.Tensor, generator: torch.Generator | None) -> int:
 def greedy_accept(target_logits: torch.Tensor, drafts: Sequence[int]) -> tuple[int, int]:
     """target_logits [k+1, V] (p_0..p_k). Returns (m, bonus): m = longest prefix with
     d_j == argmax p_{j-1}; bonus = argmax p_m."""
-    tgt = target_logits.argmax(dim=-1).tolist()
-    m = 0
-    while m < len(drafts) and drafts[m] == tgt[m]:
-        m += 1
-    return m, tgt[m]
+    return _follow_accept(drafts, target_logits.argmax(dim=-1).tolist())
 
 
 def acceptance_probabilities(p: torch.Tensor, q: torch.Tensor, drafts: Sequence[int]) -> torch.Tensor:
@@ -636,8 +632,9 @@ def _greedy_drafts(model, cache, pending: int, P: int, k: int, state: _AttnState
 
 
 def _follow_accept(drafts: Sequence[int], trajectory: Sequence[int]) -> tuple[int, int | None]:
-    """greedy_accept against a given trajectory (its tokens after the pending one): m = longest
-    prefix of the drafts equal to it, bonus = its next token (None if it ends there)."""
+    """Greedy acceptance against a trajectory (its tokens after the pending one; for
+    `greedy_accept` the target's k + 1 argmaxes): m = longest prefix of the drafts equal to it,
+    bonus = its next token (None if it ends there)."""
     m = 0
     while m < len(drafts) and m < len(trajectory) and drafts[m] == trajectory[m]:
         m += 1
