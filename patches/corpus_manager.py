@@ -1,6 +1,6 @@
 """Hook on ``Scheduler.maybe_init_draft_worker``: no NGRAM corpus manager on a SPARSESPEC server.
 
-SPARSESPEC answers ``is_ngram()`` True (``sparsespec_sglang.plugin.SparseSpecAlgo`` says why), and
+SPARSESPEC answers ``is_ngram()`` True (``sparsespec_sglang.algorithm.SparseSpecAlgo`` says why), and
 ``maybe_init_draft_worker`` wraps every ``is_ngram()`` worker in NGRAM's ``ExternalCorpusManager``
 (external SAM corpora for n-gram drafting). SPARSESPEC drafts with the target model and has no
 corpus, so the manager is dropped (AFTER): corpus requests then get SGLang's own "Ngram speculative
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sglang.srt.plugins.hook_registry import HookType
+from sparsespec_sglang.compat import HookType
 
 from sparsespec_sglang.patches import register_once
 from sparsespec_sglang.validation import is_sparsespec
@@ -25,7 +25,7 @@ def maybe_init_draft_worker(result: Any, scheduler: Any, *args: Any, **kwargs: A
 
 
 HOOKS = (
-    ("sglang.srt.managers.scheduler.Scheduler.maybe_init_draft_worker", maybe_init_draft_worker,
+    ("Scheduler.maybe_init_draft_worker", maybe_init_draft_worker,
      HookType.AFTER),
 )
 

@@ -17,7 +17,7 @@ import contextlib
 import contextvars
 from typing import Any, Callable, Iterator, Optional, Sequence
 
-from sglang.srt.plugins.hook_registry import HookType
+from sparsespec_sglang.compat import HookType
 
 from sparsespec_sglang.patches import register_once
 
@@ -44,7 +44,7 @@ def get_batch_sizes_to_capture(original: Callable, model_runner: Any, *args: Any
 
 
 HOOKS = (
-    ("sglang.srt.model_executor.runner.decode_cuda_graph_runner.get_batch_sizes_to_capture",
+    ("get_batch_sizes_to_capture",
      get_batch_sizes_to_capture, HookType.AROUND),
 )
 

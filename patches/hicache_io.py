@@ -22,12 +22,11 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import torch
-from sglang.srt.plugins.hook_registry import HookType
+from sparsespec_sglang.compat import HookType
 
 from sparsespec_sglang import offload
 from sparsespec_sglang.patches import register_once
 
-MODULE = "sglang.srt.managers.cache_controller"
 
 
 def _bytes_per_token(controller: Any) -> int:
@@ -88,10 +87,10 @@ def wait_until(original: Callable, self: Any, threshold: int) -> Any:
 
 
 HOOKS = (
-    (f"{MODULE}.HiCacheController.start_writing", start_writing, HookType.AROUND),
-    (f"{MODULE}.HiCacheController.write", write, HookType.AROUND),
-    (f"{MODULE}.HiCacheController.start_loading", start_loading, HookType.AROUND),
-    (f"{MODULE}.LayerDoneCounter.wait_until", wait_until, HookType.AROUND),
+    ("HiCacheController.start_writing", start_writing, HookType.AROUND),
+    ("HiCacheController.write", write, HookType.AROUND),
+    ("HiCacheController.start_loading", start_loading, HookType.AROUND),
+    ("LayerDoneCounter.wait_until", wait_until, HookType.AROUND),
 )
 
 

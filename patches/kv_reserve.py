@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Optional
 
-from sglang.srt.plugins.hook_registry import HookType
+from sparsespec_sglang.compat import HookType
 
 from sparsespec_sglang.patches import register_once
 from sparsespec_sglang.validation import sparsespec_config
@@ -38,7 +38,7 @@ def unified_reserve(server_args: Any) -> Optional[int]:
 def _server_args(server_args: Any) -> Any:
     if server_args is not None:
         return server_args
-    from sglang.srt.runtime_context import get_server_args
+    from sparsespec_sglang.compat import get_server_args
 
     return get_server_args()
 
@@ -57,9 +57,9 @@ def get_req_to_token_extra_context_len(original: Callable, server_args: Any) -> 
 
 
 HOOKS = (
-    ("sglang.srt.mem_cache.allocation_sizing.get_alloc_reserve_per_decode",
+    ("get_alloc_reserve_per_decode",
      get_alloc_reserve_per_decode, HookType.AROUND),
-    ("sglang.srt.mem_cache.allocation_sizing.get_req_to_token_extra_context_len",
+    ("get_req_to_token_extra_context_len",
      get_req_to_token_extra_context_len, HookType.AROUND),
 )
 

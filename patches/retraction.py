@@ -26,7 +26,7 @@ import contextvars
 import logging
 from typing import Any, Callable
 
-from sglang.srt.plugins.hook_registry import HookType
+from sparsespec_sglang.compat import HookType
 
 from sparsespec_sglang import offload
 from sparsespec_sglang.patches import register_once
@@ -70,8 +70,8 @@ def release_kv_cache(original: Callable, req: Any, tree_cache: Any, *args: Any, 
 
 
 HOOKS = (
-    ("sglang.srt.managers.schedule_batch.release_req", release_req, HookType.AROUND),
-    ("sglang.srt.mem_cache.common.release_kv_cache", release_kv_cache, HookType.AROUND),
+    ("release_req", release_req, HookType.AROUND),
+    ("release_kv_cache", release_kv_cache, HookType.AROUND),
 )
 
 

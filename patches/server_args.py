@@ -24,7 +24,7 @@ import contextvars
 import sys
 from typing import Any, Callable
 
-from sglang.srt.plugins.hook_registry import HookType
+from sparsespec_sglang.compat import HookType
 
 from sparsespec_sglang.config import (
     ALGORITHM_NAME,
@@ -38,7 +38,6 @@ from sparsespec_sglang.config import (
 from sparsespec_sglang.patches import register_once
 from sparsespec_sglang.validation import is_sparsespec, select_attention_backend
 
-MODULE = "sglang.srt.server_args"
 _cli_values: contextvars.ContextVar[dict | None] = contextvars.ContextVar(
     "sparsespec_cli_values", default=None
 )
@@ -112,13 +111,18 @@ def prepare_server_args(original: Callable, argv: list[str]) -> Any:
 
 
 HOOKS = (
-    (f"{MODULE}.ServerArgs.add_cli_args", add_cli_args, HookType.AFTER),
-    (f"{MODULE}.ServerArgs.from_cli_args", from_cli_args, HookType.AROUND),
-    (f"{MODULE}.ServerArgs.__init__", init, HookType.BEFORE),
-    (f"{MODULE}.ServerArgs.__post_init__", post_init, HookType.BEFORE),
-    (f"{MODULE}.prepare_server_args", prepare_server_args, HookType.AROUND),
+    ("ServerArgs.add_cli_args", add_cli_args, HookType.AFTER),
+    ("ServerArgs.from_cli_args", from_cli_args, HookType.AROUND),
+    ("ServerArgs.__init__", init, HookType.BEFORE),
+    ("ServerArgs.__post_init__", post_init, HookType.BEFORE),
+    ("prepare_server_args", prepare_server_args, HookType.AROUND),
 )
 
 
 def register() -> None:
     register_once(__name__, HOOKS)
+
+
+def register_error_hook() -> None:
+    """Only the launcher's one-line error (on an SGLang release the plugin does not support)."""
+    register_once(f"{__name__}.errors", [h for h in HOOKS if h[1] is prepare_server_args])

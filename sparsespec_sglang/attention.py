@@ -25,7 +25,7 @@ import functools
 from typing import Any, Iterator, Optional
 
 import torch
-from sglang.srt.layers.attention.triton_backend import TritonAttnBackend, logit_capping_mod
+from sparsespec_sglang.compat import TritonAttnBackend, logit_capping_mod
 
 from sparsespec_sglang.deterministic import verify_as_decode_rows
 from sparsespec_sglang.kernels.attention_common import pick_num_kv_splits, sm_count

@@ -16,7 +16,7 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import torch
-from sglang.kernels.ops.kvcache.kv_indices import create_flashinfer_kv_indices_triton
+from sparsespec_sglang.compat import create_flashinfer_kv_indices_triton
 
 
 def verify_as_decode_rows(

@@ -24,10 +24,13 @@ import logging
 from typing import Any, Callable, ContextManager, Iterator, Optional, Sequence
 
 import torch
-from sglang.srt.model_executor.forward_batch_info import ForwardMode
-from sglang.srt.model_executor.forward_context import ForwardContext, forward_context
-from sglang.srt.model_executor.runner.decode_cuda_graph_runner import DecodeCudaGraphRunner
-from sglang.srt.speculative.spec_info import SpeculativeAlgorithm
+from sparsespec_sglang.compat import (
+    DecodeCudaGraphRunner,
+    ForwardContext,
+    ForwardMode,
+    SpeculativeAlgorithm,
+    forward_context,
+)
 
 from sparsespec_sglang.patches.graph_capture_sizes import capturing
 

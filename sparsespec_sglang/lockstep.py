@@ -18,11 +18,15 @@ from __future__ import annotations
 from typing import Any, ClassVar, Optional
 
 import torch
-from sglang.kernels.ops.speculative.cache_locs import assign_extend_cache_locs_func
-from sglang.srt.layers.logprob_processor import compute_spec_v2_logprobs
-from sglang.srt.model_executor.forward_batch_info import ForwardBatch, ForwardMode
-from sglang.srt.speculative.ngram_info import NgramVerifyInput
-from sglang.srt.speculative.spec_utils import GrammarTree, build_grammar_vocab_mask
+from sparsespec_sglang.compat import (
+    ForwardBatch,
+    ForwardMode,
+    GrammarTree,
+    NgramVerifyInput,
+    assign_extend_cache_locs_func,
+    build_grammar_vocab_mask,
+    compute_spec_logprobs,
+)
 
 from sparsespec_sglang.draft_graph import DraftGraphs, as_decode_rows
 from sparsespec_sglang.pillar import ForwardPlan
@@ -126,7 +130,7 @@ class LockstepSchedule:
         # move_accept_tokens_to_target_kvcache cost ~4 ms per cycle at B 128 on the H100).
         state.commit(rows, window_start=seq_lens, last_tokens=last)
         if batch.return_logprob:
-            compute_spec_v2_logprobs(batch, logits_output, predict, accept_index, width - 1)
+            compute_spec_logprobs(batch, logits_output, predict, accept_index)
         batch.forward_mode = saved_mode
         self.profiler.mark("accept")
         self.profiler.end_cycle(bs, accept_lens)

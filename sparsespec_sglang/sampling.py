@@ -21,8 +21,7 @@ from contextlib import contextmanager
 from typing import Any, Iterator, Optional
 
 import torch
-from sglang.srt.sampling.penaltylib.repetition_penalty import apply_scaling_penalties
-from sglang.srt.speculative.eagle_utils import eagle_sample
+from sparsespec_sglang.compat import apply_scaling_penalties, eagle_sample
 
 logger = logging.getLogger(__name__)
 

@@ -35,10 +35,13 @@ from types import SimpleNamespace
 from typing import Any, ClassVar, Optional
 
 import torch
-from sglang.srt.environ import envs
-from sglang.srt.layers.logits_processor import LogitsProcessorOutput
-from sglang.srt.model_executor.forward_batch_info import ForwardBatch, ForwardMode
-from sglang.srt.speculative.ngram_info import NgramVerifyInput
+from sparsespec_sglang.compat import (
+    ForwardBatch,
+    ForwardMode,
+    LogitsProcessorOutput,
+    NgramVerifyInput,
+    envs,
+)
 
 from sparsespec_sglang.draft_graph import DraftGraphs, as_decode_rows
 from sparsespec_sglang.phases import PassPlan, PhasePlanner

@@ -101,7 +101,7 @@ def validate_server_args(server_args: Any) -> SparseSpecConfig:
         _fail("--device", "cuda", server_args.device)
     if server_args.device == "cuda":
         # Another option (e.g. deterministic inference) may have swapped the backend.
-        from sglang.srt.arg_groups.overrides import attention_backends_of, resolved_view
+        from sparsespec_sglang.compat import attention_backends_of, resolved_view
 
         for backend in attention_backends_of(resolved_view(server_args)):
             if backend != ATTENTION_BACKEND_NAME:

@@ -20,11 +20,13 @@ import logging
 from typing import Any, Optional
 
 import torch
-from sglang.srt.managers.schedule_batch import ScheduleBatch
-from sglang.srt.managers.utils import GenerationBatchResult
-from sglang.srt.speculative.base_spec_worker import BaseSpecWorker
-from sglang.srt.speculative.ngram_info import NgramVerifyInput
-from sglang.srt.speculative.spec_utils import record_stream_for_v2_verify
+from sparsespec_sglang.compat import (
+    BaseSpecWorker,
+    GenerationBatchResult,
+    NgramVerifyInput,
+    ScheduleBatch,
+    record_stream_for_v2_verify,
+)
 
 from sparsespec_sglang.attention import SparseSpecAttnBackend
 from sparsespec_sglang.config import SparseSpecConfig

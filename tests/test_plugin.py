@@ -60,7 +60,7 @@ def test_entry_point_declared():
 def test_from_string_resolves(sglang_loaded, name):
     from sglang.srt.speculative.spec_info import SpeculativeAlgorithm
 
-    from sparsespec_sglang.plugin import SparseSpecAlgo
+    from sparsespec_sglang.algorithm import SparseSpecAlgo
 
     algo = SpeculativeAlgorithm.from_string(name)
     assert isinstance(algo, SparseSpecAlgo)
@@ -71,7 +71,7 @@ def test_spec_class_has_every_method_the_enum_has(sglang_loaded):
     """The scheduler calls these on any algorithm; CustomSpecAlgo misses some."""
     from sglang.srt.speculative.spec_info import SpeculativeAlgorithm
 
-    from sparsespec_sglang.plugin import SparseSpecAlgo
+    from sparsespec_sglang.algorithm import SparseSpecAlgo
 
     enum_methods = {n for n, v in vars(SpeculativeAlgorithm).items()
                     if callable(v) and not n.startswith("_") and n not in ("register", "from_string")}

@@ -81,7 +81,7 @@ def test_factories_pick_the_plugin_classes():
     from types import SimpleNamespace
 
     from sparsespec_sglang.attention import create_backend
-    from sparsespec_sglang.plugin import _worker_factory
+    from sparsespec_sglang.algorithm import worker_factory as _worker_factory
     from sparsespec_sglang.worker import SparseSpecWorker
 
     assert _worker_factory(SimpleNamespace(device="cuda")) is SparseSpecWorker
