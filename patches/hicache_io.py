@@ -4,15 +4,17 @@ Nothing is measured until the process has kept a retracted request's KV
 (``offload.activate()`` from patches/retraction.py); until then each hook only calls SGLang.
 
 Targets and why:
-- ``sglang.srt.managers.cache_controller.HiCacheController.start_writing`` (AROUND): issues one
-  merged device->host copy of the queued write operations on the write stream; timed with an
-  event on the compute stream at issue (where SGLang's own untimed start event sits) and one on
-  the write stream after the copy.
-- ``...HiCacheController.start_loading`` (AROUND): the host->device copy, layer by layer on the
+- ``HiCacheController.start_writing`` (AROUND): issues one merged device->host copy of the queued
+  write operations. From 0.5.18 its ack carries CUDA events timed on the copy stream and the bytes
+  moved, which are reused (``compat.hicache_times_writes``); up to 0.5.17 the ack is untimed, so
+  the copy is timed with an event on the compute stream at issue (where SGLang's own untimed start
+  event sits) and one on ``write_stream`` after the copy.
+- ``HiCacheController.start_loading`` (AROUND): the host->device copy, layer by layer on the
   load stream; SGLang already brackets it with timing events (the load ack), which are reused.
-- ``...HiCacheController.write`` (AROUND): returns None when the host pool has no room; counted
-  and logged (HiCache then evicts older host copies and retries).
-- ``...LayerDoneCounter.wait_until`` (AROUND): a forward that reads a loading request's KV makes
+  (From 0.5.19 the controller HiCache builds is a ``HybridCacheController``, which inherits both.)
+- ``HiCache.evict_host`` (AROUND): the hierarchical tree cache evicts older host copies when a
+  copy finds the host pool full; counted and logged.
+- ``LayerDoneCounter.wait_until`` (AROUND): a forward that reads a loading request's KV makes
   the compute stream wait for each layer's load; when that layer's load had not completed at
   issue time, events around the wait measure how long the compute stream was blocked.
 """
@@ -22,54 +24,56 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import torch
-from sparsespec_sglang.compat import HookType
+from sparsespec_sglang.compat import HookType, hicache_copy_bytes, hicache_times_writes
 
 from sparsespec_sglang import offload
+from sparsespec_sglang.offload import TransferStats
 from sparsespec_sglang.patches import register_once
 
 
+def _queued_tokens(queue: list) -> int:
+    return sum(len(op.host_indices) for op in queue)
 
-def _bytes_per_token(controller: Any) -> int:
-    per_token = controller.mem_pool_host.size_per_token
-    if getattr(controller, "has_draft", False):
-        per_token += controller.mem_pool_host_draft.size_per_token
-    return int(per_token)
+
+def _add_timed_ack(stats: TransferStats, kind: str, controller: Any, ack: Any, tokens: int) -> None:
+    if ack.timing_enabled:
+        stats.add(kind, hicache_copy_bytes(controller, ack, tokens), ack.start_event, ack.finish_event)
 
 
 def start_writing(original: Callable, self: Any) -> Any:
     stats = offload.active_stats()
     if stats is None or not self.write_queue:
         return original(self)
-    tokens = sum(len(op.host_indices) for op in self.write_queue)
+    tokens = _queued_tokens(self.write_queue)
+    if hicache_times_writes():
+        result = original(self)
+        _add_timed_ack(stats, "write", self, self.ack_write_queue[-1], tokens)
+        return result
     start = stats.event()
     start.record()
     result = original(self)
     end = stats.event()
     end.record(self.write_stream)
-    stats.add("write", tokens * _bytes_per_token(self), start, end)
+    stats.add("write", hicache_copy_bytes(self, self.ack_write_queue[-1], tokens), start, end)
     return result
-
-
-def write(original: Callable, self: Any, *args: Any, **kwargs: Any) -> Any:
-    host_indices = original(self, *args, **kwargs)
-    stats = offload.active_stats()
-    if host_indices is None and stats is not None:
-        device_indices = kwargs["device_indices"] if "device_indices" in kwargs else args[0]
-        stats.note_host_full(len(device_indices))
-    return host_indices
 
 
 def start_loading(original: Callable, self: Any) -> Any:
     stats = offload.active_stats()
     if stats is None or not self.load_queue:
         return original(self)
-    tokens = sum(len(op.host_indices) for op in self.load_queue)
+    tokens = _queued_tokens(self.load_queue)
     producer = original(self)
     if producer >= 0 and self.ack_load_queue:
-        ack = self.ack_load_queue[-1]
-        if ack.timing_enabled:
-            stats.add("load", tokens * _bytes_per_token(self), ack.start_event, ack.finish_event)
+        _add_timed_ack(stats, "load", self, self.ack_load_queue[-1], tokens)
     return producer
+
+
+def evict_host(original: Callable, self: Any, num_tokens: int, *args: Any, **kwargs: Any) -> Any:
+    stats = offload.active_stats()
+    if stats is not None:
+        stats.note_host_full(num_tokens)
+    return original(self, num_tokens, *args, **kwargs)
 
 
 def wait_until(original: Callable, self: Any, threshold: int) -> Any:
@@ -88,8 +92,8 @@ def wait_until(original: Callable, self: Any, threshold: int) -> Any:
 
 HOOKS = (
     ("HiCacheController.start_writing", start_writing, HookType.AROUND),
-    ("HiCacheController.write", write, HookType.AROUND),
     ("HiCacheController.start_loading", start_loading, HookType.AROUND),
+    ("HiCache.evict_host", evict_host, HookType.AROUND),
     ("LayerDoneCounter.wait_until", wait_until, HookType.AROUND),
 )
 

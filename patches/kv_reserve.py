@@ -9,17 +9,19 @@ writes up to 2k + 1 positions past the committed length at the step's start; wit
 needs a reserve of 3 (k + 1), and a ``req_to_token`` row that much wider than the context.
 
 Targets (AROUND; SGLang propagates the patch to the modules that imported them):
-- ``sglang.srt.mem_cache.allocation_sizing.get_alloc_reserve_per_decode``: the reserve used by
-  ``eagle_prepare_for_decode`` and the scheduler's decode memory check;
-- ``sglang.srt.mem_cache.allocation_sizing.get_req_to_token_extra_context_len``: the row headroom.
-Every other server (plain, other algorithms, SPARSESPEC lockstep) is untouched.
+- ``get_alloc_reserve_per_decode``: the reserve used by ``eagle_prepare_for_decode`` and the
+  scheduler's decode memory check;
+- ``get_req_to_token_extra_context_len``: the row headroom.
+Both take an optional ``server_args`` up to 0.5.17 and nothing from 0.5.18 on, when they read the
+published runtime context; the hooks accept both and read the published ``ServerArgs`` when none
+is passed. Every other server (plain, other algorithms, SPARSESPEC lockstep) is untouched.
 """
 
 from __future__ import annotations
 
 from typing import Any, Callable, Optional
 
-from sparsespec_sglang.compat import HookType
+from sparsespec_sglang.compat import HookType, alloc_page_size
 
 from sparsespec_sglang.patches import register_once
 from sparsespec_sglang.validation import sparsespec_config
@@ -35,7 +37,8 @@ def unified_reserve(server_args: Any) -> Optional[int]:
     return schedule_class(config.schedule).kv_reserve_per_decode(config.num_draft_steps)
 
 
-def _server_args(server_args: Any) -> Any:
+def _server_args(args: tuple, kwargs: dict[str, Any]) -> Any:
+    server_args = args[0] if args else kwargs.get("server_args")
     if server_args is not None:
         return server_args
     from sparsespec_sglang.compat import get_server_args
@@ -43,17 +46,18 @@ def _server_args(server_args: Any) -> Any:
     return get_server_args()
 
 
-def get_alloc_reserve_per_decode(original: Callable, server_args: Any = None) -> int:
-    reserve = original(server_args)
-    need = unified_reserve(_server_args(server_args))
+def get_alloc_reserve_per_decode(original: Callable, *args: Any, **kwargs: Any) -> int:
+    reserve = original(*args, **kwargs)
+    need = unified_reserve(_server_args(args, kwargs))
     return reserve if need is None else max(reserve, need)
 
 
-def get_req_to_token_extra_context_len(original: Callable, server_args: Any) -> int:
-    extra = original(server_args)
+def get_req_to_token_extra_context_len(original: Callable, *args: Any, **kwargs: Any) -> int:
+    extra = original(*args, **kwargs)
+    server_args = _server_args(args, kwargs)
     need = unified_reserve(server_args)
     # + 4: SGLang's own slack beyond the speculative tokens.
-    return extra if need is None else max(extra, need + 4 + server_args.page_size - 1)
+    return extra if need is None else max(extra, need + 4 + alloc_page_size(server_args) - 1)
 
 
 HOOKS = (

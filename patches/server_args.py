@@ -1,31 +1,43 @@
-"""Hooks on ``sglang.srt.server_args``: the --sparsespec-* flags and one-line errors.
+"""Hooks on SGLang's server arguments: the --sparsespec-* flags, ``sparsespec_*`` keyword arguments,
+the checks that run just before SGLang resolves a ``ServerArgs``, and one-line errors.
 
-Targets and why:
+The --sparsespec-* values live in the record's ``SERVER_ARGS_ATTR`` attribute, which travels with
+it to the scheduler processes. How a record is built and resolved differs by SGLang release
+(``sparsespec_sglang.compat.server_args``): up to 0.5.18 construction resolves it; from 0.5.19
+``resolve_once`` does, later; from 0.5.20 construction runs in C and cannot be hooked.
+
+Targets (``sparsespec_sglang.compat`` names) and why:
 - ``ServerArgs.add_cli_args`` (AFTER): adds the --sparsespec-* flags to the parser.
-- ``ServerArgs.from_cli_args`` (AROUND): SGLang only forwards dataclass fields, so
-  the parsed --sparsespec-* values are handed to ``__init__`` through a context var.
-- ``ServerArgs.__init__`` (BEFORE): takes ``sparsespec_*`` keyword arguments (the
-  ``sglang.Engine(**kwargs)`` path) and stores all values on the instance, where
-  they travel with server_args to the scheduler processes.
-- ``ServerArgs.__post_init__`` (BEFORE): refuses --sparsespec-* without SPARSESPEC
-  (except --sparsespec-keep-retracted-kv, which is for servers without SPARSESPEC
-  only and needs --enable-hierarchical-cache), and SPARSESPEC on a machine without
-  CUDA, before SGLang's device probing fails with a stack trace; checks the user's
-  attention backend and selects the plugin's before SGLang's device handlers and
-  auto-selection touch the field.
-- ``prepare_server_args`` (AROUND): turns a SparseSpecArgsError into one line on
-  stderr and exit status 2 for ``python -m sglang.launch_server``.
+- ``ServerArgs.from_cli_args`` (AROUND): SGLang forwards only ServerArgs fields, so the parsed
+  --sparsespec-* values are carried onto the record here.
+- ``ServerArgs.__init__`` (BEFORE; while it is Python code): takes ``sparsespec_*`` keyword
+  arguments of ``ServerArgs(...)`` and so of ``sglang.Engine(...)``.
+- ``Engine.__init__`` (AROUND; once ``ServerArgs.__init__`` is not Python code): takes them from
+  ``sglang.Engine(...)``, before it builds its record. ``new_server_args`` takes them on every
+  release for a record built directly.
+- ``run_resolution_pipeline`` (AROUND): just before SGLang resolves a record, refuses
+  --sparsespec-* without SPARSESPEC (except --sparsespec-keep-retracted-kv, which is for servers
+  without SPARSESPEC only and needs --enable-hierarchical-cache), and SPARSESPEC on a machine
+  without CUDA, before SGLang's device probing fails with a stack trace; checks the user's
+  attention backend and selects the plugin's before SGLang's device handlers and auto-selection
+  decide it. Just after, keeps the schedule the resolved settings imply on the record.
+- ``prepare_server_args`` (AROUND): turns a SparseSpecArgsError into one line on stderr and exit
+  status 2 for ``python -m sglang.launch_server`` (and ``sglang serve``), and marks the record it
+  returns as the command line's.
+- ``ServerArgs.resolve_once`` (AROUND; where resolution is a later step): the same for a
+  SparseSpecArgsError while the launcher resolves the command line's record.
 """
 
 from __future__ import annotations
 
 import argparse
+import atexit
 import contextvars
 import sys
-from typing import Any, Callable
+from typing import Any, Callable, NoReturn
 
+from sparsespec_sglang import compat
 from sparsespec_sglang.compat import HookType
-
 from sparsespec_sglang.config import (
     ALGORITHM_NAME,
     KEEP_RETRACTED_KV,
@@ -36,10 +48,14 @@ from sparsespec_sglang.config import (
     check_keep_retracted_kv,
 )
 from sparsespec_sglang.patches import register_once
-from sparsespec_sglang.validation import is_sparsespec, select_attention_backend
+from sparsespec_sglang.validation import is_sparsespec, record_schedule, select_attention_backend
 
-_cli_values: contextvars.ContextVar[dict | None] = contextvars.ContextVar(
-    "sparsespec_cli_values", default=None
+# Marks a record made by prepare_server_args: its errors are the command line's.
+FROM_COMMAND_LINE_ATTR = "_sparsespec_from_command_line"
+
+# --sparsespec-* values for the ServerArgs being constructed (the __init__ hook takes them).
+_pending: contextvars.ContextVar[dict | None] = contextvars.ContextVar(
+    "sparsespec_pending_values", default=None
 )
 
 
@@ -52,17 +68,10 @@ def add_cli_args(result: Any, parser: argparse.ArgumentParser) -> None:
             group.add_argument(option.flag, type=option.parse, default=None, help=option.help)
 
 
-def from_cli_args(original: Callable, cls: type, args: argparse.Namespace) -> Any:
-    values = {dest: getattr(args, dest) for dest in OPTIONS_BY_DEST if getattr(args, dest, None) is not None}
-    token = _cli_values.set(values)
-    try:
-        return original(cls, args)
-    finally:
-        _cli_values.reset(token)
-
-
-def init(self: Any, *args: Any, **kwargs: Any) -> tuple[tuple, dict]:
-    values = dict(_cli_values.get() or {})
+def take_keywords(kwargs: dict) -> dict:
+    """Remove the ``sparsespec_*`` keyword arguments from ``kwargs`` and return those not None;
+    an unknown ``sparsespec_*`` name is refused with one line."""
+    values = {}
     for key in [k for k in kwargs if k.startswith("sparsespec_")]:
         if key not in OPTIONS_BY_DEST:
             allowed = ", ".join(sorted(OPTIONS_BY_DEST))
@@ -70,13 +79,58 @@ def init(self: Any, *args: Any, **kwargs: Any) -> tuple[tuple, dict]:
         value = kwargs.pop(key)
         if value is not None:
             values[key] = value
+    return values
+
+
+def _construct(construct: Callable[[], Any], values: dict) -> Any:
+    """``construct()``, with ``values`` on the record it returns: handed to the ``__init__`` hook
+    where construction runs Python (it may resolve the record right away), else set afterwards."""
+    token = _pending.set(values)
+    try:
+        server_args = construct()
+    finally:
+        _pending.reset(token)
+    if not compat.init_takes_keywords():
+        setattr(server_args, SERVER_ARGS_ATTR, values)
+    return server_args
+
+
+def new_server_args(**kwargs: Any) -> Any:
+    """``ServerArgs(**kwargs)``, taking ``sparsespec_*`` keyword arguments on every SGLang release
+    (from 0.5.20 ``ServerArgs`` itself refuses keywords that are not its fields)."""
+    from sparsespec_sglang.compat import ServerArgs
+
+    values = take_keywords(kwargs)
+    return _construct(lambda: ServerArgs(**kwargs), values)
+
+
+def from_cli_args(original: Callable, cls: type, args: argparse.Namespace) -> Any:
+    values = {dest: getattr(args, dest) for dest in OPTIONS_BY_DEST if getattr(args, dest, None) is not None}
+    return _construct(lambda: original(cls, args), values)
+
+
+def init(self: Any, *args: Any, **kwargs: Any) -> tuple[tuple, dict]:
+    values = {**(_pending.get() or {}), **take_keywords(kwargs)}
     object.__setattr__(self, SERVER_ARGS_ATTR, values)
     return (self, *args), kwargs
 
 
-def post_init(self: Any) -> None:
-    values = getattr(self, SERVER_ARGS_ATTR, None) or {}
-    sparsespec = is_sparsespec(self)
+def engine_init(original: Callable, self: Any, **kwargs: Any) -> None:
+    values = take_keywords(kwargs)
+    build = self.server_args_class
+    # Engine builds its record with self.server_args_class(**kwargs); this instance's builder
+    # also carries the values.
+    self.server_args_class = lambda **fields: _construct(lambda: build(**fields), values)
+    try:
+        original(self, **kwargs)
+    finally:
+        del self.server_args_class
+
+
+def check_before_resolution(server_args: Any) -> None:
+    """The checks on the user's own values that must run before SGLang resolves them."""
+    values = getattr(server_args, SERVER_ARGS_ATTR, None) or {}
+    sparsespec = is_sparsespec(server_args)
     if not sparsespec:
         # An option with no SparseSpecConfig field (--sparsespec-keep-retracted-kv) is for
         # servers without SPARSESPEC; check_keep_retracted_kv validates it.
@@ -85,13 +139,13 @@ def post_init(self: Any) -> None:
             flags = ", ".join(OPTIONS_BY_DEST[d].flag for d in refused)
             raise SparseSpecArgsError(
                 f"{flags} need --speculative-algorithm {ALGORITHM_NAME} "
-                f"(got {getattr(self, 'speculative_algorithm', None)!r})"
+                f"(got {getattr(server_args, 'speculative_algorithm', None)!r})"
             )
     check_keep_retracted_kv(values.get(KEEP_RETRACTED_KV.dest), sparsespec=sparsespec,
-                            hierarchical_cache=bool(getattr(self, "enable_hierarchical_cache", False)))
+                            hierarchical_cache=bool(getattr(server_args, "enable_hierarchical_cache", False)))
     if not sparsespec:
         return
-    if getattr(self, "device", None) in (None, "cuda"):
+    if getattr(server_args, "device", None) in (None, "cuda"):
         import torch
 
         if not torch.cuda.is_available():
@@ -99,23 +153,55 @@ def post_init(self: Any) -> None:
                 f"{ALGORITHM_NAME}: needs a CUDA GPU (--device cuda), "
                 "but torch.cuda.is_available() is False on this machine"
             )
-    select_attention_backend(self)
+    select_attention_backend(server_args)
+
+
+def resolution(original: Callable, server_args: Any) -> Any:
+    check_before_resolution(server_args)
+    result = original(server_args)
+    if is_sparsespec(server_args):
+        record_schedule(server_args)
+    return result
+
+
+def _exit_with(error: SparseSpecArgsError) -> NoReturn:
+    """One line on stderr and exit status 2: a usage error, never a stack trace. The line is
+    written at interpreter exit, so that it stays the last one after the launcher's own shutdown
+    logging (``sglang.launch_server`` resolves inside a ``try`` whose ``finally`` logs)."""
+    atexit.register(print, f"error: {error}", file=sys.stderr)
+    raise SystemExit(2) from None
 
 
 def prepare_server_args(original: Callable, argv: list[str]) -> Any:
     try:
-        return original(argv)
+        server_args = original(argv)
     except SparseSpecArgsError as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
+        _exit_with(e)
+    setattr(server_args, FROM_COMMAND_LINE_ATTR, True)
+    return server_args
 
 
+def resolve_once(original: Callable, server_args: Any) -> Any:
+    try:
+        return original(server_args)
+    except SparseSpecArgsError as e:
+        if getattr(server_args, FROM_COMMAND_LINE_ATTR, False):
+            _exit_with(e)
+        raise
+
+
+_ERROR_HOOKS: tuple[tuple[str, Callable, Any], ...] = (
+    ("prepare_server_args", prepare_server_args, HookType.AROUND),)
+if not compat.resolves_on_construction():
+    _ERROR_HOOKS += (("ServerArgs.resolve_once", resolve_once, HookType.AROUND),)
+_KEYWORDS_HOOK = (("ServerArgs.__init__", init, HookType.BEFORE) if compat.init_takes_keywords()
+                  else ("Engine.__init__", engine_init, HookType.AROUND))
 HOOKS = (
     ("ServerArgs.add_cli_args", add_cli_args, HookType.AFTER),
     ("ServerArgs.from_cli_args", from_cli_args, HookType.AROUND),
-    ("ServerArgs.__init__", init, HookType.BEFORE),
-    ("ServerArgs.__post_init__", post_init, HookType.BEFORE),
-    ("prepare_server_args", prepare_server_args, HookType.AROUND),
+    _KEYWORDS_HOOK,
+    ("run_resolution_pipeline", resolution, HookType.AROUND),
+    *_ERROR_HOOKS,
 )
 
 
@@ -124,5 +210,14 @@ def register() -> None:
 
 
 def register_error_hook() -> None:
-    """Only the launcher's one-line error (on an SGLang release the plugin does not support)."""
-    register_once(f"{__name__}.errors", [h for h in HOOKS if h[1] is prepare_server_args])
+    """Only the launcher's one-line errors (on an SGLang release the plugin does not support): the
+    hooks whose targets that release has."""
+    register_once(f"{__name__}.errors", [h for h in _ERROR_HOOKS if _exists(h[0])])
+
+
+def _exists(name: str) -> bool:
+    try:
+        compat.resolve(name)
+    except (ImportError, AttributeError, compat.UnsupportedSGLangError):
+        return False
+    return True

@@ -106,8 +106,7 @@ def _bench_case(batch: int, ctx: int, sparsity: float, page_size: int, kv, flush
     result = {"batch": batch, "context": ctx}
 
     # ---- decode: SGLang full-context flash decoding vs sparse decode -------------------------
-    from sglang.kernels.ops.attention.decode_attention import decode_attention_fwd
-    from sglang.kernels.ops.attention.metadata import get_num_kv_splits_triton
+    from sparsespec_sglang.compat import decode_attention_fwd, get_num_kv_splits_triton
 
     try:
         from sgl_kernel.utils import is_arch_support_pdl
@@ -170,7 +169,7 @@ def _bench_case(batch: int, ctx: int, sparsity: float, page_size: int, kv, flush
     del attn_logits, attn_lse, kv_indices, positions
 
     # ---- verify: SGLang extend vs ours without / with the score pass ---------------------------
-    from sglang.kernels.ops.attention.extend_attention import extend_attention_fwd
+    from sparsespec_sglang.compat import extend_attention_fwd
 
     prefix = ctx - VERIFY_TOKENS
     tokens = batch * VERIFY_TOKENS

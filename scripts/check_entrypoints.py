@@ -78,8 +78,7 @@ def main() -> int:
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
     args = ap.parse_args()
 
-    from sglang.utils import wait_for_http_ready
-
+    from sparsespec_sglang.compat import wait_for_http_ready
     from sparsespec_sglang.testing.model_dirs import make_model_dir
 
     model_dir = str(make_model_dir(Path(tempfile.mkdtemp()) / "small", "small"))

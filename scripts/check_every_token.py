@@ -66,7 +66,8 @@ class PlainTop2:
 
 
 def records_from_meta_info(meta_info: dict, num_output: int) -> list[PlainTop2]:
-    """Per-output-position records from a teacher-forcing request's meta_info (SGLang 0.5.17).
+    """Per-output-position records from a teacher-forcing request's meta_info (the same layout in
+    SGLang 0.5.17 to 0.5.23).
 
     With ``logprob_start_len = len(prompt) - 1`` over prompt + output (n tokens), SGLang returns
     n + 1 rows: row 0 is the last prompt token (logprob None, top None); row j >= 1 holds

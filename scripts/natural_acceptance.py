@@ -64,8 +64,9 @@ CONVENTIONS = {
 
 
 def sglang_request_stats(meta_info: dict) -> dict:
-    """Cycles and accepted drafts of one request from SGLang 0.5.17's meta_info spec fields
-    (absent when the request never verified, e.g. it finished at prefill)."""
+    """Cycles and accepted drafts of one request from SGLang's meta_info spec fields (absent when
+    the request never verified, e.g. it finished at prefill). These names are the ones 0.5.17 to
+    0.5.23 all write; 0.5.21 dropped their aliases (spec_accepted_drafts, spec_accept_histogram)."""
     cycles = int(meta_info.get("spec_verify_ct", 0) or 0)
     accepted = int(meta_info.get("spec_num_correct_drafts", 0) or 0)
     return {"cycles": cycles, "accepted": accepted, "completion_tokens": meta_info.get("completion_tokens"),

@@ -14,7 +14,7 @@ tokens, outputs of 13,185 +/- 7,626 tokens, ~2048 requests, batch up to 256 -- a
   (longer requests stay longer) and sits at a uniform fraction of its output, so it becomes a
   prompt of ``prompt + done`` tokens that still has ``output - done`` tokens to generate.
 
-Replay: SGLang 0.5.17's ``bench_serving`` CLI has no dataset format with exact per-request
+Replay: SGLang's ``bench_serving`` CLI (0.5.17 to 0.5.23) has no dataset format with exact per-request
 prompt *and* output lengths (``random`` is uniform, ``custom`` takes the output length from a
 tokenised answer, ``openai`` takes ``max_tokens`` per line but re-tokenises text prompts). So
 :func:`replay` calls bench_serving's own ``benchmark()`` coroutine with one ``DatasetRow`` per
@@ -228,12 +228,12 @@ def bench_serving_args(*, temperature: float, num_prompts: int, output_file: Opt
         cache_report=False, output_details=False, output_file=output_file, profile_steps=None,
         profile_start_step=None, mooncake_num_rounds=1, sharegpt_output_len=None, random_input_len=None,
         random_output_len=None, random_range_ratio=None, image_count=None, image_resolution=None,
-        flush_cache=False)
+        flush_cache=False, goodput=None)  # goodput (SLO report, read from SGLang 0.5.23 on): off
 
 
 def dataset_rows(reqs: Sequence[Request]) -> list:
     """bench_serving ``DatasetRow``s: token-id prompts, exact output lengths."""
-    from sglang.benchmark.datasets import DatasetRow
+    from sparsespec_sglang.compat import DatasetRow
 
     return [DatasetRow(prompt=r.input_ids, prompt_len=r.prompt_len, output_len=r.output_len) for r in reqs]
 
@@ -263,8 +263,8 @@ def replay(reqs: Sequence[Request], base_url: str, *, temperature: float = PAPER
     """Send every request at once (request rate inf) through bench_serving's ``benchmark()``
     against an SGLang server's ``/generate``; returns bench_serving's result dict."""
     _allow_without_hf_datasets()
-    from sglang.benchmark import serving
-    from sglang.benchmark.utils import set_ulimit
+    from sparsespec_sglang.compat import bench_serving as serving
+    from sparsespec_sglang.compat import set_ulimit
 
     set_ulimit()  # one connection per request: thousands of open sockets
     serving.set_global_args(bench_serving_args(temperature=temperature, num_prompts=len(reqs),

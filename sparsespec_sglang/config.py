@@ -58,7 +58,8 @@ class Option:
 # The one --sparsespec-* flag for servers that do NOT run SPARSESPEC. It rides the same parser,
 # Engine-kwarg and SERVER_ARGS_ATTR plumbing as the rest, but it is no SparseSpecConfig field
 # (a SPARSESPEC server already keeps retracted KV through kv_offload), so from_values skips it and
-# check_keep_retracted_kv() below is its single validation, run by the ServerArgs.__post_init__ hook.
+# check_keep_retracted_kv() below is its single validation, run just before SGLang resolves the
+# server arguments (patches/server_args.py).
 KEEP_RETRACTED_KV = Option(
     None, "--sparsespec-keep-retracted-kv", bool,
     "Keep a retracted request's KV in the hierarchical cache's host pool and resume it from there "
@@ -161,6 +162,8 @@ class SparseSpecConfig:
 
     @classmethod
     def from_server_args(cls, server_args: Any) -> "SparseSpecConfig":
+        """From a resolved SPARSESPEC server's arguments (the record, or a view of it): k is
+        SGLang's own field, the rest its ``SERVER_ARGS_ATTR`` values."""
         return cls.from_values(server_args.speculative_num_steps,
                                getattr(server_args, SERVER_ARGS_ATTR, None) or {})
 

@@ -1,6 +1,6 @@
 """CUDA graphs for the sparse draft steps and the unified passes.
 
-SGLang 0.5.17's model runner captures decode graphs of one token width per
+SGLang's model runner captures decode graphs of one token width per
 speculative algorithm; for SPARSESPEC (NGRAM-shaped) that is the k+1-token
 verify. A draft step is one token per request, so the worker captures a second
 runner over the same model runner, :class:`SingleTokenGraphRunner`: SGLang's
@@ -26,10 +26,9 @@ from typing import Any, Callable, ContextManager, Iterator, Optional, Sequence
 import torch
 from sparsespec_sglang.compat import (
     DecodeCudaGraphRunner,
-    ForwardContext,
     ForwardMode,
     SpeculativeAlgorithm,
-    forward_context,
+    forward_context_of,
 )
 
 from sparsespec_sglang.patches.graph_capture_sizes import capturing
@@ -105,6 +104,7 @@ class DraftGraphs:
     def run(self, forward_batch: Any) -> torch.Tensor:
         """Next-token logits of one forward (the backend is already in the captured mode)."""
         if self.runner.can_run_graph(forward_batch):
-            with forward_context(ForwardContext(attn_backend=self.backend)):
+            # The context SGLang's model runner publishes around its own graph replays.
+            with forward_context_of(self.backend, forward_batch):
                 return self.runner.execute(forward_batch).next_token_logits
         return self.model_runner.forward(forward_batch).logits_output.next_token_logits

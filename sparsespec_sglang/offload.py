@@ -26,9 +26,10 @@ class TransferStats:
     """Totals per kind: ``write`` (device->host), ``load`` (host->device), ``wait`` (compute
     stream blocked on a load; bytes 0).
 
-    Writes queue on one stream: a write's start event is recorded on the compute stream when it
-    is issued, so if the previous write is still running its time is counted once, from the later
-    of the two (busy time, not queueing time)."""
+    Writes queue on one stream. Where a write's start event is recorded on the compute stream when
+    it is issued (SGLang 0.5.17, patches/hicache_io.py) and the previous write is still running,
+    the overlap is counted once, from the later of the two (busy time, not queueing time); a start
+    event recorded on the copy stream itself never overlaps the previous write."""
 
     def __init__(self, make_event: Callable[[], Any], log_interval_s: float = 10.0,
                  clock: Callable[[], float] = time.monotonic) -> None:
@@ -72,7 +73,7 @@ class TransferStats:
             logger.info("%s", self.summary_line())
 
     def note_host_full(self, tokens: int) -> None:
-        """HiCache could not allocate host slots for a write (it evicts older host copies next)."""
+        """HiCache evicts older host copies because a new one found the host pool full."""
         self.host_full += 1
         now = self._clock()
         if self._last_full_log is None or now - self._last_full_log >= self._log_interval_s:

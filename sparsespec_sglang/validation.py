@@ -1,9 +1,11 @@
 """Validate and default SGLang's ServerArgs for --speculative-algorithm SPARSESPEC.
 
 SGLang calls :func:`validate_server_args` from ``handle_speculative_decoding``
-(inside ``ServerArgs.__post_init__``), i.e. before any model weights load, so a
+while it resolves the server arguments (``ServerArgs.__post_init__`` up to 0.5.18,
+``ServerArgs.resolve_once`` after), i.e. before any model weights load, so a
 bad setting stops the launch with one line instead of failing deep in the
-scheduler process.
+scheduler process. :func:`select_attention_backend` runs just before that
+resolution, on the user's own values; :func:`record_schedule` just after it.
 """
 
 from __future__ import annotations
@@ -52,69 +54,84 @@ def _fail(flag: str, allowed: str, got: Any) -> None:
     raise SparseSpecArgsError(f"{ALGORITHM_NAME}: {flag} must be {allowed} (got {got!r})")
 
 
+def _values(cfg: Any) -> dict:
+    """The ``--sparsespec-*`` values of resolved settings ``cfg``, with the schedule they imply:
+    the deterministic verify (one SGLang decode per verify token) runs in lockstep, so that is the
+    default schedule under --enable-deterministic-inference (which SGLang also turns on for
+    --rl-on-policy-target while it resolves); an explicit unified is refused there."""
+    values = dict(getattr(cfg, SERVER_ARGS_ATTR, None) or {})
+    if getattr(cfg, "enable_deterministic_inference", False) and values.get(SCHEDULE_DEST) is None:
+        values[SCHEDULE_DEST] = "lockstep"
+    return values
+
+
+def record_schedule(server_args: Any) -> None:
+    """After SGLang resolved a SPARSESPEC record: keep the schedule its settings imply on it, where
+    the scheduler processes read it (:meth:`SparseSpecConfig.from_server_args`)."""
+    from sparsespec_sglang.compat import resolved_view
+
+    setattr(server_args, SERVER_ARGS_ATTR, _values(resolved_view(server_args)))
+
+
 def validate_server_args(server_args: Any) -> SparseSpecConfig:
     """Check every SPARSESPEC constraint and fill SGLang's speculative fields.
 
-    Mutates ``server_args`` (this runs before SGLang materialises its resolved
-    configuration): k defaults to 8, num_draft_tokens to k+1, topk to 1,
-    max_running_requests to 128, and mixed chunked prefill is turned off
-    (verify passes are not mixed with prefill chunks).
+    ``server_args`` is what SGLang hands a registered algorithm mid-resolution (the record, or
+    from 0.5.20 a stand-in that declares what is written on it); it is read through
+    ``compat.resolving``, which sees what SGLang has decided so far. Writes fill SGLang's fields:
+    k defaults to 8, num_draft_tokens to k+1, topk to 1, max_running_requests to 128, and mixed
+    chunked prefill is turned off (verify passes are not mixed with prefill chunks).
     """
-    if getattr(server_args, "enable_deterministic_inference", False):
-        # The deterministic verify (one SGLang decode per verify token) runs in lockstep, so that
-        # is the default schedule there; an explicit --sparsespec-schedule unified is refused below.
-        values = getattr(server_args, SERVER_ARGS_ATTR, None) or {}
-        if values.get(SCHEDULE_DEST) is None:
-            object.__setattr__(server_args, SERVER_ARGS_ATTR, {**values, SCHEDULE_DEST: "lockstep"})
-    config = SparseSpecConfig.from_server_args(server_args)
+    from sparsespec_sglang.compat import attention_backends_of, dp_attention, model_config_of, resolving
+
+    cfg = resolving(server_args)
+    deterministic = bool(getattr(cfg, "enable_deterministic_inference", False))
+    config = SparseSpecConfig.from_values(cfg.speculative_num_steps, _values(cfg))
     k = config.num_draft_steps
 
-    if server_args.speculative_eagle_topk not in (None, 1):
-        _fail("--speculative-eagle-topk", "1 (SPARSESPEC drafts one chain)",
-              server_args.speculative_eagle_topk)
-    if server_args.speculative_num_draft_tokens not in (None, k + 1):
+    if cfg.speculative_eagle_topk not in (None, 1):
+        _fail("--speculative-eagle-topk", "1 (SPARSESPEC drafts one chain)", cfg.speculative_eagle_topk)
+    if cfg.speculative_num_draft_tokens not in (None, k + 1):
         _fail("--speculative-num-draft-tokens",
-              f"--speculative-num-steps + 1 = {k + 1}", server_args.speculative_num_draft_tokens)
-    if server_args.speculative_draft_model_path is not None:
+              f"--speculative-num-steps + 1 = {k + 1}", cfg.speculative_num_draft_tokens)
+    if cfg.speculative_draft_model_path is not None:
         _fail("--speculative-draft-model-path", "unset (SPARSESPEC drafts with the target model)",
-              server_args.speculative_draft_model_path)
-    if server_args.pp_size != 1:
-        _fail("--pp-size", "1 (pipeline parallelism is not supported)", server_args.pp_size)
-    if server_args.enable_dp_attention:
-        _fail("--enable-dp-attention", "off (DP attention is not supported)", True)
-    if server_args.disaggregation_mode != "null":
+              cfg.speculative_draft_model_path)
+    if cfg.pp_size != 1:
+        _fail("--pp-size", "1 (pipeline parallelism is not supported)", cfg.pp_size)
+    dp = dp_attention(cfg)
+    if dp is not None:
+        flag, off, got = dp
+        _fail(flag, f"{off} (DP attention is not supported)", got)
+    if cfg.disaggregation_mode != "null":
         # A decode-only server gets requests whose prefill ran elsewhere: the worker's
         # per-request state (selection window, pending token) is set up by its own prefill.
-        _fail("--disaggregation-mode", "null (PD disaggregation is not supported)",
-              server_args.disaggregation_mode)
-    if config.score_norm == "draft" and getattr(server_args, "enable_deterministic_inference", False):
+        _fail("--disaggregation-mode", "null (PD disaggregation is not supported)", cfg.disaggregation_mode)
+    if config.score_norm == "draft" and deterministic:
         # The deterministic verify (one SGLang decode per verify token) has its own exact row
         # lse and scores from it; a draft-normalised request could only be ignored.
         _fail("--sparsespec-score-norm", "exact with --enable-deterministic-inference", "draft")
-    if config.schedule == "unified" and getattr(server_args, "enable_deterministic_inference", False):
+    if config.schedule == "unified" and deterministic:
         # A unified pass runs the verify kernel; the deterministic verify is lockstep-only.
         _fail("--sparsespec-schedule", "lockstep with --enable-deterministic-inference", "unified")
-    if server_args.kv_cache_dtype not in ("auto", "bfloat16", "float16"):
-        _fail("--kv-cache-dtype", "auto, bfloat16 or float16", server_args.kv_cache_dtype)
-    if server_args.device not in ("cuda", "cpu"):
+    if cfg.kv_cache_dtype not in ("auto", "bfloat16", "float16"):
+        _fail("--kv-cache-dtype", "auto, bfloat16 or float16", cfg.kv_cache_dtype)
+    if cfg.device not in ("cuda", "cpu"):
         # cpu is accepted for validation only; the worker refuses to start on it.
-        _fail("--device", "cuda", server_args.device)
-    if server_args.device == "cuda":
+        _fail("--device", "cuda", cfg.device)
+    if cfg.device == "cuda":
         # Another option (e.g. deterministic inference) may have swapped the backend.
-        from sparsespec_sglang.compat import attention_backends_of, resolved_view
-
-        for backend in attention_backends_of(resolved_view(server_args)):
+        for backend in attention_backends_of(cfg):
             if backend != ATTENTION_BACKEND_NAME:
                 _fail("--attention-backend", f"{ATTENTION_BACKEND_NAME} (another option selected "
                       "a different backend)", backend)
 
-    model_config = server_args.get_model_config()
-    archs = list(getattr(model_config.hf_config, "architectures", None) or [])
+    archs = list(getattr(model_config_of(server_args).hf_config, "architectures", None) or [])
     if not archs or archs[0] not in SUPPORTED_ARCHITECTURES:
         _fail("--model-path", "a decoder-only model with architecture in "
               + ", ".join(SUPPORTED_ARCHITECTURES), archs[0] if archs else None)
 
-    if server_args.max_running_requests is None:
+    if cfg.max_running_requests is None:
         # Selection tables and score buffers are sized per request-pool row.
         server_args.max_running_requests = DEFAULT_MAX_RUNNING_REQUESTS
     server_args.speculative_num_steps = k
@@ -127,8 +144,8 @@ def validate_server_args(server_args: Any) -> SparseSpecConfig:
 def select_attention_backend(server_args: Any) -> None:
     """Refuse any other attention backend the user asked for, else pick the plugin's.
 
-    Runs on the user's own values, before SGLang's device handlers and its
-    auto-selection fill the field in.
+    Runs on the user's own values, just before SGLang resolves them (its device
+    handlers and auto-selection would fill the field in).
     """
     for flag, value in (
         ("--attention-backend", server_args.attention_backend),
@@ -137,4 +154,6 @@ def select_attention_backend(server_args: Any) -> None:
     ):
         if value not in (None, ATTENTION_BACKEND_NAME):
             _fail(flag, f"{ATTENTION_BACKEND_NAME} or unset", value)
-    server_args.attention_backend = ATTENTION_BACKEND_NAME
+    from sparsespec_sglang.compat import declare
+
+    declare(server_args, "sparsespec_sglang.select_attention_backend", attention_backend=ATTENTION_BACKEND_NAME)

@@ -25,6 +25,10 @@ from sparsespec_sglang.compat import (
     GenerationBatchResult,
     NgramVerifyInput,
     ScheduleBatch,
+    get_exec,
+    get_observability,
+    get_parallel,
+    get_serving,
     record_stream_for_v2_verify,
 )
 
@@ -40,8 +44,14 @@ FALLBACK_SCHEDULE = "lockstep"  # runs every batch: logprobs, grammars, hidden s
 
 
 class SparseSpecWorker(BaseSpecWorker):
-    def __init__(self, server_args: Any, gpu_id: int, ps: Any, nccl_port: int,
-                 target_worker: Any) -> None:
+    """Built by SGLang's scheduler with keyword arguments. Settings SGLang resolves come from its
+    runtime context (``get_parallel()``, ``get_exec()``, ...), as its own workers read them: the
+    ``server_args`` record keeps the raw input on newer releases."""
+
+    def __init__(self, server_args: Any, gpu_id: int, nccl_port: int, target_worker: Any,
+                 ps: Any = None) -> None:
+        # ``ps`` (the parallel state) is passed by releases before 0.5.21; ranks come from
+        # get_parallel() on every release.
         super().__init__()
         self.server_args = server_args
         self.config = SparseSpecConfig.from_server_args(server_args)
@@ -53,7 +63,7 @@ class SparseSpecWorker(BaseSpecWorker):
         self.speculative_num_steps = self.k
         self.speculative_num_draft_tokens = self.k + 1
         self.topk = 1
-        self.tp_rank = getattr(self.model_runner.ps, "tp_rank", 0)
+        self.tp_rank = get_parallel().tp_rank
         self.backend: Optional[SparseSpecAttnBackend] = None
         self.state: Optional[PillarState] = None
         # The configured schedule and the fallback, fallback first (it captures its graphs first).
@@ -74,7 +84,7 @@ class SparseSpecWorker(BaseSpecWorker):
         mc = self.model_runner.model_config
         req_to_token = self.req_to_token_pool.req_to_token
         self.state = PillarState(
-            self.config, mc.num_hidden_layers, mc.get_num_attention_heads(self.server_args.tp_size),
+            self.config, mc.num_hidden_layers, mc.get_num_attention_heads(get_parallel().tp_size),
             self.model_runner.token_to_kv_pool.head_num, req_to_token,
             group_scores=schedule_class(self.config.schedule).group_scores(self.k, req_to_token.shape[0]),
         )
@@ -91,7 +101,7 @@ class SparseSpecWorker(BaseSpecWorker):
         self.backend = backend
         ctx = ScheduleContext(k=self.k, state=self.state, backend=backend,
                               model_runner=self.model_runner, target_worker=self.target_worker,
-                              sampling_backend=self.server_args.sampling_backend,
+                              sampling_backend=get_exec().kernel.sampling_backend,
                               delayed_verification=self.config.delayed_verification)
         for name in dict.fromkeys((FALLBACK_SCHEDULE, self.config.schedule)):
             cls = schedule_class(name)
@@ -99,8 +109,8 @@ class SparseSpecWorker(BaseSpecWorker):
             profiler = (CycleProfiler.from_env(cls.PHASES, self.tp_rank)
                         if name == self.config.schedule else CycleProfiler(cls.PHASES))
             self.schedules[name] = cls(ctx, profiler)
-        if getattr(self.server_args, "enable_metrics", False) and self.tp_rank == 0:
-            self.schedule.profiler.export_metrics({"model_name": str(self.server_args.served_model_name)})
+        if get_observability().enable_metrics and self.tp_rank == 0:
+            self.schedule.profiler.export_metrics({"model_name": str(get_serving().served_model_name)})
 
     def init_cuda_graphs(self) -> None:
         # The target runner captured the verify graphs; drafts need width-1 graphs. A unified
@@ -117,7 +127,10 @@ class SparseSpecWorker(BaseSpecWorker):
 
     # ---- one scheduler step -------------------------------------------------
 
-    def forward_batch_generation(self, batch: ScheduleBatch, on_publish=None) -> GenerationBatchResult:
+    def forward_batch_generation(self, batch: ScheduleBatch, on_publish=None,
+                                 pp_proxy_tensors: Any = None) -> GenerationBatchResult:
+        # pp_proxy_tensors: passed (None) by the non-overlap scheduler from 0.5.19; SPARSESPEC
+        # refuses pipeline parallelism, so there is never a proxy to forward.
         fwd_stream = torch.get_device_module(self.device).current_stream()
         record_stream_for_v2_verify(batch, None, fwd_stream)
         if not batch.forward_mode.is_decode():

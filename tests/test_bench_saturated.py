@@ -1,10 +1,11 @@
 """scripts/workload.py and scripts/bench_saturated.py on CPU: the paper's workload, the
-steady-state (mid-run) shape, /metrics parsing in SGLang 0.5.17's format, saturation detection,
+steady-state (mid-run) shape, /metrics parsing in SGLang's format, saturation detection,
 the window arithmetic, the replay through bench_serving (against a scripted HTTP server), the
 launch commands (parsed by SGLang's own parser) and the result JSON."""
 
 from __future__ import annotations
 
+import importlib.metadata
 import inspect
 import json
 import re
@@ -164,7 +165,7 @@ def test_openai_dataset_export_carries_exact_output_lengths(tmp_path):
     assert all(r["ignore_eos"] is True and r["messages"][0]["role"] == "user" for r in rows)
 
 
-# ---------------------------------------------------------------- /metrics in SGLang 0.5.17's format
+# ---------------------------------------------------------------- /metrics in SGLang's format
 
 # Lines of a real SPARSESPEC server's /metrics (H100, sglang 0.5.17; benchmarks/results/entrypoints_h100.json);
 # metrics_text() writes the scheduler series this script reads in the same label layout.
@@ -207,22 +208,22 @@ def test_parse_real_sglang_metrics_lines():
 
 # Runs in its own process: SGLang's collector registers on prometheus_client's global registry.
 REAL_COLLECTOR = """
-import dataclasses, os, sys, tempfile, types
+import os, sys, tempfile
 os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp()  # as a server with --enable-metrics
 from prometheus_client import CollectorRegistry, generate_latest, multiprocess
 from sglang.srt.observability.metrics_collector import QueueCount, SchedulerMetricsCollector, SchedulerStats
-from sglang.srt.server_args import ServerArgs
+from sglang.srt.runtime_context import get_context
 
-# The server-args defaults the collector reads (a full ServerArgs would load the model config).
-defaults = types.SimpleNamespace(**{f.name: f.default for f in dataclasses.fields(ServerArgs)
-                                    if f.default is not dataclasses.MISSING})
-c = SchedulerMetricsCollector(labels={"model_name": "m", "engine_type": "unified", "tp_rank": "0",
-                                      "pp_rank": "0", "moe_ep_rank": "0"}, server_args=defaults)
-c.log_stats(SchedulerStats(num_running_reqs=QueueCount(total=80), num_queue_reqs=QueueCount(total=500),
-                           token_usage=0.93, gen_throughput=4100.0, spec_accept_length=7.0,
-                           decode_sum_seq_lens=712000))
-c.increment_realtime_tokens(None, decode_tokens=12345)
-c.increment_realtime_tokens(None, prefill_compute_tokens=999)
+# SGLang's own test override publishes a default ServerArgs (without loading a model config): the
+# collector reads it as its argument and, from 0.5.19 on, through the published config.
+with get_context().override_server_args() as server_args:
+    c = SchedulerMetricsCollector(labels={"model_name": "m", "engine_type": "unified", "tp_rank": "0",
+                                          "pp_rank": "0", "moe_ep_rank": "0"}, server_args=server_args)
+    c.log_stats(SchedulerStats(num_running_reqs=QueueCount(total=80), num_queue_reqs=QueueCount(total=500),
+                               token_usage=0.93, gen_throughput=4100.0, spec_accept_length=7.0,
+                               decode_sum_seq_lens=712000))
+    c.increment_realtime_tokens(None, decode_tokens=12345)
+    c.increment_realtime_tokens(None, prefill_compute_tokens=999)
 registry = CollectorRegistry()
 multiprocess.MultiProcessCollector(registry)  # what a server's /metrics serves
 sys.stdout.write(generate_latest(registry).decode())
@@ -245,7 +246,7 @@ def test_parse_what_sglangs_own_collector_exports():
     assert bs.Saturation(stable_s=20).holds([a, b])
 
 
-def test_metric_names_are_sglang_0517s():
+def test_metric_names_are_sglangs():
     """The series this script reads exist, with these names and labels, in SGLang's collector."""
     from importlib.util import find_spec
 
@@ -477,7 +478,7 @@ def test_replay_sends_exact_lengths_through_bench_servings_benchmark(tmp_path):
 
 
 def test_replay_namespace_covers_every_arg_bench_serving_reads():
-    from sglang.benchmark import serving
+    from sparsespec_sglang.compat import bench_serving as serving
 
     src = "".join(inspect.getsource(f) for f in (serving.benchmark, serving.async_request_sglang_generate,
                                                   serving.calculate_metrics, serving.get_request))
@@ -671,12 +672,17 @@ def test_every_configuration_parses_with_sglangs_own_parser(sglang_parser, tiny_
     assert spec == {"plain": None, "plain-hicache": None, "ngram": "NGRAM"}.get(name, "SPARSESPEC")
     assert ns.enable_hierarchical_cache == (name not in ("plain", "ngram", "sparsespec-no-hicache"))
     assert bs.is_speculative(bs.config_flags(name, 8, 48)) == (spec is not None)
-    # SGLang's and the plugin's validation accept the whole command (ServerArgs on CPU).
+    # SGLang's and the plugin's validation accept the whole command (ServerArgs on CPU), resolved as
+    # SGLang's launcher resolves it; what resolution decided is read through SGLang's resolved view.
     from sglang.srt.server_args import ServerArgs
 
+    from sparsespec_sglang.compat import resolve_server_args, resolved_view
+
     sa = ServerArgs.from_cli_args(sglang_parser.parse_args(cmd[3:] + ["--device", "cpu"]))
-    assert sa.max_running_requests == 256
-    assert sa.speculative_num_draft_tokens == (None if spec is None else 9)
+    resolve_server_args(sa)
+    resolved = resolved_view(sa)
+    assert resolved.max_running_requests == 256
+    assert resolved.speculative_num_draft_tokens == (None if spec is None else 9)
 
 
 def test_ablation_flags_change_one_thing_each():
@@ -724,7 +730,7 @@ def test_pair_report_json(tmp_path, monkeypatch):
     assert [r["config"] for r in report["runs"]] == ["plain", "sparsespec"]
     assert [r["forced_accept"] for r in report["runs"]] == [None, 7.0]
     assert report["forced_acceptance"] == {"plain": None, "sparsespec": 7.0}
-    assert report["commit"] and report["versions"]["sglang"] == "0.5.17"
+    assert report["commit"] and report["versions"]["sglang"] == importlib.metadata.version("sglang")
     assert report["workload"]["num_requests"] == 512 and report["workload"]["ignore_eos"] is True
     assert "--pair plain,sparsespec" in report["command"]
     assert report["settings"]["window"] == 60.0
@@ -752,7 +758,7 @@ def test_replay_imports_bench_serving_without_hf_datasets():
         "import sys; sys.modules['datasets'] = None\n"  # `import datasets` now raises ImportError
         "sys.path.insert(0, 'scripts'); import workload\n"
         "workload._allow_without_hf_datasets()\n"
-        "from sglang.benchmark import serving\n"
+        "from sparsespec_sglang.compat import bench_serving\n"
         "import datasets\n"
         "try:\n    datasets.load_dataset('x')\nexcept RuntimeError as e:\n    print('ok', e)\n")
     out = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parent.parent, capture_output=True, text=True, timeout=300)

@@ -1,5 +1,7 @@
-"""The benchmark scripts' CPU parts: argument checks, speedup bookkeeping, plots and table."""
+"""The benchmark scripts' CPU parts: argument checks, speedup bookkeeping, plots and table, and
+how the scripts reach SGLang."""
 
+import ast
 import json
 import subprocess
 import sys
@@ -11,6 +13,32 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 
 import plot_results  # noqa: E402
+
+
+def _sglang_imports(path: Path) -> tuple[list[str], list[str]]:
+    """(SGLang modules ``path`` imports directly, names it imports from sparsespec_sglang.compat)."""
+    direct, via_compat = [], []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            direct += [a.name for a in node.names if a.name.split(".")[0] == "sglang"]
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "sglang":
+            direct.append(node.module)
+        elif isinstance(node, ast.ImportFrom) and node.module == "sparsespec_sglang.compat":
+            via_compat += [a.name for a in node.names]
+    return direct, via_compat
+
+
+def test_scripts_reach_sglang_internals_only_through_compat():
+    """SGLang's internals move between releases; the scripts and examples import only its public
+    package (``import sglang as sgl``) directly and every internal by its compat name."""
+    from sparsespec_sglang import compat
+
+    files = sorted([*(ROOT / "scripts").glob("*.py"), *(ROOT / "examples").glob("*.py")])
+    found = {p.name: _sglang_imports(p) for p in files}
+    assert {name: d for name, (d, _) in found.items() if set(d) - {"sglang"}} == {}
+    used = {n for _, names in found.values() for n in names}
+    assert {"bench_serving", "DatasetRow", "wait_for_http_ready", "extend_attention_fwd"} <= used
+    assert sorted(n for n in used if n not in compat.LOCATIONS and not callable(getattr(compat, n, None))) == []
 
 
 def _point(run, batch, out, tps, forced=None):

@@ -1,5 +1,5 @@
 """scripts/check_every_token.py's CPU parts: the per-position verdicts on synthetic records, and the
-record extraction from meta_info built by SGLang 0.5.17's own logprob post-processing."""
+record extraction from meta_info built by the installed SGLang's own logprob post-processing."""
 
 from __future__ import annotations
 
@@ -75,13 +75,14 @@ def test_summary_and_verdict_line():
 
 
 def _sglang_meta_info(prompt: list[int], output: list[int], logprobs: torch.Tensor) -> dict:
-    """meta_info as SGLang 0.5.17 builds it for a prefill of prompt + output with
+    """meta_info as the installed SGLang builds it for a prefill of prompt + output with
     logprob_start_len = len(prompt) - 1 and top_logprobs_num = 2, from per-position logprobs
     ``logprobs[p]`` (row p: the distribution at input position len(prompt) - 1 + p)."""
     from sglang.srt.managers.scheduler_components.logprob_result_processor import (
         SchedulerLogprobResultProcessor as Proc,
     )
     from sglang.srt.managers.tokenizer_manager import TokenizerManager as TM
+    from sglang.srt.runtime_context import get_context
 
     ids = prompt + output
     start = len(prompt) - 1
@@ -91,15 +92,16 @@ def _sglang_meta_info(prompt: list[int], output: list[int], logprobs: torch.Tens
     nxt = ids[start + 1:] + [0]
     raw_token = tuple(float(logprobs[p, nxt[p]]) for p in range(rows))
     top = logprobs.topk(2, dim=-1)
-    proc = SimpleNamespace(_is_multi_item_scoring=lambda req: False,
-                           model_config=SimpleNamespace(vocab_size=logprobs.shape[1] + 10))
-    req = SimpleNamespace(origin_input_ids=ids, logprob_start_len=start,
+    proc = Proc(model_config=SimpleNamespace(vocab_size=logprobs.shape[1] + 10))
+    # A generate request (not prefill-only scoring): every position from logprob_start_len on.
+    req = SimpleNamespace(origin_input_ids=ids, logprob_start_len=start, is_prefill_only=False,
                           logprob=SimpleNamespace(top_logprobs_num=2, input_top_logprobs_val=None,
                                                   input_top_logprobs_idx=None),
                           temp_input_top_logprobs_val=[top.values.tolist()],
                           temp_input_top_logprobs_idx=[top.indices.tolist()])
-    Proc._process_input_token_logprobs(proc, req, list(raw_token))
-    Proc._process_input_top_logprobs(proc, req)
+    with get_context().override_server_args():  # the scoring-mode check reads the published config
+        proc._process_input_token_logprobs(req, list(raw_token))
+        proc._process_input_top_logprobs(req)
     tm = SimpleNamespace(detokenize_logprob_tokens=lambda v, i, d: TM.detokenize_logprob_tokens(None, v, i, d))
     return {
         "input_token_logprobs": TM.detokenize_logprob_tokens(
@@ -134,8 +136,11 @@ def test_retraction_points_from_the_retraction_patch_log(monkeypatch, caplog):
     monkeypatch.setattr(retraction.offload, "activate", lambda: None)
     with caplog.at_level(logging.INFO, logger=retraction.__name__):
         for rid, kv in (("a1", 300), ("b2", 410), ("a1", 777)):
-            req = SimpleNamespace(rid=rid, effective_kv_committed_len=lambda kv=kv: kv)
-            retraction.release_req(lambda *a, **k: None, server_args=None, req=req)
+            # The request's kept length under both of SGLang's names for it (renamed in 0.5.21).
+            req = SimpleNamespace(rid=rid, effective_kv_committed_len=lambda kv=kv: kv,
+                                  owned_kv_len=lambda kv=kv: kv)
+            retraction.release_req(lambda *a, **k: None, server_args=None, req=req,
+                                   tree_cache=SimpleNamespace(supports_mamba=lambda: False))
     assert cet.retraction_points(caplog.text) == {"a1": [300, 777], "b2": [410]}
     log = "KV cache pool is full. Retract requests. #retracted_reqs: 3, #new_tokens_gained: 9\n" * 2
     assert cet.retraction_summary(log) == {"retraction_events": 2, "retracted_reqs_logged": 6}
@@ -156,7 +161,7 @@ def _top2(ctx: list[int]) -> list[tuple[float, int, None]]:
 class _FakeEngine:
     """Stands in for sglang.Engine in main(): decodes with _top2 (SPARSESPEC: takes top-2 at
     near-ties, and a wrong token at each (prompt index, position) in ``corrupt``), and answers
-    teacher-forcing requests in SGLang 0.5.17's input-logprob layout."""
+    teacher-forcing requests in SGLang's input-logprob layout."""
 
     corrupt: set = set()
     prompts: list = []

@@ -9,6 +9,7 @@ lockstep fallback and forgets those requests' unified drafts.
 
 from __future__ import annotations
 
+import contextlib
 import random
 from types import SimpleNamespace
 
@@ -41,7 +42,19 @@ class FakeEvent:
         return other.t - self.t
 
 
-def make_worker(monkeypatch, schedule: str, k: int = 3, score_norm: str = "exact"):
+@contextlib.contextmanager
+def sglang_runtime(tp_rank: int = 0, tp_size: int = 1, **settings):
+    """SGLang's runtime context of a scheduler process, where the worker reads its settings."""
+    from sglang.srt.runtime_context import get_context, get_parallel
+
+    settings = {"device": "cuda", "sampling_backend": "pytorch", "enable_metrics": False,
+                "served_model_name": "toy", **settings}
+    with get_context().override_server_args(**settings), get_parallel().override(
+            tp_rank=tp_rank, tp_size=tp_size, attn_tp_size=tp_size, moe_tp_size=tp_size):
+        yield
+
+
+def make_worker(monkeypatch, schedule: str, k: int = 3, score_norm: str = "exact", **runtime):
     patch_sglang(monkeypatch)
     monkeypatch.setattr("sparsespec_sglang.worker.record_stream_for_v2_verify", lambda *a: None)
     monkeypatch.setattr("sparsespec_sglang.profiling.torch.cuda.is_available", lambda: True)
@@ -49,22 +62,41 @@ def make_worker(monkeypatch, schedule: str, k: int = 3, score_norm: str = "exact
     req_to_token = torch.arange(NUM_ROWS * MAX_CTX, dtype=torch.int32).view(NUM_ROWS, MAX_CTX)
     backend = ToyBackend()
     runner = ToyModelRunner(backend)
-    runner.ps = SimpleNamespace(tp_rank=0)
-    runner.model_config = SimpleNamespace(num_hidden_layers=2, get_num_attention_heads=lambda tp: 4)
+    runner.model_config = SimpleNamespace(num_hidden_layers=2, heads_asked=[])
+    runner.model_config.get_num_attention_heads = lambda tp: runner.model_config.heads_asked.append(tp) or 4
     runner.token_to_kv_pool = SimpleNamespace(head_num=2)
     runner.attn_backend = backend
     runner.decode_cuda_graph_runner = None  # no CUDA graphs: every forward is eager
     target = ToyTargetWorker(runner, req_to_token)
     server_args = SimpleNamespace(
-        speculative_num_steps=k, tp_size=1, sampling_backend="pytorch", enable_metrics=False,
-        served_model_name="toy",
+        speculative_num_steps=k,
         _sparsespec_args={"sparsespec_schedule": schedule, "sparsespec_score_norm": score_norm,
                           "sparsespec_min_selected": 4, "sparsespec_max_selected": 32})
-    worker = SparseSpecWorker(server_args, 0, None, 0, target)
-    worker.alloc_memory_pool()
-    worker.init_attention_backends()
-    worker.init_cuda_graphs()
+    with sglang_runtime(**runtime):
+        # As SGLang's scheduler builds and initialises a draft worker (keyword arguments).
+        worker = SparseSpecWorker(server_args=server_args, gpu_id=0, nccl_port=0, target_worker=target)
+        pool, allocator = target.get_memory_pool()
+        worker.alloc_memory_pool(memory_pool_config=None, req_to_token_pool=pool,
+                                 token_to_kv_pool_allocator=allocator)
+        worker.init_attention_backends()
+        worker.init_cuda_graphs()
     return worker, runner, target
+
+
+@pytest.mark.parametrize("tp_rank", [0, 1])
+def test_the_worker_takes_the_settings_sglang_resolved(monkeypatch, tp_rank):
+    exported = []
+    monkeypatch.setattr("sparsespec_sglang.worker.CycleProfiler.export_metrics",
+                        lambda self, labels: exported.append((self, labels)))
+    worker, runner, _ = make_worker(monkeypatch, "unified", tp_rank=tp_rank, tp_size=2,
+                                    sampling_backend="flashinfer", enable_metrics=True,
+                                    served_model_name="served")
+    assert worker.tp_rank == tp_rank
+    # Query heads per rank: the model's heads split over the tensor-parallel group.
+    assert runner.model_config.heads_asked == [2]
+    assert all(s.ctx.sampling_backend == "flashinfer" for s in worker.schedules.values())
+    # Only the first rank exports the configured schedule's phase times.
+    assert exported == ([(worker.schedule.profiler, {"model_name": "served"})] if tp_rank == 0 else [])
 
 
 class Requests:
@@ -188,8 +220,8 @@ def test_lockstep_cycles_emit_the_target_sequence(monkeypatch, k, score_norm):
 def test_unified_server_falls_back_to_lockstep_for_logprob_batches(monkeypatch):
     logprob_calls = []
     worker, runner, target = make_worker(monkeypatch, "unified", k=3)
-    monkeypatch.setattr("sparsespec_sglang.lockstep.compute_spec_v2_logprobs",
-                        lambda batch, logits, predict, index, steps: logprob_calls.append(steps))
+    monkeypatch.setattr("sparsespec_sglang.lockstep.compute_spec_logprobs",
+                        lambda batch, logits, predict, index: logprob_calls.append(index.shape[1]))
     assert list(worker.schedules) == ["lockstep", "unified"]
     assert worker.state.group_scores is not None  # the unified schedule's grouped top-K buffer
     unified = worker.schedules["unified"]
@@ -210,7 +242,7 @@ def test_unified_server_falls_back_to_lockstep_for_logprob_batches(monkeypatch):
             assert kinds == {PlanKind.UNIFIED_PASS} and len(target.verifies) == n_verifies
             assert set(unified.planner.offset) == {r.req_pool_idx for r in batch.reqs}
         _apply(result, batch, 3)
-    assert logprob_calls == [3, 3, 3]
+    assert logprob_calls == [4, 4, 4]  # accept_index rows of k + 1
     # The unified schedule's own phases are measured per step: the forwards took GPU time.
     summary = unified.profiler.summary()
     assert summary["gpu_forward_ms"] > 0 and summary["gpu_accept_ms"] > 0

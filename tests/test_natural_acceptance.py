@@ -1,5 +1,6 @@
-"""scripts/natural_acceptance.py's CPU parts: SGLang's spec meta_info fields (as 0.5.17's tokenizer
-manager writes them), the mean arithmetic, the verdict, and the reference side on a tiny model."""
+"""scripts/natural_acceptance.py's CPU parts: SGLang's spec meta_info fields (as the installed
+release's tokenizer manager writes them), the mean arithmetic, the verdict, and the reference side
+on a tiny model."""
 
 from __future__ import annotations
 
@@ -17,14 +18,17 @@ import natural_acceptance as na  # noqa: E402
 
 def _sglang_meta_info(verify_ct: int, correct: int, completion: int, k: int = 8,
                       histogram: list[int] | None = None) -> dict:
-    """meta_info spec fields exactly as SGLang 0.5.17's TokenizerManager computes them."""
+    """meta_info spec fields exactly as the installed SGLang's TokenizerManager computes them. It
+    reads the draft width from its own server args (0.5.17) or the published config (0.5.18 on):
+    SGLang's test override publishes one, and the stand-in manager holds the same."""
     from sglang.srt.managers.tokenizer_manager import TokenizerManager
+    from sglang.srt.runtime_context import get_context
 
-    tm = SimpleNamespace(server_args=SimpleNamespace(speculative_num_draft_tokens=k + 1))
     recv = SimpleNamespace(spec_verify_ct=[verify_ct], spec_num_correct_drafts=[correct],
                            completion_tokens=[completion], spec_correct_drafts_histogram=[histogram])
     meta: dict = {"completion_tokens": completion}
-    TokenizerManager._calculate_spec_decoding_metrics(tm, meta, recv, 0)
+    with get_context().override_server_args(speculative_num_draft_tokens=k + 1) as server_args:
+        TokenizerManager._calculate_spec_decoding_metrics(SimpleNamespace(server_args=server_args), meta, recv, 0)
     return meta
 
 

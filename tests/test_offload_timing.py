@@ -8,7 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from sparsespec_sglang import offload
+from sparsespec_sglang import compat, offload
 from sparsespec_sglang.offload import TransferStats
 
 
@@ -86,8 +86,17 @@ def _controller(n_tokens, per_token=1000):
     return SimpleNamespace(
         write_queue=[SimpleNamespace(host_indices=list(range(n))) for n in n_tokens],
         load_queue=[SimpleNamespace(host_indices=list(range(n))) for n in n_tokens],
-        ack_load_queue=[], write_stream="write-stream",
+        ack_load_queue=[], ack_write_queue=[], write_stream="write-stream", has_draft=False,
         mem_pool_host=SimpleNamespace(size_per_token=per_token))
+
+
+def _ack(start, finish, tokens, timed, num_bytes):
+    """SGLang's HiCacheAck for a copy of ``tokens`` tokens (0.5.17's has no byte count)."""
+    from sglang.srt.managers.cache_controller import HiCacheAck
+
+    extra = {"num_bytes": num_bytes} if compat.since("0.5.18") else {}
+    return HiCacheAck(start_event=start, finish_event=finish, node_ids=[], num_tokens=tokens,
+                      timing_enabled=timed, **extra)
 
 
 def test_write_hook_times_the_merged_copy(active):
@@ -96,25 +105,39 @@ def test_write_hook_times_the_merged_copy(active):
     ctl = _controller([3, 5])
     events = []
     active._make_event = lambda: events.append(FakeEvent()) or events[-1]
+    sglang_times_it = compat.since("0.5.18")
+    # From 0.5.18 SGLang times the copy on the copy stream and counts its bytes (a side pool's
+    # included: 8 tokens x 1000 + 64); up to 0.5.17 its write ack is untimed.
+    ack = _ack(FakeEvent(1.0), FakeEvent(3.0), 8, True, 8064) if sglang_times_it else \
+        _ack(FakeEvent(), FakeEvent(), 0, False, None)
 
     def original(self):
-        assert len(events) == 1 and events[0].recorded_on is None  # start: on the compute stream
+        if not sglang_times_it:
+            assert len(events) == 1 and events[0].recorded_on is None  # start: on the compute stream
         self.write_queue.clear()
+        self.ack_write_queue.append(ack)
         return "done"
 
     assert hicache_io.start_writing(original, ctl) == "done"
-    start, end = events
-    assert end.recorded_on == "write-stream"
-    start.t, end.t = 1.0, 3.0
-    active.poll()
-    assert active.bytes["write"] == 8 * 1000 and active.ms["write"] == 2.0
+    if sglang_times_it:
+        assert events == [] and active.bytes["write"] == 8064 and active.ms["write"] == 2.0
+    else:
+        start, end = events
+        assert end.recorded_on == "write-stream"
+        start.t, end.t = 1.0, 3.0
+        active.poll()
+        assert active.bytes["write"] == 8 * 1000 and active.ms["write"] == 2.0
+    assert hicache_io.start_writing(lambda self: "idle", ctl) == "idle"  # nothing queued
+    assert active.count["write"] == 1
 
 
 def test_load_hook_reuses_sglangs_ack_events(active):
     from sparsespec_sglang.patches import hicache_io
 
     ctl = _controller([4], per_token=10)
-    ack = SimpleNamespace(start_event=FakeEvent(0.0), finish_event=FakeEvent(0.5), timing_enabled=True)
+    # SGLang's own byte count from 0.5.18 (a side pool's included); 4 x 10 up to 0.5.17.
+    nbytes = 48 if compat.since("0.5.18") else 40
+    ack = _ack(FakeEvent(0.0), FakeEvent(0.5), 4, True, 48)
 
     def original(self):
         self.load_queue.clear()
@@ -122,7 +145,7 @@ def test_load_hook_reuses_sglangs_ack_events(active):
         return 1
 
     assert hicache_io.start_loading(original, ctl) == 1
-    assert active.bytes["load"] == 40 and active.ms["load"] == 0.5
+    assert active.bytes["load"] == nbytes and active.ms["load"] == 0.5
     # Nothing queued, or no producer: SGLang's path only.
     assert hicache_io.start_loading(lambda self: -1, ctl) == -1
     assert active.count["load"] == 1
@@ -153,11 +176,16 @@ def test_host_pool_full_is_counted_and_logged(active, caplog):
     from sparsespec_sglang.patches import hicache_io
 
     caplog.set_level(logging.INFO, logger="sparsespec_sglang.offload")
-    ctl = _controller([])
-    assert hicache_io.write(lambda self, **kw: "slots", ctl, device_indices=[1, 2]) == "slots"
-    assert active.host_full == 0
-    assert hicache_io.write(lambda self, *a, **kw: None, ctl, [1, 2, 3], node_id=4) is None
-    assert hicache_io.write(lambda self, *a, **kw: None, ctl, device_indices=[1]) is None
+    tree = object()
+    evicted = []
+
+    def original(self, num_tokens, *args, **kwargs):
+        evicted.append((self, num_tokens, args, kwargs))
+        return num_tokens - 1
+
+    assert hicache_io.evict_host(original, tree, 3) == 2
+    assert hicache_io.evict_host(original, tree, 1, component_type="SWA") == 0
+    assert evicted == [(tree, 3, (), {}), (tree, 1, (), {"component_type": "SWA"})]
     assert active.host_full == 2
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1 and warnings[0].startswith(  # rate-limited
@@ -172,35 +200,74 @@ def test_hooks_do_nothing_until_activated(monkeypatch):
     ctl = _controller([3])
     assert hicache_io.start_writing(lambda self: "w", ctl) == "w"
     assert hicache_io.start_loading(lambda self: 2, ctl) == 2
-    assert hicache_io.write(lambda self, *a: None, ctl, [1]) is None
+    assert hicache_io.evict_host(lambda self, n: n, ctl, 5) == 5
     assert hicache_io.wait_until(lambda self, t: t, SimpleNamespace(consumer_index=0), 7) == 7
     assert offload.active_stats() is None
     assert offload.activate() is offload.activate() is offload.active_stats()
 
 
+def _hicache_classes():
+    """(tree cache class --enable-hierarchical-cache builds for a plain model, its controller class)."""
+    from sglang.srt.managers.cache_controller import HiCacheController
+
+    if compat.since("0.5.19"):
+        from sglang.srt.mem_cache.hybrid_cache.hybrid_cache_controller import HybridCacheController
+        from sglang.srt.mem_cache.unified_radix_cache import UnifiedRadixCache
+
+        return UnifiedRadixCache, HybridCacheController
+    from sglang.srt.mem_cache.hiradix_cache import HiRadixCache
+
+    return HiRadixCache, HiCacheController
+
+
 def test_hooked_sglang_signatures_and_fields():
+    """Fails when SGLang changes what the hooks rely on, per release."""
     from sglang.srt.managers import cache_controller as cc
+    from sglang.srt.mem_cache import registry
     from sglang.srt.plugins import load_plugins
 
     from sparsespec_sglang.patches import hicache_io
 
+    since_18, since_19 = compat.since("0.5.18"), compat.since("0.5.19")
     expected = {"HiCacheController.start_writing": ["self"], "HiCacheController.start_loading": ["self"],
-                "HiCacheController.write": ["self", "device_indices", "priority", "node_id"],
+                "HiCache.evict_host": ["self", "num_tokens", *(["component_type"] if since_19 else [])],
                 "LayerDoneCounter.wait_until": ["self", "threshold"]}
-    assert {t for t, _, _ in hicache_io.HOOKS} == {f"{hicache_io.MODULE}.{k}" for k in expected}
-    for target, params in expected.items():
-        owner, attr = f"{hicache_io.MODULE}.{target}".rsplit(".", 1)
+    assert {name for name, _, _ in hicache_io.HOOKS} == set(expected)
+    load_plugins()
+    for name, params in expected.items():
+        owner, attr = compat.hook_target(name).rsplit(".", 1)
         installed = inspect.getattr_static(pkgutil.resolve_name(owner), attr)
         fn = inspect.unwrap(installed)
-        assert list(inspect.signature(fn).parameters) == params, target
-        load_plugins()
-        assert inspect.getattr_static(pkgutil.resolve_name(owner), attr) is not fn, f"{target} not hooked"
+        assert fn is not installed, f"{name} not hooked"
+        assert list(inspect.signature(fn).parameters) == params, name
+
+    # The tree cache HiCache builds for a plain model, whose controller runs the hooked copies
+    # (from 0.5.19 a subclass that keeps HiCacheController's start_writing / start_loading).
+    tree_class, controller_class = _hicache_classes()
+    assert compat.resolve("HiCache.evict_host") is getattr(tree_class, "evict_host")
+    factory = inspect.getsource(registry)
+    assert ("cache.init_hicache(server_args, params)" if since_19 else "HiRadixCache(params=params") in factory
+    assert ("HiRadixCache" in factory) is not since_19
+    assert issubclass(controller_class, cc.HiCacheController)
+    assert not {"start_writing", "start_loading"} & set(vars(controller_class)) - set(vars(cc.HiCacheController))
+    # A copy that finds the host pool full makes the tree evict host copies.
+    backup = tree_class._execute_kv_backup if since_19 else tree_class.write_backup
+    assert "self.evict_host(" in inspect.getsource(backup)
+
     # What the hooks read off SGLang's objects.
     init = inspect.getsource(cc.HiCacheController.__init__)
-    for attr in ("self.write_queue", "self.load_queue", "self.ack_load_queue", "self.write_stream",
-                 "self.mem_pool_host"):
+    for attr in ("self.write_queue", "self.load_queue", "self.ack_load_queue", "self.ack_write_queue",
+                 "self.mem_pool_host", *(() if since_18 else ("self.write_stream", "self.has_draft"))):
         assert attr in init, attr
-    assert {"start_event", "finish_event", "timing_enabled"} <= set(cc.HiCacheAck._fields)
+    assert {"start_event", "finish_event", "timing_enabled", *(["num_bytes"] if since_18 else [])} <= set(
+        cc.HiCacheAck._fields)
+    writing = inspect.getsource(cc.HiCacheController.start_writing)
+    assert "self.ack_write_queue.append(" in writing
+    # From 0.5.18 the write ack is timed on the copy stream like the load ack; up to 0.5.17 the copy
+    # runs on write_stream and its ack takes no timing.
+    assert ("timing_enabled=completion.timing_enabled" in writing) is since_18
+    assert ("device_module.stream(self.write_stream)" in writing) is not since_18
+    assert "timing_enabled=" in inspect.getsource(cc.HiCacheController.start_loading)
     assert "host_indices" in inspect.signature(cc.CacheOperation.__init__).parameters
     assert "self.load_events" in inspect.getsource(cc.LayerLoadingEvent.__init__)
     assert {"consumer_index", "events"} <= set(vars(cc.LayerDoneCounter(2)))

@@ -1,4 +1,4 @@
-"""Stock SGLang 0.5.17 finds SPARSESPEC through the entry point and validates its args."""
+"""Stock SGLang (0.5.17 to 0.5.23) finds SPARSESPEC through the entry point and validates its args."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from sparsespec_sglang import compat
 from sparsespec_sglang.config import SERVER_ARGS_ATTR, SparseSpecArgsError, SparseSpecConfig
 
 
@@ -44,11 +45,20 @@ def model_dir(tmp_path_factory) -> str:
 
 
 def _server_args(model_dir: str, **kwargs):
-    from sglang.srt.server_args import ServerArgs
+    """A resolved ServerArgs (SPARSESPEC unless told) on CPU; ``sparsespec_*`` keywords taken as
+    ``sglang.Engine`` takes them. Read resolved values through ``compat.resolved_view``: from
+    SGLang 0.5.19 the record's fields keep the raw input."""
+    from sparsespec_sglang.patches.server_args import new_server_args
 
-    return ServerArgs(model_path=model_dir, device="cpu", skip_tokenizer_init=True,
-                      speculative_algorithm=kwargs.pop("speculative_algorithm", "SPARSESPEC"),
-                      **kwargs)
+    sa = new_server_args(model_path=model_dir, device="cpu", skip_tokenizer_init=True,
+                         speculative_algorithm=kwargs.pop("speculative_algorithm", "SPARSESPEC"),
+                         **kwargs)
+    compat.resolve_server_args(sa)
+    return sa
+
+
+def _resolved(sa):
+    return compat.resolved_view(sa)
 
 
 def test_entry_point_declared():
@@ -80,16 +90,19 @@ def test_spec_class_has_every_method_the_enum_has(sglang_loaded):
 
 def test_server_args_defaults(sglang_loaded, model_dir):
     sa = _server_args(model_dir)
-    assert sa.speculative_algorithm == "SPARSESPEC"
-    assert (sa.speculative_num_steps, sa.speculative_num_draft_tokens, sa.speculative_eagle_topk) == (8, 9, 1)
-    assert sa.attention_backend == "sparsespec"
+    cfg = _resolved(sa)
+    assert cfg.speculative_algorithm == "SPARSESPEC"
+    assert (cfg.speculative_num_steps, cfg.speculative_num_draft_tokens, cfg.speculative_eagle_topk) == (8, 9, 1)
+    assert cfg.attention_backend == "sparsespec"
+    assert (cfg.max_running_requests, cfg.enable_mixed_chunk) == (128, False)
     assert SparseSpecConfig.from_server_args(sa) == SparseSpecConfig()
+    assert SparseSpecConfig.from_server_args(pickle.loads(pickle.dumps(sa))) == SparseSpecConfig()
 
 
 def test_server_args_values_flow_into_config(sglang_loaded, model_dir):
     sa = _server_args(model_dir, speculative_num_steps=4, sparsespec_sparsity=0.1,
                       sparsespec_aggregation="max", sparsespec_score_norm="draft")
-    assert (sa.speculative_num_steps, sa.speculative_num_draft_tokens) == (4, 5)
+    assert (_resolved(sa).speculative_num_steps, _resolved(sa).speculative_num_draft_tokens) == (4, 5)
     config = SparseSpecConfig.from_server_args(pickle.loads(pickle.dumps(sa)))
     assert (config.num_draft_steps, config.sparsity, config.aggregation) == (4, 0.1, "max")
     assert config.delayed_verification is True and config.schedule == "unified"
@@ -101,10 +114,21 @@ def test_server_args_values_flow_into_config(sglang_loaded, model_dir):
 
 def test_deterministic_inference_keeps_the_sparsespec_backend(sglang_loaded, model_dir):
     sa = _server_args(model_dir, enable_deterministic_inference=True)
-    assert sa.attention_backend == "sparsespec" and sa.enable_deterministic_inference
+    assert _resolved(sa).attention_backend == "sparsespec" and _resolved(sa).enable_deterministic_inference
     # its verify runs in lockstep: the default schedule there, kept in the scheduler's copy
     assert SparseSpecConfig.from_server_args(pickle.loads(pickle.dumps(sa))).schedule == "lockstep"
     assert SparseSpecConfig.from_server_args(_server_args(model_dir)).schedule == "unified"
+
+
+def test_deterministic_inference_sglang_turns_on_makes_the_schedule_lockstep(sglang_loaded, model_dir,
+                                                                            monkeypatch):
+    """SGLang turns deterministic inference on for --rl-on-policy-target while it resolves: the
+    default schedule follows the resolved setting, on the record the scheduler processes get."""
+    for name in ("SGLANG_ENABLE_DETERMINISTIC_INFERENCE", "SGLANG_VLM_CACHE_SIZE_MB"):
+        monkeypatch.delenv(name, raising=False)  # resolution sets them; restored after the test
+    sa = _server_args(model_dir, rl_on_policy_target="fsdp")
+    assert _resolved(sa).enable_deterministic_inference
+    assert SparseSpecConfig.from_server_args(pickle.loads(pickle.dumps(sa))).schedule == "lockstep"
 
 
 @pytest.mark.parametrize("kwargs, flag", [
@@ -131,6 +155,10 @@ def test_deterministic_inference_keeps_the_sparsespec_backend(sglang_loaded, mod
     (dict(attention_backend="triton"), "--attention-backend"),
     (dict(decode_attention_backend="flashinfer"), "--decode-attention-backend"),
     (dict(pp_size=2), "--pp-size"),
+    # From 0.5.22 resolution turns the deprecated --enable-dp-attention into --attn-dp-size.
+    (dict(enable_dp_attention=True, dp_size=2, tp_size=2),
+     "--attn-dp-size must be 1 (DP attention is not supported) (got 2)" if compat.since("0.5.22")
+     else "--enable-dp-attention must be off (DP attention is not supported) (got True)"),
     (dict(disaggregation_mode="decode"), "--disaggregation-mode"),
     (dict(speculative_draft_model_path="SELF"), "--speculative-draft-model-path"),
     (dict(sparsespec_bogus=1), "sparsespec_bogus"),
@@ -184,6 +212,7 @@ def test_keep_retracted_kv_cli_flag_parses(sglang_loaded, model_dir):
     base = ["--model-path", model_dir, "--device", "cpu", "--skip-tokenizer-init"]
     sa = ServerArgs.from_cli_args(parser.parse_args(
         base + ["--enable-hierarchical-cache", "--sparsespec-keep-retracted-kv"]))
+    compat.resolve_server_args(sa)
     assert getattr(sa, SERVER_ARGS_ATTR) == {"sparsespec_keep_retracted_kv": True}
     assert sa.enable_hierarchical_cache and sa.speculative_algorithm is None
     assert getattr(ServerArgs.from_cli_args(parser.parse_args(base)), SERVER_ARGS_ATTR) == {}
@@ -227,12 +256,61 @@ def test_keep_retracted_kv_false_is_unset(sglang_loaded, model_dir):
                                                    sparsespec_keep_retracted_kv=False))
 
 
+def test_server_args_constructor_keywords(sglang_loaded, model_dir):
+    """Up to 0.5.19 ``ServerArgs(...)`` itself takes ``sparsespec_*`` keywords (its ``__init__`` is
+    hooked); from 0.5.20 its construction is msgspec's C code, which refuses them before any hook,
+    so ``new_server_args`` (and ``sglang.Engine``) take them instead."""
+    from sglang.srt.server_args import ServerArgs
+
+    kwargs = dict(model_path=model_dir, device="cpu", skip_tokenizer_init=True,
+                  speculative_algorithm="SPARSESPEC", sparsespec_sparsity=0.25)
+    if compat.init_takes_keywords():
+        sa = ServerArgs(**kwargs)
+        compat.resolve_server_args(sa)
+        assert SparseSpecConfig.from_server_args(sa).sparsity == 0.25
+    else:
+        with pytest.raises(TypeError, match="Unexpected keyword argument 'sparsespec_sparsity'"):
+            ServerArgs(**kwargs)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(sparsespec_sparsity=0.1),
+     "--sparsespec-sparsity need --speculative-algorithm SPARSESPEC (got None)"),
+    (dict(speculative_algorithm="SPARSESPEC", sparsespec_sparsity=0.0),
+     "SPARSESPEC: --sparsespec-sparsity must be a number in [1e-06, 1] (got 0.0)"),
+    (dict(sparsespec_sparsty=0.1), "SPARSESPEC: unknown keyword argument 'sparsespec_sparsty'"),
+])
+def test_engine_keywords_reach_the_checks(sglang_loaded, model_dir, monkeypatch, kwargs, message):
+    """``sglang.Engine(sparsespec_*=...)``: the values reach the checks, which stop it before
+    anything is launched."""
+    import atexit
+
+    from sglang.srt.entrypoints import engine as engine_module
+
+    def launch(server_args):  # the first step after resolution: must not be reached
+        raise AssertionError("sglang.Engine got past resolving its arguments")
+
+    monkeypatch.setattr(engine_module, "_set_envs_and_config", launch)
+    monkeypatch.setattr(engine_module, "configure_logger", lambda *args, **kwargs: None)  # process-wide
+    engine = engine_module.Engine.__new__(engine_module.Engine)
+    try:
+        with pytest.raises(SparseSpecArgsError) as err:
+            engine.__init__(model_path=model_dir, device="cpu", skip_tokenizer_init=True, **kwargs)
+    finally:
+        atexit.unregister(engine.shutdown)  # registered before the record is resolved (0.5.20+)
+    assert str(err.value).startswith(message) and "\n" not in str(err.value)
+    assert "server_args_class" not in vars(engine)  # the hook's builder is gone again
+
+
 def test_worker_refuses_cpu(sglang_loaded, model_dir):
+    from sglang.srt.runtime_context import get_context
     from sglang.srt.speculative.spec_info import SpeculativeAlgorithm
 
     sa = _server_args(model_dir)
-    with pytest.raises(SparseSpecArgsError, match="CUDA GPUs only"):
-        SpeculativeAlgorithm.from_string("SPARSESPEC").create_worker(sa)
+    # As in a scheduler process, where the resolved configuration is published.
+    with get_context().override_server_args(device=_resolved(sa).device):
+        with pytest.raises(SparseSpecArgsError, match="CUDA GPUs only"):
+            SpeculativeAlgorithm.from_string("SPARSESPEC").create_worker(sa)
 
 
 def _launch(*args: str) -> subprocess.CompletedProcess:
@@ -265,28 +343,42 @@ def test_launch_without_gpu_is_one_line(model_dir):
     assert proc.stderr.strip().splitlines()[-1].startswith("error: SPARSESPEC: needs a CUDA GPU")
 
 
-# Signatures of the SGLang functions patches/ hooks: a change in SGLang fails here.
+# Signatures of the SGLang functions patches/server_args.py hooks in the installed release, by
+# compat name: a change in SGLang fails here.
 HOOKED_SIGNATURES = {
-    "sglang.srt.server_args.ServerArgs.add_cli_args": ["parser"],
-    "sglang.srt.server_args.ServerArgs.from_cli_args": ["cls", "args"],
-    "sglang.srt.server_args.ServerArgs.__post_init__": ["self"],
-    "sglang.srt.server_args.prepare_server_args": ["argv"],
+    "ServerArgs.add_cli_args": ["parser"],
+    "ServerArgs.from_cli_args": ["cls", "args"],
+    "prepare_server_args": ["argv"],
+    **({"run_resolution_pipeline": ["server_args"], "ServerArgs.resolve_once": ["self"]}
+       if compat.since("0.5.19") else {"run_resolution_pipeline": ["self"]}),  # __post_init__
+    **({"Engine.__init__": ["self", "kwargs"]} if compat.since("0.5.20") else {}),
 }
 
 
 def test_hooked_sglang_signatures_unchanged(sglang_loaded):
     import pkgutil
 
-    from sparsespec_sglang.patches import server_args as patch
-
-    assert {t for t, _, _ in patch.HOOKS} == set(HOOKED_SIGNATURES) | {
-        "sglang.srt.server_args.ServerArgs.__init__"}
-    for target, params in HOOKED_SIGNATURES.items():
-        owner, attr = target.rsplit(".", 1)
-        fn = inspect.unwrap(inspect.getattr_static(pkgutil.resolve_name(owner), attr))
-        fn = getattr(fn, "__func__", fn)
-        assert list(inspect.signature(inspect.unwrap(fn)).parameters) == params, target
-    # __init__ is the dataclass constructor: every keyword is a field.
     from sglang.srt.server_args import ServerArgs
 
-    assert "speculative_num_steps" in inspect.signature(inspect.unwrap(ServerArgs.__init__)).parameters
+    from sparsespec_sglang.patches import server_args as patch
+
+    names = {n for n, _, _ in patch.HOOKS}
+    assert names == set(HOOKED_SIGNATURES) | (set() if compat.since("0.5.20") else {"ServerArgs.__init__"})
+    for name, params in HOOKED_SIGNATURES.items():
+        owner, attr = compat.hook_target(name).rsplit(".", 1)
+        fn = inspect.unwrap(inspect.getattr_static(pkgutil.resolve_name(owner), attr))
+        fn = getattr(fn, "__func__", fn)
+        assert list(inspect.signature(inspect.unwrap(fn)).parameters) == params, name
+    if not compat.since("0.5.20"):
+        # __init__ is the dataclass constructor: every keyword is a field.
+        assert "speculative_num_steps" in inspect.signature(inspect.unwrap(ServerArgs.__init__)).parameters
+    else:
+        from sglang.srt.entrypoints.engine import Engine
+
+        # The Engine hook hands the values over through the builder Engine calls.
+        assert "self.server_args_class(**kwargs)" in inspect.getsource(inspect.unwrap(Engine.__init__))
+    if compat.since("0.5.19"):
+        from sglang import launch_server
+
+        # The launcher resolves after prepare_server_args returned: the resolve_once hook's errors.
+        assert "server_args.resolve_once()" in inspect.getsource(launch_server.run_server)

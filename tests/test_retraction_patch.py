@@ -1,52 +1,21 @@
 """patches/retraction.py: a retracted request's KV goes into the (hierarchical) prefix cache.
 
 Runs SGLang's own ``release_req`` (the retraction path) with the plugin's hooks applied, over a
-recording tree cache (which ``is_insert`` reaches ``cache_finished_req``) and over SGLang's real
-request pool, token allocator and radix cache on CPU (no slot leaked, the KV found again).
+real decoding ``Req``, SGLang's real request pool, token allocator and the radix tree SGLang builds
+for a plain model, on CPU, with the server's ``ServerArgs`` published as in a scheduler process:
+no slot leaked, and the KV found again exactly when the server keeps it.
 """
 
 import inspect
+import logging
+from array import array
+from types import SimpleNamespace
 
 import pytest
 
+from sparsespec_sglang import compat
+from test_kv_reserve_patch import published
 from test_plugin import _model_dir, _server_args, sglang_loaded  # noqa: F401
-
-
-class _Req:
-    def __init__(self):
-        self.req_pool_idx, self.kv, self.retracted = 3, object(), False
-
-    def effective_kv_committed_len(self):
-        return 7
-
-    def finished(self):
-        return False
-
-    def reset_for_retract(self):
-        self.retracted = True
-
-
-class _TreeCache:
-    def __init__(self):
-        self.calls = []
-
-    def cache_finished_req(self, req, is_insert, kv_len_to_handle):
-        self.calls.append((is_insert, kv_len_to_handle))
-        req.req_pool_idx = req.kv = None
-
-    def is_chunk_cache(self):
-        return True  # nothing to evict in this fake
-
-
-def _retract(server_args):
-    from sglang.srt.managers import schedule_batch
-
-    req, tree = _Req(), _TreeCache()
-    schedule_batch.release_req(req=req, remaing_req_count=1, server_args=server_args,
-                               req_to_token_pool=None, token_to_kv_pool_allocator=None,
-                               tree_cache=tree, hisparse_coordinator=None)
-    assert req.retracted
-    return tree.calls
 
 
 @pytest.fixture
@@ -54,118 +23,179 @@ def model_dir(tmp_path):
     return _model_dir(tmp_path, "Qwen3ForCausalLM")
 
 
-@pytest.mark.parametrize("kwargs, inserted", [
-    (dict(enable_hierarchical_cache=True), True),
-    (dict(enable_hierarchical_cache=True, sparsespec_disable_kv_offload=True), False),
-    (dict(), False),  # no host pool to keep it in: SGLang's retract-and-recompute
-    (dict(enable_hierarchical_cache=True, speculative_algorithm=None), False),  # plain SGLang
-    # A server without SPARSESPEC keeps it only when asked (--sparsespec-keep-retracted-kv).
-    (dict(enable_hierarchical_cache=True, speculative_algorithm=None,
-          sparsespec_keep_retracted_kv=True), True),
-    (dict(enable_hierarchical_cache=True, speculative_algorithm="NGRAM",
-          sparsespec_keep_retracted_kv=True), True),
-    (dict(enable_hierarchical_cache=True, speculative_algorithm="NGRAM"), False),
-])
-def test_retracted_kv_is_inserted_with_hicache_for_sparsespec_or_when_asked(sglang_loaded, model_dir,  # noqa: F811
-                                                                            kwargs, inserted):
-    server_args = _server_args(model_dir, **kwargs)
-    assert _retract(server_args) == [(inserted, 7)]
+SIZE, COMMITTED = 64, 20
+TOKENS = list(range(100, 100 + COMMITTED))
 
 
-def test_other_release_paths_are_untouched(sglang_loaded):  # noqa: F811
-    from sglang.srt.mem_cache import common
+def _pools():
+    """SGLang's request pool, token allocator and the radix tree it builds for a plain model:
+    ``RadixCache`` up to 0.5.18, a full-attention ``UnifiedRadixCache`` from 0.5.19."""
+    import torch
+    from sglang.srt.mem_cache.allocator.token import TokenToKVPoolAllocator
+    from sglang.srt.mem_cache.cache_init_params import CacheInitParams
+    from sglang.srt.mem_cache.memory_pool import ReqToTokenPool
 
-    req, tree = _Req(), _TreeCache()
-    common.release_kv_cache(req, tree, is_insert=False)
-    assert tree.calls == [(False, 7)]
+    req_pool = ReqToTokenPool(size=2, max_context_len=64, device="cpu", enable_memory_saver=False)
+    allocator = TokenToKVPoolAllocator(SIZE, torch.bfloat16, "cpu", None, need_sort=False)
+    params = dict(disable=False, req_to_token_pool=req_pool, token_to_kv_pool_allocator=allocator, page_size=1)
+    if compat.since("0.5.19"):
+        from sglang.srt.mem_cache.unified_cache.components import ComponentType
+        from sglang.srt.mem_cache.unified_radix_cache import UnifiedRadixCache
 
+        return req_pool, allocator, UnifiedRadixCache(CacheInitParams(**params, tree_components=(ComponentType.FULL,)))
+    from sglang.srt.mem_cache.radix_cache import RadixCache
 
-def test_sglang_retraction_contract(sglang_loaded):  # noqa: F811
-    """Fails when SGLang changes what the hooks rely on."""
-    from sglang.srt.managers import schedule_batch
-    from sglang.srt.mem_cache import common
-
-    release_req = inspect.unwrap(schedule_batch.release_req)
-    params = inspect.signature(release_req).parameters
-    assert {"req", "server_args", "tree_cache"} <= set(params)
-    assert all(p.kind is inspect.Parameter.KEYWORD_ONLY for p in params.values())
-    assert "release_kv_cache(req, tree_cache, is_insert=False)" in inspect.getsource(release_req)
-    assert list(inspect.signature(inspect.unwrap(common.release_kv_cache)).parameters) == [
-        "req", "tree_cache", "is_insert"]
-    # ScheduleBatch.retract_decode releases through the module-level function.
-    assert "release_req(" in inspect.getsource(schedule_batch.ScheduleBatch.release_req)
+    return req_pool, allocator, RadixCache(CacheInitParams(**params))
 
 
-class _LiveReq(_Req):
-    """What SGLang's release path reads of a decoding request, over real pools."""
+def _decoding_req(req_pool, allocator, allocated):
+    """A real ``Req`` in decode: ``allocated`` KV slots in its row, the first COMMITTED written (its
+    prompt and outputs so far), as SGLang's allocation leaves it; the KV bookkeeping sits on the
+    request up to 0.5.18 and on ``req.kv`` from 0.5.19."""
+    import torch
+    from sglang.srt.managers.schedule_batch import Req
+    from sglang.srt.sampling.sampling_params import SamplingParams
 
-    def __init__(self, pool_idx, tokens, committed, allocated):
-        self.req_pool_idx, self.retracted = pool_idx, False
-        self.origin_input_ids, self.output_ids = tokens[:8], tokens[8:committed]
-        self.extra_key, self.cache_protected_len, self.last_node, self.priority = None, 0, None, 0
-        self.mamba_pool_idx, self._committed = None, committed
-        self.kv = type("KV", (), {"kv_allocated_len": allocated})()
+    req = Req("r0", "", array("q", TOKENS[:8]), SamplingParams())
+    req.output_ids = array("q", TOKENS[8:])
+    slots = allocator.alloc(allocated)
+    req_pool.alloc([req])
+    if compat.since("0.5.19"):
+        req.kv.kv_committed_len, req.kv.kv_allocated_len = COMMITTED, allocated
+        row = req.kv.req_pool_idx
+    else:
+        from sglang.srt.managers.schedule_batch import ReqKvInfo
 
-    def effective_kv_committed_len(self):
-        return self._committed
+        req.kv = ReqKvInfo(kv_allocated_len=allocated, swa_evicted_seqlen=0)
+        req.kv_committed_len = COMMITTED
+        row = req.req_pool_idx
+    req_pool.req_to_token[row, :allocated] = slots.to(torch.int32)
+    return req, slots
+
+
+def _holds_kv(req) -> bool:
+    return req.kv.holds_kv if compat.since("0.5.19") else req.req_pool_idx is not None
+
+
+def _matched(tree):
+    """KV slots the tree finds for the request's tokens (a re-admitted request's prefix hit)."""
+    from sglang.srt.mem_cache.base_prefix_cache import MatchPrefixParams
+    from sglang.srt.mem_cache.radix_cache import RadixKey
+
+    match = tree.match_prefix(MatchPrefixParams(key=RadixKey(array("q", TOKENS), None)))
+    if compat.since("0.5.22"):
+        return tree.path_device_indices(match.last_device_node)[:match.device_prefix_len].tolist()
+    return match.device_indices.tolist()
+
+
+def _release_kwargs(server_args) -> dict:
+    """What the retraction passes ``release_req`` besides the request and pools: the server's
+    arguments up to 0.5.18 (from 0.5.19 SGLang reads the published ones)."""
+    return {} if compat.since("0.5.19") else {"server_args": server_args}
 
 
 @pytest.mark.parametrize("keep, kwargs", [
     (True, dict(enable_hierarchical_cache=True)),
-    (False, dict()),
-    # Servers without SPARSESPEC: kept only with --sparsespec-keep-retracted-kv.
-    (True, dict(enable_hierarchical_cache=True, speculative_algorithm=None,
-                sparsespec_keep_retracted_kv=True)),
-    (False, dict(enable_hierarchical_cache=True, speculative_algorithm=None)),
-    (True, dict(enable_hierarchical_cache=True, speculative_algorithm="NGRAM",
-                sparsespec_keep_retracted_kv=True)),
+    (False, dict(enable_hierarchical_cache=True, sparsespec_disable_kv_offload=True)),
+    (False, dict()),  # no host pool to keep it in: SGLang's retract-and-recompute
+    (False, dict(enable_hierarchical_cache=True, speculative_algorithm=None)),  # plain SGLang
+    # A server without SPARSESPEC keeps it only when asked (--sparsespec-keep-retracted-kv).
+    (True, dict(enable_hierarchical_cache=True, speculative_algorithm=None, sparsespec_keep_retracted_kv=True)),
+    (True, dict(enable_hierarchical_cache=True, speculative_algorithm="NGRAM", sparsespec_keep_retracted_kv=True)),
+    (False, dict(enable_hierarchical_cache=True, speculative_algorithm="NGRAM")),
 ])
 def test_retraction_over_sglangs_radix_cache_leaks_nothing_and_keeps_the_kv(sglang_loaded, model_dir,  # noqa: F811
                                                                            keep, kwargs):
-    """SGLang's own ReqToTokenPool, token allocator and RadixCache on CPU: a retracted request
-    (with speculative slots allocated past its committed length on a speculative server) gives
-    every slot back either to the allocator or to the cache as evictable, re-admission finds its
-    KV as a prefix when kept (SPARSESPEC with HiCache, or another server with HiCache and
-    --sparsespec-keep-retracted-kv), and evicting the cache returns the pool to full."""
+    """A retracted request (with speculative slots allocated past its committed length on a
+    speculative server) gives every slot back either to the allocator or to the tree as
+    evictable; re-admission finds its KV as a prefix exactly when kept (SPARSESPEC with HiCache
+    unless --sparsespec-disable-kv-offload, another server with HiCache and
+    --sparsespec-keep-retracted-kv); evicting the tree returns the pool to full."""
     from sglang.srt.managers import schedule_batch
-    from sglang.srt.mem_cache.allocator.token import TokenToKVPoolAllocator
-    from sglang.srt.mem_cache.base_prefix_cache import EvictParams, MatchPrefixParams
-    from sglang.srt.mem_cache.cache_init_params import CacheInitParams
-    from sglang.srt.mem_cache.memory_pool import ReqToTokenPool
-    from sglang.srt.mem_cache.radix_cache import RadixCache, RadixKey
-    from sglang.srt.runtime_context import get_context
-
-    import torch
+    from sglang.srt.mem_cache.base_prefix_cache import EvictParams
 
     server_args = _server_args(model_dir, **kwargs)
-    size = 64
-    req_pool = ReqToTokenPool(size=2, max_context_len=64, device="cpu", enable_memory_saver=False)
-    allocator = TokenToKVPoolAllocator(size, torch.bfloat16, "cpu", None, need_sort=False)
-    tree = RadixCache(CacheInitParams(disable=False, req_to_token_pool=req_pool,
-                                      token_to_kv_pool_allocator=allocator, page_size=1))
+    req_pool, allocator, tree = _pools()
     # A speculative server has 9 slots reserved for the next cycle's drafts + verify (plain: none).
-    committed = 20
-    allocated = committed + (0 if server_args.speculative_algorithm is None else 9)
-    slots = allocator.alloc(allocated)
-    req = _LiveReq(req_pool.free_slots.pop(0), list(range(100, 100 + committed)), committed, allocated)
-    req_pool.req_to_token[req.req_pool_idx, :allocated] = slots.to(torch.int32)
-    assert allocator.available_size() == size - allocated
+    allocated = COMMITTED + (0 if server_args.speculative_algorithm is None else 9)
+    req, slots = _decoding_req(req_pool, allocator, allocated)
+    assert allocator.available_size() == SIZE - allocated
 
-    override = get_context().override_server_args(**vars(server_args))
-    override.install()
-    try:
-        schedule_batch.release_req(req=req, remaing_req_count=0, server_args=server_args,
-                                   req_to_token_pool=req_pool, token_to_kv_pool_allocator=allocator,
-                                   tree_cache=tree, hisparse_coordinator=None)
-    finally:
-        override.restore()
-    assert req.retracted and req.req_pool_idx is None
-    kept = committed if keep else 0
+    with published(server_args):
+        schedule_batch.release_req(req=req, remaing_req_count=0, req_to_token_pool=req_pool,
+                                   token_to_kv_pool_allocator=allocator, tree_cache=tree,
+                                   hisparse_coordinator=None, **_release_kwargs(server_args))
+    assert req.is_retracted and not _holds_kv(req)
+    kept = COMMITTED if keep else 0
     assert tree.evictable_size() == kept
-    assert allocator.available_size() + tree.evictable_size() == size  # nothing leaked
-    match = tree.match_prefix(MatchPrefixParams(key=RadixKey(list(range(100, 100 + committed)), None)))
-    assert len(match.device_indices) == kept
-    if keep:
-        assert match.device_indices.tolist() == slots[:committed].tolist()
-    tree.evict(EvictParams(num_tokens=size))
-    assert allocator.available_size() == size
+    assert allocator.available_size() + tree.evictable_size() == SIZE  # nothing leaked
+    assert _matched(tree) == slots[:kept].tolist()
+    tree.evict(EvictParams(num_tokens=SIZE))
+    assert allocator.available_size() == SIZE
+
+
+def test_other_release_paths_are_untouched(sglang_loaded, model_dir):  # noqa: F811
+    """A release outside the retraction (a finished request, an abort) keeps SGLang's choice, even
+    on a server that keeps retracted KV."""
+    from sglang.srt.mem_cache import common
+
+    server_args = _server_args(model_dir, enable_hierarchical_cache=True)
+    req_pool, allocator, tree = _pools()
+    req, _ = _decoding_req(req_pool, allocator, COMMITTED + 9)
+    (keyword,) = compat.keeping_release_kwargs()
+    with published(server_args):
+        common.release_kv_cache(req, tree, **{keyword: False})
+    assert not _holds_kv(req) and tree.evictable_size() == 0 and allocator.available_size() == SIZE
+
+
+def test_a_mamba_tree_keeps_a_running_requests_kv_only_up_to_0_5_21(sglang_loaded, model_dir, caplog,  # noqa: F811
+                                                                    monkeypatch):
+    """From 0.5.22 SGLang hands a tree that holds mamba state only a finished request's state: the
+    hook leaves such a retraction to SGLang (recompute) and says so once."""
+    from sparsespec_sglang.patches import retraction
+
+    monkeypatch.setattr(retraction, "_warned_mamba", False)
+    server_args = _server_args(model_dir, enable_hierarchical_cache=True)
+    length = "owned_kv_len" if compat.since("0.5.21") else "effective_kv_committed_len"
+    req = SimpleNamespace(rid="r0", **{length: lambda: COMMITTED})
+    kept = []
+    with published(server_args), caplog.at_level(logging.INFO, logger=retraction.__name__):
+        for supports_mamba in (True, True, False):
+            tree = SimpleNamespace(supports_mamba=lambda supports_mamba=supports_mamba: supports_mamba)
+            retraction.release_req(lambda **kw: kept.append(retraction._keep_kv.get()), req=req,
+                                   tree_cache=tree, **_release_kwargs(server_args))
+    mamba_keeps = not compat.since("0.5.22")
+    assert kept == [mamba_keeps, mamba_keeps, True]
+    warnings = [r.getMessage() for r in caplog.records
+                if r.name == retraction.__name__ and r.levelno == logging.WARNING]
+    assert len(warnings) == (0 if mamba_keeps else 1)
+    assert caplog.text.count(f"retracted request r0 keeps its {COMMITTED} KV tokens") == (3 if mamba_keeps else 1)
+
+
+def test_sglang_retraction_contract(sglang_loaded):  # noqa: F811
+    """Fails when SGLang changes what the hooks rely on, per release."""
+    from sglang.srt.managers import schedule_batch
+    from sglang.srt.mem_cache import common
+
+    since_19, since_22 = compat.since("0.5.19"), compat.since("0.5.22")
+    release_req = inspect.unwrap(schedule_batch.release_req)
+    params = inspect.signature(release_req).parameters
+    assert {"req", "tree_cache"} <= set(params)
+    assert ("server_args" in params) is not since_19  # from 0.5.19 the hook reads the published ones
+    assert all(p.kind is inspect.Parameter.KEYWORD_ONLY for p in params.values())
+    # The retraction frees the KV without inserting it, then evicts from the tree right away.
+    (keyword,) = compat.keeping_release_kwargs()
+    source = inspect.getsource(release_req)
+    call = f"release_kv_cache(req, tree_cache, {keyword}=False)"
+    assert call in source and source.index(call) < source.index("evict_from_tree_cache(")
+    release_kv_cache = inspect.unwrap(common.release_kv_cache)
+    params = inspect.signature(release_kv_cache).parameters
+    assert list(params) == ["req", "tree_cache", keyword]
+    assert (params[keyword].kind is inspect.Parameter.KEYWORD_ONLY) is since_22
+    # From 0.5.22 a checkpoint into a tree with mamba state must come from a finished request.
+    assert ("req.finished() or not tree_cache.supports_mamba()" in inspect.getsource(release_kv_cache)) is since_22
+    length = "owned_kv_len" if compat.since("0.5.21") else "effective_kv_committed_len"
+    assert f"req.{length}()" in inspect.getsource(release_kv_cache)
+    # ScheduleBatch.retract_decode releases through the module-level function.
+    assert "self.release_req(" in inspect.getsource(schedule_batch.ScheduleBatch.retract_decode)
+    assert "release_req(" in inspect.getsource(schedule_batch.ScheduleBatch.release_req)

@@ -107,16 +107,58 @@ def test_sample_like_plain_hands_eagle_sample_the_plain_distribution(monkeypatch
 
 
 def test_sglang_fields_the_sampler_reads():
-    from sglang.srt.sampling.penaltylib.repetition_penalty import apply_scaling_penalties
     from sglang.srt.sampling.sampling_batch_info import SamplingBatchInfo
-    from sglang.srt.server_args import ServerArgs
+
+    from sparsespec_sglang.compat import apply_scaling_penalties
 
     fields = {f.name for f in dataclasses.fields(SamplingBatchInfo)}
     assert {"temperatures", "top_ks", "top_ps", "min_ps", "is_all_greedy", "need_top_p_sampling",
             "need_top_k_sampling", "need_min_p_sampling", "acc_additive_penalties",
             "acc_scaling_penalties", "logit_bias"} <= fields
     assert list(inspect.signature(apply_scaling_penalties).parameters) == ["logits", "scaling_penalties"]
-    assert "sampling_backend" in inspect.signature(ServerArgs.__init__).parameters
+
+
+def test_plain_sampling_filters_as_filter_probs_reproduces():
+    """Plain SGLang's sampler, per ``get_exec().kernel.sampling_backend`` (what the worker hands
+    ``sample_like_plain``): FlashInfer (and, from 0.5.21, Intel XPU) filters top-k and top-p
+    jointly, or top-k, then top-p, then min-p when min-p is on; PyTorch filters top-k and top-p
+    jointly on the sorted original probabilities, then min-p against the largest."""
+    from sglang.srt.layers import sampler
+
+    from sparsespec_sglang import compat
+
+    source = inspect.getsource(sampler.Sampler._sample_from_probs)
+    branch = ('if backend in ("flashinfer", "intel_xpu"):' if compat.since("0.5.21")
+              else 'if backend == "flashinfer":')
+    assert "backend = get_exec().kernel.sampling_backend" in source and branch in source
+    flashinfer = source[source.index(branch):source.index('elif backend == "pytorch":')]
+    min_p = flashinfer.index("if sampling_info.need_min_p_sampling:")
+    assert (min_p < flashinfer.index("top_k_renorm_prob(probs, sampling_info.top_ks)")
+            < flashinfer.index("top_p_renorm_prob(probs, sampling_info.top_ps)")
+            < flashinfer.index("min_p_sampling_from_probs(") < flashinfer.index("else:")
+            < flashinfer.index('filter_apply_order="joint"'))
+    assert "top_k_top_p_min_p_sampling_from_probs_torch(" in source[source.index('elif backend == "pytorch":'):]
+    torch_filter = inspect.getsource(sampler.top_k_top_p_min_p_sampling_from_probs_torch)
+    steps = ["probs_sum = torch.cumsum(probs_sort, dim=-1)", ">= top_ks.view(-1, 1)",
+             "probs_sort[(probs_sum - probs_sort) > top_ps.view(-1, 1)] = 0.0",
+             "min_p_thresholds = probs_sort[:, 0] * min_ps"]
+    assert [torch_filter.index(step) for step in steps] == sorted(torch_filter.index(step) for step in steps)
+
+
+def test_eagle_sample_filters_as_sample_like_plain_expects():
+    """``sample_like_plain`` folds the target distribution into the logits and switches off what
+    ``eagle_sample`` would apply again: penalties, logit bias and the grammar mask first, then
+    softmax(logits / T) with top-k and top-p renormalisation; eagle_sample never applies min-p."""
+    from sparsespec_sglang.compat import eagle_sample
+
+    source = inspect.getsource(eagle_sample)
+    steps = ["if sampling_info.acc_additive_penalties is not None:",
+             "if sampling_info.acc_scaling_penalties is not None:",
+             "if sampling_info.logit_bias is not None:", "grammar_mask.apply(next_token_logits)",
+             "expanded_temperature = torch.repeat_interleave(", "if sampling_info.need_top_k_sampling:",
+             "if sampling_info.need_top_p_sampling:"]
+    assert [source.index(step) for step in steps] == sorted(source.index(step) for step in steps)
+    assert "need_min_p_sampling" not in source
 
 
 @pytest.mark.gpu

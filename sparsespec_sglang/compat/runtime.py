@@ -6,11 +6,12 @@ smooth over a changed signature (see the package docstring).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ContextManager
 
 from sparsespec_sglang.compat.version import since
 
 _FBI = "sglang.srt.model_executor.forward_batch_info"
+_CTX = "sglang.srt.runtime_context"
 LOCATIONS: dict[str, tuple[tuple[str, str], ...]] = {
     "ScheduleBatch": (("0.5.17", "sglang.srt.managers.schedule_batch:ScheduleBatch"),),
     "GenerationBatchResult": (("0.5.17", "sglang.srt.managers.utils:GenerationBatchResult"),),
@@ -49,9 +50,16 @@ LOCATIONS: dict[str, tuple[tuple[str, str], ...]] = {
     "HookRegistry": (("0.5.17", "sglang.srt.plugins.hook_registry:HookRegistry"),),
     "HookType": (("0.5.17", "sglang.srt.plugins.hook_registry:HookType"),),
     "load_plugins": (("0.5.17", "sglang.srt.plugins:load_plugins"),),
+    # The scheduler process's resolved configuration, as SGLang's own runtime reads it (the
+    # ServerArgs record keeps the raw input from 0.5.19 on).
+    "get_parallel": (("0.5.17", f"{_CTX}:get_parallel"),),
+    "get_device": (("0.5.17", f"{_CTX}:get_device"),),
+    "get_exec": (("0.5.17", f"{_CTX}:get_exec"),),
+    "get_observability": (("0.5.17", f"{_CTX}:get_observability"),),
+    "get_serving": (("0.5.17", f"{_CTX}:get_serving"),),
 }
 
-ADAPTERS = ("compute_spec_logprobs",)
+ADAPTERS = ("compute_spec_logprobs", "forward_context_of")
 
 
 def compute_spec_logprobs(batch: Any, logits_output: Any, predict: Any, accept_index: Any) -> None:
@@ -64,3 +72,15 @@ def compute_spec_logprobs(batch: Any, logits_output: Any, predict: Any, accept_i
     else:
         logprob_processor.compute_spec_v2_logprobs(batch, logits_output, predict, accept_index,
                                                    accept_index.shape[1] - 1)
+
+
+def forward_context_of(attn_backend: Any, forward_batch: Any) -> ContextManager[None]:
+    """The forward context SGLang's model runner publishes around a forward of ``forward_batch``
+    on ``attn_backend`` (``ModelRunner._forward_raw``): the backend alone up to 0.5.22; from 0.5.23
+    ``forward_context`` also takes the batch, whose MoE token bound the context then carries."""
+    from sparsespec_sglang.compat import resolve
+
+    ctx = resolve("ForwardContext")(attn_backend=attn_backend)
+    if since("0.5.23"):
+        return resolve("forward_context")(ctx, forward_batch=forward_batch)
+    return resolve("forward_context")(ctx)
