@@ -114,6 +114,11 @@ def validate_server_args(server_args: Any) -> SparseSpecConfig:
     if config.schedule == "unified" and deterministic:
         # A unified pass runs the verify kernel; the deterministic verify is lockstep-only.
         _fail("--sparsespec-schedule", "lockstep with --enable-deterministic-inference", "unified")
+    for field in ("enable_page_major_kv_layout", "enable_unified_memory"):
+        if getattr(cfg, field, False):
+            # PillarAttn's kernels read the per-layer KV pool at the slot ids of req_to_token; these
+            # layouts page the pool differently (and translate the ids).
+            _fail("--" + field.replace("_", "-"), "off (PillarAttn reads the per-layer KV pool)", True)
     if cfg.kv_cache_dtype not in ("auto", "bfloat16", "float16"):
         _fail("--kv-cache-dtype", "auto, bfloat16 or float16", cfg.kv_cache_dtype)
     if cfg.device not in ("cuda", "cpu"):
