@@ -75,11 +75,10 @@ def _register_refusal(message: str) -> None:
     """On an unsupported SGLang: a SPARSESPEC whose argument check raises ``message`` (one line
     through the launcher's error hook), so the launch stops before any weights load. Nothing else
     is hooked. If even that cannot be registered in this release, one warning line says why."""
-    from sparsespec_sglang.compat import UnsupportedSGLangError
     from sparsespec_sglang.patches import server_args as server_args_patch
 
     def refuse(*_: object) -> None:
-        raise UnsupportedSGLangError(message)
+        raise compat.UnsupportedSGLangError(message)
 
     try:
         from sparsespec_sglang.compat import SpeculativeAlgorithm, get_spec
