@@ -48,15 +48,33 @@ def _pools():
     return req_pool, allocator, RadixCache(CacheInitParams(**params))
 
 
-def _decoding_req(req_pool, allocator, allocated):
-    """A real ``Req`` in decode: ``allocated`` KV slots in its row, the first COMMITTED written (its
-    prompt and outputs so far), as SGLang's allocation leaves it; the KV bookkeeping sits on the
-    request up to 0.5.18 and on ``req.kv`` from 0.5.19."""
+def _admit(req, tree) -> None:
+    """What SGLang's scheduler does when it admits a request: match its prompt in the tree and lock
+    the matched node, which releasing the request unlocks (0.5.19 unlocks ``last_node`` whether or
+    not it was locked). The lock is ``inc_lock_ref`` up to 0.5.21, its receipt kept on the request
+    from 0.5.20, and a ``TreeLock`` on the request from 0.5.22."""
+    from sglang.srt.mem_cache.base_prefix_cache import MatchPrefixParams
+    from sglang.srt.mem_cache.radix_cache import RadixKey
+
+    req.last_node = tree.match_prefix(MatchPrefixParams(key=RadixKey(req.origin_input_ids, None))).last_device_node
+    if compat.since("0.5.22"):
+        req.lock = tree.lock(req.last_node)
+    elif compat.since("0.5.20"):
+        req.lock_receipt = tree.inc_lock_ref(req.last_node).to_dec_params()
+    else:
+        tree.inc_lock_ref(req.last_node)
+
+
+def _decoding_req(req_pool, allocator, allocated, tree):
+    """A real ``Req`` in decode, admitted into ``tree``: ``allocated`` KV slots in its row, the first
+    COMMITTED written (its prompt and outputs so far), as SGLang's allocation leaves it; the KV
+    bookkeeping sits on the request up to 0.5.18 and on ``req.kv`` from 0.5.19."""
     import torch
     from sglang.srt.managers.schedule_batch import Req
     from sglang.srt.sampling.sampling_params import SamplingParams
 
     req = Req("r0", "", array("q", TOKENS[:8]), SamplingParams())
+    _admit(req, tree)
     req.output_ids = array("q", TOKENS[8:])
     slots = allocator.alloc(allocated)
     req_pool.alloc([req])
@@ -118,7 +136,7 @@ def test_retraction_over_sglangs_radix_cache_leaks_nothing_and_keeps_the_kv(sgla
     req_pool, allocator, tree = _pools()
     # A speculative server has 9 slots reserved for the next cycle's drafts + verify (plain: none).
     allocated = COMMITTED + (0 if server_args.speculative_algorithm is None else 9)
-    req, slots = _decoding_req(req_pool, allocator, allocated)
+    req, slots = _decoding_req(req_pool, allocator, allocated, tree)
     assert allocator.available_size() == SIZE - allocated
 
     with published(server_args):
@@ -141,7 +159,7 @@ def test_other_release_paths_are_untouched(sglang_loaded, model_dir):  # noqa: F
 
     server_args = _server_args(model_dir, enable_hierarchical_cache=True)
     req_pool, allocator, tree = _pools()
-    req, _ = _decoding_req(req_pool, allocator, COMMITTED + 9)
+    req, _ = _decoding_req(req_pool, allocator, COMMITTED + 9, tree)
     (keyword,) = compat.keeping_release_kwargs()
     with published(server_args):
         common.release_kv_cache(req, tree, **{keyword: False})
