@@ -47,13 +47,13 @@ class SparseSpecAlgo(CustomSpecAlgo):
 
     def create_future_map(self, device: torch.device, req_to_token_pool: Any,
                           needs_cpu_seq_lens: bool = True, needs_confidence_relay: bool = False) -> Any:
-        return compat.resolve("FutureMap")(device, self, req_to_token_pool, needs_cpu_seq_lens, needs_confidence_relay)
+        return compat.FutureMap(device, self, req_to_token_pool, needs_cpu_seq_lens, needs_confidence_relay)
 
 
 def worker_factory(server_args: Any) -> type:
     """Called by the scheduler, where the resolved device is SGLang's runtime context (the record's
     ``device`` keeps the raw input, None for auto-detection, from 0.5.19 on)."""
-    device = compat.resolve("get_device")().device
+    device = compat.get_device().device
     if device != "cuda":
         raise SparseSpecArgsError(f"{ALGORITHM_NAME}: runs on CUDA GPUs only (--device {device})")
     from sparsespec_sglang.worker import SparseSpecWorker

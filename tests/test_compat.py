@@ -68,7 +68,7 @@ def test_every_location_resolves_in_the_installed_sglang():
 
 
 def test_every_adapter_exists():
-    for area in (compat.runtime, compat.server_args, compat.cache, compat.bench):
+    for area in compat.AREAS:
         for name in area.ADAPTERS:
             assert callable(getattr(compat, name)), name
 

@@ -28,9 +28,10 @@ from sparsespec_sglang.compat.version import (  # noqa: F401  (the package's pub
     since,
 )
 
+AREAS = (runtime, server_args, cache, bench)
 # name -> ((first release, "module:qualname"), ...) in release order, merged from the area modules.
 LOCATIONS: dict[str, tuple[tuple[str, str], ...]] = {}
-for _area in (runtime, server_args, cache, bench):
+for _area in AREAS:
     for _name, _where in _area.LOCATIONS.items():
         assert _name not in LOCATIONS, f"{_name} named twice in sparsespec_sglang.compat"
         LOCATIONS[_name] = _where
@@ -74,7 +75,7 @@ def __getattr__(name: str) -> Any:
 
 
 def _adapter(name: str) -> Any:
-    for area in (runtime, server_args, cache, bench):
-        if name in getattr(area, "ADAPTERS", ()):
+    for area in AREAS:
+        if name in area.ADAPTERS:
             return getattr(area, name)
     return None

@@ -78,9 +78,10 @@ def forward_context_of(attn_backend: Any, forward_batch: Any) -> ContextManager[
     """The forward context SGLang's model runner publishes around a forward of ``forward_batch``
     on ``attn_backend`` (``ModelRunner._forward_raw``): the backend alone up to 0.5.22; from 0.5.23
     ``forward_context`` also takes the batch, whose MoE token bound the context then carries."""
-    from sparsespec_sglang.compat import resolve
+    # Runs around every draft replay: the package's names are resolved once, then kept.
+    from sparsespec_sglang.compat import ForwardContext, forward_context
 
-    ctx = resolve("ForwardContext")(attn_backend=attn_backend)
+    ctx = ForwardContext(attn_backend=attn_backend)
     if since("0.5.23"):
-        return resolve("forward_context")(ctx, forward_batch=forward_batch)
-    return resolve("forward_context")(ctx)
+        return forward_context(ctx, forward_batch=forward_batch)
+    return forward_context(ctx)

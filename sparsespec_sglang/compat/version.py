@@ -38,6 +38,12 @@ def check_supported(version: Version | None = None) -> None:
             f"installed (pip install 'sglang>={OLDEST},<={NEWEST}')")
 
 
+@functools.cache
+def _parsed(release: str) -> Version:
+    return Version(release)
+
+
 def since(release: str) -> bool:
-    """Whether the installed SGLang is ``release`` or newer (for this package's adapters only)."""
-    return Version(installed().base_version) >= Version(release)
+    """Whether the installed SGLang is ``release`` or newer (for this package's adapters only; some
+    run on every decode step, so release strings are parsed once)."""
+    return _parsed(installed().base_version) >= _parsed(release)
