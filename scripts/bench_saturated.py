@@ -65,6 +65,7 @@ def config_flags(name: str, k: int, hicache_size_gb: int) -> list[str]:
     sparsespec = ["--speculative-algorithm", "SPARSESPEC", "--speculative-num-steps", str(k)]
     configs = {
         "plain": ["--attention-backend", "triton"],
+        "plain-flashinfer": ["--attention-backend", "flashinfer"],
         "plain-hicache": ["--attention-backend", "triton", *hicache, "--sparsespec-keep-retracted-kv"],
         "ngram": ["--attention-backend", "triton", "--speculative-algorithm", "NGRAM",
                   "--speculative-num-draft-tokens", str(k + 1)],
@@ -77,7 +78,7 @@ def config_flags(name: str, k: int, hicache_size_gb: int) -> list[str]:
     return configs[name]
 
 
-CONFIGS = ("plain", "plain-hicache", "ngram", "sparsespec", "sparsespec-lockstep", "sparsespec-nodelay",
+CONFIGS = ("plain", "plain-flashinfer", "plain-hicache", "ngram", "sparsespec", "sparsespec-lockstep", "sparsespec-nodelay",
            "sparsespec-draftnorm", "sparsespec-no-hicache")
 
 
@@ -458,6 +459,13 @@ def add_ratios(report: dict) -> None:
     base = runs[0]
     report["ratio"] = {f"{r['config']}/{base['config']}":
                        r["window"]["output_tok_per_s"] / base["window"]["output_tok_per_s"] for r in runs[1:]}
+    # A user runs plain SGLang with its fastest backend: with two plain runs, ratios are over the faster.
+    plain = [r for r in runs if not is_speculative(config_flags(r["config"], 8, 0))]
+    if len(plain) > 1:
+        best = max(plain, key=lambda r: r["window"]["output_tok_per_s"])
+        report["ratio_over_fastest_plain"] = {
+            f"{r['config']}/{best['config']}": r["window"]["output_tok_per_s"] / best["window"]["output_tok_per_s"]
+            for r in runs if r is not best}
 
 
 def _names(text: str) -> list[str]:
@@ -467,8 +475,8 @@ def _names(text: str) -> list[str]:
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     which = ap.add_mutually_exclusive_group(required=True)
-    which.add_argument("--pair", type=_names, help="baseline,configuration: both, one after the other, "
-                       "same workload and window; one JSON with the ratio. Names: " + ", ".join(CONFIGS))
+    which.add_argument("--pair", type=_names, help="baseline,configuration[,...]: each in turn, same "
+                       "workload and window; one JSON with each ratio over the first. Names: " + ", ".join(CONFIGS))
     which.add_argument("--config", type=_names, help="one configuration")
     ap.add_argument("--out", required=True, help="result JSON")
     ap.add_argument("--mode", default="steady-state", help="steady-state or decode-fill")
@@ -515,8 +523,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     bad = [n for n in names if n not in CONFIGS]
     if bad:
         ap.error(f"--pair/--config: unknown {', '.join(bad)}; allowed: {', '.join(CONFIGS)}")
-    if args.pair is not None and len(args.pair) != 2:
-        ap.error(f"--pair takes two names, baseline,configuration (got {len(args.pair)})")
+    if args.pair is not None and len(args.pair) < 2:
+        ap.error(f"--pair takes two or more names, baseline,configuration[,...] (got {len(args.pair)})")
     if args.config is not None and len(args.config) != 1:
         ap.error("--config takes one name (use --pair for two)")
     if args.mode not in MODES:

@@ -97,6 +97,13 @@ def validate_server_args(server_args: Any) -> SparseSpecConfig:
     if cfg.speculative_draft_model_path is not None:
         _fail("--speculative-draft-model-path", "unset (SPARSESPEC drafts with the target model)",
               cfg.speculative_draft_model_path)
+    for flag in ("speculative_accept_threshold_single", "speculative_accept_threshold_acc"):
+        # SGLang's speculative sampling loosens acceptance below 1.0: the output would no longer
+        # follow the target distribution, and SPARSESPEC promises exactly the model's.
+        value = getattr(cfg, flag, 1.0)
+        if value != 1.0:
+            _fail("--" + flag.replace("_", "-"), "1.0 (a lower threshold accepts drafts the model would "
+                  "not sample: lossy)", value)
     if cfg.pp_size != 1:
         _fail("--pp-size", "1 (pipeline parallelism is not supported)", cfg.pp_size)
     dp = dp_attention(cfg)

@@ -669,8 +669,8 @@ def test_every_configuration_parses_with_sglangs_own_parser(sglang_parser, tiny_
     assert ns.cuda_graph_max_bs_decode == 160 and ns.max_running_requests == 256
     assert ns.chunked_prefill_size == 8192
     spec = ns.speculative_algorithm
-    assert spec == {"plain": None, "plain-hicache": None, "ngram": "NGRAM"}.get(name, "SPARSESPEC")
-    assert ns.enable_hierarchical_cache == (name not in ("plain", "ngram", "sparsespec-no-hicache"))
+    assert spec == {"plain": None, "plain-flashinfer": None, "plain-hicache": None, "ngram": "NGRAM"}.get(name, "SPARSESPEC")
+    assert ns.enable_hierarchical_cache == (name not in ("plain", "plain-flashinfer", "ngram", "sparsespec-no-hicache"))
     assert bs.is_speculative(bs.config_flags(name, 8, 48)) == (spec is not None)
     # SGLang's and the plugin's validation accept the whole command (ServerArgs on CPU), resolved as
     # SGLang's launcher resolves it; what resolution decided is read through SGLang's resolved view.
@@ -696,7 +696,7 @@ def test_ablation_flags_change_one_thing_each():
 
 @pytest.mark.parametrize("argv,message", [
     (["--pair", "plain,eagle"], "--pair/--config: unknown eagle; allowed: plain,"),
-    (["--pair", "plain"], "--pair takes two names"),
+    (["--pair", "plain"], "--pair takes two or more names"),
     (["--config", "plain", "--mode", "burst"], "--mode must be one of: steady-state, decode-fill"),
     (["--config", "plain", "--num-requests", "100"], "--num-requests must be >= 512"),
     (["--config", "sparsespec", "--forced-accept", "12"], "--forced-accept must be in [1, k+1 = 9]"),
@@ -764,3 +764,17 @@ def test_replay_imports_bench_serving_without_hf_datasets():
     out = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parent.parent, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.startswith("ok ") and "pip install datasets" in out.stdout
+
+
+def test_ratios_are_also_over_the_faster_plain_backend(tmp_path, monkeypatch):
+    tput = {"plain": 4000.0, "plain-flashinfer": 5000.0, "sparsespec": 6000.0}
+    monkeypatch.setattr(bs, "run_one", lambda name, *a: {
+        "config": name, "forced_accept": None, "saturated": True,
+        "window": {"output_tok_per_s": tput[name], "seconds": 60.0}})
+    monkeypatch.setattr(bs, "gpu_name", lambda: "NVIDIA H200")
+    out = tmp_path / "r.json"
+    assert bs.main(["--pair", "plain,plain-flashinfer,sparsespec", "--num-requests", "512", "--shape", "tiny",
+                    "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["ratio"] == {"plain-flashinfer/plain": 1.25, "sparsespec/plain": 1.5}
+    assert report["ratio_over_fastest_plain"] == {"plain/plain-flashinfer": 0.8, "sparsespec/plain-flashinfer": 1.2}

@@ -155,6 +155,8 @@ def test_deterministic_inference_sglang_turns_on_makes_the_schedule_lockstep(sgl
     (dict(attention_backend="triton"), "--attention-backend"),
     (dict(decode_attention_backend="flashinfer"), "--decode-attention-backend"),
     (dict(pp_size=2), "--pp-size"),
+    (dict(speculative_accept_threshold_single=0.5), "--speculative-accept-threshold-single must be 1.0"),
+    (dict(speculative_accept_threshold_acc=0.9), "--speculative-accept-threshold-acc must be 1.0"),
     (dict(enable_page_major_kv_layout=True), "--enable-page-major-kv-layout must be off"),
     # From 0.5.22 resolution turns the deprecated --enable-dp-attention into --attn-dp-size.
     (dict(enable_dp_attention=True, dp_size=2, tp_size=2),
