@@ -778,3 +778,23 @@ def test_ratios_are_also_over_the_faster_plain_backend(tmp_path, monkeypatch):
     report = json.loads(out.read_text())
     assert report["ratio"] == {"plain-flashinfer/plain": 1.25, "sparsespec/plain": 1.5}
     assert report["ratio_over_fastest_plain"] == {"plain/plain-flashinfer": 0.8, "sparsespec/plain-flashinfer": 1.2}
+
+
+def test_a_run_that_errored_after_its_window_forms_no_ratio(tmp_path, monkeypatch):
+    """run_one keeps a measured window next to the error that followed it (say the server died while
+    stopping): such a run's number is not a result and no ratio may use it, as baseline or run."""
+    tput = {"plain": 4000.0, "plain-flashinfer": 3000.0, "sparsespec": 6000.0}
+
+    def fake_run(name, *a):
+        record = {"config": name, "forced_accept": None, "window": {"output_tok_per_s": tput[name]}}
+        if name == "plain":
+            record["error"] = "server exited with -9"
+        return record
+
+    monkeypatch.setattr(bs, "run_one", fake_run)
+    out = tmp_path / "r.json"
+    assert bs.main(["--pair", "plain,plain-flashinfer,sparsespec", "--num-requests", "512", "--shape", "tiny",
+                    "--out", str(out)]) == 1
+    report = json.loads(out.read_text())
+    assert report["ratio"] == {"sparsespec/plain-flashinfer": 2.0}
+    assert "ratio_over_fastest_plain" not in report

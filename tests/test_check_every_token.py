@@ -267,3 +267,13 @@ def test_a_token_tied_with_the_top_beyond_top2_is_a_near_tie_and_a_far_one_fails
     assert res["n_near_tie"] == 1 and res["near_ties"][0]["kind"] == "tie beyond top-2"
     assert [f["pos"] for f in res["failing"]] == [1]
     assert res["failing"][0]["token_gap"] == pytest.approx(3.0)
+
+
+@pytest.mark.parametrize("token_gap, passes", [(THR - 0.01, True), (THR, False), (THR + 0.01, False), (0.5, False)])
+def test_a_token_beyond_top2_passes_only_strictly_under_the_tie_threshold(token_gap, passes):
+    """The tie rule beyond plain's top-2 uses the same threshold as the top-2 rule, at its boundary:
+    a token a few tenths of a nat below plain's top-1 is a wrong token, not a tie."""
+    rec = cet.PlainTop2(token=9, top1=1, top1_logprob=-1.0, top2=2, top2_logprob=-1.0,
+                        token_logprob=-1.0 - token_gap)
+    res = cet.check_positions([9], [rec], tie_threshold=THR)
+    assert (res["n_near_tie"], res["n_failing"]) == ((1, 0) if passes else (0, 1))

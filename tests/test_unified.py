@@ -50,6 +50,7 @@ def test_unified_steps_emit_the_target_sequence(k, sampled, monkeypatch, caplog)
                         group_scores=UnifiedSchedule.group_scores(k, num_rows))
     backend = ToyBackend()
     model = ToyModelRunner(backend)
+    model.state = state
     checked = []
     patch_sglang(monkeypatch)
 
@@ -128,6 +129,13 @@ def test_unified_steps_emit_the_target_sequence(k, sampled, monkeypatch, caplog)
     # Drafts were rejected at times (a 1-token step), and the longest chains were accepted too:
     # k + 1 tokens, or 4 drafts + the bonus where every 5th position's draft is wrong.
     assert min(all_lens) == 1 and max(all_lens) == min(k + 1, 5)
+    # Every draft row attends through its request's PillarAttn selection (its K selected slots,
+    # then the dense tail from its last verify); verify rows read densely, selecting nothing.
+    rows = [r for pass_rows in model.pass_rows for r in pass_rows]
+    drafts = [r for r in rows if r[1]]
+    assert len(drafts) > 1000 and all(r[5] > 0 for r in drafts)
+    assert all(r[2:4] == r[4:6] for r in drafts)
+    assert all(r[3] == 0 for r in rows if not r[1])
     assert 1.5 < sum(all_lens) / len(all_lens) < k
     # Pass sizes are logged, with the full-batch figure the max/min ratio is about.
     lines = [r.getMessage() for r in caplog.records if "tokens per pass" in r.getMessage()]

@@ -52,6 +52,10 @@ class ToyModelRunner:
         self.device = device
         self.forwards: list[tuple[PlanKind, int]] = []  # (plan kind, rows) per forward
         self.draft_inputs: list[tuple[list[int], list[int]]] = []  # per draft forward: (dense_start, sel_lens)
+        # per unified pass: the attention plan of each row next to its request's PillarState then,
+        # as (pool row, is draft row, row dense_start, row sel_lens, state dense_start, state sel_lens)
+        self.pass_rows: list[list[tuple[int, bool, int, int, int, int]]] = []
+        self.state = None  # the PillarState the pass rows are compared with (set by a test)
 
     def forward(self, fb):
         plan = self.backend.plan
@@ -64,6 +68,11 @@ class ToyModelRunner:
             self.draft_inputs.append((plan.draft.dense_start[:n].tolist(), plan.draft.sel_lens[:n].tolist()))
         else:
             draft_rows = int(plan.rows.qo_indptr[0])
+            if self.state is not None:
+                pool = fb.req_pool_indices[:n].tolist()
+                self.pass_rows.append([
+                    (p, i < draft_rows, int(plan.rows.dense_start[i]), int(plan.rows.sel_lens[i]),
+                     int(self.state.dense_start[p]), int(self.state.sel_lens[p])) for i, p in enumerate(pool)])
         wrong = (torch.arange(n) < draft_rows) & (pos % 5 == 2)
         nxt = torch.where(wrong, (nxt + 1) % VOCAB, nxt)
         self.forwards.append((plan.kind, n))
