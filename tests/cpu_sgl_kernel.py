@@ -57,7 +57,8 @@ def tree_speculative_sampling_target_only(
                 break
             token = int(candidates[b, child])
             q = float(target_probs[b, row, token])
-            if float(uniform_samples[b, child]) <= q / threshold_acc or q >= threshold_single:
+            # the coin of a depth sits at its parent's index, as in sgl_kernel and the Triton twin
+            if float(uniform_samples[b, node]) <= q / threshold_acc or q >= threshold_single:
                 predicts[retrive_index[b, node]] = token
                 num += 1
                 accept_index[b, num] = retrive_index[b, child]
@@ -85,3 +86,28 @@ def module() -> types.ModuleType:
 
 def install(monkeypatch) -> None:
     monkeypatch.setitem(sys.modules, "sgl_kernel", module())
+
+
+def sampled_eagle_sample_on_cpu(monkeypatch) -> None:
+    """Make SGLang's ``eagle_sample`` take its sampled branch on a CPU, one process, no TP.
+
+    0.5.17 imports the sampling ops from sgl_kernel inside the call; from 0.5.23 they are names
+    of ``eagle_utils`` resolved per platform at import (None on a CPU). Both take the argmax on a
+    CPU (``_is_cpu``) and read the accept thresholds from ``get_spec()``."""
+    from sglang.srt.speculative import eagle_utils
+
+    install(monkeypatch)
+    monkeypatch.setattr(eagle_utils, "_is_cpu", False)
+    for fn in (top_k_renorm_prob, top_p_renorm_prob, tree_speculative_sampling_target_only):
+        if hasattr(eagle_utils, fn.__name__):
+            monkeypatch.setattr(eagle_utils, fn.__name__, fn)
+    spec = types.SimpleNamespace(speculative_use_rejection_sampling=False, speculative_accept_threshold_single=1.0,
+                                 speculative_accept_threshold_acc=1.0, speculative_use_block_verification=False)
+    monkeypatch.setattr(eagle_utils, "get_spec", lambda: spec)
+    one = types.SimpleNamespace(world_size=1)
+    parallel = types.SimpleNamespace(tp_group=one, attn_tp_group=one)
+    monkeypatch.setattr("sglang.srt.runtime_context.get_parallel", lambda: parallel)
+    if hasattr(eagle_utils, "get_parallel"):
+        monkeypatch.setattr(eagle_utils, "get_parallel", lambda: parallel)
+    monkeypatch.setattr("sglang.srt.distributed.get_tp_group", lambda: one, raising=False)
+    monkeypatch.setattr("sglang.srt.layers.dp_attention.is_dp_attention_enabled", lambda: False)

@@ -64,18 +64,10 @@ def sampling_info(params: list[tuple[float, int, float, float]]) -> SimpleNamesp
 
 
 def patch_sampling(monkeypatch) -> None:
-    """SGLang's eagle_sample, sampled branch, on the CPU (see the module docstring)."""
-    from sglang.srt.speculative import eagle_utils
-
+    """The toy model's SGLang stand-ins, then the real acceptance (see the module docstring)."""
     patch_sglang(monkeypatch)
     monkeypatch.setattr("sparsespec_sglang.unified.sample_like_plain", sampling.sample_like_plain)
-    cpu_sgl_kernel.install(monkeypatch)
-    monkeypatch.setattr(eagle_utils, "_is_cpu", False)
-    spec = SimpleNamespace(speculative_use_rejection_sampling=False, speculative_accept_threshold_single=1.0,
-                           speculative_accept_threshold_acc=1.0)
-    monkeypatch.setattr(eagle_utils, "get_spec", lambda: spec)
-    monkeypatch.setattr("sglang.srt.distributed.get_tp_group", lambda: SimpleNamespace(world_size=1))
-    monkeypatch.setattr("sglang.srt.layers.dp_attention.is_dp_attention_enabled", lambda: False)
+    cpu_sgl_kernel.sampled_eagle_sample_on_cpu(monkeypatch)
 
 
 def sparsespec_samples(params: list[tuple[float, int, float, float]]) -> tuple[list[tuple[int, ...]], float]:
