@@ -73,6 +73,16 @@ def test_greedy_sparsespec_equals_plain_and_fast_drafts_equal_sequential(setup):
     for a, b in zip(seq.cycles, fast.cycles):
         assert (a.position, a.accepted, a.drafts, a.bonus) == (b.position, b.accepted, b.drafts, b.bonus)
         assert torch.equal(a.selection, b.selection)
+    # PillarAttn: each cycle after the first drafts over the top-K of the previous verify's scores,
+    # and on trained weights those are not simply the most recent tokens.
+    window = R.DraftSelection("window")
+    not_recent = 0
+    for prev, cur in zip(fast.cycles, fast.cycles[1:]):
+        top = R.select_topk(prev.scores, CFG.num_sink_tokens, prev.position, cur.num_selected)
+        assert torch.equal(cur.selection, top)
+        recent = window.select(prev.scores, CFG.num_sink_tokens, prev.position, cur.num_selected)
+        not_recent += not torch.equal(cur.selection, recent)
+    assert len(fast.cycles) > 3 and not_recent == len(fast.cycles) - 1
 
 
 def test_pillar_acceptance_floor_and_broken_selection_gap(setup):
