@@ -190,3 +190,21 @@ def test_prefill_tokens_counted_from_the_scheduler_log():
            "[2026-11-23 10:00:02] Prefill batch [17], #new-seq: 1, #new-token: 12, #cached-token: 388, "
            "full token usage: 0.5, #running-req: 1, \n")
     assert check_lossless._prefill_tokens(log) == {"prefill_computed_tokens": 312, "prefill_cached_tokens": 388}
+
+
+def test_check_lossless_calls_equal_only_when_every_token_was_compared():
+    """A run that parts from plain at a near-tie is not lossless: the tokens after the first
+    divergence are never compared, and the report says how many positions were."""
+    import check_lossless as cl
+
+    ref = [[1, 2, 3, 4], [5, 6, 7, 8]]
+    same = cl._compare(ref, [r[:] for r in ref], [[1.0] * 4] * 2, 0.25)
+    assert same["equal"] and same["positions_compared"] == same["positions_total"] == 8
+    tie = cl._compare(ref, [[1, 2, 9, 9], [5, 6, 7, 8]], [[1.0, 1.0, 0.1, 1.0], [1.0] * 4], 0.25)
+    assert not tie["equal"] and tie["num_clear_mismatches"] == 0
+    assert tie["positions_compared"] == 3 + 4 and tie["mismatches"][0]["first_mismatch"] == 2
+    clear = cl._compare(ref, [[1, 9, 3, 4], [5, 6, 7, 8]], [[1.0, 2.0, 1.0, 1.0], [1.0] * 4], 0.25)
+    assert clear["num_clear_mismatches"] == 1
+    assert cl.verdict([same, same]) == "EQUAL"
+    assert cl.verdict([same, tie]) == "DIVERGED-AT-NEAR-TIES"
+    assert cl.verdict([tie, clear]) == "MISMATCH"
