@@ -40,7 +40,7 @@ from typing import Any, Iterable, Optional, Sequence
 
 import numpy as np
 
-# The paper's workload (its AIME / OlympiadBench / LiveCodeBench traces, as /work/shared/DESIGN.md quotes them).
+# The paper's workload (arXiv 2512.01278: its AIME / OlympiadBench / LiveCodeBench traces).
 PROMPT_LEN_RANGE = (124, 148)
 OUTPUT_MEAN, OUTPUT_STD = 13185, 7626
 OUTPUT_CLIP = (1024, 32768)
