@@ -478,6 +478,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     which.add_argument("--pair", type=_names, help="baseline,configuration[,...]: each in turn, same "
                        "workload and window; one JSON with each ratio over the first. Names: " + ", ".join(CONFIGS))
     which.add_argument("--config", type=_names, help="one configuration")
+    which.add_argument("--merge", nargs="+", metavar="JSON",
+                       help="join the runs of earlier --config/--pair results (same workload and settings, "
+                            "run one after the other on one machine) into one report with ratios; runs nothing")
     ap.add_argument("--out", required=True, help="result JSON")
     ap.add_argument("--mode", default="steady-state", help="steady-state or decode-fill")
     ap.add_argument("--shape", default="qwen3-8b", help="sparsespec_sglang.testing.model_dirs shape")
@@ -519,6 +522,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     ap.add_argument("--server-args", default="",
                     help='extra launch_server flags, one quoted string: --server-args="--disable-radix-cache"')
     args = ap.parse_args(argv)
+    if args.merge is not None:
+        args.names = []
+        return args
     names = args.pair or args.config
     bad = [n for n in names if n not in CONFIGS]
     if bad:
@@ -549,8 +555,35 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     return args
 
 
+def merge(paths: Sequence[str]) -> dict:
+    """One report from the runs of several result files, in order (the first run is the baseline).
+    Their workload and settings must agree: a ratio between different workloads means nothing."""
+    reports = [json.loads(Path(p).read_text()) for p in paths]
+    first = reports[0]
+    for path, r in zip(paths[1:], reports[1:]):
+        for key in ("mode", "shape", "workload", "settings", "gpu"):
+            if r.get(key) != first.get(key):
+                raise SystemExit(f"--merge: {path} differs from {paths[0]} in {key!r}; only runs of one "
+                                 "workload, settings and GPU can be compared")
+    report = {k: v for k, v in first.items() if k not in ("runs", "ratio", "ratio_over_fastest_plain", "command")}
+    report["commands"] = [r["command"] for r in reports]
+    report["commits"] = [r["commit"] for r in reports]
+    report["merged_from"] = [str(p) for p in paths]
+    report["same_process"] = False  # each file is its own process, one after the other
+    report["runs"] = [run for r in reports for run in r["runs"]]
+    report["forced_acceptance"] = {r["config"]: r.get("forced_accept") for r in report["runs"]}
+    add_ratios(report)
+    return report
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
+    if args.merge is not None:
+        report = merge(args.merge)
+        Path(args.out).write_text(json.dumps(report, indent=1))
+        for key, value in report.get("ratio", {}).items():
+            print(f"[{report['mode']}] window throughput {key}: {value:.3f}x (consecutive processes)", flush=True)
+        return 1 if any("error" in r for r in report["runs"]) else 0
     from sparsespec_sglang.testing.model_dirs import make_model_dir
 
     work = Path(tempfile.mkdtemp(prefix="bench_saturated_"))

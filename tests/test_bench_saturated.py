@@ -798,3 +798,22 @@ def test_a_run_that_errored_after_its_window_forms_no_ratio(tmp_path, monkeypatc
     report = json.loads(out.read_text())
     assert report["ratio"] == {"sparsespec/plain-flashinfer": 2.0}
     assert "ratio_over_fastest_plain" not in report
+
+
+def test_merge_joins_consecutive_runs_of_one_workload_and_refuses_others(tmp_path, monkeypatch):
+    tput = {"plain": 4000.0, "sparsespec": 9000.0}
+    monkeypatch.setattr(bs, "run_one", lambda name, *a: {
+        "config": name, "forced_accept": None if name == "plain" else 7.0, "saturated": True,
+        "window": {"output_tok_per_s": tput[name], "seconds": 60.0}})
+    monkeypatch.setattr(bs, "gpu_name", lambda: "NVIDIA H200")
+    common = ["--num-requests", "512", "--shape", "tiny"]
+    for name in ("plain", "sparsespec"):
+        assert bs.main(["--config", name, *common, "--out", str(tmp_path / f"{name}.json")]) == 0
+    assert bs.main(["--config", "plain", *common, "--seed", "1", "--out", str(tmp_path / "other.json")]) == 0
+    out = tmp_path / "pair.json"
+    assert bs.main(["--merge", str(tmp_path / "plain.json"), str(tmp_path / "sparsespec.json"), "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["ratio"] == {"sparsespec/plain": 2.25} and report["same_process"] is False
+    assert [r["config"] for r in report["runs"]] == ["plain", "sparsespec"] and len(report["commands"]) == 2
+    with pytest.raises(SystemExit, match="differs .* in 'workload'"):
+        bs.main(["--merge", str(tmp_path / "other.json"), str(tmp_path / "sparsespec.json"), "--out", str(out)])
