@@ -597,7 +597,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     fresh = wl.make_workload(args.num_requests, seed=args.seed, vocab_size=args.vocab_size,
                              fixed_output_len=args.fixed_output_len, prompts=prompts)
     report = {
-        "command": " ".join([sys.executable, *sys.argv]) if argv is None else " ".join(argv),
+        "command": " ".join(["python", *sys.argv]) if argv is None else " ".join(argv),
         "mode": args.mode, "commit": provenance.commit(), "gpu": gpu_name(), "machine": platform.node(),
         "versions": versions(), "shape": args.shape,
         "workload": {"seed": args.seed, "prompts": args.prompts, "fixed_output_len": args.fixed_output_len,

@@ -20,7 +20,7 @@ def test_published_tables_match_the_result_files():
 def test_a_changed_result_file_makes_the_check_fail(tmp_path, monkeypatch):
     results = tmp_path / "results"
     shutil.copytree(readme_table.RESULTS, results, ignore=shutil.ignore_patterns("*.gz", "*.txt", "*.log"))
-    name = readme_table.DEFAULT[0].json
+    name = next(e.json for e in readme_table.DEFAULT if e.json and "points" in json.loads((results / e.json).read_text()))
     report = json.loads((results / name).read_text())
     for p in report["points"]:
         if p["run"] == "plain":
@@ -28,6 +28,24 @@ def test_a_changed_result_file_makes_the_check_fail(tmp_path, monkeypatch):
     (results / name).write_text(json.dumps(report))
     monkeypatch.setattr(readme_table, "RESULTS", results)
     assert readme_table.main(["--check"]) == 1
+
+
+def test_a_saturated_row_is_over_the_faster_plain_backend_and_excludes_errored_runs(tmp_path, monkeypatch):
+    """A bench_saturated file's default row divides by the faster of its plain runs; a run that
+    errored is not a point (a faster errored plain run must not become the baseline)."""
+    results = tmp_path / "results"
+    results.mkdir()
+    runs = [{"config": "plain", "forced_accept": None, "window": {"output_tok_per_s": 1000.0}},
+            {"config": "plain-flashinfer", "forced_accept": None, "window": {"output_tok_per_s": 1250.0}},
+            {"config": "plain-flashinfer", "forced_accept": None, "window": {"output_tok_per_s": 9999.0},
+             "error": "server exited with -9"},
+            {"config": "sparsespec", "forced_accept": 7.0, "window": {"output_tok_per_s": 2500.0}}]
+    (results / "sat.json").write_text(json.dumps({"mode": "steady-state", "runs": runs, "commands": ["a", "b"]}))
+    monkeypatch.setattr(readme_table, "RESULTS", results)
+    m = readme_table.measure(readme_table.Entry("x", "sat.json", "sparsespec", readme_table.FASTEST_PLAIN))
+    assert (m["ratio"], m["baseline"]) == (2.0, "plain-flashinfer")
+    table = readme_table.render_default([readme_table.Entry("x", "sat.json", "sparsespec", readme_table.FASTEST_PLAIN)])
+    assert "**2.00x**" in table
 
 
 def test_readme_table_refuses_a_non_default_configuration():
