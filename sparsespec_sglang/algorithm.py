@@ -8,7 +8,7 @@ import torch
 
 from sparsespec_sglang import compat
 from sparsespec_sglang.compat import CustomSpecAlgo
-from sparsespec_sglang.config import ALGORITHM_NAME, SparseSpecArgsError
+from sparsespec_sglang.config import ALGORITHM_NAME, SparseSpecArgsError, allowed_device
 
 
 class SparseSpecAlgo(CustomSpecAlgo):
@@ -54,7 +54,7 @@ def worker_factory(server_args: Any) -> type:
     """Called by the scheduler, where the resolved device is SGLang's runtime context (the record's
     ``device`` keeps the raw input, None for auto-detection, from 0.5.19 on)."""
     device = compat.get_device().device
-    if device != "cuda":
+    if not allowed_device(device):
         raise SparseSpecArgsError(f"{ALGORITHM_NAME}: runs on CUDA GPUs only (--device {device})")
     from sparsespec_sglang.worker import SparseSpecWorker
 

@@ -18,6 +18,17 @@ from sparsespec_sglang.schedule import SCHEDULES as SCHEDULE_REGISTRY
 from sparsespec_sglang.selection import AGGREGATIONS, PPM
 
 ALGORITHM_NAME = "SPARSESPEC"
+# The project's own CPU tests run SPARSESPEC on SGLang's CPU engine (Triton kernels in the
+# interpreter, a stand-in sgl_kernel): a test harness sets this in the environment of the
+# processes it starts. For users a CPU is refused at startup, in one line.
+CPU_TEST_ENV = "SPARSESPEC_CPU_TEST"
+
+
+def allowed_device(device: Any) -> bool:
+    """Whether SPARSESPEC may run on ``device``: CUDA, or a CPU under the project's test harness."""
+    import os
+
+    return device == "cuda" or (device == "cpu" and os.environ.get(CPU_TEST_ENV) == "1")
 ATTENTION_BACKEND_NAME = "sparsespec"
 
 # Decoder-only models whose attention is plain MHA/GQA over SGLang's

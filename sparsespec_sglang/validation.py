@@ -21,6 +21,7 @@ from sparsespec_sglang.config import (
     SUPPORTED_ARCHITECTURES,
     SparseSpecArgsError,
     SparseSpecConfig,
+    allowed_device,
 )
 
 
@@ -128,9 +129,8 @@ def validate_server_args(server_args: Any) -> SparseSpecConfig:
             _fail("--" + field.replace("_", "-"), "off (PillarAttn reads the per-layer KV pool)", True)
     if cfg.kv_cache_dtype not in ("auto", "bfloat16", "float16"):
         _fail("--kv-cache-dtype", "auto, bfloat16 or float16", cfg.kv_cache_dtype)
-    if cfg.device not in ("cuda", "cpu"):
-        # cpu is accepted for validation only; the worker refuses to start on it.
-        _fail("--device", "cuda", cfg.device)
+    if not allowed_device(cfg.device):
+        _fail("--device", "cuda (SPARSESPEC's kernels run on CUDA GPUs)", cfg.device)
     if cfg.device == "cuda":
         # Another option (e.g. deterministic inference) may have swapped the backend.
         for backend in attention_backends_of(cfg):

@@ -1,4 +1,4 @@
-"""The CPU stand-ins of sgl_kernel's sampling ops (cpu_sgl_kernel.py) against their twins in SGLang.
+"""The CPU stand-ins of sgl_kernel's ops (tests/sgl_kernel_cpu) against their twins in SGLang.
 
 ``chain_speculative_sampling_triton`` is SGLang's Triton chain sampler (run here in the Triton
 interpreter). Given each draft as a point mass (one-hot draft probabilities) it accepts a draft
@@ -18,6 +18,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import cpu_sgl_kernel as standin  # noqa: E402
+from types import SimpleNamespace  # noqa: E402
 from sparsespec_sglang.sampling import chain_tree  # noqa: E402
 
 
@@ -89,3 +90,83 @@ def test_sibling_drafts_are_refused():
         standin.tree_speculative_sampling_target_only(
             torch.zeros(6, dtype=torch.int32), torch.full((2, 3), -1, dtype=torch.int32), torch.zeros(2, dtype=torch.int32),
             cand, index, nxt, sibling, coins, final, probs, torch.zeros_like(probs))
+
+
+def _ragged(seed: int):
+    gen = torch.Generator().manual_seed(seed)
+    rows = torch.tensor([3, 0, 5, 2], dtype=torch.int64)
+    start = torch.tensor([0, 7, 2, 30], dtype=torch.int64)
+    end = start + torch.tensor([5, 1, 0, 33], dtype=torch.int64)  # a zero-length request too
+    req_to_token = torch.randint(0, 1000, (6, 64), generator=gen, dtype=torch.int32)
+    locs = torch.randint(0, 1000, (int((end - start).sum()),), generator=gen, dtype=torch.int64)
+    return rows, start, end, req_to_token, locs
+
+
+def test_assign_req_to_token_pool_equals_sglangs_triton_kernel():
+    from sglang.srt.mem_cache.allocation import assign_req_to_token_pool
+
+    rows, start, end, table, locs = _ragged(0)
+    want = table.clone()
+    assign_req_to_token_pool[(4,)](rows, want, start, end, locs, want.shape[1], 8)
+    got = table.clone()
+    standin.standin.assign_req_to_token_pool_cpu(rows, got, start, end, locs, got.shape[1])
+    assert torch.equal(got, want) and not torch.equal(got, table)
+
+
+def test_assign_extend_cache_locs_equals_sglangs_triton_kernel():
+    from sglang.kernels.ops.speculative.cache_locs import assign_extend_cache_locs
+
+    rows, start, end, table, locs = _ragged(1)
+    want = torch.zeros_like(locs)
+    assign_extend_cache_locs[(4,)](rows, table, start, end, want, table.shape[1], 8)
+    got = torch.zeros_like(locs)
+    standin.standin.assign_extend_cache_locs_cpu(rows, table, start, end, got, table.shape[1])
+    assert torch.equal(got, want) and bool(got.any())
+
+
+def test_copy_all_layer_kv_cache_moves_every_layers_slots():
+    bufs = [torch.randn(10, 2, 4), torch.randn(10, 3), torch.randn(10, 2, 4).to(torch.bfloat16)]
+    want = [b.clone() for b in bufs]
+    tgt, src = torch.tensor([1, 7, 4]), torch.tensor([6, 2, 4])
+    for w in want:
+        w[tgt] = w[src].clone()
+    ptrs = torch.tensor([b.data_ptr() for b in bufs], dtype=torch.uint64)
+    strides = torch.tensor([b[0].numel() * b.element_size() for b in bufs], dtype=torch.int64)
+    standin.standin.copy_all_layer_kv_cache_cpu(ptrs, strides, tgt, src)
+    for b, w in zip(bufs, want):
+        assert torch.equal(b, w)
+
+
+def test_greedy_verify_follows_the_targets_argmax_on_chains_and_trees():
+    from toy_model import greedy_chain_accept
+
+    probs, cand, _, _ = _chain_inputs(32, 5, 30, 4)
+    target = probs.argmax(-1)
+    index, nxt, sibling = chain_tree(32, 5, torch.device("cpu"))
+    predicts = torch.zeros(32 * 5, dtype=torch.int32)
+    accept_index = torch.full((32, 5), -1, dtype=torch.int32)
+    num = torch.zeros(32, dtype=torch.int32)
+    standin.standin.verify_tree_greedy_cpu(predicts, accept_index, num, cand, index, nxt, sibling, target)
+    verify_input = SimpleNamespace(draft_token=cand.flatten(), draft_token_num=5, retrieve_next_token=nxt)
+    want_predict, want_lens, want_index = greedy_chain_accept(verify_input, None, SimpleNamespace(
+        next_token_logits=probs.view(32 * 5, -1)))
+    assert torch.equal(num + 1, want_lens) and torch.equal(accept_index, want_index)
+    assert torch.equal(predicts[accept_index[accept_index >= 0].long()], want_predict[want_index[want_index >= 0].long()])
+    assert 0 < int(num.sum()) < 32 * 4
+    # A tree: root 0 has children 1 and 2 (siblings); 2 matches the target, then its child 3.
+    cand = torch.tensor([[5, 8, 9, 4]])
+    nxt, sib = torch.tensor([[1, -1, 3, -1]]), torch.tensor([[-1, 2, -1, -1]])
+    predicts, accept_index, num = torch.zeros(4, dtype=torch.int32), torch.full((1, 3), -1, dtype=torch.int32), \
+        torch.zeros(1, dtype=torch.int32)
+    standin.standin.verify_tree_greedy_cpu(predicts, accept_index, num, cand, torch.arange(4).view(1, 4), nxt, sib,
+                                           torch.tensor([[9, 0, 4, 6]]))
+    assert num.tolist() == [2] and accept_index.tolist() == [[0, 2, 3]] and predicts[[0, 2, 3]].tolist() == [9, 4, 6]
+
+
+def test_a_name_the_stand_in_lacks_is_an_import_error_and_an_unused_one_says_so(monkeypatch):
+    standin.install(monkeypatch)
+    with pytest.raises(ImportError):
+        from sgl_kernel import fused_add_rmsnorm  # noqa: F401  (SGLang's own fallback then runs)
+    from sgl_kernel import fill_bonus_tokens_cpu
+    with pytest.raises(NotImplementedError, match="not implemented here"):
+        fill_bonus_tokens_cpu()

@@ -305,15 +305,21 @@ def test_engine_keywords_reach_the_checks(sglang_loaded, model_dir, monkeypatch,
     assert "server_args_class" not in vars(engine)  # the hook's builder is gone again
 
 
-def test_worker_refuses_cpu(sglang_loaded, model_dir):
+def test_worker_refuses_cpu_outside_the_test_mode(sglang_loaded, model_dir, monkeypatch):
     from sglang.srt.runtime_context import get_context
     from sglang.srt.speculative.spec_info import SpeculativeAlgorithm
 
-    sa = _server_args(model_dir)
+    from sparsespec_sglang.config import CPU_TEST_ENV
+    from sparsespec_sglang.worker import SparseSpecWorker
+
+    sa = _server_args(model_dir)  # validated in the test mode
+    monkeypatch.delenv(CPU_TEST_ENV)
     # As in a scheduler process, where the resolved configuration is published.
     with get_context().override_server_args(device=_resolved(sa).device):
         with pytest.raises(SparseSpecArgsError, match="CUDA GPUs only"):
             SpeculativeAlgorithm.from_string("SPARSESPEC").create_worker(sa)
+        monkeypatch.setenv(CPU_TEST_ENV, "1")
+        assert SpeculativeAlgorithm.from_string("SPARSESPEC").create_worker(sa) is SparseSpecWorker
 
 
 def _launch(*args: str) -> subprocess.CompletedProcess:
@@ -385,3 +391,15 @@ def test_hooked_sglang_signatures_unchanged(sglang_loaded):
 
         # The launcher resolves after prepare_server_args returned: the resolve_once hook's errors.
         assert "server_args.resolve_once()" in inspect.getsource(launch_server.run_server)
+
+
+def test_a_cpu_is_refused_in_one_line_outside_the_test_mode(sglang_loaded, model_dir, monkeypatch):
+    from sparsespec_sglang.config import CPU_TEST_ENV
+
+    monkeypatch.delenv(CPU_TEST_ENV)
+    with pytest.raises(SparseSpecArgsError) as err:
+        _server_args(model_dir)  # device="cpu"
+    assert str(err.value) == ("SPARSESPEC: --device must be cuda (SPARSESPEC's kernels run on CUDA GPUs) "
+                              "(got 'cpu')")
+    monkeypatch.setenv(CPU_TEST_ENV, "1")
+    assert _server_args(model_dir).device == "cpu"

@@ -1,0 +1,86 @@
+"""SPARSESPEC through SGLang's real engine on the CPU: SmolLM2-135M (real weights, fp32), SGLang's
+scheduler, model runner and radix cache, the plugin's worker, schedules and attention backend.
+
+SGLang's CPU engine (``SGLANG_USE_CPU_ENGINE=1``) runs plain decoding with its PyTorch attention;
+SPARSESPEC's Triton kernels run in the interpreter, sgl_kernel's CPU ops come from the stand-in in
+tests/sgl_kernel_cpu, and the plugin's test mode (``SPARSESPEC_CPU_TEST=1``) lets it start on a
+CPU. The overlap scheduler is off (it needs CUDA streams), so the unified schedule runs without
+delayed verification here. Each engine runs in its own process (tests/cpu_engine_run.py).
+
+Checked, per schedule: the output equals plain SGLang's on the same engine token for token, drafts
+are accepted only in part (the selection binds: K = 8 of ~120-140 tokens), and the acceptance
+SGLang reports equals the PyTorch reference's (testing/reference.py) cycle for cycle along the
+same tokens: the same count of cycles with 0, 1, ..., k accepted drafts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from sparsespec_sglang.config import CPU_TEST_ENV, SparseSpecConfig
+
+HERE = Path(__file__).resolve().parent
+K, MIN_SELECTED, MAX_NEW = 4, 8, 24
+QUESTION = ("Explain step by step how to compute 17 * 23, then check the result by another method "
+            "and explain why both agree. ") * 3
+
+
+@pytest.fixture(scope="module")
+def setup():
+    from transformers import AutoTokenizer
+
+    from sparsespec_sglang.testing.real_models import ensure_model
+
+    model_dir = str(ensure_model("smollm2-135m"))
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    text = tok.apply_chat_template([{"role": "user", "content": QUESTION}], tokenize=False, add_generation_prompt=True)
+    prompt = tok(text, add_special_tokens=False)["input_ids"]
+    plain = run_engine(model_dir, [prompt], attention_backend="torch_native")[0]
+    return model_dir, prompt, plain["output_ids"]
+
+
+def run_engine(model_dir: str, prompts: list[list[int]], **engine: object) -> list[dict]:
+    spec = {"engine": dict(model_path=model_dir, device="cpu", dtype="float32", skip_tokenizer_init=True,
+                           disable_cuda_graph=True, disable_overlap_schedule=True, max_total_tokens=4096,
+                           max_running_requests=4, chunked_prefill_size=1024, mem_fraction_static=0.5,
+                           log_level="warning", **engine),
+            "prompts": prompts, "max_new_tokens": MAX_NEW}
+    env = {**os.environ, "SGLANG_USE_CPU_ENGINE": "1", "TRITON_INTERPRET": "1", CPU_TEST_ENV: "1",
+           "PYTHONPATH": os.pathsep.join([str(HERE / "sgl_kernel_cpu"), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, str(HERE / "cpu_engine_run.py"), json.dumps(spec)], env=env,
+                          capture_output=True, text=True, timeout=900)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    assert proc.returncode == 0 and lines, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+def reference_histogram(model_dir: str, prompt: list[int], tokens: list[int]) -> list[int]:
+    """Cycles with 0..k accepted drafts, the reference drafting along ``tokens`` (fp32)."""
+    from sparsespec_sglang.testing import reference as R
+
+    model = R.load_model(model_dir)
+    cfg = SparseSpecConfig(num_draft_steps=K, min_selected=MIN_SELECTED)
+    out = R.sparsespec_generate(model, prompt, MAX_NEW, cfg, ignore_eos=True, target_tokens=tokens)
+    assert out.tokens == tokens
+    hist = [0] * (K + 1)
+    for n in out.accepted_counts:
+        hist[n] += 1
+    return hist
+
+
+@pytest.mark.parametrize("schedule", ["unified", "lockstep"])
+def test_sparsespec_on_sglangs_cpu_engine_equals_plain_and_accepts_as_the_reference(setup, schedule):
+    model_dir, prompt, plain = setup
+    out = run_engine(model_dir, [prompt], speculative_algorithm="SPARSESPEC", speculative_num_steps=K,
+                     sparsespec_schedule=schedule, sparsespec_min_selected=MIN_SELECTED,
+                     triton_attention_num_kv_splits=1)[0]
+    assert len(plain) == MAX_NEW and out["output_ids"] == plain
+    meta = out["meta_info"]
+    assert 0 < meta["spec_accepted_drafts"] < meta["spec_proposed_drafts"]  # partly accepted
+    assert meta["spec_accept_histogram"] == reference_histogram(model_dir, prompt, plain)
