@@ -83,4 +83,5 @@ def test_sparsespec_on_sglangs_cpu_engine_equals_plain_and_accepts_as_the_refere
     assert len(plain) == MAX_NEW and out["output_ids"] == plain
     meta = out["meta_info"]
     assert 0 < meta["spec_accepted_drafts"] < meta["spec_proposed_drafts"]  # partly accepted
-    assert meta["spec_accept_histogram"] == reference_histogram(model_dir, prompt, plain)
+    hist = meta["spec_accept_histogram"]  # SGLang's list ends at the largest count seen
+    assert hist + [0] * (K + 1 - len(hist)) == reference_histogram(model_dir, prompt, plain)
