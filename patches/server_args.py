@@ -12,9 +12,9 @@ Targets (``sparsespec_sglang.compat`` names) and why:
   --sparsespec-* values are carried onto the record here.
 - ``ServerArgs.__init__`` (BEFORE; while it is Python code): takes ``sparsespec_*`` keyword
   arguments of ``ServerArgs(...)`` and so of ``sglang.Engine(...)``.
-- ``Engine.__init__`` (AROUND; once ``ServerArgs.__init__`` is not Python code): takes them from
-  ``sglang.Engine(...)``, before it builds its record. ``new_server_args`` takes them on every
-  release for a record built directly.
+- ``Engine.server_args_class`` (set while plugins load, once ``ServerArgs.__init__`` is not Python
+  code): ``EngineServerArgs`` takes them from ``sglang.Engine(...)`` as it builds its record.
+  ``new_server_args`` takes them on every release for a record built directly.
 - ``run_resolution_pipeline`` (AROUND): just before SGLang resolves a record, refuses
   --sparsespec-* without SPARSESPEC (except --sparsespec-keep-retracted-kv, which is for servers
   without SPARSESPEC only and needs --enable-hierarchical-cache), and SPARSESPEC on a machine
@@ -115,16 +115,29 @@ def init(self: Any, *args: Any, **kwargs: Any) -> tuple[tuple, dict]:
     return (self, *args), kwargs
 
 
-def engine_init(original: Callable, self: Any, **kwargs: Any) -> None:
-    values = take_keywords(kwargs)
-    build = self.server_args_class
-    # Engine builds its record with self.server_args_class(**kwargs); this instance's builder
-    # also carries the values.
-    self.server_args_class = lambda **fields: _construct(lambda: build(**fields), values)
-    try:
-        original(self, **kwargs)
-    finally:
-        del self.server_args_class
+class EngineServerArgs:
+    """``Engine.server_args_class`` where ``ServerArgs`` refuses unknown keywords (from 0.5.20):
+    builds SGLang's record from its own fields and keeps the ``sparsespec_*`` values on it. Set on
+    the class while plugins load, which ``Engine.__init__`` does before it builds the record, so the
+    first ``sglang.Engine(sparsespec_*=...)`` of a process takes them too (an ``Engine.__init__``
+    hook would be installed only after that call began). Everything else reads through to
+    ``ServerArgs``."""
+
+    def __init__(self, server_args_class: Any) -> None:
+        self.server_args_class = server_args_class
+
+    def __call__(self, **kwargs: Any) -> Any:
+        values = take_keywords(kwargs)
+        return _construct(lambda: self.server_args_class(**kwargs), values)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.server_args_class, name)
+
+
+def install_engine_keywords() -> None:
+    engine = compat.resolve("Engine")
+    if not isinstance(engine.__dict__.get("server_args_class"), EngineServerArgs):
+        engine.server_args_class = EngineServerArgs(engine.server_args_class)
 
 
 def check_before_resolution(server_args: Any) -> None:
@@ -194,12 +207,11 @@ _ERROR_HOOKS: tuple[tuple[str, Callable, Any], ...] = (
     ("prepare_server_args", prepare_server_args, HookType.AROUND),)
 if not compat.resolves_on_construction():
     _ERROR_HOOKS += (("ServerArgs.resolve_once", resolve_once, HookType.AROUND),)
-_KEYWORDS_HOOK = (("ServerArgs.__init__", init, HookType.BEFORE) if compat.init_takes_keywords()
-                  else ("Engine.__init__", engine_init, HookType.AROUND))
+_KEYWORDS_HOOK = (("ServerArgs.__init__", init, HookType.BEFORE),) if compat.init_takes_keywords() else ()
 HOOKS = (
     ("ServerArgs.add_cli_args", add_cli_args, HookType.AFTER),
     ("ServerArgs.from_cli_args", from_cli_args, HookType.AROUND),
-    _KEYWORDS_HOOK,
+    *_KEYWORDS_HOOK,
     ("run_resolution_pipeline", resolution, HookType.AROUND),
     *_ERROR_HOOKS,
 )
@@ -207,6 +219,8 @@ HOOKS = (
 
 def register() -> None:
     register_once(__name__, HOOKS)
+    if not compat.init_takes_keywords():
+        install_engine_keywords()
 
 
 def register_error_hook() -> None:

@@ -27,6 +27,7 @@ from sparsespec_sglang.config import CPU_TEST_ENV, SparseSpecConfig
 
 HERE = Path(__file__).resolve().parent
 K, MIN_SELECTED, MAX_NEW = 4, 8, 24
+RETRACT_POOL = 360  # tokens: two requests fit with their outputs, three do not
 QUESTION = ("Explain step by step how to compute 17 * 23, then check the result by another method "
             "and explain why both agree. ") * 3
 
@@ -45,12 +46,11 @@ def setup():
     return model_dir, prompt, plain["output_ids"]
 
 
-def run_engine(model_dir: str, prompts: list[list[int]], **engine: object) -> list[dict]:
-    spec = {"engine": dict(model_path=model_dir, device="cpu", dtype="float32", skip_tokenizer_init=True,
-                           disable_cuda_graph=True, disable_overlap_schedule=True, max_total_tokens=4096,
-                           max_running_requests=4, chunked_prefill_size=1024, mem_fraction_static=0.5,
-                           log_level="warning", **engine),
-            "prompts": prompts, "max_new_tokens": MAX_NEW}
+def run_engine(model_dir: str, prompts: list[list[int]], stagger_s: float = 0.0, **engine: object) -> list[dict]:
+    settings = dict(model_path=model_dir, device="cpu", dtype="float32", skip_tokenizer_init=True,
+                    disable_cuda_graph=True, disable_overlap_schedule=True, max_total_tokens=4096,
+                    max_running_requests=4, chunked_prefill_size=1024, mem_fraction_static=0.5, log_level="warning")
+    spec = {"engine": {**settings, **engine}, "prompts": prompts, "max_new_tokens": MAX_NEW, "stagger_s": stagger_s}
     env = {**os.environ, "SGLANG_USE_CPU_ENGINE": "1", "TRITON_INTERPRET": "1", CPU_TEST_ENV: "1",
            "PYTHONPATH": os.pathsep.join([str(HERE / "sgl_kernel_cpu"), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.run([sys.executable, str(HERE / "cpu_engine_run.py"), json.dumps(spec)], env=env,
@@ -85,3 +85,16 @@ def test_sparsespec_on_sglangs_cpu_engine_equals_plain_and_accepts_as_the_refere
     assert 0 < meta["spec_accepted_drafts"] < meta["spec_proposed_drafts"]  # partly accepted
     hist = meta["spec_accept_histogram"]  # SGLang's list ends at the largest count seen
     assert hist + [0] * (K + 1 - len(hist)) == reference_histogram(model_dir, prompt, plain)
+
+
+def test_a_joining_and_a_retracted_request_still_equal_plain(setup):
+    """Three requests, the later ones joining a running unified batch, in a KV pool too small
+    for all three: SGLang retracts one mid-output and it comes back; every output equals plain's."""
+    model_dir, prompt, _ = setup
+    prompts = [prompt, prompt[:-9] + prompt[-5:], prompt[:60] + prompt[-5:]]
+    plain = [o["output_ids"] for o in run_engine(model_dir, prompts, attention_backend="torch_native")]
+    outs = run_engine(model_dir, prompts, stagger_s=6.0, max_total_tokens=RETRACT_POOL,
+                      speculative_algorithm="SPARSESPEC", speculative_num_steps=K,
+                      sparsespec_min_selected=MIN_SELECTED, triton_attention_num_kv_splits=1)
+    assert [o["output_ids"] for o in outs] == plain
+    assert sum(o["meta_info"].get("num_retractions", 0) for o in outs) > 0

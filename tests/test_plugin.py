@@ -360,7 +360,6 @@ HOOKED_SIGNATURES = {
     "prepare_server_args": ["argv"],
     **({"run_resolution_pipeline": ["server_args"], "ServerArgs.resolve_once": ["self"]}
        if compat.since("0.5.19") else {"run_resolution_pipeline": ["self"]}),  # __post_init__
-    **({"Engine.__init__": ["self", "kwargs"]} if compat.since("0.5.20") else {}),
 }
 
 
@@ -384,8 +383,11 @@ def test_hooked_sglang_signatures_unchanged(sglang_loaded):
     else:
         from sglang.srt.entrypoints.engine import Engine
 
-        # The Engine hook hands the values over through the builder Engine calls.
-        assert "self.server_args_class(**kwargs)" in inspect.getsource(inspect.unwrap(Engine.__init__))
+        # Engine loads the plugins, then builds its record through the class attribute the plugin
+        # set while they loaded (patches/server_args.EngineServerArgs).
+        source = inspect.getsource(inspect.unwrap(Engine.__init__))
+        assert source.index("load_plugins()") < source.index("self.server_args_class(**kwargs)")
+        assert isinstance(Engine.__dict__["server_args_class"], patch.EngineServerArgs)
     if compat.since("0.5.19"):
         from sglang import launch_server
 
@@ -403,3 +405,22 @@ def test_a_cpu_is_refused_in_one_line_outside_the_test_mode(sglang_loaded, model
                               "(got 'cpu')")
     monkeypatch.setenv(CPU_TEST_ENV, "1")
     assert _server_args(model_dir).device == "cpu"
+
+
+FIRST_ENGINE = """
+import sys
+import sglang
+try:
+    sglang.Engine(model_path=sys.argv[1], device="cpu", speculative_algorithm="SPARSESPEC",
+                  sparsespec_sparsity=4e-7)
+except Exception as e:
+    print(type(e).__name__, e)
+"""
+
+
+def test_the_first_engine_of_a_process_takes_sparsespec_keywords(model_dir):
+    """No plugin loaded before ``sglang.Engine(...)``: Engine loads them itself, and the
+    ``sparsespec_*`` keyword still reaches the checks (not SGLang's unknown-keyword refusal)."""
+    out = subprocess.run([sys.executable, "-c", FIRST_ENGINE, model_dir], capture_output=True, text=True,
+                         timeout=300)
+    assert "--sparsespec-sparsity must be a number in [1e-06, 1]" in out.stdout, out.stdout + out.stderr[-3000:]

@@ -31,6 +31,9 @@ LOCATIONS: dict[str, tuple[tuple[str, str], ...]] = {
     # Hooked only while it is Python code (init_takes_keywords()).
     "ServerArgs.__init__": (("0.5.17", f"{_SA}:ServerArgs.__init__"),),
     "Engine.__init__": (("0.5.17", "sglang.srt.entrypoints.engine:Engine.__init__"),),
+    # Engine.__init__ calls load_plugins() and only then builds its record with
+    # self.server_args_class(**kwargs): what the plugin sets there serves even the first Engine.
+    "Engine": (("0.5.17", "sglang.srt.entrypoints.engine:Engine"),),
     # What resolves a record, called with it alone: once per record...
     "ServerArgs.resolve_once": (
         ("0.5.17", f"{_SA}:ServerArgs.__post_init__"),
