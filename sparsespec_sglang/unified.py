@@ -41,6 +41,7 @@ from sparsespec_sglang.compat import (
     LogitsProcessorOutput,
     NgramVerifyInput,
     envs,
+    req_pool_row,
 )
 
 from sparsespec_sglang.draft_graph import DraftGraphs, as_decode_rows
@@ -171,7 +172,7 @@ class UnifiedSchedule:
         """k + 1 passes; every request of the batch verifies in exactly one of them."""
         self.timer.begin_step()
         self.profiler.begin()
-        pool_rows = [req.req_pool_idx for req in batch.reqs]
+        pool_rows = [req_pool_row(req) for req in batch.reqs]
         batch_pos = {row: i for i, row in enumerate(pool_rows)}
         left = [r for r in self.planner.offset if r not in batch_pos]
         for row in left:

@@ -30,6 +30,7 @@ from sparsespec_sglang.compat import (
     get_parallel,
     get_serving,
     record_stream_for_v2_verify,
+    req_pool_row,
 )
 
 from sparsespec_sglang.attention import SparseSpecAttnBackend
@@ -136,7 +137,7 @@ class SparseSpecWorker(BaseSpecWorker):
         if not batch.forward_mode.is_decode():
             return self._prefill(batch, on_publish)
         schedule = self.schedule if self.schedule.handles(batch) else self.schedules[FALLBACK_SCHEDULE]
-        rows = [req.req_pool_idx for req in batch.reqs]
+        rows = [req_pool_row(req) for req in batch.reqs]
         for other in self.schedules.values():
             if other is not schedule:
                 other.forget(rows)
@@ -151,7 +152,7 @@ class SparseSpecWorker(BaseSpecWorker):
         if batch.forward_mode.is_extend():
             # Chunked prefill re-runs this per chunk; the last chunk's window wins.
             self.state.init_window(batch.req_pool_indices, batch.seq_lens)
-            rows = [req.req_pool_idx for req in batch.reqs]
+            rows = [req_pool_row(req) for req in batch.reqs]
             for schedule in self.schedules.values():
                 schedule.forget(rows)
         if result.next_token_ids is not None:

@@ -20,7 +20,7 @@ from sglang.srt.model_executor.forward_batch_info import ForwardMode
 from sparsespec_sglang.pillar import PlanKind
 from sparsespec_sglang.schedule import SCHEDULES, schedule_class
 from sparsespec_sglang.worker import SparseSpecWorker
-from toy_model import (VOCAB, ToyBackend, ToyModelRunner, ToyTargetWorker, patch_sglang,
+from toy_model import (VOCAB, ToyBackend, ToyModelRunner, ToyTargetWorker, patch_sglang, toy_req,
                        target_sequence)
 
 NUM_ROWS, MAX_CTX = 16, 1024
@@ -113,9 +113,9 @@ class Requests:
         for _ in range(min(n, len(self.free))):
             row = self.free.pop(self.rng.randrange(len(self.free)))
             prompt_len, last = self.rng.randint(5, 60), self.rng.randrange(VOCAB)
-            req = SimpleNamespace(rid=self.next_id, req_pool_idx=row, seq_len=prompt_len, last=last,
-                                  max_new=self.rng.randint(10, 60),
-                                  expected=target_sequence(last, prompt_len, 200), emitted=[])
+            req = toy_req(row, rid=self.next_id, seq_len=prompt_len, last=last,
+                          max_new=self.rng.randint(10, 60),
+                          expected=target_sequence(last, prompt_len, 200), emitted=[])
             self.live[self.next_id] = req
             self.next_id += 1
             reqs.append(req)

@@ -176,8 +176,10 @@ def test_draft_graph_replays_run_in_the_context_sglangs_model_runner_publishes()
     assert not has_forward_context()
 
 
-def test_factories_pick_the_plugin_classes():
+def test_factories_pick_the_plugin_classes(monkeypatch):
     from sglang.srt.runtime_context import get_context
+
+    from sparsespec_sglang.config import CPU_TEST_ENV
 
     from sparsespec_sglang.algorithm import worker_factory
     from sparsespec_sglang.attention import create_backend
@@ -188,6 +190,7 @@ def test_factories_pick_the_plugin_classes():
     raw = SimpleNamespace(device=None)
     with get_context().override_server_args(device="cuda"):
         assert worker_factory(raw) is SparseSpecWorker
+    monkeypatch.delenv(CPU_TEST_ENV)  # a user's process: no test mode
     with get_context().override_server_args(device="cpu"):
         with pytest.raises(SparseSpecArgsError, match=r"CUDA GPUs only \(--device cpu\)"):
             worker_factory(SimpleNamespace(device="cuda"))
@@ -540,3 +543,19 @@ def test_corpus_manager_dropped_on_sparsespec_servers_only(sglang_loaded):  # no
                                 external_corpus_manager=manager)
         corpus_manager.maybe_init_draft_worker(None, sched)
         assert (sched.external_corpus_manager is manager) == kept, algo
+
+
+def test_a_requests_req_to_token_row_is_where_req_pool_row_reads_it():
+    """``compat.req_pool_row``: ``Req.req_pool_idx`` up to 0.5.18, ``Req.kv.req_pool_idx`` after."""
+    from sglang.srt.managers import schedule_batch
+
+    from sparsespec_sglang.compat import req_pool_row
+
+    init = inspect.getsource(schedule_batch.Req.__init__)
+    if compat.since("0.5.19"):
+        assert "self.kv = ReqKvInfo()" in init and "req_pool_idx" in schedule_batch.ReqKvInfo.__annotations__
+        req = SimpleNamespace(kv=SimpleNamespace(req_pool_idx=7))
+    else:
+        assert "self.req_pool_idx" in init
+        req = SimpleNamespace(req_pool_idx=7)
+    assert req_pool_row(req) == 7

@@ -21,7 +21,7 @@ from sparsespec_sglang.config import SparseSpecConfig
 from sparsespec_sglang.pillar import PillarState, PlanKind
 from sparsespec_sglang.schedule import ScheduleContext
 from sparsespec_sglang.unified import PassLayout, UnifiedSchedule
-from toy_model import VOCAB, ToyBackend, ToyModelRunner, greedy_chain_accept, patch_sglang, target_next
+from toy_model import VOCAB, ToyBackend, ToyModelRunner, greedy_chain_accept, patch_sglang, target_next, toy_req
 
 
 def test_layout_rows_and_chains():
@@ -86,7 +86,7 @@ def test_unified_steps_emit_the_target_sequence(k, sampled, monkeypatch, caplog)
             for p in range(prompt_len, prompt_len + 200):
                 seq.append(int(target_next(torch.tensor(seq[-1]), torch.tensor(p))))
             expected[next_id], emitted[next_id] = seq, [first]
-            live[next_id] = SimpleNamespace(req_pool_idx=row, seq_len=prompt_len,
+            live[next_id] = toy_req(row, seq_len=prompt_len,
                                             max_new=rng.randint(10, 120))
             state.init_window(torch.tensor([row]), torch.tensor([prompt_len]))
             state.set_pending(torch.tensor([row]), torch.tensor([first]))

@@ -24,7 +24,7 @@ from sparsespec_sglang.pillar import PillarState
 from sparsespec_sglang.schedule import ScheduleContext
 from sparsespec_sglang.unified import UnifiedSchedule
 import cpu_sgl_kernel
-from toy_model import VOCAB, ToyBackend, ToyModelRunner, patch_sglang
+from toy_model import VOCAB, ToyBackend, ToyModelRunner, patch_sglang, toy_req
 
 scipy_stats = pytest.importorskip("scipy.stats")
 
@@ -92,7 +92,7 @@ def sparsespec_samples(params: list[tuple[float, int, float, float]]) -> tuple[l
         while min(len(e) for e in emitted) < TOKENS:
             order = torch.randperm(BATCH)  # SGLang reorders a batch between steps
             batch = SimpleNamespace(
-                reqs=[SimpleNamespace(req_pool_idx=int(r)) for r in rows[order]],
+                reqs=[toy_req(int(r)) for r in rows[order]],
                 req_pool_indices=rows[order], seq_lens=seq[order], seq_lens_cpu=seq[order], seq_lens_sum=None,
                 forward_mode=None, input_ids=None, out_cache_loc=None, spec_info=None, return_logprob=False,
                 sampling_info=sampling_info([params[i] for i in order.tolist()]))

@@ -20,6 +20,12 @@ from sparsespec_sglang.pillar import ForwardPlan, PlanKind
 VOCAB = 97
 
 
+def toy_req(row: int, **fields) -> SimpleNamespace:
+    """A scheduled request as the schedules read it: its req_to_token row where the installed SGLang
+    keeps it (``Req.req_pool_idx``, or ``Req.kv.req_pool_idx`` from 0.5.19)."""
+    return SimpleNamespace(req_pool_idx=row, kv=SimpleNamespace(req_pool_idx=row), **fields)
+
+
 def target_next(token: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
     return (token * 31 + pos * 7 + 3) % VOCAB
 

@@ -59,7 +59,13 @@ LOCATIONS: dict[str, tuple[tuple[str, str], ...]] = {
     "get_serving": (("0.5.17", f"{_CTX}:get_serving"),),
 }
 
-ADAPTERS = ("compute_spec_logprobs", "forward_context_of")
+ADAPTERS = ("compute_spec_logprobs", "forward_context_of", "req_pool_row")
+
+
+def req_pool_row(req: Any) -> int:
+    """The request's row of ``req_to_token``: ``Req.req_pool_idx`` up to 0.5.18; from 0.5.19 the
+    KV bookkeeping lives in ``Req.kv`` (``ReqKvInfo``)."""
+    return req.kv.req_pool_idx if since("0.5.19") else req.req_pool_idx
 
 
 def compute_spec_logprobs(batch: Any, logits_output: Any, predict: Any, accept_index: Any) -> None:
