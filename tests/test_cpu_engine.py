@@ -59,6 +59,19 @@ def run_engine(model_dir: str, prompts: list[list[int]], stagger_s: float = 0.0,
     return json.loads(lines[-1][len("RESULT "):])
 
 
+# SGLang's per-request speculative metrics, by the names each release reports them under.
+SPEC_META = {"accepted_drafts": ("spec_accepted_drafts", "spec_num_correct_drafts"),
+             "proposed_drafts": ("spec_proposed_drafts", "spec_num_proposed_drafts"),
+             "accept_histogram": ("spec_accept_histogram", "spec_correct_drafts_histogram")}
+
+
+def spec_meta(meta: dict, what: str):
+    for key in SPEC_META[what]:
+        if key in meta:
+            return meta[key]
+    raise KeyError(f"no {what} in meta_info ({sorted(k for k in meta if k.startswith('spec'))})")
+
+
 def reference_histogram(model_dir: str, prompt: list[int], tokens: list[int]) -> list[int]:
     """Cycles with 0..k accepted drafts, the reference drafting along ``tokens`` (fp32)."""
     from sparsespec_sglang.testing import reference as R
@@ -81,8 +94,9 @@ def test_sparsespec_on_sglangs_cpu_engine_equals_plain_and_accepts_as_the_refere
                      triton_attention_num_kv_splits=1)[0]
     assert len(plain) == MAX_NEW and out["output_ids"] == plain
     meta = out["meta_info"]
-    assert 0 < meta["spec_accepted_drafts"] < meta["spec_proposed_drafts"]  # partly accepted
-    hist = meta["spec_accept_histogram"]  # SGLang's list ends at the largest count seen
+    accepted, proposed = spec_meta(meta, "accepted_drafts"), spec_meta(meta, "proposed_drafts")
+    assert 0 < accepted < proposed  # partly accepted
+    hist = spec_meta(meta, "accept_histogram")  # SGLang's list ends at the largest count seen
     assert hist + [0] * (K + 1 - len(hist)) == reference_histogram(model_dir, prompt, plain)
 
 
