@@ -7,8 +7,8 @@ SPARSESPEC) tokens per cycle a (SGLang's ``spec_accept_length``, bonus included)
 
 * plain, per step: weights W + R * c * kv bytes; measured step = R / (tokens/s);
 * SPARSESPEC, per cycle of k + 1 passes: (k + 1) * W + R * c * kv (the verify reads every
-  request's whole KV once) + k * R * (K + sinks + tail) * kv (each draft step reads the selected
-  K = clamp(ceil(s * c), min, max) tokens, the sinks and the tokens written since the verify,
+  request's whole KV once) + k * R * (K + sinks + tail) * kv (each draft step reads the K tokens
+  the selection policy picks at context c, the sinks and the tokens written since the verify,
   (k + 1) / 2 on average); measured cycle = R * a / (tokens/s).
 
 W counts what a forward reads of the weights: every layer and the LM head (not the embedding
@@ -26,12 +26,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from pathlib import Path
 from typing import Any, Optional
 
 from sparsespec_sglang.config import SparseSpecConfig
+from sparsespec_sglang.selection import SelectionPolicy
 
 DTYPE_BYTES = 2  # bf16 weights and KV
 
@@ -53,9 +53,8 @@ def _mean(window: dict, key: str) -> Optional[float]:
     return None if value is None else value["mean"]
 
 
-def account_run(run: dict, shape: str, bandwidth: float, k: int, config: SparseSpecConfig) -> dict:
+def account_run(run: dict, weights: int, kv: int, bandwidth: float, k: int, config: SparseSpecConfig) -> dict:
     w = run["window"]
-    weights, kv = shape_bytes(shape)
     r, c, tps = _mean(w, "running_requests"), _mean(w, "context_tokens_per_running_request"), w["output_tok_per_s"]
     out: dict[str, Any] = {"config": run["config"], "output_tok_per_s": tps, "running": r, "context": c}
     if run.get("forced_accept") is None:
@@ -65,7 +64,7 @@ def account_run(run: dict, shape: str, bandwidth: float, k: int, config: SparseS
                    kv_gb=r * c * kv / 1e9, bytes_gb=nbytes / 1e9, ideal_ms=nbytes / bandwidth * 1e3)
     else:
         a = _mean(w, "spec_accept_length")
-        sel = min(max(math.ceil(config.sparsity * c), config.min_selected), config.max_selected)
+        sel = SelectionPolicy.of(config).num_selected(round(c))
         draft_tokens = sel + config.num_sink_tokens + (k + 1) / 2
         verify_kv, draft_kv = r * c * kv, k * r * draft_tokens * kv
         nbytes = (k + 1) * weights + verify_kv + draft_kv
@@ -90,7 +89,8 @@ def account_run(run: dict, shape: str, bandwidth: float, k: int, config: SparseS
 def account(report: dict, bandwidth: float, bandwidth_source: str) -> dict:
     k = report["settings"]["k"]
     config = SparseSpecConfig()  # the configurations measured keep the default selection settings
-    runs = [account_run(r, report["shape"], bandwidth, k, config) for r in report["runs"]
+    weights, kv = shape_bytes(report["shape"])
+    runs = [account_run(r, weights, kv, bandwidth, k, config) for r in report["runs"]
             if "window" in r and "error" not in r]
     plain = [r for r in runs if r["unit"] == "step"]
     best = max(plain, key=lambda r: r["output_tok_per_s"]) if plain else None
@@ -100,7 +100,6 @@ def account(report: dict, bandwidth: float, bandwidth_source: str) -> dict:
             r["measured_ratio_over_fastest_plain"] = r["output_tok_per_s"] / best["output_tok_per_s"]
             r["ideal_ratio_over_fastest_plain"] = (best["ideal_ms_per_token"] / best["running"]) / (
                 r["ideal_ms_per_token"] / r["running"])
-    weights, kv = shape_bytes(report["shape"])
     return {"source": report.get("merged_from") or report.get("command"), "gpu": report["gpu"],
             "shape": report["shape"], "weight_bytes_per_forward": weights, "kv_bytes_per_token": kv,
             "bandwidth_bytes_per_s": bandwidth, "bandwidth_source": bandwidth_source,

@@ -115,17 +115,21 @@ NON_DEFAULT = [
 ]
 
 
-def _saturated(name: str) -> bool:
-    return "mode" in json.loads((RESULTS / name).read_text())
+def _report(name: str) -> dict:
+    return json.loads((RESULTS / name).read_text())
 
 
-def _points(name: str) -> list[dict]:
+def _saturated(report: dict) -> bool:
+    """A bench_saturated.py result (its runs are configurations, not bench_throughput.py runs)."""
+    return "mode" in report
+
+
+def _points(report: dict) -> list[dict]:
     """The file's points as bench_throughput.py writes them (older one-shape files converted;
     a bench_saturated.py file's runs are points of one shape, its window throughput)."""
-    report = json.loads((RESULTS / name).read_text())
     if "points" in report:
         return report["points"]
-    if "mode" in report:
+    if _saturated(report):
         return [{"run": r["config"], "batch": None, "input_len": None, "output_len": None,
                  "forced_accept": r.get("forced_accept"), "output_tok_per_s": r["window"]["output_tok_per_s"]}
                 for r in report["runs"] if "window" in r and "error" not in r]
@@ -147,7 +151,8 @@ def _pick(points: list[dict], entry: Entry, run: str, forced: float | None) -> d
 
 def measure(entry: Entry) -> dict:
     """Throughput of the entry's run and baseline and their ratio, from one result file."""
-    points = _points(entry.json)
+    report = _report(entry.json)
+    points = _points(report)
     run = _pick(points, entry, entry.run, entry.forced_accept)
     if entry.baseline == FASTEST_PLAIN:  # what a user would run: plain SGLang's faster backend here
         plain = [p for p in points if p["run"].startswith("plain") and p.get("forced_accept") is None]
@@ -157,10 +162,10 @@ def measure(entry: Entry) -> dict:
         base = _pick(points, entry, entry.baseline, base_forced)
     if (run["batch"], run["input_len"], run["output_len"]) != (base["batch"], base["input_len"], base["output_len"]):
         raise ValueError(f"{entry.json}: run and baseline measured at different shapes")
-    report = json.loads((RESULTS / entry.json).read_text())
     commands = report["commands"] if "commands" in report else [report["command"]]
     return {"run_tok_s": run["output_tok_per_s"], "base_tok_s": base["output_tok_per_s"],
             "ratio": run["output_tok_per_s"] / base["output_tok_per_s"], "baseline": base["run"],
+            "saturated": _saturated(report),
             "command": "; ".join("python " + _script_command(c) for c in commands)}
 
 
@@ -186,11 +191,11 @@ def render_default(entries: list[Entry]) -> str:
             rows.append(f"| {e.label} | - | - | not measured: no same-process run of the default "
                         f"configuration yet (docs/results.md has non-default runs) | - |")
             continue
-        default = SATURATED_DEFAULT_RUNS if _saturated(e.json) else DEFAULT_RUNS
+        m = measure(e)
+        default = SATURATED_DEFAULT_RUNS if m["saturated"] else DEFAULT_RUNS
         if e.run not in default or e.baseline not in ("plain", FASTEST_PLAIN):
             raise ValueError(f"README table: {e.run} over {e.baseline} is not the default configuration "
                              "over plain SGLang; list it in NON_DEFAULT")
-        m = measure(e)
         rows.append(f"| {e.label} | {m['base_tok_s']:.0f} | {m['run_tok_s']:.0f} | **{m['ratio']:.2f}x** "
                     f"| `{e.json}` |")
         commands.append(f"- `{e.json}`: `{m['command']}` (the `{e.run}` run over `{m['baseline']}`"
@@ -204,7 +209,7 @@ def render_non_default(entries: list[Entry]) -> str:
             "|---|---|---|---|---|---|---|---|"]
     for e in entries:
         m = measure(e)
-        config = (SATURATED_CONFIGS if _saturated(e.json) else CONFIGS)[e.run] + (f"; {e.note}" if e.note else "")
+        config = (SATURATED_CONFIGS if m["saturated"] else CONFIGS)[e.run] + (f"; {e.note}" if e.note else "")
         rows.append(f"| {e.label} | {config} | {_accept(e)} | {m['baseline']} | {m['base_tok_s']:.0f} "
                     f"| {m['run_tok_s']:.0f} | {m['ratio']:.2f}x | `{e.json}` |")
     return "\n".join(rows)

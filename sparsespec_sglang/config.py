@@ -11,6 +11,7 @@ allowed values, before any model is loaded.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Optional
 
@@ -26,9 +27,9 @@ CPU_TEST_ENV = "SPARSESPEC_CPU_TEST"
 
 def allowed_device(device: Any) -> bool:
     """Whether SPARSESPEC may run on ``device``: CUDA, or a CPU under the project's test harness."""
-    import os
-
     return device == "cuda" or (device == "cpu" and os.environ.get(CPU_TEST_ENV) == "1")
+
+
 ATTENTION_BACKEND_NAME = "sparsespec"
 
 # Decoder-only models whose attention is plain MHA/GQA over SGLang's

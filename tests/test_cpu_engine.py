@@ -74,10 +74,12 @@ def spec_meta(meta: dict, what: str):
     raise KeyError(f"no {what} in meta_info ({sorted(k for k in meta if k.startswith('spec'))})")
 
 
-def reference_histogram(model_dir: str, prompt: list[int], tokens: list[int]) -> list[int]:
-    """Cycles with 0..k accepted drafts, the reference drafting along ``tokens`` (fp32)."""
+@pytest.fixture(scope="module")
+def reference_hist(setup) -> list[int]:
+    """Cycles with 0..k accepted drafts, the reference drafting along plain's tokens (fp32)."""
     from sparsespec_sglang.testing import reference as R
 
+    model_dir, prompt, tokens = setup
     model = R.load_model(model_dir)
     cfg = SparseSpecConfig(num_draft_steps=K, min_selected=MIN_SELECTED)
     out = R.sparsespec_generate(model, prompt, MAX_NEW, cfg, ignore_eos=True, target_tokens=tokens)
@@ -95,7 +97,8 @@ NEWEST = compat.since("0.5.23")
 
 @pytest.mark.parametrize("schedule", [
     "unified", pytest.param("lockstep", marks=pytest.mark.skipif(NEWEST, reason="runs on the oldest release"))])
-def test_sparsespec_on_sglangs_cpu_engine_equals_plain_and_accepts_as_the_reference(setup, schedule):
+def test_sparsespec_on_sglangs_cpu_engine_equals_plain_and_accepts_as_the_reference(setup, reference_hist,
+                                                                                       schedule):
     model_dir, prompt, plain = setup
     out = run_engine(model_dir, [prompt], speculative_algorithm="SPARSESPEC", speculative_num_steps=K,
                      sparsespec_schedule=schedule, sparsespec_min_selected=MIN_SELECTED,
@@ -105,7 +108,7 @@ def test_sparsespec_on_sglangs_cpu_engine_equals_plain_and_accepts_as_the_refere
     accepted, proposed = spec_meta(meta, "accepted_drafts"), spec_meta(meta, "proposed_drafts")
     assert 0 < accepted < proposed  # partly accepted
     hist = spec_meta(meta, "accept_histogram")  # SGLang's list ends at the largest count seen
-    assert hist + [0] * (K + 1 - len(hist)) == reference_histogram(model_dir, prompt, plain)
+    assert hist + [0] * (K + 1 - len(hist)) == reference_hist
 
 
 @pytest.mark.skipif(not NEWEST, reason="runs on the newest release")
