@@ -17,8 +17,9 @@ Targets (``sparsespec_sglang.compat`` names) and why:
   ``new_server_args`` takes them on every release for a record built directly.
 - ``run_resolution_pipeline`` (AROUND): just before SGLang resolves a record, refuses
   --sparsespec-* without SPARSESPEC (except --sparsespec-keep-retracted-kv, which is for servers
-  without SPARSESPEC only and needs --enable-hierarchical-cache), and SPARSESPEC on a machine
-  without CUDA, before SGLang's device probing fails with a stack trace; checks the user's
+  without SPARSESPEC only and needs --enable-hierarchical-cache), then a bad SPARSESPEC flag value,
+  then SPARSESPEC on a machine without CUDA or on another device (before SGLang's device probing
+  fails with a stack trace); checks the user's
   attention backend and selects the plugin's before SGLang's device handlers and auto-selection
   decide it. Just after, keeps the schedule the resolved settings imply on the record.
 - ``prepare_server_args`` (AROUND): turns a SparseSpecArgsError into one line on stderr and exit
@@ -48,7 +49,13 @@ from sparsespec_sglang.config import (
     check_keep_retracted_kv,
 )
 from sparsespec_sglang.patches import register_once
-from sparsespec_sglang.validation import is_sparsespec, record_schedule, select_attention_backend
+from sparsespec_sglang.validation import (
+    check_device,
+    check_flag_values,
+    is_sparsespec,
+    record_schedule,
+    select_attention_backend,
+)
 
 # Marks a record made by prepare_server_args: its errors are the command line's.
 FROM_COMMAND_LINE_ATTR = "_sparsespec_from_command_line"
@@ -158,7 +165,10 @@ def check_before_resolution(server_args: Any) -> None:
                             hierarchical_cache=bool(getattr(server_args, "enable_hierarchical_cache", False)))
     if not sparsespec:
         return
-    if getattr(server_args, "device", None) in (None, "cuda"):
+    # The flag values first: a bad value is named on any machine, also one SPARSESPEC cannot run on.
+    check_flag_values(server_args)
+    device = getattr(server_args, "device", None)
+    if device in (None, "cuda"):
         import torch
 
         if not torch.cuda.is_available():
@@ -166,6 +176,8 @@ def check_before_resolution(server_args: Any) -> None:
                 f"{ALGORITHM_NAME}: needs a CUDA GPU (--device cuda), "
                 "but torch.cuda.is_available() is False on this machine"
             )
+    else:
+        check_device(device)
     select_attention_backend(server_args)
 
 

@@ -74,6 +74,49 @@ def record_schedule(server_args: Any) -> None:
     setattr(server_args, SERVER_ARGS_ATTR, _values(resolved_view(server_args)))
 
 
+def check_flag_values(cfg: Any) -> SparseSpecConfig:
+    """The checks that need nothing but the flag values: the ``--sparsespec-*`` values, the
+    speculative flags SPARSESPEC fixes, and the combinations with --enable-deterministic-inference.
+
+    ``cfg`` is the user's own record (run before anything about the machine is checked, so a bad
+    value is named even on a machine SPARSESPEC cannot run on) or the settings SGLang resolved
+    (:func:`validate_server_args`, where options SGLang turned on are seen too).
+    """
+    deterministic = bool(getattr(cfg, "enable_deterministic_inference", False))
+    config = SparseSpecConfig.from_values(getattr(cfg, "speculative_num_steps", None), _values(cfg))
+    k = config.num_draft_steps
+    topk = getattr(cfg, "speculative_eagle_topk", None)
+    if topk not in (None, 1):
+        _fail("--speculative-eagle-topk", "1 (SPARSESPEC drafts one chain)", topk)
+    draft_tokens = getattr(cfg, "speculative_num_draft_tokens", None)
+    if draft_tokens not in (None, k + 1):
+        _fail("--speculative-num-draft-tokens", f"--speculative-num-steps + 1 = {k + 1}", draft_tokens)
+    draft_model = getattr(cfg, "speculative_draft_model_path", None)
+    if draft_model is not None:
+        _fail("--speculative-draft-model-path", "unset (SPARSESPEC drafts with the target model)", draft_model)
+    for flag in ("speculative_accept_threshold_single", "speculative_accept_threshold_acc"):
+        # SGLang's speculative sampling loosens acceptance below 1.0: the output would no longer
+        # follow the target distribution, and SPARSESPEC promises exactly the model's.
+        value = getattr(cfg, flag, None)  # None: not given (a record before resolution)
+        if value not in (None, 1.0):
+            _fail("--" + flag.replace("_", "-"), "1.0 (a lower threshold accepts drafts the model would "
+                  "not sample: lossy)", value)
+    if config.score_norm == "draft" and deterministic:
+        # The deterministic verify (one SGLang decode per verify token) has its own exact row
+        # lse and scores from it; a draft-normalised request could only be ignored.
+        _fail("--sparsespec-score-norm", "exact with --enable-deterministic-inference", "draft")
+    if config.schedule == "unified" and deterministic:
+        # A unified pass runs the verify kernel; the deterministic verify is lockstep-only.
+        _fail("--sparsespec-schedule", "lockstep with --enable-deterministic-inference", "unified")
+    return config
+
+
+def check_device(device: Any) -> None:
+    """Refuse a device SPARSESPEC does not run on (any but CUDA, outside the project's CPU test mode)."""
+    if not allowed_device(device):
+        _fail("--device", "cuda (SPARSESPEC's kernels run on CUDA GPUs)", device)
+
+
 def validate_server_args(server_args: Any) -> SparseSpecConfig:
     """Check every SPARSESPEC constraint and fill SGLang's speculative fields.
 
@@ -86,25 +129,9 @@ def validate_server_args(server_args: Any) -> SparseSpecConfig:
     from sparsespec_sglang.compat import attention_backends_of, dp_attention, model_config_of, resolving
 
     cfg = resolving(server_args)
-    deterministic = bool(getattr(cfg, "enable_deterministic_inference", False))
-    config = SparseSpecConfig.from_values(cfg.speculative_num_steps, _values(cfg))
+    config = check_flag_values(cfg)
     k = config.num_draft_steps
 
-    if cfg.speculative_eagle_topk not in (None, 1):
-        _fail("--speculative-eagle-topk", "1 (SPARSESPEC drafts one chain)", cfg.speculative_eagle_topk)
-    if cfg.speculative_num_draft_tokens not in (None, k + 1):
-        _fail("--speculative-num-draft-tokens",
-              f"--speculative-num-steps + 1 = {k + 1}", cfg.speculative_num_draft_tokens)
-    if cfg.speculative_draft_model_path is not None:
-        _fail("--speculative-draft-model-path", "unset (SPARSESPEC drafts with the target model)",
-              cfg.speculative_draft_model_path)
-    for flag in ("speculative_accept_threshold_single", "speculative_accept_threshold_acc"):
-        # SGLang's speculative sampling loosens acceptance below 1.0: the output would no longer
-        # follow the target distribution, and SPARSESPEC promises exactly the model's.
-        value = getattr(cfg, flag, 1.0)
-        if value != 1.0:
-            _fail("--" + flag.replace("_", "-"), "1.0 (a lower threshold accepts drafts the model would "
-                  "not sample: lossy)", value)
     if cfg.pp_size != 1:
         _fail("--pp-size", "1 (pipeline parallelism is not supported)", cfg.pp_size)
     dp = dp_attention(cfg)
@@ -115,13 +142,6 @@ def validate_server_args(server_args: Any) -> SparseSpecConfig:
         # A decode-only server gets requests whose prefill ran elsewhere: the worker's
         # per-request state (selection window, pending token) is set up by its own prefill.
         _fail("--disaggregation-mode", "null (PD disaggregation is not supported)", cfg.disaggregation_mode)
-    if config.score_norm == "draft" and deterministic:
-        # The deterministic verify (one SGLang decode per verify token) has its own exact row
-        # lse and scores from it; a draft-normalised request could only be ignored.
-        _fail("--sparsespec-score-norm", "exact with --enable-deterministic-inference", "draft")
-    if config.schedule == "unified" and deterministic:
-        # A unified pass runs the verify kernel; the deterministic verify is lockstep-only.
-        _fail("--sparsespec-schedule", "lockstep with --enable-deterministic-inference", "unified")
     for field in ("enable_page_major_kv_layout", "enable_unified_memory"):
         if getattr(cfg, field, False):
             # PillarAttn's kernels read the per-layer KV pool at the slot ids of req_to_token; these
@@ -129,8 +149,7 @@ def validate_server_args(server_args: Any) -> SparseSpecConfig:
             _fail("--" + field.replace("_", "-"), "off (PillarAttn reads the per-layer KV pool)", True)
     if cfg.kv_cache_dtype not in ("auto", "bfloat16", "float16"):
         _fail("--kv-cache-dtype", "auto, bfloat16 or float16", cfg.kv_cache_dtype)
-    if not allowed_device(cfg.device):
-        _fail("--device", "cuda (SPARSESPEC's kernels run on CUDA GPUs)", cfg.device)
+    check_device(cfg.device)
     if cfg.device == "cuda":
         # Another option (e.g. deterministic inference) may have swapped the backend.
         for backend in attention_backends_of(cfg):
