@@ -28,8 +28,19 @@
 #   lossless-det       --deterministic: SPARSESPEC ids must equal a plain deterministic decode    ~5-7 min
 #   sampling      scripts/check_sampling.py (unified default; random-weight model)
 #   entrypoints   scripts/check_entrypoints.py (unified default; random-weight model)
+#   speed         plain vs NGRAM vs SPARSESPEC (default flags) through SGLang's bench_offline_throughput
+#                 (scripts/bench_real_weights.py): natural acceptance, greedy, the reasoning prompts in the
+#                 chat template, SPEED_OUTPUT_LEN tokens each (ignore_eos), the batch submitted at once; one
+#                 engine per (configuration, batch). ~4-7 min per configuration (3 engine starts + ~1-2 min
+#                 of decoding), SPARSESPEC/NGRAM at the top of that: the three do NOT fit one call, so run one
+#                 configuration per call (SPEED_CONFIGS=plain, then ngram, then sparsespec; if one runs long,
+#                 SPEED_BATCHES=64,128 then 256) and then speed-merge. Writes $out/speed_<configs>[_bs<batches>].json
+#   speed-merge   joins every $out/speed_*.json into $out/speed.json with the per-batch ratios over plain
+#                 (refuses files of another GPU or workload; no GPU work)
 # Knobs: NUM_PROMPTS (64), MAX_NEW (2048), DTYPE (bfloat16; float32 makes near-ties rare), ACC_PROMPTS (16),
-# ACC_MAX_NEW (512), REF_DTYPE (float32), POOL_TOKENS (70000, about half the final KV of 64 x (prompt + 2048)).
+# ACC_MAX_NEW (512), REF_DTYPE (float32), POOL_TOKENS (70000, about half the final KV of 64 x (prompt + 2048)),
+# SPEED_CONFIGS (plain,ngram,sparsespec), SPEED_BATCHES (64,128,256), SPEED_OUTPUT_LEN (4096),
+# SPEED_ARGS (extra bench_offline_throughput flags for every configuration, e.g. "--mem-fraction-static 0.8").
 set -euo pipefail
 out=${OUT:-gpu-results}
 mkdir -p "$out"
@@ -87,7 +98,21 @@ case "${1:-}" in
       | grep -E "min p-value|DISTRIBUTION|Traceback" ;;
   entrypoints)
     python scripts/check_entrypoints.py --quiet --out "$out/entrypoints.json" 2>&1 | tail -15 ;;
+  speed)
+    need_model
+    configs=${SPEED_CONFIGS:-plain,ngram,sparsespec}
+    name=speed_${configs//,/_}${SPEED_BATCHES:+_bs${SPEED_BATCHES//,/_}}
+    python scripts/bench_real_weights.py --model-dir "$model" --configs "$configs" \
+      --batches "${SPEED_BATCHES:-64,128,256}" --output-len "${SPEED_OUTPUT_LEN:-4096}" \
+      --tool-args="${SPEED_ARGS:-}" --out "$out/$name.json" > "$out/$name.txt" 2>&1 || true
+    gzip -f "$out/${name}_work"/*.log 2>/dev/null || true
+    grep -E "^\[[a-z0-9-]+_bs[0-9]+\]|^output tok/s|^wrote|^bench_real_weights.py: error|Traceback" "$out/$name.txt" \
+      | grep -v "\] command: " | tail -20 ;;
+  speed-merge)
+    files=$(ls "$out"/speed_*.json 2>/dev/null || true)
+    [ -n "$files" ] || { echo "no $out/speed_*.json: run the speed stage first" >&2; exit 2; }
+    python scripts/bench_real_weights.py --merge $files --out "$out/speed.json" || true ;;
   *)
-    echo "usage: $0 {pieces|build|accept [MIN_SELECTED...]|lossless-unified|lossless-lockstep|lossless-retract|lossless-det|sampling|entrypoints}" >&2
+    echo "usage: $0 {pieces|build|accept [MIN_SELECTED...]|lossless-unified|lossless-lockstep|lossless-retract|lossless-det|sampling|entrypoints|speed|speed-merge}" >&2
     exit 2 ;;
 esac
