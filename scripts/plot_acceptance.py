@@ -1,20 +1,24 @@
 #!/usr/bin/env python
 """Plots and a markdown table from scripts/acceptance.py JSON results.
 
-    python scripts/plot_acceptance.py benchmarks/results/acceptance_smollm2-135m_*_cpu.json \
-        --name smollm2-135m --plots docs/plots
+    python scripts/plot_acceptance.py benchmarks/results/acceptance_smollm2-135m_*_cpu.json --name smollm2-135m
 
-Writes docs/plots/acceptance_<name>_points.png (mean accepted per study point, as a fraction
-of k so different k compare) and acceptance_<name>_position.png (mean accepted vs output
-position per point), and prints the table (one row per point; a label seen in several files
-keeps its first occurrence).
+Writes <plots>/acceptance_<name>_points.png (mean accepted per study point, as a fraction of k so
+different k compare) and <plots>/acceptance_<name>_position.png (mean accepted vs output position
+per point), prints their paths and the table (one row per point; a label seen in several files
+keeps its first occurrence). <plots> is a folder under the system's temporary directory unless
+--plots says otherwise (the project's own figures are regenerated with --plots docs/plots).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import tempfile
 from pathlib import Path
+
+# Outside any clone by default: a user's plots do not belong in the repository.
+DEFAULT_PLOTS = Path(tempfile.gettempdir()) / "sparsespec_plots"
 
 
 def load_rows(paths: list[Path]) -> list[dict]:
@@ -39,9 +43,10 @@ def table(rows: list[dict]) -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("results", nargs="+", type=Path)
-    ap.add_argument("--name", required=True, help="model name used in the PNG file names")
-    ap.add_argument("--plots", type=Path, default=Path("docs/plots"))
+    ap.add_argument("results", nargs="+", type=Path, help="JSON files written by scripts/acceptance.py --out")
+    ap.add_argument("--name", required=True, help="model name used in the PNG file names (required)")
+    ap.add_argument("--plots", type=Path, default=DEFAULT_PLOTS,
+                    help=f"folder the PNG files are written to (default: {DEFAULT_PLOTS})")
     args = ap.parse_args(argv)
     import matplotlib
 
@@ -73,6 +78,8 @@ def main(argv=None) -> int:
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(args.plots / f"acceptance_{args.name}_position.png", dpi=120)
+    for kind in ("points", "position"):
+        print(f"wrote {args.plots / f'acceptance_{args.name}_{kind}.png'}")
     print(table(rows))
     return 0
 
