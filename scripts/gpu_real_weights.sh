@@ -34,9 +34,11 @@
 #                 engine per (configuration, batch). ~4-7 min per configuration (3 engine starts + ~1-2 min
 #                 of decoding), SPARSESPEC/NGRAM at the top of that: the three do NOT fit one call, so run one
 #                 configuration per call (SPEED_CONFIGS=plain, then ngram, then sparsespec; if one runs long,
-#                 SPEED_BATCHES=64,128 then 256) and then speed-merge. Writes $out/speed_<configs>[_bs<batches>].json
-#   speed-merge   joins every $out/speed_*.json into $out/speed.json with the per-batch ratios over plain
-#                 (refuses files of another GPU or workload; no GPU work)
+#                 SPEED_BATCHES=64,128 then 256) and then speed-merge. Writes $out/speed_<configs>[_bs<batches>].json,
+#                 a copy kept in .gpu/speed-results (survives warm calls)
+#   speed-merge   joins every .gpu/speed-results/speed_*.json into $out/speed.json with the per-batch ratios
+#                 over plain (refuses files of another GPU or workload; no GPU work). If the host went cold in
+#                 between, merge the returned files here: python scripts/bench_real_weights.py --merge A.json B.json ... --out speed.json
 # Knobs: NUM_PROMPTS (64), MAX_NEW (2048), DTYPE (bfloat16; float32 makes near-ties rare), ACC_PROMPTS (16),
 # ACC_MAX_NEW (512), REF_DTYPE (float32), POOL_TOKENS (70000, about half the final KV of 64 x (prompt + 2048)),
 # SPEED_CONFIGS (plain,ngram,sparsespec), SPEED_BATCHES (64,128,256), SPEED_OUTPUT_LEN (4096),
@@ -47,6 +49,7 @@ mkdir -p "$out"
 pieces=.gpu/smollm2-pieces
 gguf=.gpu/SmolLM2-135M-Instruct.Q4_1.gguf
 model=.gpu/smollm2-135m
+speed_keep=.gpu/speed-results  # the speed stage's JSONs, kept between warm calls for speed-merge
 export SPARSESPEC_MODEL_CACHE=${SPARSESPEC_MODEL_CACHE:-.gpu/model-cache}  # inside the repo: survives warm calls
 n=${NUM_PROMPTS:-64}
 max_new=${MAX_NEW:-2048}
@@ -106,11 +109,12 @@ case "${1:-}" in
       --batches "${SPEED_BATCHES:-64,128,256}" --output-len "${SPEED_OUTPUT_LEN:-4096}" \
       --tool-args="${SPEED_ARGS:-}" --out "$out/$name.json" > "$out/$name.txt" 2>&1 || true
     gzip -f "$out/${name}_work"/*.log 2>/dev/null || true
+    mkdir -p "$speed_keep" && { cp "$out/$name.json" "$speed_keep/" 2>/dev/null || true; }
     grep -E "^\[[a-z0-9-]+_bs[0-9]+\]|^output tok/s|^wrote|^bench_real_weights.py: error|Traceback" "$out/$name.txt" \
       | grep -v "\] command: " | tail -20 ;;
   speed-merge)
-    files=$(ls "$out"/speed_*.json 2>/dev/null || true)
-    [ -n "$files" ] || { echo "no $out/speed_*.json: run the speed stage first" >&2; exit 2; }
+    files=$(ls "$speed_keep"/speed_*.json 2>/dev/null || true)
+    [ -n "$files" ] || { echo "no $speed_keep/speed_*.json on this host: run the speed stage first" >&2; exit 2; }
     python scripts/bench_real_weights.py --merge $files --out "$out/speed.json" || true ;;
   *)
     echo "usage: $0 {pieces|build|accept [MIN_SELECTED...]|lossless-unified|lossless-lockstep|lossless-retract|lossless-det|sampling|entrypoints|speed|speed-merge}" >&2
