@@ -1,12 +1,12 @@
-"""Split a file into pieces small enough for one device transfer, and join them back, verified.
+"""Split a file into pieces no larger than a transfer limit, and join them back, verified.
 
-The device tool carries at most 64 MiB per call, and a real model file (the SmolLM2-135M GGUF is
-98,362,432 bytes) does not fit, nor does it fit beside the ~50 MB SGLang bundle. So the file travels
-as pieces across several calls (ignored paths stay on the warm host between calls), and a manifest
-with the sha256 of every piece and of the whole lets the host prove the reassembled file is intact.
+A developer tool for hosts that files reach only through transfers of limited size (see
+docs/development.md): a model file larger than the limit travels as pieces across several transfers,
+and a manifest with the sha256 of every piece and of the whole lets the receiving host prove the
+reassembled file is intact.
 
-    python scripts/carry_pieces.py split model.gguf --first-piece-mib 8 --piece-mib 56 --out .gpu/pieces
-    python scripts/carry_pieces.py join .gpu/pieces --out model.gguf
+    python scripts/carry_pieces.py split model.gguf --first-piece-mib 8 --piece-mib 56 --out pieces
+    python scripts/carry_pieces.py join pieces --out model.gguf
 """
 
 from __future__ import annotations

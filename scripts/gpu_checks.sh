@@ -1,26 +1,26 @@
 #!/usr/bin/env bash
-# GPU-host check stages, each sized to fit one 10-minute device command. Results go to $OUT
-# (or ./gpu-results). Run from the repo root after `. .gpu/activate.sh`:
+# GPU-host checks in stages of a few minutes each, on a CUDA host with SGLang and the plugin installed
+# (README "Install"). Results go to $OUT (or ./gpu-results). Run from the root of the clone:
 #   bash scripts/gpu_checks.sh tests     # kernel GPU tests + join/leave/retract + deterministic exact equality
 #   bash scripts/gpu_checks.sh lossless  # the original end-to-end lossless test (overlap, no-overlap, dense)
 #   bash scripts/gpu_checks.sh kernels   # kernel table at B 1/32/128 x 4K/16K/32K
-#   bash scripts/gpu_checks.sh plain4k   # plain SGLang, B 128, 512 in / 4096 out (issue baseline)
+#   bash scripts/gpu_checks.sh plain4k   # plain SGLang, B 128, 512 in / 4096 out (the baseline of spec4k)
 #   bash scripts/gpu_checks.sh spec4k    # SPARSESPEC exact + draft-normalised, same workload
 #   bash scripts/gpu_checks.sh batches   # plain vs SPARSESPEC at B 32/64/128, 512 in / 2048 out
 #   bash scripts/gpu_checks.sh accept    # break-even: forced acceptance 5..9 at B 64, 512 in / 2048 out (1, 3: docs/results.md)
 #   bash scripts/gpu_checks.sh offload   # retraction with the KV kept in HiCache: lossless test + B 128 / 4K run
 #   bash scripts/gpu_checks.sh sampling  # temperature / top-p / top-k: SPARSESPEC keeps plain's distribution
-#   bash scripts/gpu_checks.sh tp2       # --tp 2 (two GPUs: nvidia-h200-x2), deterministic greedy equality
+#   bash scripts/gpu_checks.sh tp2       # --tp 2 (two GPUs), deterministic greedy equality
 #   bash scripts/gpu_checks.sh unified   # unified passes (the default): join/leave + logprob-switch and no-CUDA-graph lossless tests
 #   bash scripts/gpu_checks.sh unified2k # lockstep vs unified vs unified without delayed verification, B 128 512/2048 (pass timing)
 #   bash scripts/gpu_checks.sh unified4k # lockstep vs unified at B 128 512/4096 (full-batch pass sizes, pass timing)
-#   bash scripts/gpu_checks.sh ngram4k   # plain vs NGRAM at B 128 512/4096 (the benchmark issue's workload)
+#   bash scripts/gpu_checks.sh ngram4k   # plain vs NGRAM at B 128 512/4096 (the spec4k workload)
 #   bash scripts/gpu_checks.sh pool50    # KV pool at 50% of the final KV, B 128 512/4096: plain retract vs plain + HiCache
 #   bash scripts/gpu_checks.sh pool50spec # the same for SPARSESPEC + HiCache (with the host-copy timing lines)
 #   bash scripts/gpu_checks.sh long16k   # plain vs SPARSESPEC at B 16, 512/16384 (speedup vs context from the log)
 #   bash scripts/gpu_checks.sh shape14b  # plain vs SPARSESPEC, Qwen3-14B shape, B 32/64, 512/2048
 #   bash scripts/gpu_checks.sh everytoken # every-token lossless check (plain teacher-forces each output), random weights
-# Real weights (SmolLM2-135M carried in pieces): scripts/gpu_real_weights.sh.
+# Real weights (SmolLM2-135M): scripts/gpu_real_weights.sh.
 # then, on any machine: python scripts/plot_results.py $OUT/*.json --out-dir plots/
 set -euo pipefail
 out=${OUT:-gpu-results}

@@ -241,7 +241,7 @@ def dataset_rows(reqs: Sequence[Request]) -> list:
 def _allow_without_hf_datasets() -> None:
     """bench_serving's dataset registry imports Hugging Face ``datasets`` at module level for its
     hub-backed loaders (MMMU and others), which replay never calls: it hands ``benchmark()`` its own
-    rows. Where the package is absent (the GPU host's SGLang bundle lacks it), a stand-in module
+    rows. Where the package is absent (an SGLang install without its optional packages), a stand-in module
     lets the import succeed, and any loader that would really need it fails with one line."""
     try:
         import datasets  # noqa: F401
