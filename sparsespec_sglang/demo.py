@@ -112,7 +112,7 @@ def histogram(accepted: Sequence[int], k: int) -> list[str]:
     counts = Counter(accepted)
     top = max(counts.values(), default=1)
     width = len(str(top))
-    return [f"  {m:>{len(str(k))}} | {str(counts[m]).rjust(width)} {'#' * round(BAR_WIDTH * counts[m] / top)}"
+    return [f"  {m:>{len(str(k))}} | {str(counts[m]).rjust(width)} {'#' * round(BAR_WIDTH * counts[m] / top)}".rstrip()
             for m in range(k + 1)]
 
 

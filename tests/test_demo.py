@@ -25,7 +25,7 @@ def test_histogram_has_one_line_per_accepted_count():
     assert len(lines) == 9
     assert lines[8] == "  8 | 2 " + "#" * demo.BAR_WIDTH
     assert lines[3] == "  3 | 1 " + "#" * (demo.BAR_WIDTH // 2)
-    assert lines[5] == "  5 | 0 "
+    assert lines[5] == "  5 | 0"
 
 
 def test_every_option_has_help_with_its_default():
