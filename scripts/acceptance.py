@@ -24,7 +24,15 @@ template), or --num-prompts N --prompt-len L random token prompts (seeded).
 --make-tiny creates a tiny random Qwen3 model in --model-dir if it does not exist.
 Greedy points: plain greedy decoding runs once per prompt; its output is the guess that lets
 the reference draft a whole cycle in one forward, and every point records whether its output
-equals it token for token ("lossless").
+equals it token for token ("lossless"). Each prompt's plain output also gets its share of
+repeated 4-grams (`plain_repeated_4gram_share`): small models fall into loops on long outputs,
+and a loop rewards copying from the recent window, so `scripts/selection_study.py` reports
+looping and non-looping prompts apart.
+
+--workers N runs N processes, each with its own copy of the model, one prompt (plain decode and
+every point) at a time: the reference decodes one request at a time and is launch-bound on a GPU,
+so a 0.1-0.5B model leaves the GPU mostly idle to one process. Sampled points draw from a
+generator seeded with --seed plus the prompt's index, so results do not depend on N.
 """
 
 from __future__ import annotations
@@ -44,7 +52,10 @@ BASELINE_POINTS = ["policy=window", "policy=random", "policy=inverted", "policy=
                    "policy=hybrid:0.5", "policy=hybrid:0.75"]
 OFAT_POINTS = ["default", "k=4", "k=16", "s=0.02", "s=0.1", "min_sel=16", "min_sel=128", "min_sel=192",
                "score_norm=draft", "aggregation=max", "temperature=0.6", *BASELINE_POINTS]
-POINT_SETS = {"ofat": OFAT_POINTS, "baselines": ["default", *BASELINE_POINTS]}
+# The selection study: PillarAttn, the window and the window/score hybrids at two selection floors.
+SELECTION_POINTS = [f"min_sel={m}+policy={p}" for m in (64, 128)
+                    for p in ("pillar", "window", "hybrid:0.25", "hybrid:0.5", "hybrid:0.75")]
+POINT_SETS = {"ofat": OFAT_POINTS, "baselines": ["default", *BASELINE_POINTS], "selection": SELECTION_POINTS}
 POINT_KEYS = {"k": ("k", int), "s": ("sparsity", float), "min_sel": ("min_selected", int),
               "max_sel": ("max_selected", int), "sink": ("num_sink", int), "score_norm": ("score_norm", str),
               "aggregation": ("aggregation", str), "temperature": ("temperature", float),
@@ -131,6 +142,8 @@ def parse_args(argv=None):
     ap.add_argument("--threads", type=int, default=1,
                     help="torch CPU threads (1, the default, is fastest on a shared CPU; 0: torch's default)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--workers", type=int, default=1,
+                    help="processes, each with its own model copy, working on one prompt at a time (default 1)")
     ap.add_argument("--note", default="", help="free text stored in the JSON (e.g. what was cut to fit)")
     ap.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
     ap.add_argument("--out", required=True)
@@ -139,6 +152,8 @@ def parse_args(argv=None):
         args.num_prompts = 4
     if args.few_shot_tokens and not args.prompt_set:
         ap.error("--few-shot-tokens needs --prompt-set")
+    if args.workers < 1:
+        ap.error(f"--workers must be an integer >= 1 (got {args.workers})")
     if args.bucket_size is None:
         args.bucket_size = max(1, math.ceil(args.max_new_tokens / 8))
     try:
@@ -278,11 +293,112 @@ def _machine(device: str) -> dict:
     return info
 
 
+def repeated_ngram_share(tokens: list[int], n: int = 4) -> float:
+    """Share of the output's n-grams that already occurred earlier in it (0: no repeats; a loop
+    of period p over most of the output tends to 1)."""
+    grams = [tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1)]
+    return (len(grams) - len(set(grams))) / len(grams) if grams else 0.0
+
+
+@dataclass
+class PromptRun:
+    """One prompt's plain decode and its output at every point (cycles without tensors)."""
+
+    plain: list[int]
+    plain_s: float
+    outputs: list
+    walls: list[float]
+
+
+def run_prompt(model, index: int, prompt: list[int], points: list[Point], args: argparse.Namespace) -> PromptRun:
+    """Plain greedy decoding, then every point, on one prompt (its prefill computed once)."""
+    import torch
+
+    from sparsespec_sglang.testing import reference as R
+
+    stop = dict(ignore_eos=args.ignore_eos)
+    t0 = time.perf_counter()
+    pre = R.prefill(model, prompt)
+    plain = R.plain_generate(model, prompt, args.max_new_tokens, prefilled=pre, **stop).tokens
+    plain_s = time.perf_counter() - t0
+    outputs, walls = [], []
+    for pt in points:
+        gen = torch.Generator().manual_seed(args.seed + index)
+        t0 = time.perf_counter()
+        out = R.sparsespec_generate(model, prompt, args.max_new_tokens, pt.config(R), policy=pt.policy,
+                                    target_tokens=plain if pt.temperature <= 0 else None, prefilled=pre,
+                                    temperature=pt.temperature, top_k=args.top_k, top_p=args.top_p,
+                                    generator=gen, **stop)
+        walls.append(time.perf_counter() - t0)
+        for c in out.cycles:  # tensors stay in the worker
+            c.selection = c.scores = None
+        outputs.append(out)
+    return PromptRun(plain, plain_s, outputs, walls)
+
+
+_worker_model: list = []  # the model of this worker process (set once by _init_worker)
+
+
+def _init_worker(model_dir: str, device: str, dtype: str, threads: int) -> None:
+    import torch
+
+    from sparsespec_sglang.testing import reference as R
+
+    torch.set_num_threads(max(threads, 1))
+    _worker_model.append(R.load_model(model_dir, device=device, dtype=dtype))
+
+
+def _worker_run(index: int, prompt: list[int], points: list[Point], args: argparse.Namespace) -> PromptRun:
+    return run_prompt(_worker_model[0], index, prompt, points, args)
+
+
+def _model_info(model_dir: Path):
+    """The config and generation config a model directory declares (vocab size, EOS ids) without
+    loading its weights: with --workers the weights load only in the workers."""
+    from types import SimpleNamespace
+
+    from transformers import AutoConfig, GenerationConfig
+
+    config = AutoConfig.from_pretrained(model_dir)
+    try:
+        generation = GenerationConfig.from_pretrained(model_dir)
+    except OSError:
+        generation = GenerationConfig.from_model_config(config)
+    return SimpleNamespace(config=config, generation_config=generation)
+
+
+def run_all(args: argparse.Namespace, model_dir: Path, prompts: list[list[int]], points: list[Point]) -> list[PromptRun]:
+    """Every prompt, in order: in this process, or spread over --workers processes."""
+    from tqdm import tqdm
+
+    bar = tqdm(total=len(prompts), desc="acceptance", unit="prompt", disable=args.no_progress, file=sys.stderr)
+    if args.workers == 1:
+        from sparsespec_sglang.testing import reference as R
+
+        model = R.load_model(model_dir, device=args.device, dtype=args.dtype)
+        runs = []
+        for i, p in enumerate(prompts):
+            runs.append(run_prompt(model, i, p, points, args))
+            bar.update()
+    else:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(max_workers=min(args.workers, len(prompts)),
+                                 mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker,
+                                 initargs=(str(model_dir), args.device, args.dtype, args.threads)) as pool:
+            futures = [pool.submit(_worker_run, i, p, points, args) for i, p in enumerate(prompts)]
+            for f in futures:
+                f.add_done_callback(lambda _: bar.update())
+            runs = [f.result() for f in futures]
+    bar.close()
+    return runs
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     import torch
     import transformers
-    from tqdm import tqdm
 
     import sparsespec_sglang
     from sparsespec_sglang.testing import reference as R
@@ -297,54 +413,38 @@ def main(argv=None) -> int:
 
         make_model_dir(model_dir, "tiny", seed=args.seed)
 
-    model = R.load_model(model_dir, device=args.device, dtype=args.dtype)
+    info = _model_info(model_dir)
     try:
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
         special = set(tokenizer.all_special_ids)
-        vocab = min(len(tokenizer), model.config.vocab_size)
+        vocab = min(len(tokenizer), info.config.vocab_size)
     except Exception:  # no tokenizer: random prompts only
-        tokenizer, special, vocab = None, set(), model.config.vocab_size
-    special |= R.eos_token_ids(model, None)
+        tokenizer, special, vocab = None, set(), info.config.vocab_size
+    special |= R.eos_token_ids(info, None)
     prompts, prompt_names = load_prompt_ids(args, tokenizer, vocab, special)
     points = args.point_list
-    bar_total = len(prompts) * (len(points) + 1)
-    bar = tqdm(total=bar_total, desc="acceptance", unit="gen", disable=args.no_progress, file=sys.stderr)
 
-    stop = dict(ignore_eos=args.ignore_eos)
     t0 = time.perf_counter()
-    prefills = [R.prefill(model, p) for p in prompts]
-    plain = []
-    for p, pre in zip(prompts, prefills):
-        plain.append(R.plain_generate(model, p, args.max_new_tokens, prefilled=pre, **stop).tokens)
-        bar.update()
-    plain_s = time.perf_counter() - t0
+    runs = run_all(args, model_dir, prompts, points)
+    total_s = time.perf_counter() - t0
+    plain = [r.plain for r in runs]
 
     results = []
-    for pt in points:
-        gen = torch.Generator().manual_seed(args.seed)
-        sampling = dict(temperature=pt.temperature, top_k=args.top_k, top_p=args.top_p, generator=gen, **stop)
-        t0 = time.perf_counter()
-        outs = []
-        for p, pre, target in zip(prompts, prefills, plain):
-            guess = target if pt.temperature <= 0 else None
-            outs.append(R.sparsespec_generate(model, p, args.max_new_tokens, pt.config(R), policy=pt.policy,
-                                              target_tokens=guess, prefilled=pre, **sampling))
-            bar.update()
+    for j, pt in enumerate(points):
+        outs = [r.outputs[j] for r in runs]
         entry = {"label": pt.label, "k": pt.k, "sparsity": pt.sparsity, "min_selected": pt.min_selected,
                  "max_selected": pt.max_selected, "num_sink": pt.num_sink, "score_norm": pt.score_norm,
                  "aggregation": pt.aggregation, "temperature": pt.temperature, "policy": pt.policy,
-                 "wall_s": time.perf_counter() - t0}
+                 "wall_s": sum(r.walls[j] for r in runs)}
         entry.update(summarize(outs, pt.k, args.bucket_size))
         if pt.temperature <= 0:
             entry["lossless"] = all(o.tokens == t for o, t in zip(outs, plain))
         results.append(entry)
-        bar.write(f"{pt.label}: mean accepted {entry['mean_accepted']:.3f}/{pt.k}, "
-                  f"tokens/cycle {entry['mean_tokens_per_cycle']:.3f}, cycles {entry['num_cycles']}, "
-                  f"{entry['wall_s']:.1f}s" + (f", lossless={entry['lossless']}" if "lossless" in entry else ""),
-                  file=sys.stdout)
-    bar.close()
+        print(f"{pt.label}: mean accepted {entry['mean_accepted']:.3f}/{pt.k}, "
+              f"tokens/cycle {entry['mean_tokens_per_cycle']:.3f}, cycles {entry['num_cycles']}, "
+              f"{entry['wall_s']:.1f}s" + (f", lossless={entry['lossless']}" if "lossless" in entry else ""))
 
     report = {
         "command": " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]),
@@ -359,7 +459,7 @@ def main(argv=None) -> int:
         "machine": _machine(args.device),
         "note": args.note,
         "model_dir": str(model_dir),
-        "model_type": model.config.model_type,
+        "model_type": info.config.model_type,
         "device": args.device,
         "dtype": args.dtype,
         "num_prompts": len(prompts),
@@ -369,7 +469,10 @@ def main(argv=None) -> int:
                           "few_shot_tokens": args.few_shot_tokens, "chat": args.chat},
         "max_new_tokens": args.max_new_tokens,
         "plain_tokens": [len(t) for t in plain],
-        "plain_wall_s": plain_s,
+        "plain_wall_s": sum(r.plain_s for r in runs),
+        "plain_repeated_4gram_share": [repeated_ngram_share(t) for t in plain],
+        "workers": args.workers,
+        "total_wall_s": total_s,
         "sampling": {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p,
                      "ignore_eos": args.ignore_eos, "seed": args.seed},
         "selection": {"min_selected": args.min_selected, "max_selected": args.max_selected,

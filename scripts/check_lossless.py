@@ -166,7 +166,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--out", required=True)
     ap.add_argument("--shape", default="small")
-    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--dtype", default="bfloat16",
+                    help="model dtype (default bfloat16: on CUDA, sgl_kernel's rmsnorm has no float32 path)")
     ap.add_argument("--num-prompts", type=int, default=32)
     ap.add_argument("--prompt-len", type=int, nargs=2, default=(64, 512))
     ap.add_argument("--max-new-tokens", type=int, default=512)

@@ -127,3 +127,36 @@ def test_ofat_point_set():
     assert {p.policy for p in pts.values()} == {"pillar", "window", "random", "inverted", "hybrid:0.25",
                                                  "hybrid:0.5", "hybrid:0.75"}
     assert len(pts) == 17
+
+
+def test_repeated_ngram_share():
+    sys.path.insert(0, str(SCRIPT.parent))
+    try:
+        import acceptance
+    finally:
+        sys.path.pop(0)
+    assert acceptance.repeated_ngram_share([1, 2, 3, 4, 5, 6]) == 0.0
+    # period-2 loop: of the 7 4-grams only (1,2,1,2) and (2,1,2,1) are new
+    assert acceptance.repeated_ngram_share([1, 2] * 5) == pytest.approx(5 / 7)
+    assert acceptance.repeated_ngram_share([1, 2, 3]) == 0.0
+
+
+def test_workers_give_the_same_results(greedy_run, tmp_path):
+    """Prompts spread over worker processes: every per-prompt number equals the in-process run's,
+    sampled points included (each prompt's generator is seeded from its index)."""
+    model_dir = greedy_run[0]
+    outs = {}
+    for w in (1, 2):
+        outs[w] = tmp_path / f"w{w}.json"
+        _run("--model-dir", model_dir, "--num-prompts", 3, "--prompt-len", 40, "--max-new-tokens", 16,
+             "--ignore-eos", "--min-selected", 2, "--points", "default,policy=window,temperature=0.8",
+             "--workers", w, "--no-progress", "--out", outs[w])
+    one, two = (json.loads(outs[w].read_text()) for w in (1, 2))
+    assert two["workers"] == 2 and one["workers"] == 1
+    assert len(one["plain_repeated_4gram_share"]) == 3 and one["plain_repeated_4gram_share"] == two["plain_repeated_4gram_share"]
+    for a, b in zip(one["results"], two["results"]):
+        assert a["mean_accepted_per_prompt"] == b["mean_accepted_per_prompt"], a["label"]
+        assert a["acceptance_histogram"] == b["acceptance_histogram"] and a["by_position"] == b["by_position"]
+    proc = _run("--model-dir", model_dir, "--max-new-tokens", 4, "--workers", 0, "--out", tmp_path / "x.json",
+                check=False)
+    assert proc.returncode == 2 and "--workers must be an integer >= 1" in proc.stderr
