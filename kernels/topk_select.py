@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from sparsespec_sglang.selection import SelectionPolicy, num_selected_device
+from sparsespec_sglang.selection import SelectionPolicy, num_recent_device, num_selected_device
 
 _BLOCK = 1024
 # 8-bit counters in the packed int64 words overflow after 255 increments per lane.
@@ -88,8 +88,10 @@ def _select_topk_kernel(
     Cand_End,
     Out_Indices,
     Out_Lens,
+    Out_Recent,
     num_sink,
     sparsity_ppm,
+    recent_ppm,
     min_sel,
     max_sel,
     stride_sl,
@@ -102,6 +104,7 @@ def _select_topk_kernel(
     BLOCK: tl.constexpr,
     FLUSH_BLOCKS: tl.constexpr,
     OUT_BY_ROW: tl.constexpr,
+    HAS_RECENT: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
@@ -113,10 +116,17 @@ def _select_topk_kernel(
 
     seq_len = tl.load(Seq_Lens + b)
     cand_end = tl.load(Cand_End + b)
-    n_cand = tl.maximum(cand_end - num_sink, 0)
     k = num_selected_device(seq_len, cand_end, sparsity_ppm, min_sel, max_sel, num_sink)
+    # The recent part of K is the R candidates just before cand_end: the caller starts the
+    # dense tail there, so only the K - R best of the older candidates are listed.
+    recent = num_recent_device(k, recent_ppm)
+    k -= recent
+    cand_end -= recent
+    n_cand = tl.maximum(cand_end - num_sink, 0)
     if (h == 0) & (layer == 0):
         tl.store(Out_Lens + out_b, k)
+        if HAS_RECENT:
+            tl.store(Out_Recent + out_b, recent)
 
     if k > 0:
         score_row = Scores + b * stride_sb + h * stride_sh
@@ -167,12 +177,17 @@ def select_topk(
     cand_end: torch.Tensor,
     out_indices: torch.Tensor,
     out_lens: torch.Tensor,
+    out_recent: torch.Tensor | None = None,
     out_by_row: bool = False,
 ) -> None:
     """Slot ids of the K_b best candidate positions [policy.num_sink, cand_end[b]) per (b, KV head).
 
     K_b = ``policy.num_selected(seq_lens[b], cand_end[b])`` (``sparsespec_sglang.selection``,
-    integer arithmetic shared with the host). Shapes: scores [B, Hkv, >= max cand_end] fp32;
+    integer arithmetic shared with the host). With a recent share (``policy.recent_ppm``, the
+    hybrid and window selections) R_b = ``policy.num_recent(K_b)`` of them are the most recent
+    candidates [cand_end[b] - R_b, cand_end[b]): they are not listed, R_b goes to
+    ``out_recent[b]`` (the caller's dense tail starts there), and the K_b - R_b best-scored of
+    [policy.num_sink, cand_end[b] - R_b) are written, their count to ``out_lens``. Shapes: scores [B, Hkv, >= max cand_end] fp32;
     req_to_token [max_reqs, max_ctx] int32; req_pool_indices, seq_lens, cand_end [B] int32;
     out_indices [B, Hkv, >= policy.max_selected] int32 (entries [b, h, :K_b] written, sorted by
     position, rest untouched); out_lens [B] int32. With ``out_by_row`` they are whole-pool
@@ -194,6 +209,7 @@ def select_topk(
     assert out_by_row or (out_indices.shape[1] == batch and out_lens.shape[0] >= batch)
     assert scores.dtype == torch.float32 and scores.stride(3) == 1
     assert req_to_token.stride(1) == 1 and out_indices.stride(3) == 1
+    assert policy.recent_ppm == 0 or out_recent is not None, "a recent share needs out_recent"
     if batch == 0 or num_layers == 0:
         return
     _select_topk_kernel[(batch, num_kv_heads, num_layers)](
@@ -204,8 +220,10 @@ def select_topk(
         cand_end,
         out_indices,
         out_lens,
+        out_lens if out_recent is None else out_recent,
         policy.num_sink,
         policy.sparsity_ppm,
+        policy.recent_ppm,
         policy.min_selected,
         policy.max_selected,
         scores.stride(0),
@@ -218,6 +236,7 @@ def select_topk(
         BLOCK=_BLOCK,
         FLUSH_BLOCKS=_FLUSH_BLOCKS,
         OUT_BY_ROW=out_by_row,
+        HAS_RECENT=out_recent is not None,
         num_warps=8,
     )
 
@@ -232,13 +251,18 @@ def select_topk_ref(
     cand_end: torch.Tensor,
     out_indices: torch.Tensor,
     out_lens: torch.Tensor,
+    out_recent: torch.Tensor | None = None,
 ) -> None:
     """PyTorch reference with the kernel's contract (ties -> lower position, output by position)."""
     num_sink = policy.num_sink
     for b in range(scores.shape[0]):
-        n_cand = policy.num_candidates(int(cand_end[b]))
         k = policy.num_selected(int(seq_lens[b]), int(cand_end[b]))
+        recent = policy.num_recent(k)
+        k -= recent
+        n_cand = policy.num_candidates(int(cand_end[b]) - recent)
         out_lens[b] = k
+        if out_recent is not None:
+            out_recent[b] = recent
         row = req_to_token[int(req_pool_indices[b])]
         for h in range(scores.shape[1]):
             if k == 0:

@@ -13,6 +13,10 @@
 #   2. carry .gpu/smollm2-pieces/SmolLM2-135M-Instruct.Q4_1.gguf.part01     (command: bash scripts/gpu_real_weights.sh pieces)
 #   3. carry .gpu/smollm2-pieces/SmolLM2-135M-Instruct.Q4_1.gguf.part02     (command: . .gpu/activate.sh && bash scripts/gpu_real_weights.sh build)
 # If the host went cold in between, `pieces` shows what is missing: start again from call 1.
+# MODEL=qwen2.5-coder-0.5b picks the second model (its GGUF, 491,400,064 bytes, comes from
+# `python -m sparsespec_sglang.testing.real_models build qwen2.5-coder-0.5b` under
+# ~/.cache/sparsespec_sglang/models/gguf/): split it into .gpu/qwen2.5-coder-0.5b-pieces (first piece
+# 8 MiB beside the bundle, then 56 MiB pieces: 10 calls in a row), then every stage with MODEL set.
 #
 # Stages (estimated: SGLang engine start 60-120 s each; SmolLM2 decodes fast):
 #   pieces        which pieces/manifest are on this host (no GPU work)
@@ -21,6 +25,11 @@
 #                 SGLang's own output tokens (the verdict) and free-running (reported); REF_DTYPE picks
 #                 the reference dtype (float32; bfloat16 narrows the drafting-numerics gap)
 #                 (default "16 128"; ~4-5 min each: run one value per call when short of time)
+#   select        the draft-selection study with the reference on the GPU (scripts/acceptance.py --workers,
+#                 then scripts/selection_study.py): SELECT_SET few-shot (~3K-token contexts, 16 gsm_symbolic
+#                 + 10 codeio prompts, 256 tokens, pillar / window / hybrid:{0.25,0.5,0.75}) or longgen (short
+#                 chat prompts, 2048 tokens, pillar / window / hybrid:{0.5,0.75}, SELECT_PROMPTS of them);
+#                 ~8 min for few-shot gsm on SmolLM2 with 14 workers; longgen 8 prompts ~9 min
 #   lossless-unified   every-token check, 64 x 2048, unified schedule (the default)                ~4-6 min
 #   lossless-lockstep  the same, lockstep schedule                                                 ~4-6 min
 #   lossless-retract   pool capped at ~50% of the final KV + HiCache, staggered arrival, ragged
@@ -40,15 +49,21 @@
 #                 over plain (refuses files of another GPU or workload; no GPU work). If the host went cold in
 #                 between, merge the returned files here: python scripts/bench_real_weights.py --merge A.json B.json ... --out speed.json
 # Knobs: NUM_PROMPTS (64), MAX_NEW (2048), DTYPE (bfloat16; float32 makes near-ties rare), ACC_PROMPTS (16),
-# ACC_MAX_NEW (512), REF_DTYPE (float32), POOL_TOKENS (70000, about half the final KV of 64 x (prompt + 2048)),
+# ACC_MAX_NEW (512), REF_DTYPE (float32), SELECTION (accept: --sparsespec-selection on both sides),
+# SELECT_SET (fewshot-gsm | fewshot-codeio | longgen), SELECT_PROMPTS (8), SELECT_WORKERS (14), POOL_TOKENS (70000, about half the final KV of 64 x (prompt + 2048)),
 # SPEED_CONFIGS (plain,ngram,sparsespec), SPEED_BATCHES (64,128,256), SPEED_OUTPUT_LEN (4096),
 # SPEED_ARGS (extra bench_offline_throughput flags for every configuration, e.g. "--mem-fraction-static 0.8").
 set -euo pipefail
 out=${OUT:-gpu-results}
 mkdir -p "$out"
-pieces=.gpu/smollm2-pieces
-gguf=.gpu/SmolLM2-135M-Instruct.Q4_1.gguf
-model=.gpu/smollm2-135m
+name=${MODEL:-smollm2-135m}
+case "$name" in
+  smollm2-135m) gguf_name=SmolLM2-135M-Instruct.Q4_1.gguf; pieces=.gpu/smollm2-pieces ;;
+  qwen2.5-coder-0.5b) gguf_name=Qwen2.5-Coder-0.5B-Instruct.gguf; pieces=.gpu/qwen2.5-coder-0.5b-pieces ;;
+  *) echo "MODEL must be smollm2-135m or qwen2.5-coder-0.5b (got $name)" >&2; exit 2 ;;
+esac
+gguf=.gpu/$gguf_name
+model=.gpu/$name
 speed_keep=.gpu/speed-results  # the speed stage's JSONs, kept between warm calls for speed-merge
 export SPARSESPEC_MODEL_CACHE=${SPARSESPEC_MODEL_CACHE:-.gpu/model-cache}  # inside the repo: survives warm calls
 n=${NUM_PROMPTS:-64}
@@ -73,20 +88,37 @@ case "${1:-}" in
     ls -la .gpu/sglang-site.tar.xz 2>/dev/null || echo "no SGLang bundle yet" ;;
   build)
     python scripts/carry_pieces.py join "$pieces" --out "$gguf"
-    python -m sparsespec_sglang.testing.real_models from-gguf "$gguf" --out "$model" --name smollm2-135m \
-      2>&1 | tail -5 | tee "$out/build_smollm2.txt"
+    python -m sparsespec_sglang.testing.real_models from-gguf "$gguf" --out "$model" --name "$name" \
+      2>&1 | tail -5 | tee "$out/build_$name.txt"
     ls "$model" ;;
   accept)
     need_model
     shift
     ref_dtype=${REF_DTYPE:-float32}
     for m in ${*:-16 128}; do
-      name=natural_acceptance_min${m}_ref_$ref_dtype
+      run=natural_acceptance_${name}_min${m}_ref_$ref_dtype${SELECTION:+_${SELECTION//:/}}
       python scripts/natural_acceptance.py --model-dir "$model" --num-prompts "${ACC_PROMPTS:-16}" \
         --max-new-tokens "${ACC_MAX_NEW:-512}" --k 8 --sparsity 0.05 --min-selected "$m" --ref-device cuda \
-        --ref-dtype "$ref_dtype" --quiet --out "$out/$name.json" > "$out/$name.txt" 2>&1 || true
-      grep -E "^natural acceptance|Traceback|Error" "$out/$name.txt" | tail -5
+        --ref-dtype "$ref_dtype" ${SELECTION:+--selection "$SELECTION"} --quiet --out "$out/$run.json" \
+        > "$out/$run.txt" 2>&1 || true
+      grep -E "^natural acceptance|Traceback|Error" "$out/$run.txt" | tail -5
     done ;;
+  select)
+    need_model
+    acc="python scripts/acceptance.py --model-dir $model --device cuda --threads 1 --ignore-eos --no-progress
+         --prompt-set benchmarks/prompts/reasoning_prompts.jsonl --workers ${SELECT_WORKERS:-14}"
+    set_name=${SELECT_SET:-fewshot-gsm}
+    run=selection_${name}_${set_name}
+    case "$set_name" in
+      fewshot-gsm) $acc --task gsm_symbolic --prompt-start 24 --num-prompts 16 --few-shot-tokens 3000 \
+                     --max-new-tokens 256 --bucket-size 32 --points selection --out "$out/$run.json" ;;
+      fewshot-codeio) $acc --task codeio --num-prompts 10 --few-shot-tokens 3000 --max-new-tokens 256 \
+                     --bucket-size 32 --points selection --out "$out/$run.json" ;;
+      longgen) $acc --task gsm_symbolic --num-prompts "${SELECT_PROMPTS:-8}" --max-new-tokens 2048 --bucket-size 256 \
+                 --points "min_sel=64+policy=pillar,min_sel=64+policy=window,min_sel=64+policy=hybrid:0.5,min_sel=64+policy=hybrid:0.75" \
+                 --out "$out/$run.json" ;;
+      *) echo "SELECT_SET must be fewshot-gsm, fewshot-codeio or longgen (got $set_name)" >&2; exit 2 ;;
+    esac 2>&1 | grep -v "Loading\|resource_tracker\|warnings.warn" | tail -12 ;;
   lossless|lossless-unified)
     every_token unified --schedule unified ;;
   lossless-lockstep)
@@ -117,6 +149,6 @@ case "${1:-}" in
     [ -n "$files" ] || { echo "no $speed_keep/speed_*.json on this host: run the speed stage first" >&2; exit 2; }
     python scripts/bench_real_weights.py --merge $files --out "$out/speed.json" || true ;;
   *)
-    echo "usage: $0 {pieces|build|accept [MIN_SELECTED...]|lossless-unified|lossless-lockstep|lossless-retract|lossless-det|sampling|entrypoints|speed|speed-merge}" >&2
+    echo "usage: $0 {pieces|build|accept [MIN_SELECTED...]|select|lossless-unified|lossless-lockstep|lossless-retract|lossless-det|sampling|entrypoints|speed|speed-merge}" >&2
     exit 2 ;;
 esac

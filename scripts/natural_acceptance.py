@@ -172,6 +172,8 @@ def run_sglang(model_dir: str, prompts: list[list[int]], args: argparse.Namespac
                                   sparsespec_sparsity=args.sparsity, sparsespec_min_selected=args.min_selected)
     if args.score_norm:
         kwargs["sparsespec_score_norm"] = args.score_norm
+    if args.selection:
+        kwargs["sparsespec_selection"] = args.selection
     engine = sgl.Engine(model_path=model_dir, dtype=args.dtype, skip_tokenizer_init=True,
                         mem_fraction_static=args.mem_fraction, disable_prefill_cuda_graph=True,
                         log_level="warning", max_running_requests=len(prompts), **kwargs)
@@ -196,7 +198,7 @@ def run_reference(model_dir: str, prompts: list[list[int]], args: argparse.Names
 
     model = load_model(model_dir, device=args.ref_device, dtype=args.ref_dtype)
     kw = dict(num_draft_steps=args.k, sparsity=args.sparsity, min_selected=args.min_selected,
-              score_norm=args.score_norm, ignore_eos=args.ignore_eos)
+              score_norm=args.score_norm, selection=args.selection, ignore_eos=args.ignore_eos)
     free, aligned = [], [] if follow is not None else None
     for i, ids in enumerate(tqdm(prompts, desc="reference", unit="req", disable=args.quiet)):
         pre = prefill(model, ids)
@@ -221,6 +223,8 @@ def main() -> int:
     ap.add_argument("--sparsity", type=float, default=0.05)
     ap.add_argument("--min-selected", type=int, required=True, help="--sparsespec-min-selected (both sides)")
     ap.add_argument("--score-norm", default=None, choices=("exact", "draft"), help="default: the plugin's")
+    ap.add_argument("--selection", default=None,
+                    help="--sparsespec-selection on both sides: pillar, window or hybrid:F (default: the plugin's)")
     ap.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16"),
                     help="SGLang side (the reference is always float32)")
     ap.add_argument("--ref-device", default="cuda", help="reference device: cuda or cpu")
@@ -259,7 +263,7 @@ def main() -> int:
               "model_dir": args.model_dir, "num_prompts": args.num_prompts,
               "max_new_tokens": args.max_new_tokens, "ignore_eos": args.ignore_eos, "k": args.k,
               "sparsity": args.sparsity, "min_selected": args.min_selected, "score_norm": args.score_norm,
-              "sglang_dtype": args.dtype, "reference_dtype": args.ref_dtype, "reference_device": args.ref_device,
+              "selection": args.selection, "sglang_dtype": args.dtype, "reference_dtype": args.ref_dtype, "reference_device": args.ref_device,
               "schedule": "plugin default (unified)", **result, "aligned": aligned,
               "verdict": "aligned: |SGLang - reference along SGLang's tokens| pooled mean accepted/cycle "
                          f"<= {args.tolerance}: {'pass' if aligned['within_tolerance'] else 'FAIL'}",

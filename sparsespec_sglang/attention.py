@@ -221,7 +221,7 @@ class SparseSpecAttnBackend(TritonAttnBackend):
             select_topk, scores, SelectionPolicy.of(config, state.max_sel), req_to_token=state.req_to_token,
             req_pool_indices=rows.verify_rows[:nv], seq_lens=rows.verify_end[:nv],
             cand_end=rows.verify_prefix[:nv], out_indices=state.sel_indices[first:lid + 1],
-            out_lens=state.sel_lens, out_by_row=True)
+            out_lens=state.sel_lens, out_recent=state.sel_recent, out_by_row=True)
         if not grouped or lid + 1 == num_layers:
             topk()  # joined by this layer (state.scores is reused by the next layer)
             return
@@ -288,7 +288,7 @@ class SparseSpecAttnBackend(TritonAttnBackend):
             scores, SelectionPolicy.of(config, state.max_sel), req_to_token=state.req_to_token,
             req_pool_indices=forward_batch.req_pool_indices, seq_lens=prefix_lens + width,
             cand_end=prefix_lens, out_indices=state.sel_indices[layer.layer_id],
-            out_lens=state.sel_lens, out_by_row=True,
+            out_lens=state.sel_lens, out_recent=state.sel_recent, out_by_row=True,
         )
         return o
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Optional
 
 from sparsespec_sglang.schedule import SCHEDULES as SCHEDULE_REGISTRY
-from sparsespec_sglang.selection import AGGREGATIONS, PPM
+from sparsespec_sglang.selection import AGGREGATIONS, PPM, recent_share_ppm
 
 ALGORITHM_NAME = "SPARSESPEC"
 # The project's own CPU tests run SPARSESPEC on SGLang's CPU engine (Triton kernels in the
@@ -89,6 +89,10 @@ OPTIONS = (
            "First tokens of every request always attended by drafts (>= 0)."),
     Option("aggregation", "--sparsespec-aggregation", str,
            "How verify scores are pooled over queries and GQA heads: sum or max."),
+    Option("selection", "--sparsespec-selection", str,
+           "Which K tokens a draft step attends to: pillar (the K best by the last verify's "
+           "attention scores), window (the K most recent) or hybrid:F (the round(F * K) most recent "
+           "and the rest by score, F in [0, 1])."),
     Option("score_norm", "--sparsespec-score-norm", str,
            "Normaliser of the verify's selection scores: exact (each row's own lse; one more "
            "K read per verify) or draft (the draft step's sparse lse; fused into the verify pass)."),
@@ -123,6 +127,7 @@ class SparseSpecConfig:
     max_selected: int = 2048
     num_sink_tokens: int = 4
     aggregation: str = "sum"
+    selection: str = "pillar"
     score_norm: str = "exact"
     schedule: str = "unified"
     delayed_verification: bool = True  # unified schedule: the host never waits on a verify
@@ -144,6 +149,8 @@ class SparseSpecConfig:
                "--sparsespec-sink-tokens", "an integer >= 0", self.num_sink_tokens)
         _check(self.aggregation in AGGREGATIONS,
                "--sparsespec-aggregation", "one of: " + ", ".join(AGGREGATIONS), self.aggregation)
+        _check(_is_selection(self.selection), "--sparsespec-selection",
+               "pillar, window or hybrid:F with F in [0, 1]", self.selection)
         _check(self.score_norm in ("exact", "draft"),
                "--sparsespec-score-norm", "one of: exact, draft", self.score_norm)
         _check(isinstance(self.kv_offload, bool), "--sparsespec-disable-kv-offload", "set or unset",
@@ -197,6 +204,14 @@ def check_keep_retracted_kv(value: Any, *, sparsespec: bool, hierarchical_cache:
             f"{flag} needs --enable-hierarchical-cache (its host pool is where the retracted "
             "request's KV is kept)")
     return True
+
+
+def _is_selection(v: Any) -> bool:
+    try:
+        recent_share_ppm(v)
+    except ValueError:
+        return False
+    return isinstance(v, str)
 
 
 def _is_int(v: Any) -> bool:

@@ -131,6 +131,8 @@ class PillarState:
 
     - ``sel_indices [L, R, Hkv, max_sel]`` int32 slot ids chosen per layer and KV head;
     - ``sel_lens [R]`` int32 entries in use (the same K for every layer and head);
+    - ``sel_recent [R]`` int32 how many of K the last verify's top-K left to the dense tail
+      (``--sparsespec-selection`` hybrid / window: the most recent candidates; 0 for pillar);
     - ``dense_start [R]`` int32 first position attended densely by drafts;
     - ``pending [R]`` int64 each request's last emitted token, the next cycle's first input;
     - ``scores [R, Hkv, max_ctx]`` fp32, one layer's verify scores at a time
@@ -158,6 +160,7 @@ class PillarState:
         self.sel_indices = torch.zeros((num_layers, num_rows, num_kv_heads, self.max_sel),
                                        dtype=torch.int32, device=device)
         self.sel_lens = torch.zeros((num_rows,), dtype=torch.int32, device=device)
+        self.sel_recent = torch.zeros((num_rows,), dtype=torch.int32, device=device)
         self.dense_start = torch.zeros((num_rows,), dtype=torch.int32, device=device)
         self.pending = torch.zeros((num_rows,), dtype=torch.int64, device=device)
         self.scores = torch.zeros((num_rows, num_kv_heads, max_ctx),
@@ -184,7 +187,7 @@ class PillarState:
     @property
     def nbytes(self) -> int:
         """GPU bytes of every buffer this state holds."""
-        tensors = (self.sel_indices, self.sel_lens, self.dense_start, self.pending, self.scores,
+        tensors = (self.sel_indices, self.sel_lens, self.sel_recent, self.dense_start, self.pending, self.scores,
                    self.draft_lse, self.group_scores, self.draft_step.dense_start,
                    self.draft_step.sel_lens)
         return sum(t.numel() * t.element_size() for t in tensors if t is not None)
@@ -234,6 +237,7 @@ class PillarState:
                last_tokens: torch.Tensor) -> None:
         """A verify accepted: the request's last accepted token is the next cycle's first input,
         and its verify window (from ``window_start``, the committed length before the verify) is
-        the next drafts' dense tail. Its selection was written by the verify's top-K."""
+        the next drafts' dense tail, from ``sel_recent`` positions before it (the recent part of a
+        hybrid or window selection). Its selection was written by the verify's top-K."""
         self.pending[req_pool_indices] = last_tokens.to(torch.int64)
-        self.dense_start[req_pool_indices] = window_start.to(torch.int32)
+        self.dense_start[req_pool_indices] = window_start.to(torch.int32) - self.sel_recent[req_pool_indices]

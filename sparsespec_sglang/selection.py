@@ -16,6 +16,12 @@ torch and Triton compute identically:
 * first cycle after prefill (no verify scores yet): the K most recent candidates
   ``[L - K, L)``, the positions the prefill's last queries attend to most in practice.
 * verify scores are pooled over verify queries and GQA query heads by ``sum`` or ``max``.
+* which K (``--sparsespec-selection``): ``pillar`` takes the K best-scored candidates;
+  ``hybrid:F`` takes the ``R = round(F * K)`` most recent candidates ``[cand_end - R, cand_end)``
+  and the K - R best-scored of the older ones ``[num_sink, cand_end - R)``; ``window`` is
+  ``hybrid:1`` (StreamingLLM's sinks + recent window). The recent part is contiguous with the
+  drafts' dense tail, so an implementation starts the dense tail R positions earlier instead of
+  listing those positions; F is carried in parts per million and rounded half up, like K.
 """
 
 from __future__ import annotations
@@ -40,6 +46,38 @@ def sparsity_ppm(sparsity: float) -> int:
     return ppm
 
 
+SELECTIONS = ("pillar", "window", "hybrid:F")  # --sparsespec-selection's forms
+
+
+def recent_share_ppm(selection: str) -> int:
+    """The share of K taken as the most recent candidates, in parts per million: ``pillar`` 0,
+    ``window`` 10^6, ``hybrid:F`` round(F * 10^6) for F in [0, 1]. ValueError otherwise."""
+    name, colon, arg = str(selection).strip().partition(":")
+    if name == "pillar" and not colon:
+        return 0
+    if name == "window" and not colon:
+        return PPM
+    if name == "hybrid" and colon:
+        try:
+            share = float(arg)
+        except ValueError:
+            share = -1.0
+        if 0.0 <= share <= 1.0:
+            return round(share * PPM)
+    raise ValueError(f"selection must be pillar, window or hybrid:F with F in [0, 1] (got {selection!r})")
+
+
+def num_recent(k: int, recent_ppm: int) -> int:
+    """How many of a request's K selected positions are the most recent candidates."""
+    return (k * recent_ppm + PPM // 2) // PPM
+
+
+@triton.jit
+def num_recent_device(k, recent_ppm):
+    """``num_recent`` inside a Triton kernel (int32 scalars in, int32 out)."""
+    return ((k.to(tl.int64) * recent_ppm + 500_000) // 1_000_000).to(tl.int32)
+
+
 @triton.jit
 def num_selected_device(context_len, cand_end, sparsity_ppm, min_sel, max_sel, num_sink):
     """K of one request inside a Triton kernel (int32 scalars in, int32 out)."""
@@ -50,16 +88,18 @@ def num_selected_device(context_len, cand_end, sparsity_ppm, min_sel, max_sel, n
 
 @dataclass(frozen=True)
 class SelectionPolicy:
-    """The four numbers that fix K and the candidate range (``min_selected <= max_selected``)."""
+    """The numbers that fix K, the candidate range and how much of K is the recent window
+    (``min_selected <= max_selected``; ``recent_ppm`` 0 is PillarAttn)."""
 
     sparsity_ppm: int
     min_selected: int
     max_selected: int
     num_sink: int
+    recent_ppm: int = 0
 
     def __post_init__(self) -> None:
         if not (1 <= self.sparsity_ppm <= PPM and 0 <= self.min_selected <= self.max_selected
-                and self.num_sink >= 0):
+                and self.num_sink >= 0 and 0 <= self.recent_ppm <= PPM):
             raise ValueError(f"invalid selection policy {self}")
 
     @staticmethod
@@ -69,7 +109,7 @@ class SelectionPolicy:
         the cap, and the floor with it, so K always fits the table."""
         cap = config.max_selected if table_width is None else min(config.max_selected, table_width)
         return SelectionPolicy(sparsity_ppm(config.sparsity), min(config.min_selected, cap), cap,
-                               config.num_sink_tokens)
+                               config.num_sink_tokens, recent_share_ppm(config.selection))
 
     def num_candidates(self, cand_end: int) -> int:
         return max(cand_end - self.num_sink, 0)
@@ -88,6 +128,10 @@ class SelectionPolicy:
         if cand_end is not None:
             k = torch.minimum(k, (cand_end.long() - self.num_sink).clamp(min=0))
         return k.to(torch.int32)
+
+    def num_recent(self, k: int) -> int:
+        """Of K selected positions, how many are the most recent candidates."""
+        return num_recent(k, self.recent_ppm)
 
     def window_positions(self, prompt_len: int) -> range:
         """First cycle after prefill: the K most recent candidates of a prompt of ``prompt_len``."""

@@ -7,8 +7,8 @@ tests/sgl_kernel_cpu, and the plugin's test mode (``SPARSESPEC_CPU_TEST=1``) let
 CPU. The overlap scheduler is off (it needs CUDA streams), so the unified schedule runs without
 delayed verification here. Each engine runs in its own process (tests/cpu_engine_run.py).
 
-Checked (unified on every release CI runs, lockstep on the oldest, a request joining a running
-batch on the newest, to keep CI's two side-by-side runs short): the output equals plain SGLang's on the same engine token for token, drafts
+Checked (unified on every release CI runs, lockstep and a hybrid selection on the oldest, a
+request joining a running batch on the newest, to keep CI's two side-by-side runs short): the output equals plain SGLang's on the same engine token for token, drafts
 are accepted only in part (the selection binds: K = 8 of ~120-140 tokens), and the acceptance
 SGLang reports equals the PyTorch reference's (testing/reference.py) cycle for cycle along the
 same tokens: the same count of cycles with 0, 1, ..., k accepted drafts.
@@ -75,19 +75,27 @@ def spec_meta(meta: dict, what: str):
 
 
 @pytest.fixture(scope="module")
-def reference_hist(setup) -> list[int]:
-    """Cycles with 0..k accepted drafts, the reference drafting along plain's tokens (fp32)."""
+def reference_hist(setup):
+    """Cycles with 0..k accepted drafts, the reference drafting along plain's tokens (fp32), per
+    ``--sparsespec-selection`` (computed once each)."""
     from sparsespec_sglang.testing import reference as R
 
     model_dir, prompt, tokens = setup
     model = R.load_model(model_dir)
-    cfg = SparseSpecConfig(num_draft_steps=K, min_selected=MIN_SELECTED)
-    out = R.sparsespec_generate(model, prompt, MAX_NEW, cfg, ignore_eos=True, target_tokens=tokens)
-    assert out.tokens == tokens
-    hist = [0] * (K + 1)
-    for n in out.accepted_counts:
-        hist[n] += 1
-    return hist
+    hists: dict[str, list[int]] = {}
+
+    def hist_of(selection: str) -> list[int]:
+        if selection not in hists:
+            cfg = SparseSpecConfig(num_draft_steps=K, min_selected=MIN_SELECTED, selection=selection)
+            out = R.sparsespec_generate(model, prompt, MAX_NEW, cfg, ignore_eos=True, target_tokens=tokens)
+            assert out.tokens == tokens
+            hist = [0] * (K + 1)
+            for n in out.accepted_counts:
+                hist[n] += 1
+            hists[selection] = hist
+        return hists[selection]
+
+    return hist_of
 
 
 # CI runs the suite once per SGLang release, side by side on a 2-core machine: the default (unified)
@@ -95,20 +103,25 @@ def reference_hist(setup) -> list[int]:
 NEWEST = compat.since("0.5.23")
 
 
-@pytest.mark.parametrize("schedule", [
-    "unified", pytest.param("lockstep", marks=pytest.mark.skipif(NEWEST, reason="runs on the oldest release"))])
+OLDEST_ONLY = pytest.mark.skipif(NEWEST, reason="runs on the oldest release")
+
+
+@pytest.mark.parametrize("schedule, selection", [
+    ("unified", "pillar"), pytest.param("lockstep", "pillar", marks=OLDEST_ONLY),
+    # the hybrid's recent half is an earlier start of the drafts' dense tail in the server path
+    pytest.param("unified", "hybrid:0.5", marks=OLDEST_ONLY)])
 def test_sparsespec_on_sglangs_cpu_engine_equals_plain_and_accepts_as_the_reference(setup, reference_hist,
-                                                                                       schedule):
+                                                                                       schedule, selection):
     model_dir, prompt, plain = setup
     out = run_engine(model_dir, [prompt], speculative_algorithm="SPARSESPEC", speculative_num_steps=K,
                      sparsespec_schedule=schedule, sparsespec_min_selected=MIN_SELECTED,
-                     triton_attention_num_kv_splits=1)[0]
+                     sparsespec_selection=selection, triton_attention_num_kv_splits=1)[0]
     assert len(plain) == MAX_NEW and out["output_ids"] == plain
     meta = out["meta_info"]
     accepted, proposed = spec_meta(meta, "accepted_drafts"), spec_meta(meta, "proposed_drafts")
     assert 0 < accepted < proposed  # partly accepted
     hist = spec_meta(meta, "accept_histogram")  # SGLang's list ends at the largest count seen
-    assert hist + [0] * (K + 1 - len(hist)) == reference_hist
+    assert hist + [0] * (K + 1 - len(hist)) == reference_hist(selection)
 
 
 @pytest.mark.skipif(not NEWEST, reason="runs on the newest release")

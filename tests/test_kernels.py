@@ -543,6 +543,45 @@ def test_topk_matches_ref(num_sink, sparsity, min_sel, max_sel, page_size):
             torch.testing.assert_close(scores[b, h, picked].sort().values, want.sort().values)
 
 
+@pytest.mark.parametrize("selection", ["hybrid:0.25", "hybrid:0.5", "hybrid:0.75", "window"])
+def test_topk_hybrid_leaves_the_recent_part_to_the_dense_tail(selection):
+    """A recent share (hybrid / window): R = num_recent(K) goes to out_recent, the K - R best of
+    the candidates before cand_end - R are listed (kernel == reference), and R + listed = K."""
+    from sparsespec_sglang.selection import recent_share_ppm
+
+    seq_lens, cand_end, num_sink = [300, 120, 45, 290, 60], [291, 111, 3, 290, 14], 4
+    pool, scores = _topk_case(seq_lens, cand_end, seed=3)
+    scores[3, :, 270:290] = 9.0  # the best scores sit in the recent part: the top-K must not take them
+    policy = SelectionPolicy(sparsity_ppm(0.1), 7, 48, num_sink, recent_share_ppm(selection))
+    batch, heads = len(seq_lens), scores.shape[1]
+    args = dict(req_to_token=pool.req_to_token, req_pool_indices=pool.req_pool_indices, seq_lens=_ints(seq_lens),
+                cand_end=_ints(cand_end))
+    outs = []
+    for fn in (select_topk, select_topk_ref):
+        out = torch.full((batch, heads, 48), -5, dtype=torch.int32, device=DEVICE)
+        lens, recent = (torch.full((batch,), -5, dtype=torch.int32, device=DEVICE) for _ in range(2))
+        fn(scores, policy, **args, out_indices=out, out_lens=lens, out_recent=recent)
+        outs.append((out, lens, recent))
+    (out, lens, recent), (ref_out, ref_lens, ref_recent) = outs
+    assert torch.equal(out, ref_out) and torch.equal(lens, ref_lens) and torch.equal(recent, ref_recent)
+    for b in range(batch):
+        k = policy.num_selected(seq_lens[b], cand_end[b])
+        r = int(recent[b])
+        assert r == policy.num_recent(k) and int(lens[b]) == k - r
+        row = pool.req_to_token[pool.req_pool_indices[b]]
+        older = {int(row[p]) for p in range(num_sink, cand_end[b] - r)}
+        assert set(out[b, :, : k - r].flatten().tolist()) <= older  # nothing from the recent part
+        for h in range(heads):
+            want = torch.topk(scores[b, h, num_sink: cand_end[b] - r], k - r).values if k > r else None
+            if want is not None:
+                pos = [int((row == s).nonzero()[0]) for s in out[b, h, : k - r].tolist()]
+                torch.testing.assert_close(scores[b, h, pos].sort().values, want.sort().values)
+    if selection == "window":
+        assert torch.all(lens == 0)
+    with pytest.raises(AssertionError, match="out_recent"):
+        select_topk(scores, policy, **args, out_indices=out, out_lens=lens)
+
+
 def test_topk_over_a_group_of_layers_equals_one_launch_per_layer():
     """Unified passes select for several layers in one launch (layer-strided views of larger
     tables, as the backend passes them): each layer's table equals its own single-layer launch."""

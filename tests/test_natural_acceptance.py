@@ -84,7 +84,7 @@ def test_reference_side_on_a_tiny_model(tmp_path):
     torch.set_num_threads(2)
     model_dir = make_model_dir(tmp_path / "tiny", "tiny")
     args = SimpleNamespace(ref_device="cpu", ref_dtype="float32", quiet=True, max_new_tokens=12, k=3,
-                           sparsity=0.05, min_selected=2, score_norm=None, ignore_eos=True)
+                           sparsity=0.05, min_selected=2, score_norm=None, selection=None, ignore_eos=True)
     prompts = [[5, 6, 7, 8, 9, 10, 11, 12], [13, 14, 15, 16, 17, 18]]
     outs, none = na.run_reference(str(model_dir), prompts, args)
     assert none is None

@@ -76,3 +76,12 @@ def test_pending_token_follows_prefill_then_each_commit_by_pool_row():
 def test_num_selected_at_non_power_of_two_sparsities(sparsity, lens, want):
     state, _ = _state(sparsity=sparsity)
     assert state.num_selected(torch.tensor(lens)).tolist() == want
+
+
+def test_commit_starts_the_dense_tail_at_the_recent_part():
+    """A hybrid / window selection leaves its most recent R candidates to the dense tail: the
+    verify's top-K writes R per pool row and the commit starts the tail R positions early."""
+    state, _ = _state()
+    state.sel_recent[torch.tensor([1, 3])] = torch.tensor([0, 5], dtype=torch.int32)
+    state.commit(torch.tensor([3, 1]), window_start=torch.tensor([40, 9]), last_tokens=torch.tensor([1, 2]))
+    assert state.dense_start.tolist() == [0, 9, 0, 35]

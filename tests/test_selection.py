@@ -25,7 +25,9 @@ import triton.language as tl  # noqa: E402
 from sparsespec_sglang.config import SparseSpecArgsError, SparseSpecConfig  # noqa: E402
 from sparsespec_sglang.kernels.topk_select import select_topk  # noqa: E402
 from sparsespec_sglang.pillar import PillarState  # noqa: E402
-from sparsespec_sglang.selection import PPM, SelectionPolicy, num_selected_device, sparsity_ppm  # noqa: E402
+from sparsespec_sglang.selection import (  # noqa: E402
+    PPM, SelectionPolicy, num_recent, num_recent_device, num_selected_device, recent_share_ppm, sparsity_ppm,
+)
 from sparsespec_sglang.testing import reference as R  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -44,6 +46,11 @@ def _probe_kernel(Lens, Cand, Out, sparsity_ppm, min_sel, max_sel, num_sink, BLO
     n = tl.load(Lens + offs)
     c = tl.load(Cand + offs)
     tl.store(Out + offs, num_selected_device(n, c, sparsity_ppm, min_sel, max_sel, num_sink))
+
+
+@triton.jit
+def _recent_probe(Out, k, ppm):
+    tl.store(Out, num_recent_device(tl.full([], k, tl.int32), ppm))
 
 
 def _device_k(policy: SelectionPolicy, lens: list[int], cand: list[int]) -> list[int]:
@@ -149,3 +156,34 @@ def test_policy_of_a_config_fits_the_table():
     assert SelectionPolicy.of(cfg, 48) == SelectionPolicy(50_000, 48, 48, 4)  # floor lowered with the cap
     with pytest.raises(ValueError):
         SelectionPolicy(50_000, 65, 64, 4)
+
+
+@pytest.mark.parametrize("text,ppm", [("pillar", 0), ("window", PPM), ("hybrid:0.75", 750_000),
+                                      ("hybrid:0", 0), ("hybrid:1", PPM), (" hybrid:0.5 ", 500_000)])
+def test_selection_forms(text, ppm):
+    assert recent_share_ppm(text) == ppm
+    assert SelectionPolicy.of(SparseSpecConfig(selection=text.strip())).recent_ppm == ppm
+
+
+@pytest.mark.parametrize("bad", ["hybrid", "hybrid:x", "hybrid:1.5", "hybrid:-0.1", "window:0.5", "top", ""])
+def test_config_refuses_a_bad_selection_in_one_line(bad):
+    with pytest.raises(SparseSpecArgsError) as e:
+        SparseSpecConfig(selection=bad)
+    msg = str(e.value)
+    assert "--sparsespec-selection" in msg and "pillar, window or hybrid:F" in msg and "\n" not in msg
+
+
+@pytest.mark.parametrize("k", range(0, 40))
+def test_recent_count_rounds_half_up_everywhere(k):
+    """The host, Triton and the reference split K the same way (half up: 0.5 * 5 -> 3, where
+    Python's round would give 2)."""
+    for f in (0.25, 0.5, 0.75, 1.0):
+        ppm = round(f * PPM)
+        want = math.floor(Fraction(k) * Fraction(ppm, PPM) + Fraction(1, 2))
+        out = torch.zeros(1, dtype=torch.int32)
+        _recent_probe[(1,)](out, k, ppm)
+        n = k + 10  # candidates [0, n), scores falling with position: the best are the oldest
+        scores = torch.arange(n, 0, -1, dtype=torch.float32).expand(1, 1, n)
+        picked = R.DraftSelection.parse(f"hybrid:{f}").select(scores, 0, n, k)[0, 0].tolist()
+        assert num_recent(k, ppm) == int(out[0]) == want
+        assert picked == list(range(k - want)) + list(range(n - want, n))

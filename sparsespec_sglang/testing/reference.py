@@ -67,6 +67,7 @@ from typing import Any, Sequence
 import torch
 
 from sparsespec_sglang.config import SparseSpecConfig
+from sparsespec_sglang.selection import PPM, num_recent
 
 __all__ = [
     "ATTN_IMPLEMENTATION",
@@ -255,8 +256,9 @@ class DraftSelection:
         if self.name == "random":
             noise = torch.rand(*lead, candidate_end - start, generator=generator).to(scores.device)
             return torch.sort(noise.topk(k, dim=-1).indices + start, dim=-1).values
-        # hybrid: a recent window, then the best-scored of the older candidates.
-        w = round(self.recent_fraction * k)
+        # hybrid: a recent window, then the best-scored of the older candidates (the recent
+        # count rounds as the GPU path's does: sparsespec_sglang.selection.num_recent).
+        w = num_recent(k, round(self.recent_fraction * PPM))
         recent = _recent(lead, candidate_end - w, candidate_end, scores.device)
         older = select_topk(scores, num_sink, candidate_end - w, k - w)
         return torch.sort(torch.cat([older, recent], dim=-1), dim=-1).values
@@ -645,7 +647,7 @@ def _follow_accept(drafts: Sequence[int], trajectory: Sequence[int]) -> tuple[in
 def sparsespec_generate(model, prompt_ids: Sequence[int], max_new_tokens: int, config: Any = None, *,
                         eos_token_id=None, temperature: float = 0.0, top_k: int = -1, top_p: float = 1.0,
                         generator: torch.Generator | None = None, ignore_eos: bool = False,
-                        trace: bool = False, policy: "str | DraftSelection" = "pillar",
+                        trace: bool = False, policy: "str | DraftSelection | None" = None,
                         target_tokens: Sequence[int] | None = None, prefilled: Prefill | None = None,
                         follow_tokens: Sequence[int] | None = None, **config_overrides) -> SpecOutput:
     """SparseSpec decoding of one request (see the module docstring for the algorithm).
@@ -655,7 +657,8 @@ def sparsespec_generate(model, prompt_ids: Sequence[int], max_new_tokens: int, c
     (num_sink), aggregation, score_norm. temperature 0 = greedy (lossless: identical ids to
     `plain_generate`); > 0 = speculative sampling with the same top_k / top_p filters on
     the target and draft distributions. trace=True keeps each cycle's selection and
-    verify scores in its CycleStats. policy: the `DraftSelection` (or its text form).
+    verify scores in its CycleStats. policy: the `DraftSelection` (or its text form); None: the
+    config's ``selection`` (pillar, window or hybrid:F, as ``--sparsespec-selection``).
     target_tokens (greedy only): the expected output, e.g. `plain_generate`'s, used by
     `_greedy_drafts` to draft a cycle in as few forwards as its guesses allow (one if all are
     right). Any guess gives the same drafts, KV and scores; only the speed depends on it.
@@ -665,7 +668,7 @@ def sparsespec_generate(model, prompt_ids: Sequence[int], max_new_tokens: int, c
     (or earlier at max_new_tokens / EOS). It is also the drafting guess when target_tokens is None.
     """
     cfg = resolve_config(config, **config_overrides)
-    pol = DraftSelection.parse(policy)
+    pol = DraftSelection.parse(cfg.selection if policy is None else policy)
     prepare_model(model)
     eos = set() if ignore_eos else eos_token_ids(model, eos_token_id)
     greedy = temperature <= 0
