@@ -22,16 +22,14 @@ from sparsespec_sglang.compat import (
     ForwardBatch,
     ForwardMode,
     GrammarTree,
-    NgramVerifyInput,
     assign_extend_cache_locs_func,
-    build_grammar_vocab_mask,
     compute_spec_logprobs,
 )
 
+from sparsespec_sglang.acceptance import accept, verify_chains
 from sparsespec_sglang.draft_graph import DraftGraphs, as_decode_rows
 from sparsespec_sglang.pillar import ForwardPlan
 from sparsespec_sglang.profiling import CycleProfiler
-from sparsespec_sglang.sampling import chain_tree, sample_like_plain
 from sparsespec_sglang.schedule import ScheduleContext, StepResult
 
 
@@ -91,17 +89,10 @@ class LockstepSchedule:
         # Verify: [pending, d_1..d_k] at positions seq_len .. seq_len+k, full attention.
         draft_tokens = torch.cat([pending.unsqueeze(1).to(drafts.dtype), drafts], dim=1).flatten()
         positions = (seq_lens.unsqueeze(1) + torch.arange(width, device=self.device)).flatten()
-        retrieve_index, next_token, next_sibling = chain_tree(bs, width, self.device)
-        # No tree mask: the PillarAttn verify kernel is causal over the chain.
-        # (NgramVerifyInput takes its device from new_seq_lens when there is no mask.)
-        verify_input = NgramVerifyInput(
-            draft_token=draft_tokens, custom_mask=None, positions=positions,
-            retrieve_index=retrieve_index, retrieve_next_token=next_token,
-            retrieve_next_sibling=next_sibling, draft_token_num=width, new_seq_lens=seq_lens,
-        )
-        # Constrained decoding: the drafts ignore the grammar, the verify must not.
-        # (Copy the chain to the host before the verify launch, as SGLang's chain
-        # verifiers do; the scheduler advances the grammar after acceptance.)
+        verify_input = verify_chains(draft_tokens, positions, seq_lens, width)
+        # Constrained decoding: the drafts ignore the grammar, the verify must not. Copy the
+        # chain to the host before the verify launch, as SGLang's chain verifiers do; the
+        # scheduler advances the grammar after acceptance.
         grammar_tree = (GrammarTree.from_linear_chain(draft_tokens.view(bs, width))
                         if batch.has_grammar else None)
         saved_mode = batch.forward_mode
@@ -114,28 +105,19 @@ class LockstepSchedule:
         logits_output = verify.logits_output
         self.profiler.mark("verify")
 
-        grammar_mask = None
-        if grammar_tree is not None:
-            grammar_mask = build_grammar_vocab_mask(
-                reqs=batch.reqs, tree=grammar_tree, sampling_info=batch.sampling_info,
-                device=self.device, barrier=None)
-        predict, accept_lens, accept_index = sample_like_plain(
-            verify_input, batch, logits_output, grammar_mask, ctx.sampling_backend)
-        new_seq_lens = seq_lens + accept_lens
-        accept_tokens = predict[accept_index].flatten()
-        last = accept_tokens.view(bs, width)[torch.arange(bs, device=self.device),
-                                             accept_lens.long() - 1]
+        accepted = accept(verify_input, batch, logits_output, ctx.sampling_backend,
+                          grammar_tree=grammar_tree)
         # The verify window is the next cycle's dense tail; its accepted tokens are a prefix of
         # the verified chain, so their KV already sits in its final slots (no KV move: SGLang's
         # move_accept_tokens_to_target_kvcache cost ~4 ms per cycle at B 128 on the H100).
-        state.commit(rows, window_start=seq_lens, last_tokens=last)
+        state.commit(rows, window_start=seq_lens, last_tokens=accepted.last_tokens)
         if batch.return_logprob:
-            compute_spec_logprobs(batch, logits_output, predict, accept_index)
+            compute_spec_logprobs(batch, logits_output, accepted.predict, accepted.accept_index)
         batch.forward_mode = saved_mode
         self.profiler.mark("accept")
-        self.profiler.end_cycle(bs, accept_lens)
-        return StepResult(accept_tokens, accept_lens, new_seq_lens, logits_output,
-                          verify.can_run_cuda_graph)
+        self.profiler.end_cycle(bs, accepted.lens)
+        return StepResult(accepted.tokens.flatten(), accepted.lens, accepted.new_seq_lens,
+                          logits_output, verify.can_run_cuda_graph)
 
     def _draft(self, batch: Any, pending: torch.Tensor, locs: torch.Tensor) -> torch.Tensor:
         """k sparse decode forwards of the target model; returns drafts [bs, k]."""

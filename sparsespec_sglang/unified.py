@@ -26,29 +26,25 @@ after a prefill or a lockstep step (:meth:`UnifiedSchedule.forget`).
 from __future__ import annotations
 
 import collections
-import copy
 import json
 import logging
 import time
 from dataclasses import dataclass
-from types import SimpleNamespace
 from typing import Any, ClassVar, Optional
 
 import torch
 from sparsespec_sglang.compat import (
     ForwardBatch,
-    ForwardMode,
     LogitsProcessorOutput,
-    NgramVerifyInput,
     envs,
     req_pool_row,
 )
 
+from sparsespec_sglang.acceptance import accept, verify_chains
 from sparsespec_sglang.draft_graph import DraftGraphs, as_decode_rows
 from sparsespec_sglang.phases import PassPlan, PhasePlanner
 from sparsespec_sglang.pillar import ForwardPlan, MixedRows
 from sparsespec_sglang.profiling import CycleProfiler, PassTimer
-from sparsespec_sglang.sampling import chain_tree, sample_like_plain
 from sparsespec_sglang.schedule import ScheduleContext, StepResult
 
 logger = logging.getLogger(__name__)
@@ -97,15 +93,6 @@ class PassLayout:
     def chain_next(self, width: int) -> list[int]:
         """``retrieve_next_token`` of every chain: node j -> j + 1, -1 at its real end."""
         return [j + 1 if j + 1 < n else -1 for n in self.verify_lens for j in range(width)]
-
-
-def select_requests(info: Any, index: torch.Tensor, batch_size: int) -> Any:
-    """``SamplingBatchInfo`` of a subset of the batch's requests (per-request tensors indexed)."""
-    sub = copy.copy(info)
-    for name, value in vars(info).items():
-        if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == batch_size:
-            setattr(sub, name, value[index])
-    return sub
 
 
 class UnifiedSchedule:
@@ -276,26 +263,14 @@ class UnifiedSchedule:
         else:
             chain_rows = plan[offsets["chain_gather"]]
         verify_logits = LogitsProcessorOutput(next_token_logits=logits[chain_rows])
-        index, _, sibling = chain_tree(nv, w, self.device)
-        verify_input = NgramVerifyInput(
-            draft_token=input_ids[chain_rows], custom_mask=None, positions=pos[chain_rows],
-            retrieve_index=index, retrieve_next_token=plan[offsets["chain_next"]].view(nv, w),
-            retrieve_next_sibling=sibling, draft_token_num=w, new_seq_lens=verify_prefix,
-        )
-        info = batch.sampling_info
-        sub = SimpleNamespace(
-            device=self.device, forward_mode=ForwardMode.TARGET_VERIFY, seq_lens=verify_prefix,
-            sampling_info=info if _greedy_only(info) else select_requests(info, verify_batch, len(batch.reqs)))
-        predict, accept_lens, accept_index = sample_like_plain(verify_input, sub, verify_logits, None,
-                                                               self.ctx.sampling_backend)
-        # A short chain accepts at most its own length (forced-acceptance benchmarks would not).
-        accept_lens = torch.minimum(accept_lens, verify_lens)
-        accepted = predict[accept_index].view(nv, w).to(torch.int32)
-        state.commit(verify_pool, window_start=verify_prefix,
-                     last_tokens=accepted[torch.arange(nv, device=self.device), accept_lens.long() - 1])
-        committed[verify_batch] = verify_prefix + accept_lens
-        tokens[verify_batch] = accepted
-        lens[verify_batch] = accept_lens
+        verify_input = verify_chains(input_ids[chain_rows], pos[chain_rows], verify_prefix, w,
+                                     next_token=plan[offsets["chain_next"]].view(nv, w))
+        accepted = accept(verify_input, batch, verify_logits, self.ctx.sampling_backend,
+                          requests=verify_batch, chain_lens=verify_lens)
+        state.commit(verify_pool, window_start=verify_prefix, last_tokens=accepted.last_tokens)
+        committed[verify_batch] = accepted.new_seq_lens
+        tokens[verify_batch] = accepted.tokens
+        lens[verify_batch] = accepted.lens
         self.profiler.mark("accept")
         return verify_logits
 
@@ -320,12 +295,6 @@ class UnifiedSchedule:
             self.steps, sum(sizes) / len(sizes), min(sizes), max(sizes), len(sizes), full,
             self.graph_passes, json.dumps({k: round(v, 3) for k, v in self.timer.summary().items()}))
         self.timer.reset()
-
-
-def _greedy_only(info: Any) -> bool:
-    """No per-request tensor of the sampling info is read (argmax acceptance, no adjustments)."""
-    return (info.is_all_greedy and info.acc_additive_penalties is None
-            and info.acc_scaling_penalties is None and info.logit_bias is None)
 
 
 def _pack(layouts: list[PassLayout], width: int) -> tuple[list[int], list[dict[str, slice]]]:

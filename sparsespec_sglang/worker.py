@@ -9,9 +9,9 @@ SGLang's spec-v2 shape. The scheduler sees an NGRAM-shaped algorithm
 include the bonus token, the committed lengths published through ``on_publish``.
 
 Drafts are the argmax of the sparse model, i.e. a deterministic proposal, so SGLang's target-only
-acceptance (``eagle_sample``, fed plain sampling's target distribution by
-``sampling.sample_like_plain``) is exact speculative sampling for temperature > 0 and exact
-prefix matching for greedy: output is lossless.
+acceptance (``eagle_sample``, fed plain sampling's target distribution; ``acceptance.py``, the
+one module that decides acceptance for both schedules) is exact speculative sampling for
+temperature > 0 and exact prefix matching for greedy: output is lossless.
 """
 
 from __future__ import annotations

@@ -19,7 +19,7 @@ if not torch.cuda.is_available():
 
 import cpu_sgl_kernel as standin  # noqa: E402
 from types import SimpleNamespace  # noqa: E402
-from sparsespec_sglang.sampling import chain_tree  # noqa: E402
+from sparsespec_sglang.acceptance import chain_tree  # noqa: E402
 
 
 def _chain_inputs(bs: int, width: int, vocab: int, seed: int):

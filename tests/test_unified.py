@@ -66,7 +66,7 @@ def test_unified_steps_emit_the_target_sequence(k, sampled, monkeypatch, caplog)
             checked.append(nv)
         return greedy_chain_accept(verify_input, batch, logits_output)
 
-    monkeypatch.setattr("sparsespec_sglang.unified.sample_like_plain", accept)
+    monkeypatch.setattr("sparsespec_sglang.acceptance.sample_like_plain", accept)
     ctx = ScheduleContext(k=k, state=state, backend=backend, model_runner=model, target_worker=None,
                           sampling_backend="flashinfer", delayed_verification=True)
     runner = UnifiedSchedule(ctx)

@@ -18,7 +18,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from sparsespec_sglang import sampling
+from sparsespec_sglang.acceptance import sample_like_plain
 from sparsespec_sglang.config import SparseSpecConfig
 from sparsespec_sglang.pillar import PillarState
 from sparsespec_sglang.schedule import ScheduleContext
@@ -66,7 +66,7 @@ def sampling_info(params: list[tuple[float, int, float, float]]) -> SimpleNamesp
 def patch_sampling(monkeypatch) -> None:
     """The toy model's SGLang stand-ins, then the real acceptance (see the module docstring)."""
     patch_sglang(monkeypatch)
-    monkeypatch.setattr("sparsespec_sglang.unified.sample_like_plain", sampling.sample_like_plain)
+    monkeypatch.setattr("sparsespec_sglang.acceptance.sample_like_plain", sample_like_plain)
     cpu_sgl_kernel.sampled_eagle_sample_on_cpu(monkeypatch)
 
 

@@ -148,8 +148,8 @@ def forward_batch_of(batch, *_args, **_kwargs):
 
 def patch_sglang(monkeypatch) -> None:
     """Replace the CUDA-only SGLang pieces the schedules call (see the module docstring)."""
+    monkeypatch.setattr("sparsespec_sglang.acceptance.sample_like_plain", greedy_chain_accept)
     for module in ("lockstep", "unified"):
-        monkeypatch.setattr(f"sparsespec_sglang.{module}.sample_like_plain", greedy_chain_accept)
         monkeypatch.setattr(f"sparsespec_sglang.{module}.ForwardBatch",
                             SimpleNamespace(init_new=forward_batch_of))
     monkeypatch.setattr("sparsespec_sglang.lockstep.assign_extend_cache_locs_func", extend_cache_locs)

@@ -1,4 +1,6 @@
-"""Verify-time sampling keeps plain SGLang's top-k / top-p / min-p semantics (CPU)."""
+"""Acceptance (sparsespec_sglang/acceptance.py) on the CPU: the one call both schedules use
+(chains in, what PillarState.commit and SGLang's result need out), and verify-time sampling with
+plain SGLang's top-k / top-p / min-p semantics."""
 
 import dataclasses
 import inspect
@@ -7,8 +9,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from sparsespec_sglang import sampling
-from sparsespec_sglang.sampling import filter_probs, needs_plain_filtering
+from sparsespec_sglang import acceptance
+from sparsespec_sglang.acceptance import accept, filter_probs, needs_plain_filtering, verify_chains
 
 
 def _brute_force(p: torch.Tensor, k: int, top_p: float, min_p: float, top_k_first: bool) -> torch.Tensor:
@@ -88,10 +90,10 @@ def test_sample_like_plain_hands_eagle_sample_the_plain_distribution(monkeypatch
         seen["grammar_mask"] = grammar_mask
         return "result"
 
-    monkeypatch.setattr(sampling, "eagle_sample", fake_eagle_sample)
+    monkeypatch.setattr(acceptance, "eagle_sample", fake_eagle_sample)
     out = SimpleNamespace(next_token_logits=logits.clone())
-    result = sampling.sample_like_plain(SimpleNamespace(draft_token_num=n), SimpleNamespace(sampling_info=info),
-                                        out, None, sampling_backend="flashinfer")
+    result = acceptance.sample_like_plain(SimpleNamespace(draft_token_num=n), SimpleNamespace(sampling_info=info),
+                                          out, None, sampling_backend="flashinfer")
     assert result == "result"
     assert seen["flags"] == (False, False, False, None) and seen["grammar_mask"] is None
     temps = info.temperatures.repeat_interleave(n, dim=0)
@@ -173,18 +175,126 @@ def test_kernel_filter_matches_the_reference(top_k_first):
     min_ps = torch.rand(rows, device="cuda", generator=gen) * 0.2
     for mp in (None, min_ps):
         want = filter_probs(probs, top_ks, top_ps, mp, top_k_first)
-        got = sampling._filter_probs_kernels(probs, top_ks, top_ps, mp, top_k_first)
+        got = acceptance._filter_probs_kernels(probs, top_ks, top_ps, mp, top_k_first)
         assert ((got > 0) != (want > 0)).sum().item() <= 2  # a boundary token may tie
         torch.testing.assert_close(got, want, atol=2e-3, rtol=0)
 
 
 def test_penalised_batches_are_flagged_once(monkeypatch, caplog):
-    monkeypatch.setattr(sampling, "eagle_sample", lambda *args: "result")
-    sampling._warn_penalties.cache_clear()
+    monkeypatch.setattr(acceptance, "eagle_sample", lambda *args: "result")
+    acceptance._warn_penalties.cache_clear()
     info = _info(need_top_k_sampling=False, acc_additive_penalties=torch.zeros(1, 4))
     batch = SimpleNamespace(sampling_info=info)
-    with caplog.at_level("WARNING", logger="sparsespec_sglang.sampling"):
+    with caplog.at_level("WARNING", logger="sparsespec_sglang.acceptance"):
         for _ in range(3):
-            sampling.sample_like_plain(SimpleNamespace(draft_token_num=2), batch,
-                                       SimpleNamespace(next_token_logits=torch.zeros(2, 4)), None, "flashinfer")
+            acceptance.sample_like_plain(SimpleNamespace(draft_token_num=2), batch,
+                                         SimpleNamespace(next_token_logits=torch.zeros(2, 4)), None, "flashinfer")
     assert sum("penalties" in r.message for r in caplog.records) == 1
+
+
+# ----------------------------------------------------------------------------- accept()
+
+
+def _chains(prefix: list[int], width: int, chain_lens: list[int] | None = None):
+    """verify_chains of len(prefix) chains whose tokens are 10 * v + j (node j of chain v)."""
+    n = len(prefix)
+    tokens = torch.tensor([10 * v + j for v in range(n) for j in range(width)])
+    prefix_t = torch.tensor(prefix)
+    positions = (prefix_t.unsqueeze(1) + torch.arange(width)).flatten()
+    nxt = None
+    if chain_lens is not None:
+        nxt = torch.tensor([j + 1 if j + 1 < m else -1 for m in chain_lens for j in range(width)]).view(n, width)
+    return verify_chains(tokens, positions, prefix_t, width, next_token=nxt)
+
+
+def _fake_eagle(lens: list[int], seen: dict):
+    """An eagle_sample stand-in that accepts ``lens[v]`` tokens of chain v, token 100 v + j."""
+
+    def sample(verify_input, batch, logits_output, grammar_mask):
+        seen.update(batch=batch, grammar_mask=grammar_mask, verify_input=verify_input)
+        w = verify_input.draft_token_num
+        n = len(lens)
+        predict = torch.tensor([100 * v + j for v in range(n) for j in range(w)], dtype=torch.int32)
+        index = torch.full((n, w), -1, dtype=torch.int32)
+        for v, m in enumerate(lens):
+            index[v, :m] = torch.arange(v * w, v * w + m, dtype=torch.int32)
+        return predict, torch.tensor(lens, dtype=torch.int32), index
+
+    return sample
+
+
+def test_verify_chains_is_the_chain_tree_of_full_or_short_chains():
+    full = _chains([5, 9], 3)
+    assert full.draft_token_num == 3 and torch.equal(full.new_seq_lens, torch.tensor([5, 9]))
+    assert full.custom_mask is None and full.device == torch.device("cpu")
+    assert full.retrieve_index.tolist() == [[0, 1, 2], [3, 4, 5]]
+    assert full.retrieve_next_token.tolist() == [[1, 2, -1], [1, 2, -1]]
+    assert full.retrieve_next_sibling.tolist() == [[-1] * 3] * 2
+    assert full.positions.tolist() == [5, 6, 7, 9, 10, 11]
+    short = _chains([5, 9], 3, chain_lens=[1, 3])
+    assert short.retrieve_next_token.tolist() == [[-1, -1, -1], [1, 2, -1]]
+
+
+def test_accept_returns_what_commit_and_the_step_result_need(monkeypatch):
+    seen = {}
+    monkeypatch.setattr(acceptance, "eagle_sample", _fake_eagle([2, 3, 1], seen))
+    info = _info(is_all_greedy=True, need_top_k_sampling=False, need_top_p_sampling=False)
+    batch = SimpleNamespace(sampling_info=info, reqs=[None] * 3)
+    out = accept(_chains([4, 7, 9], 3), batch, SimpleNamespace(next_token_logits=torch.zeros(9, 8)), "flashinfer")
+    assert seen["batch"] is batch and seen["grammar_mask"] is None  # the whole batch: handed over as is
+    assert out.tokens.dtype == torch.int32 and out.tokens.shape == (3, 3)
+    assert [out.tokens[v, :m].tolist() for v, m in enumerate([2, 3, 1])] == [[0, 1], [100, 101, 102], [200]]
+    assert out.lens.tolist() == [2, 3, 1]
+    assert out.last_tokens.tolist() == [1, 102, 200]
+    assert out.new_seq_lens.tolist() == [6, 10, 10]
+    assert out.accept_index.shape == (3, 3) and out.predict.shape == (9,)
+
+
+def test_accept_clamps_a_short_chain_to_its_length(monkeypatch):
+    # SGLang's forced acceptance lengths (benchmarks) may run past a chain's real end.
+    monkeypatch.setattr(acceptance, "eagle_sample", _fake_eagle([3, 3], {}))
+    info = _info(is_all_greedy=True)
+    batch = SimpleNamespace(sampling_info=info, reqs=[None] * 2)
+    out = accept(_chains([4, 7], 3, chain_lens=[1, 3]), batch, SimpleNamespace(next_token_logits=torch.zeros(6, 8)),
+                 "flashinfer", requests=torch.tensor([0, 1]), chain_lens=torch.tensor([1, 3], dtype=torch.int32))
+    assert out.lens.tolist() == [1, 3] and out.last_tokens.tolist() == [0, 102]
+    assert out.new_seq_lens.tolist() == [5, 10]
+
+
+def test_accept_of_a_subset_samples_with_those_requests_parameters(monkeypatch):
+    seen = {}
+    monkeypatch.setattr(acceptance, "eagle_sample", _fake_eagle([1, 2], seen))
+    info = _info(need_top_k_sampling=True, need_top_p_sampling=False,
+                 temperatures=torch.tensor([[0.5], [0.75], [0.25]]), top_ks=torch.tensor([3, 4, 5]),
+                 scalar=torch.tensor(1.0))
+    batch = SimpleNamespace(sampling_info=info, reqs=[None] * 3)
+    accept(_chains([4, 7], 2), batch, SimpleNamespace(next_token_logits=torch.zeros(4, 8)), "pytorch",
+           requests=torch.tensor([2, 0]))
+    view = seen["batch"]
+    assert view is not batch and torch.equal(view.seq_lens, torch.tensor([4, 7]))
+    assert view.device == torch.device("cpu") and view.forward_mode.is_target_verify()
+    assert view.sampling_info.temperatures.view(-1).tolist() == [0.25, 0.5]
+    assert view.sampling_info.top_ks.tolist() == [5, 3]
+    assert view.sampling_info.scalar is info.scalar  # not per request: not indexed
+    assert info.top_ks.tolist() == [3, 4, 5]  # the batch's own info is left alone
+    greedy = _info(is_all_greedy=True, top_ks=torch.tensor([3, 4, 5]))
+    accept(_chains([4, 7], 2), SimpleNamespace(sampling_info=greedy, reqs=[None] * 3),
+           SimpleNamespace(next_token_logits=torch.zeros(4, 8)), "pytorch", requests=torch.tensor([2, 0]))
+    assert seen["batch"].sampling_info is greedy  # argmax acceptance reads no per-request tensor
+
+
+def test_accept_masks_the_target_with_the_chains_grammar(monkeypatch):
+    seen, built = {}, {}
+    monkeypatch.setattr(acceptance, "eagle_sample", _fake_eagle([1], seen))
+
+    def build(**kw):
+        built.update(kw)
+        return "mask"
+
+    monkeypatch.setattr(acceptance, "build_grammar_vocab_mask", build)
+    info = _info(is_all_greedy=True)
+    batch = SimpleNamespace(sampling_info=info, reqs=["req"])
+    accept(_chains([4], 2), batch, SimpleNamespace(next_token_logits=torch.zeros(2, 8)), "flashinfer",
+           grammar_tree="tree")
+    assert seen["grammar_mask"] == "mask"
+    assert built == dict(reqs=["req"], tree="tree", sampling_info=info, device=torch.device("cpu"), barrier=None)
