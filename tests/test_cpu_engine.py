@@ -8,7 +8,7 @@ CPU. The overlap scheduler is off (it needs CUDA streams), so the unified schedu
 delayed verification here. Each engine runs in its own process (tests/cpu_engine_run.py).
 
 Checked (unified on every release CI runs, lockstep and a hybrid selection on the oldest, a
-request joining a running batch on the newest, to keep CI's two side-by-side runs short): the output equals plain SGLang's on the same engine token for token, drafts
+request joining a running batch and requests retracted mid-output on the newest, to keep CI's two side-by-side runs short): the output equals plain SGLang's on the same engine token for token, drafts
 are accepted only in part (the selection binds: K = 8 of ~120-140 tokens), and the acceptance
 SGLang reports equals the PyTorch reference's (testing/reference.py) cycle for cycle along the
 same tokens: the same count of cycles with 0, 1, ..., k accepted drafts.
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -47,15 +48,20 @@ def setup():
     return model_dir, prompt, plain["output_ids"]
 
 
-def run_engine(model_dir: str, prompts: list[list[int]], stagger_s: float = 0.0, **engine: object) -> list[dict]:
+def run_engine(model_dir: str, prompts: list[list[int]], stagger_s: float = 0.0, env: dict | None = None,
+               log: list | None = None, **engine: object) -> list[dict]:
+    """One engine in its own process; ``env`` adds environment variables, ``log`` gets its stderr."""
     settings = dict(model_path=model_dir, device="cpu", dtype="float32", skip_tokenizer_init=True,
                     disable_cuda_graph=True, disable_overlap_schedule=True, max_total_tokens=4096,
                     max_running_requests=4, chunked_prefill_size=1024, mem_fraction_static=0.5, log_level="warning")
     spec = {"engine": {**settings, **engine}, "prompts": prompts, "max_new_tokens": MAX_NEW, "stagger_s": stagger_s}
-    env = {**os.environ, "SGLANG_USE_CPU_ENGINE": "1", "TRITON_INTERPRET": "1", CPU_TEST_ENV: "1",
-           "PYTHONPATH": os.pathsep.join([str(HERE / "sgl_kernel_cpu"), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.run([sys.executable, str(HERE / "cpu_engine_run.py"), json.dumps(spec)], env=env,
+    run_env = {**os.environ, "SGLANG_USE_CPU_ENGINE": "1", "TRITON_INTERPRET": "1", CPU_TEST_ENV: "1",
+               "PYTHONPATH": os.pathsep.join([str(HERE / "sgl_kernel_cpu"), os.environ.get("PYTHONPATH", "")]),
+               **(env or {})}
+    proc = subprocess.run([sys.executable, str(HERE / "cpu_engine_run.py"), json.dumps(spec)], env=run_env,
                           capture_output=True, text=True, timeout=900)
+    if log is not None:
+        log.append(proc.stderr)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     assert proc.returncode == 0 and lines, proc.stdout[-2000:] + proc.stderr[-4000:]
     return json.loads(lines[-1][len("RESULT "):])
@@ -134,3 +140,20 @@ def test_a_request_joining_a_running_unified_batch_still_equals_plain(setup):
     outs = run_engine(model_dir, prompts, stagger_s=8.0, speculative_algorithm="SPARSESPEC",
                       speculative_num_steps=K, sparsespec_min_selected=MIN_SELECTED, triton_attention_num_kv_splits=1)
     assert [o["output_ids"] for o in outs] == plain
+
+
+@pytest.mark.skipif(not NEWEST, reason="runs on the newest release")
+def test_requests_retracted_mid_output_still_equal_plain(setup):
+    """SGLang's own retraction test mode (SGLANG_TEST_RETRACT: the scheduler retracts requests of
+    the running batch every few steps, as when the KV pool runs out): each retracted request is
+    re-admitted from its prompt and output so far (its prefix from the radix cache), gets a fresh
+    first-cycle window, and its output still equals plain decoding's."""
+    model_dir, prompt, plain = setup
+    log: list[str] = []
+    outs = run_engine(model_dir, [prompt, prompt], env={"SGLANG_TEST_RETRACT": "1", "SGLANG_TEST_RETRACT_INTERVAL": "3"},
+                      log=log, speculative_algorithm="SPARSESPEC", speculative_num_steps=K,
+                      sparsespec_min_selected=MIN_SELECTED, triton_attention_num_kv_splits=1,
+                      log_level="warning")
+    retracted = [int(n) for n in re.findall(r"Testing retraction\. #retracted_reqs: (\d+)", log[0])]
+    assert sum(retracted) > 0, log[0][-3000:]
+    assert [o["output_ids"] for o in outs] == [plain, plain]
