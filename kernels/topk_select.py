@@ -27,15 +27,50 @@ Scores are assumed >= 0; negative values (and -0.0) rank as 0, NaN ranks above +
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import torch
 import triton
 import triton.language as tl
 
-from sparsespec_sglang.selection import SelectionPolicy, num_recent_device, num_selected_device
-
 _BLOCK = 1024
 # 8-bit counters in the packed int64 words overflow after 255 increments per lane.
 _FLUSH_BLOCKS = 255
+
+
+class TopKPolicy(Protocol):
+    """The selection numbers the kernel reads (``sparsespec_sglang.selection.SelectionPolicy``
+    has them; this module imports nothing from the package, so the kernel stays a leaf). The
+    host methods are what the PyTorch reference computes K and R with."""
+
+    sparsity_ppm: int  # sparsity in parts per million
+    min_selected: int
+    max_selected: int
+    num_sink: int
+    recent_ppm: int  # share of K that is the most recent candidates, parts per million
+
+    def num_selected(self, context_len: int, cand_end: int | None = None) -> int: ...
+
+    def num_recent(self, k: int) -> int: ...
+
+    def num_candidates(self, cand_end: int) -> int: ...
+
+
+# K and R inside the kernel: the integer formulas of SelectionPolicy.num_selected and
+# selection.num_recent (ceil and round half up in parts per million), which the host, torch and
+# this kernel must compute identically (tests/test_selection.py checks them against each other).
+@triton.jit
+def num_selected_device(context_len, cand_end, sparsity_ppm, min_sel, max_sel, num_sink):
+    """K of one request inside a Triton kernel (int32 scalars in, int32 out)."""
+    want = ((context_len.to(tl.int64) * sparsity_ppm + 999_999) // 1_000_000).to(tl.int32)
+    n_cand = tl.maximum(cand_end - num_sink, 0)
+    return tl.minimum(tl.minimum(tl.maximum(want, min_sel), max_sel), n_cand)
+
+
+@triton.jit
+def num_recent_device(k, recent_ppm):
+    """Of K selected positions, how many are the most recent candidates (int32 in, int32 out)."""
+    return ((k.to(tl.int64) * recent_ppm + 500_000) // 1_000_000).to(tl.int32)
 
 
 @triton.jit
@@ -169,7 +204,7 @@ def _select_topk_kernel(
 
 def select_topk(
     scores: torch.Tensor,
-    policy: SelectionPolicy,
+    policy: TopKPolicy,
     *,
     req_to_token: torch.Tensor,
     req_pool_indices: torch.Tensor,
@@ -182,8 +217,8 @@ def select_topk(
 ) -> None:
     """Slot ids of the K_b best candidate positions [policy.num_sink, cand_end[b]) per (b, KV head).
 
-    K_b = ``policy.num_selected(seq_lens[b], cand_end[b])`` (``sparsespec_sglang.selection``,
-    integer arithmetic shared with the host). With a recent share (``policy.recent_ppm``, the
+    K_b = ``policy.num_selected(seq_lens[b], cand_end[b])`` (``sparsespec_sglang.selection``'s
+    integer formula, computed here on the GPU). With a recent share (``policy.recent_ppm``, the
     hybrid and window selections) R_b = ``policy.num_recent(K_b)`` of them are the most recent
     candidates [cand_end[b] - R_b, cand_end[b]): they are not listed, R_b goes to
     ``out_recent[b]`` (the caller's dense tail starts there), and the K_b - R_b best-scored of
@@ -243,7 +278,7 @@ def select_topk(
 
 def select_topk_ref(
     scores: torch.Tensor,
-    policy: SelectionPolicy,
+    policy: TopKPolicy,
     *,
     req_to_token: torch.Tensor,
     req_pool_indices: torch.Tensor,

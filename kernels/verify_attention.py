@@ -58,7 +58,8 @@ import triton
 import triton.language as tl
 
 from .attention_common import merge_splits, pick_num_kv_splits, sm_count, tanh
-from sparsespec_sglang.selection import AGGREGATIONS
+
+AGGREGATIONS = ("sum", "max")  # how the score dump pools queries and GQA heads (AGG_MAX or a sum)
 
 _BLOCK_N = 64
 

@@ -7,6 +7,9 @@ hooks under ``patches/``. On an SGLang release outside the supported range
 (``sparsespec_sglang.compat``) it registers only a SPARSESPEC that refuses to
 start with one line naming the installed and the supported versions, and leaves
 every other server untouched.
+
+Importing this module (and the configuration checks it names) loads neither torch nor Triton;
+:func:`register` imports SGLang's registries, which bring torch.
 """
 
 from __future__ import annotations

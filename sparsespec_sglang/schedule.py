@@ -19,9 +19,10 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass
-from typing import Any, ClassVar, Optional, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Optional, Protocol
 
-import torch
+if TYPE_CHECKING:  # annotations only: config.py reads SCHEDULES, and validation must not load torch
+    import torch
 
 # name -> "module:class"; imported on first use, so that config validation and the KV-reserve
 # hook can name schedules without importing their modules.

@@ -1,10 +1,13 @@
 """PillarAttn's selection policy: how many KV tokens a draft step attends to, and which compete.
 
-Defined once and used by every implementation (the top-K kernel, PillarState's first-cycle window,
-the PyTorch reference), because three float versions of ``ceil(s * len)`` disagreed at the edge:
-0.07 * 100 is 7.000000000000001 in float64 (ceil 8) and 7.0 in fp32 (ceil 7). Here the sparsity
-is carried as an integer number of parts per million, so K is integer arithmetic that the host,
-torch and Triton compute identically:
+Defined here for every implementation (PillarState's first-cycle window, the PyTorch reference,
+and the top-K kernel, which reads a :class:`SelectionPolicy`'s numbers), because three float
+versions of ``ceil(s * len)`` disagreed at the edge: 0.07 * 100 is 7.000000000000001 in float64
+(ceil 8) and 7.0 in fp32 (ceil 7). Here the sparsity is carried as an integer number of parts per
+million, so K is integer arithmetic that the host, torch and Triton compute identically. The
+Triton form of the K and R formulas sits in ``kernels/topk_select.py`` (the kernels import nothing
+from this package); tests/test_selection.py checks the three forms against each other. This module
+imports neither torch nor Triton, so validating the configuration loads neither:
 
     K = min(clamp(ceil(ppm * context_len / 10^6), min_selected, max_selected), #candidates)
 
@@ -28,11 +31,10 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-import triton
-import triton.language as tl
+if TYPE_CHECKING:  # num_selected_tensor uses its argument's own methods: no torch import,
+    import torch  # so config validation (and the plugin's entry module) never loads torch
 
 PPM = 1_000_000  # sparsity resolution: parts per million
 AGGREGATIONS = ("sum", "max")
@@ -70,20 +72,6 @@ def recent_share_ppm(selection: str) -> int:
 def num_recent(k: int, recent_ppm: int) -> int:
     """How many of a request's K selected positions are the most recent candidates."""
     return (k * recent_ppm + PPM // 2) // PPM
-
-
-@triton.jit
-def num_recent_device(k, recent_ppm):
-    """``num_recent`` inside a Triton kernel (int32 scalars in, int32 out)."""
-    return ((k.to(tl.int64) * recent_ppm + 500_000) // 1_000_000).to(tl.int32)
-
-
-@triton.jit
-def num_selected_device(context_len, cand_end, sparsity_ppm, min_sel, max_sel, num_sink):
-    """K of one request inside a Triton kernel (int32 scalars in, int32 out)."""
-    want = ((context_len.to(tl.int64) * sparsity_ppm + 999_999) // 1_000_000).to(tl.int32)
-    n_cand = tl.maximum(cand_end - num_sink, 0)
-    return tl.minimum(tl.minimum(tl.maximum(want, min_sel), max_sel), n_cand)
 
 
 @dataclass(frozen=True)
@@ -126,8 +114,8 @@ class SelectionPolicy:
         want = (context_lens.long() * self.sparsity_ppm + PPM - 1) // PPM
         k = want.clamp(min=self.min_selected, max=self.max_selected)
         if cand_end is not None:
-            k = torch.minimum(k, (cand_end.long() - self.num_sink).clamp(min=0))
-        return k.to(torch.int32)
+            k = k.minimum((cand_end.long() - self.num_sink).clamp(min=0))
+        return k.int()
 
     def num_recent(self, k: int) -> int:
         """Of K selected positions, how many are the most recent candidates."""

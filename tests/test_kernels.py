@@ -38,6 +38,29 @@ from sparsespec_sglang.selection import SelectionPolicy, sparsity_ppm  # noqa: E
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def test_kernels_are_leaves_of_the_package():
+    """Every module under kernels/ imports only torch, Triton, the standard library and its
+    siblings: the caller hands it plain numbers (a SelectionPolicy's fields, an aggregation name)."""
+    import ast
+    import pathlib
+
+    import sparsespec_sglang.kernels as kernels
+
+    root = pathlib.Path(kernels.__file__).parent
+    for path in sorted(root.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else [])
+            assert not any(n.split(".")[0] == "sparsespec_sglang" for n in names), f"{path.name} imports {names}"
+
+
+def test_the_kernels_pool_scores_every_configurable_way():
+    from sparsespec_sglang.kernels.verify_attention import AGGREGATIONS as KERNEL_AGGREGATIONS
+    from sparsespec_sglang.selection import AGGREGATIONS
+
+    assert KERNEL_AGGREGATIONS == AGGREGATIONS
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 if INTERPRET:

@@ -61,6 +61,25 @@ def _resolved(sa):
     return compat.resolved_view(sa)
 
 
+LIGHT_IMPORT = """
+import sys
+from importlib.metadata import entry_points
+ep, = [e for e in entry_points(group="sglang.srt.plugins") if e.name == "sparsespec"]
+ep.load()
+import sparsespec_sglang.config, sparsespec_sglang.selection, sparsespec_sglang.validation
+print(sorted(m for m in ("torch", "triton", "sglang") if m in sys.modules))
+"""
+
+
+def test_entry_module_loads_neither_torch_nor_triton():
+    """Loading the entry point (what SGLang's load_plugins does before it calls register) and the
+    configuration checks import neither torch nor Triton; register() itself imports SGLang's
+    registries, and with them torch."""
+    out = subprocess.run([sys.executable, "-c", LIGHT_IMPORT], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
+
+
 def test_entry_point_declared():
     eps = {ep.name: ep.value for ep in entry_points(group="sglang.srt.plugins")}
     assert eps.get("sparsespec") == "sparsespec_sglang.plugin:register"

@@ -2,7 +2,8 @@
 
 K = min(clamp(ceil(s * len), min_selected, max_selected), #candidates) is computed by the host
 (the policy itself and the reference oracle), by torch on the device (PillarState's first-cycle
-window) and inside the top-K Triton kernel. Before the policy was shared they disagreed at
+window) and inside the top-K Triton kernel (its own jit copy of the integer formulas: the kernels
+import nothing from the package). Before the policy was shared they disagreed at
 non-power-of-two sparsities (0.07 * 100: 8 in float64, 7 in fp32); here all of them are compared
 over a grid of sparsities and lengths, against exact rational arithmetic.
 """
@@ -23,10 +24,10 @@ import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
 from sparsespec_sglang.config import SparseSpecArgsError, SparseSpecConfig  # noqa: E402
-from sparsespec_sglang.kernels.topk_select import select_topk  # noqa: E402
+from sparsespec_sglang.kernels.topk_select import num_recent_device, num_selected_device, select_topk  # noqa: E402
 from sparsespec_sglang.pillar import PillarState  # noqa: E402
 from sparsespec_sglang.selection import (  # noqa: E402
-    PPM, SelectionPolicy, num_recent, num_recent_device, num_selected_device, recent_share_ppm, sparsity_ppm,
+    PPM, SelectionPolicy, num_recent, recent_share_ppm, sparsity_ppm,
 )
 from sparsespec_sglang.testing import reference as R  # noqa: E402
 
