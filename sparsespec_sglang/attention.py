@@ -6,7 +6,7 @@ two per forward with a :class:`~sparsespec_sglang.pillar.ForwardPlan` (:meth:`pl
 
 - a *draft step* (a DECODE forward under ``ForwardPlan.sparse_draft``, lockstep schedule):
   sparse decode over sink + selected + dense-tail slots (``kernels/sparse_decode.py``);
-- a *unified pass* (a DECODE forward under ``ForwardPlan.unified_pass``, issue 5): draft
+- a *unified pass* (a DECODE forward under ``ForwardPlan.unified_pass``, unified schedule): draft
   rows take the sparse decode, the verifying requests' rows the verify kernel with the score
   dump and top-K below, in the same forward;
 - a *verify pass* (TARGET_VERIFY): causal attention of the k+1 verify tokens

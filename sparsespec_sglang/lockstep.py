@@ -36,7 +36,6 @@ from sparsespec_sglang.schedule import ScheduleContext, StepResult
 class LockstepSchedule:
     """k draft forwards of the whole batch, then one verify forward of the whole batch."""
 
-    name: ClassVar[str] = "lockstep"
     PHASES: ClassVar[tuple[str, ...]] = ("draft", "verify", "accept")
 
     def __init__(self, ctx: ScheduleContext, profiler: Optional[CycleProfiler] = None) -> None:

@@ -1,4 +1,4 @@
-"""Phase planning for unified draft/verify batching (issue 5, paper section 4.2).
+"""Phase planning for unified draft/verify batching (paper section 4.2).
 
 Lockstep runs k draft passes of B tokens and then one verify pass of B * (k + 1) tokens, so the
 GEMM batch swings by (k + 1)x and the verify pass is compute-bound. Unified batching gives every

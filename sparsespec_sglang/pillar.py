@@ -45,7 +45,7 @@ class DraftStep:
 
 @dataclass
 class MixedRows:
-    """Inputs of a unified pass beyond the ForwardBatch (issue 5), static buffers.
+    """Inputs of a unified pass beyond the ForwardBatch, in static buffers (CUDA graphs replay them).
 
     A unified pass is a DECODE forward whose rows are single tokens: one row per drafting
     request, then the verify chain of every verifying request (its rows ``qo_indptr[v]`` ..

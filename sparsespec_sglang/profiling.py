@@ -188,7 +188,8 @@ class CycleProfiler:
 
 
 class PassTimer:
-    """Where a unified pass's time goes (issue 5: CPU time on the critical path per pass).
+    """Where a unified pass's time goes: a step is k + 1 smaller forwards, so host time between
+    them is on the critical path k + 1 times per step.
 
     Two consecutive steps out of every ``every`` (the last two) are sampled, without host syncs:
     each pass records CUDA events right before and after its model forward (a graph replay or an

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar, Optional, Protocol
+from typing import TYPE_CHECKING, Any, Optional, Protocol
 
 if TYPE_CHECKING:  # annotations only: config.py reads SCHEDULES, and validation must not load torch
     import torch
@@ -58,8 +58,6 @@ class ScheduleContext:
 
 class Schedule(Protocol):
     """One decode step of a batch as draft and verify forwards on the target model."""
-
-    name: ClassVar[str]
 
     @classmethod
     def kv_reserve_per_decode(cls, k: int) -> Optional[int]:

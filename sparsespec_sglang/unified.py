@@ -1,4 +1,4 @@
-"""Unified draft/verify passes (issue 5, paper section 4.2) inside SGLang's speculative scheduler.
+"""Unified draft/verify passes (paper section 4.2) inside SGLang's speculative scheduler.
 
 Lockstep runs k draft passes of B tokens and then one verify pass of B (k + 1) tokens. Here one
 scheduler step is k + 1 passes, and every pass mixes both kinds of work in one DECODE forward
@@ -98,7 +98,6 @@ class PassLayout:
 class UnifiedSchedule:
     """One scheduler step as k + 1 unified passes."""
 
-    name: ClassVar[str] = "unified"
     PHASES: ClassVar[tuple[str, ...]] = ("inputs", "forward", "accept")
 
     def __init__(self, ctx: ScheduleContext, profiler: Optional[CycleProfiler] = None) -> None:
@@ -276,7 +275,8 @@ class UnifiedSchedule:
 
     def _log(self) -> None:
         """Pass sizes: over all passes, and over the steady passes (no join, leave or offset move)
-        of the largest batch seen, the issue's max/min ratio; and the pass timing."""
+        of the largest batch seen, the max/min ratio (a flat pass size is what unified passes are for);
+        and the pass timing."""
         passes = [p for p in self.pass_tokens if p[1]]
         self.pass_tokens = []
         if not passes:

@@ -46,7 +46,7 @@ def test_join_leave_and_retract_stay_lossless(tmp_path):
 
 
 def test_unified_schedule_stays_lossless_as_requests_join_and_leave(tmp_path):
-    """Unified draft/verify passes (issue 5): requests arrive while others decode and finish at
+    """Unified draft/verify passes: requests arrive while others decode and finish at
     ragged lengths, so phases are assigned and rebalanced mid-run, in both scheduler modes. The
     8th and 16th requests ask for logprobs: while one runs, the batch takes the lockstep path (with
     its own draft graphs), and unified passes resume after it finishes."""

@@ -252,8 +252,8 @@ def test_schedule_registry_matches_the_config_choices():
     from sparsespec_sglang.config import SCHEDULES as CONFIG_SCHEDULES
 
     assert CONFIG_SCHEDULES == tuple(SCHEDULES) and CONFIG_SCHEDULES[0] == "unified"  # the default
-    for name in SCHEDULES:
-        assert schedule_class(name).name == name
+    for name, where in SCHEDULES.items():
+        assert schedule_class(name).__name__ == where.split(":")[1]
     with pytest.raises(ValueError, match="--sparsespec-schedule.*allowed: unified, lockstep"):
         schedule_class("round-robin")
     assert schedule_class("lockstep").kv_reserve_per_decode(8) is None

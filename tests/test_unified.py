@@ -1,4 +1,4 @@
-"""UnifiedSchedule (issue 5) on the CPU: k + 1 mixed passes per step emit exactly the target's tokens.
+"""UnifiedSchedule on the CPU: k + 1 mixed passes per step emit exactly the target's tokens.
 
 The toy model of toy_model.py stands in for SGLang's model runner: the next token is a fixed function
 of (token, position), and a draft row (a row before the pass's verify rows) gets that token or,
@@ -137,7 +137,7 @@ def test_unified_steps_emit_the_target_sequence(k, sampled, monkeypatch, caplog)
     assert all(r[2:4] == r[4:6] for r in drafts)
     assert all(r[3] == 0 for r in rows if not r[1])
     assert 1.5 < sum(all_lens) / len(all_lens) < k
-    # Pass sizes are logged, with the full-batch figure the issue's max/min ratio is about.
+    # Pass sizes are logged, with the full batch's max/min ratio: how flat the passes stay.
     lines = [r.getMessage() for r in caplog.records if "tokens per pass" in r.getMessage()]
     assert len(lines) >= 3 and all("of the full batch" in line for line in lines)
     assert any("steady passes of the full batch" in line for line in lines)
