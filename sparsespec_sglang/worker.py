@@ -84,8 +84,12 @@ class SparseSpecWorker(BaseSpecWorker):
         self.req_to_token_pool, self.token_to_kv_pool_allocator = self._target_worker.get_memory_pool()
         mc = self.model_runner.model_config
         req_to_token = self.req_to_token_pool.req_to_token
+        # This rank's heads: SGLang sizes the KV pool with get_num_kv_heads(attn_tp_size) and its
+        # attention layers hold num_attention_heads // attn_tp_size query heads (attn_tp_size is
+        # tp_size here: DP attention is refused). Selection tables and scores are per KV head,
+        # the draft-lse ring per query head (tests/test_multi_gpu.py).
         self.state = PillarState(
-            self.config, mc.num_hidden_layers, mc.get_num_attention_heads(get_parallel().tp_size),
+            self.config, mc.num_hidden_layers, mc.get_num_attention_heads(get_parallel().attn_tp_size),
             self.model_runner.token_to_kv_pool.head_num, req_to_token,
             group_scores=schedule_class(self.config.schedule).group_scores(self.k, req_to_token.shape[0]),
         )
