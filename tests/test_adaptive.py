@@ -1,0 +1,131 @@
+"""The adaptive-speculation policy (sparsespec_sglang/adaptive.py) on synthetic batches."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from sparsespec_sglang.adaptive import AdaptivePolicy, PassCost, PassCostFit
+from sparsespec_sglang.config import SparseSpecConfig
+from sparsespec_sglang.selection import SelectionPolicy
+
+# Qwen3-8B on an H100-class GPU: 16.4 GB of weights, 144 KiB of KV per token, 3.35 TB/s.
+PRIOR = PassCost.prior(16.4e9, 144 * 1024, 3.35e12, row_seconds=2e-6)
+
+
+def _policy(**kw) -> AdaptivePolicy:
+    sel = SelectionPolicy.of(SparseSpecConfig())
+    return AdaptivePolicy(k=8, selection=sel, cost=PassCostFit(PRIOR), **kw)
+
+
+def _batch(n: int, context_len: int, prefix: str = "r") -> dict[str, int]:
+    return {f"{prefix}{i}": context_len for i in range(n)}
+
+
+def test_break_even_follows_the_bytes():
+    """A weight-bound step (few requests) makes tokens precious: speculation needs more than k
+    accepted drafts, i.e. never; a KV-bound step (128 x 12K) lets ~1 accepted draft pay."""
+    pol = _policy()
+    dense = lambda ctx: {r: False for r in ctx}  # noqa: E731
+    small, big = _batch(2, 12_000), _batch(128, 12_000)
+    assert pol.break_even_accepted(12_000, pol.step_seconds_per_token(small, dense(small))) > 6
+    assert pol.break_even_accepted(12_000, pol.step_seconds_per_token(big, dense(big))) < 1.5
+    # at the break-even the step's throughput is the same whichever mode the request takes
+    ctx = _batch(64, 6000)
+    lam = pol.step_seconds_per_token(ctx, dense(ctx))
+    acc = pol.break_even_accepted(6000, lam)
+    assert pol.ratio(6000, acc) == pytest.approx(lam)
+
+
+def test_weight_bound_steps_decode_densely_and_kv_bound_ones_speculate():
+    pol = _policy()
+    assert not any(pol.decide(_batch(2, 12_000, "few")).values())  # weights dominate each pass
+    assert not any(pol.decide(_batch(128, 300, "short")).values())  # short contexts
+    assert all(pol.decide(_batch(128, 12_000, "long")).values())  # KV dominates: speculate
+
+
+def test_the_chosen_modes_maximise_the_steps_throughput():
+    """Mixed contexts: the chosen set gives a lower time per token than all-dense, all-speculating
+    and every single flip of it (the Dinkelbach set is a local, here global, optimum)."""
+    pol = _policy()
+    ctx = {**_batch(40, 500, "s"), **_batch(40, 16_000, "l"), **_batch(20, 4000, "m")}
+    modes = pol.decide(ctx)
+    best = pol.step_seconds_per_token(ctx, modes)
+    assert best < pol.step_seconds_per_token(ctx, {r: False for r in ctx})
+    assert best < pol.step_seconds_per_token(ctx, {r: True for r in ctx})
+    for r in ctx:
+        flipped = {**modes, r: not modes[r]}
+        assert best <= pol.step_seconds_per_token(ctx, flipped) * (1 + 1e-12), r
+    assert all(modes[f"l{i}"] for i in range(40)) and not any(modes[f"s{i}"] for i in range(40))
+
+
+def test_a_low_acceptance_request_falls_back_and_others_stay():
+    """8 requests at 12K: the weights still weigh in each pass, so a request that accepts nothing
+    gives up more tokens than its saved reads are worth; one that accepts 6 of 8 keeps speculating.
+    (In a KV-bound batch, e.g. 128 x 12K, even 0 accepted pays: a dense row reads its whole context
+    in every pass.)"""
+    pol = _policy(min_steps=3)
+    ctx = _batch(8, 12_000)
+    pol.decide(ctx)
+    for _ in range(12):
+        for r in ctx:
+            pol.observe_verify(r, 0 if r == "r0" else 6)
+        modes = pol.decide(ctx)
+    assert modes["r0"] is False and all(modes[r] for r in ctx if r != "r0")
+    assert pol.accepted_ema("r0") < 0.2 < 5.5 < pol.accepted_ema("r1")
+
+
+def test_no_flapping_near_the_break_even():
+    """Acceptance that wanders around the break-even changes the mode rarely (margin + min steps)."""
+    pol = _policy(min_steps=4, probe_steps=10_000)
+    ctx = _batch(64, 6000)
+    lam = pol.step_seconds_per_token(ctx, {r: False for r in ctx})
+    edge = pol.break_even_accepted(6000, lam)
+    rng = random.Random(0)
+    switches, last = 0, None
+    for _ in range(400):
+        spec = pol.decide(ctx)["r0"]
+        switches += last is not None and spec != last
+        last = spec
+        for r in ctx:
+            pol.observe_verify(r, max(0, min(8, round(edge + rng.uniform(-1.0, 1.0)))))
+    assert switches <= 6
+
+
+def test_a_dense_request_probes_again_when_its_context_grew():
+    pol = _policy(min_steps=2, probe_steps=5)
+    ctx = _batch(8, 12_000)
+    pol.decide(ctx)
+    for _ in range(4):
+        pol.observe_verify("r0", 0)
+        pol.decide(ctx)
+    assert pol.decide(ctx)["r0"] is False
+    modes = [pol.decide({**ctx, "r0": 12_000 + 9 * i})["r0"] for i in range(1, 8)]
+    assert True in modes  # re-measured after probe_steps dense steps
+    pol.forget("r0")
+    with pytest.raises(KeyError):
+        pol.accepted_ema("r0")
+
+
+def test_the_cost_fit_recovers_the_pass_model():
+    true = PassCost(0.006, 3.0e-8, 1.5e-6)
+    fit = PassCostFit(PassCost(0.01, 1e-8, 0.0), forget=1.0)
+    rng = random.Random(1)
+    for _ in range(400):
+        kv, rows = rng.uniform(1e5, 4e5), rng.uniform(100, 800)
+        fit.observe(kv, rows, true.seconds(kv, rows) * (1 + rng.uniform(-0.01, 0.01)))
+    got = fit.cost
+    assert got.a == pytest.approx(true.a, rel=0.1)
+    assert got.b == pytest.approx(true.b, rel=0.05)
+    assert got.c == pytest.approx(true.c, rel=0.3)
+
+
+@pytest.mark.parametrize("kw", [dict(k=0), dict(ema_weight=0.0), dict(margin=-0.1), dict(min_steps=0)])
+def test_bad_settings_are_refused(kw):
+    sel = SelectionPolicy.of(SparseSpecConfig())
+    args = {"k": 8, "selection": sel, "cost": PassCostFit(PRIOR), **kw}
+    with pytest.raises(ValueError):
+        AdaptivePolicy(**args)
+    with pytest.raises(ValueError):
+        PassCost(-1.0, 0.0, 0.0)
