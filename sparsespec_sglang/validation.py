@@ -134,6 +134,14 @@ def validate_server_args(server_args: Any) -> SparseSpecConfig:
 
     if cfg.pp_size != 1:
         _fail("--pp-size", "1 (pipeline parallelism is not supported)", cfg.pp_size)
+    for field, what in (("attn_cp_size", "attention context parallelism"),
+                        ("dcp_size", "decode context parallelism")):
+        # Context parallelism splits a request's KV along the sequence (dcp) or shards attention
+        # heads differently from the KV pool (attn-cp); PillarAttn's top-K and draft kernels read
+        # a request's whole context for each KV head on one rank.
+        value = getattr(cfg, field, 1) or 1
+        if value != 1:
+            _fail("--" + field.replace("_", "-"), f"1 ({what} is not supported)", value)
     dp = dp_attention(cfg)
     if dp is not None:
         flag, off, got = dp

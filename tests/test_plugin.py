@@ -174,6 +174,8 @@ def test_deterministic_inference_sglang_turns_on_makes_the_schedule_lockstep(sgl
     (dict(attention_backend="triton"), "--attention-backend"),
     (dict(decode_attention_backend="flashinfer"), "--decode-attention-backend"),
     (dict(pp_size=2), "--pp-size"),
+    (dict(attn_cp_size=2, tp_size=2), "--attn-cp-size must be 1 (attention context parallelism is not supported)"),
+    (dict(dcp_size=2, tp_size=2), "--dcp-size must be 1 (decode context parallelism is not supported)"),
     (dict(speculative_accept_threshold_single=0.5), "--speculative-accept-threshold-single must be 1.0"),
     (dict(speculative_accept_threshold_acc=0.9), "--speculative-accept-threshold-acc must be 1.0"),
     (dict(enable_page_major_kv_layout=True), "--enable-page-major-kv-layout must be off"),
