@@ -319,8 +319,9 @@ def run_one(name: str, batch: int, args: argparse.Namespace, dataset: Path, work
 def _observe_engine(path: Path) -> None:
     """Record every Engine.generate call's summary and the last server info into ``path``; the
     wrapped methods return their results unchanged."""
-    from sglang.srt.entrypoints.engine import Engine
+    from sparsespec_sglang import compat
 
+    Engine = compat.Engine
     state: dict[str, Any] = {"forced_acceptance_env": os.environ.get(FORCED_ACCEPT_ENV),  # None: natural
                              "generate_calls": [], "server_info": None}
     generate, server_info = Engine.generate, Engine.get_server_info
@@ -368,9 +369,9 @@ def tool_main(argv: Sequence[str]) -> int:
     import workload
 
     workload._allow_without_hf_datasets()  # bench_serving's dataset registry imports `datasets`
-    from sglang.srt.plugins import load_plugins
+    from sparsespec_sglang import compat
 
-    load_plugins()
+    compat.load_plugins()
     if ns.observe:
         _observe_engine(Path(ns.observe))
     import importlib

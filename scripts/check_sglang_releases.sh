@@ -9,7 +9,7 @@
 set -euo pipefail
 venv=$1; shift
 tests=(tests/test_compat.py tests/test_plugin.py tests/test_sglang_contract.py tests/test_kv_reserve_patch.py
-       tests/test_retraction_patch.py tests/test_offload_timing.py tests/test_sampling.py tests/test_lockstep.py
+       tests/test_retraction_patch.py tests/test_offload_timing.py tests/test_acceptance.py tests/test_lockstep.py
        tests/test_unified.py tests/test_deterministic.py tests/test_mixed_pass.py)
 for release in "$@"; do
   dir=${TMPDIR:-/tmp}/sglang-overlay-$release
