@@ -40,17 +40,8 @@ from __future__ import annotations
 
 from collections.abc import Hashable, Mapping
 from dataclasses import dataclass, field
-from typing import Protocol
 
-
-class KPolicy(Protocol):
-    """What the policy needs of ``selection.SelectionPolicy``."""
-
-    num_sink: int
-
-    def num_selected(self, context_len: int, cand_end: int | None = None) -> int: ...
-
-    def num_recent(self, k: int) -> int: ...
+from sparsespec_sglang.selection import SelectionPolicy
 
 
 @dataclass(frozen=True)
@@ -122,7 +113,7 @@ class AdaptivePolicy:
     """Per-request choice between speculating and decoding densely (see the module docstring)."""
 
     k: int
-    selection: KPolicy
+    selection: SelectionPolicy
     cost: PassCostFit
     prior_accepted: float | None = None  # a new request's acceptance guess (default k / 2)
     ema_weight: float = 0.25  # weight of the newest verify in the acceptance EMA
@@ -159,6 +150,10 @@ class AdaptivePolicy:
         kv = self.k * self.drafted_tokens(context_len) + context_len
         return cost.b * kv + cost.c * (2 * self.k + 1)
 
+    def saved_seconds(self, context_len: int) -> float:
+        """Step time a request saves by speculating instead of decoding densely."""
+        return self.dense_seconds(context_len) - self.speculative_seconds(context_len)
+
     def fixed_seconds(self) -> float:
         """The step's cost paid whatever the mix: the weights read in each of its k + 1 passes."""
         return (self.k + 1) * self.cost.cost.a
@@ -166,7 +161,7 @@ class AdaptivePolicy:
     def ratio(self, context_len: int, accepted: float) -> float:
         """Seconds saved per token given up when the request speculates instead of decoding densely
         (inf: it gives up none and saves time; -inf: it saves no time)."""
-        saved = self.dense_seconds(context_len) - self.speculative_seconds(context_len)
+        saved = self.saved_seconds(context_len)
         given_up = self.k - accepted
         if saved <= 0:
             return float("-inf")
@@ -174,7 +169,7 @@ class AdaptivePolicy:
 
     def break_even_accepted(self, context_len: int, seconds_per_token: float) -> float:
         """Accepted drafts per verify above which speculating pays at a step time per token."""
-        saved = self.dense_seconds(context_len) - self.speculative_seconds(context_len)
+        saved = self.saved_seconds(context_len)
         return self.k - saved / seconds_per_token if saved > 0 else float("inf")
 
     def step_seconds_per_token(self, contexts: Mapping[Hashable, int], speculating: Mapping[Hashable, bool]) -> float:
@@ -222,8 +217,7 @@ class AdaptivePolicy:
         for rid in sorted(ratios, key=ratios.__getitem__, reverse=True):
             if n <= 0 or ratios[rid] <= t / n:
                 break
-            c = contexts[rid]
-            t += self.speculative_seconds(c) - self.dense_seconds(c)
+            t -= self.saved_seconds(contexts[rid])
             n -= self.k - self._acceptance(rid)
         threshold = t / n if n > 0 else float("inf")
         out: dict[Hashable, bool] = {}

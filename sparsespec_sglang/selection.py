@@ -48,9 +48,6 @@ def sparsity_ppm(sparsity: float) -> int:
     return ppm
 
 
-SELECTIONS = ("pillar", "window", "hybrid:F")  # --sparsespec-selection's forms
-
-
 def recent_share_ppm(selection: str) -> int:
     """The share of K taken as the most recent candidates, in parts per million: ``pillar`` 0,
     ``window`` 10^6, ``hybrid:F`` round(F * 10^6) for F in [0, 1]. ValueError otherwise."""

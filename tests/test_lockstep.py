@@ -54,11 +54,17 @@ def sglang_runtime(tp_rank: int = 0, tp_size: int = 1, **settings):
         yield
 
 
-def make_worker(monkeypatch, schedule: str, k: int = 3, score_norm: str = "exact", **runtime):
+def patch_worker_runtime(monkeypatch) -> None:
+    """What building and stepping a worker needs of SGLang and CUDA on a CPU: the toy model's
+    stand-ins, no stream recording, CUDA events that tick 1 ms apart."""
     patch_sglang(monkeypatch)
     monkeypatch.setattr("sparsespec_sglang.worker.record_stream_for_v2_verify", lambda *a: None)
     monkeypatch.setattr("sparsespec_sglang.profiling.torch.cuda.is_available", lambda: True)
     monkeypatch.setattr("sparsespec_sglang.profiling.torch.cuda.Event", lambda **_: FakeEvent())
+
+
+def make_worker(monkeypatch, schedule: str, k: int = 3, score_norm: str = "exact", **runtime):
+    patch_worker_runtime(monkeypatch)
     req_to_token = torch.arange(NUM_ROWS * MAX_CTX, dtype=torch.int32).view(NUM_ROWS, MAX_CTX)
     backend = ToyBackend()
     runner = ToyModelRunner(backend)

@@ -32,8 +32,8 @@ from sparsespec_sglang import compat
 from sparsespec_sglang.config import SparseSpecConfig
 from sparsespec_sglang.pillar import PillarState
 from sparsespec_sglang.selection import SelectionPolicy
-from test_lockstep import FakeEvent
-from toy_model import ToyBackend, ToyModelRunner, ToyTargetWorker, patch_sglang
+from test_lockstep import patch_worker_runtime, sglang_runtime
+from toy_model import ToyBackend, ToyModelRunner, ToyTargetWorker
 
 TOTAL_Q_HEADS, TOTAL_KV_HEADS, LAYERS = 32, 8, 3
 NUM_ROWS, MAX_CTX, K_DRAFT = 8, 512, 3
@@ -57,14 +57,9 @@ def rank_worker(monkeypatch, tp_rank: int, tp_size: int, schedule: str = "unifie
                 score_norm: str = "draft"):
     """The worker of rank ``tp_rank`` of a TP group of ``tp_size``, built as SGLang's scheduler
     builds it, over a KV pool of that rank's KV heads."""
-    from sglang.srt.runtime_context import get_context, get_parallel
-
     from sparsespec_sglang.worker import SparseSpecWorker
 
-    patch_sglang(monkeypatch)
-    monkeypatch.setattr("sparsespec_sglang.worker.record_stream_for_v2_verify", lambda *a: None)
-    monkeypatch.setattr("sparsespec_sglang.profiling.torch.cuda.is_available", lambda: True)
-    monkeypatch.setattr("sparsespec_sglang.profiling.torch.cuda.Event", lambda **_: FakeEvent())
+    patch_worker_runtime(monkeypatch)
     req_to_token = torch.arange(NUM_ROWS * MAX_CTX, dtype=torch.int32).view(NUM_ROWS, MAX_CTX)
     backend = ToyBackend()
     runner = ToyModelRunner(backend)
@@ -77,10 +72,7 @@ def rank_worker(monkeypatch, tp_rank: int, tp_size: int, schedule: str = "unifie
     server_args = SimpleNamespace(
         speculative_num_steps=K_DRAFT,
         _sparsespec_args={"sparsespec_schedule": schedule, "sparsespec_score_norm": score_norm, **CONFIG})
-    settings = {"device": "cuda", "sampling_backend": "pytorch", "enable_metrics": False,
-                "served_model_name": "toy"}
-    with get_context().override_server_args(**settings), get_parallel().override(
-            tp_rank=tp_rank, tp_size=tp_size, attn_tp_size=tp_size, moe_tp_size=tp_size):
+    with sglang_runtime(tp_rank=tp_rank, tp_size=tp_size):
         worker = SparseSpecWorker(server_args=server_args, gpu_id=tp_rank, nccl_port=0, target_worker=target)
         pool, allocator = target.get_memory_pool()
         worker.alloc_memory_pool(memory_pool_config=None, req_to_token_pool=pool,
