@@ -5,18 +5,15 @@ from __future__ import annotations
 from typing import Any, Callable, Iterable
 
 
-_registered: set[str] = set()
-
-
-def register_once(owner: str, hooks: Iterable[tuple[str, Callable, Any]]) -> None:
-    """Register ``owner``'s (name, hook, hook type) triples once per process; the name is the
+def register_hooks(hooks: Iterable[tuple[str, Callable, Any]]) -> None:
+    """Register (name, hook, hook type) triples with SGLang's ``HookRegistry``; the name is the
     hooked SGLang function's ``sparsespec_sglang.compat`` name, whose target depends on the
-    installed release. SGLang applies them in ``load_plugins``, and repeated ``load_plugins``
-    calls must not stack wrappers."""
-    if owner in _registered:
-        return
-    _registered.add(owner)
-    from sparsespec_sglang.compat import HookRegistry, hook_target
+    installed release. SGLang applies them in ``load_plugins``. A hook the registry already holds
+    for its target is skipped, so repeated registrations never stack wrappers: the registry is
+    the one record of what is registered (and a ``HookRegistry.reset()`` forgets it)."""
+    from sparsespec_sglang.compat import HookRegistry, hook_target, registered_hooks
 
     for name, hook, hook_type in hooks:
-        HookRegistry.register(hook_target(name), hook, hook_type)
+        target = hook_target(name)
+        if hook not in registered_hooks(target):
+            HookRegistry.register(target, hook, hook_type)

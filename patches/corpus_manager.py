@@ -14,7 +14,7 @@ from typing import Any
 
 from sparsespec_sglang.compat import HookType
 
-from sparsespec_sglang.patches import register_once
+from sparsespec_sglang.patches import register_hooks
 from sparsespec_sglang.validation import is_sparsespec
 
 
@@ -31,4 +31,4 @@ HOOKS = (
 
 
 def register() -> None:
-    register_once(__name__, HOOKS)
+    register_hooks(HOOKS)

@@ -1,7 +1,9 @@
 """Hooks that time HiCache's host copies for the KV offload log line (sparsespec_sglang/offload.py).
 
-Nothing is measured until the process has kept a retracted request's KV
-(``offload.activate()`` from patches/retraction.py); until then each hook only calls SGLang.
+Nothing is measured until the tree cache has kept a retracted request's KV
+(``offload.activate(tree_cache)`` from patches/retraction.py, which puts one ``TransferStats`` on
+the tree, its controller and its layer counter: the ``self`` each hook below receives); until
+then each hook only calls SGLang.
 
 Targets and why:
 - ``HiCacheController.start_writing`` (AROUND): issues one merged device->host copy of the queued
@@ -28,7 +30,7 @@ from sparsespec_sglang.compat import HookType, hicache_copy_bytes, hicache_times
 
 from sparsespec_sglang import offload
 from sparsespec_sglang.offload import TransferStats
-from sparsespec_sglang.patches import register_once
+from sparsespec_sglang.patches import register_hooks
 
 
 def _queued_tokens(queue: list) -> int:
@@ -41,7 +43,7 @@ def _add_timed_ack(stats: TransferStats, kind: str, controller: Any, ack: Any, t
 
 
 def start_writing(original: Callable, self: Any) -> Any:
-    stats = offload.active_stats()
+    stats = offload.stats_of(self)
     if stats is None or not self.write_queue:
         return original(self)
     tokens = _queued_tokens(self.write_queue)
@@ -59,7 +61,7 @@ def start_writing(original: Callable, self: Any) -> Any:
 
 
 def start_loading(original: Callable, self: Any) -> Any:
-    stats = offload.active_stats()
+    stats = offload.stats_of(self)
     if stats is None or not self.load_queue:
         return original(self)
     tokens = _queued_tokens(self.load_queue)
@@ -70,14 +72,14 @@ def start_loading(original: Callable, self: Any) -> Any:
 
 
 def evict_host(original: Callable, self: Any, num_tokens: int, *args: Any, **kwargs: Any) -> Any:
-    stats = offload.active_stats()
+    stats = offload.stats_of(self)
     if stats is not None:
         stats.note_host_full(num_tokens)
     return original(self, num_tokens, *args, **kwargs)
 
 
 def wait_until(original: Callable, self: Any, threshold: int) -> Any:
-    stats = offload.active_stats()
+    stats = offload.stats_of(self)
     if (stats is None or self.consumer_index < 0 or torch.cuda.is_current_stream_capturing()
             or self.events[self.consumer_index].load_events[threshold].query()):
         return original(self, threshold)
@@ -99,4 +101,4 @@ HOOKS = (
 
 
 def register() -> None:
-    register_once(__name__, HOOKS)
+    register_hooks(HOOKS)

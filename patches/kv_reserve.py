@@ -23,7 +23,7 @@ from typing import Any, Callable, Optional
 
 from sparsespec_sglang.compat import HookType, alloc_page_size
 
-from sparsespec_sglang.patches import register_once
+from sparsespec_sglang.patches import register_hooks
 from sparsespec_sglang.validation import sparsespec_config
 
 
@@ -69,4 +69,4 @@ HOOKS = (
 
 
 def register() -> None:
-    register_once(__name__, HOOKS)
+    register_hooks(HOOKS)

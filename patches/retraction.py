@@ -19,17 +19,27 @@ SGLang 0.5.22 on (``compat.tree_keeps_running_kv``); there the retracted request
 and one warning says so.
 
 Targets and why:
-- ``release_req`` (AROUND): the retraction path's release; marks the call (a context variable)
-  when the server's settings ask for the KV to be kept. The server's arguments are its
-  ``server_args`` keyword up to 0.5.18 and the published ``ServerArgs`` from 0.5.19 on.
+- ``release_req`` (AROUND): the retraction path's release; marks the request (``KEEP_KV_ATTR``)
+  for the duration of the call when the server's settings ask for its KV to be kept. The
+  server's arguments are its ``server_args`` keyword up to 0.5.18 and the published
+  ``ServerArgs`` from 0.5.19 on.
 - ``release_kv_cache`` (AROUND; SGLang propagates the patch to the modules that imported it):
-  inside a marked ``release_req`` call, keeps the KV in the tree before freeing the row
-  (``compat.keeping_release_kwargs``). Every other caller is untouched.
+  for a marked request (inside that ``release_req`` call, which releases it through
+  ``release_kv_cache(req, tree_cache, ...)``), keeps the KV in the tree before freeing the row
+  (``compat.keeping_release_kwargs``). Every other caller and request is untouched.
+
+State these hooks keep, on the SGLang objects they receive (SGLang gives no other channel from
+``release_req`` to the ``release_kv_cache`` it calls, and no per-tree place for a warning):
+- ``KEEP_KV_ATTR`` on the ``Req``: set by ``release_req`` around SGLang's body, read by
+  ``release_kv_cache``, removed when ``release_req`` returns or raises.
+- ``WARNED_MAMBA_ATTR`` on the tree cache: set the first time a tree that holds mamba state
+  cannot keep a retracted request's KV (the warning is logged once per tree cache), for the tree's
+  lifetime.
+- The tree's ``offload.TransferStats`` (``offload.activate``), from its first kept request on.
 """
 
 from __future__ import annotations
 
-import contextvars
 import logging
 from typing import Any, Callable
 
@@ -41,12 +51,12 @@ from sparsespec_sglang.compat import (
 )
 
 from sparsespec_sglang import offload
-from sparsespec_sglang.patches import register_once
+from sparsespec_sglang.patches import register_hooks
 from sparsespec_sglang.validation import is_sparsespec, keep_retracted_kv_flag, sparsespec_config
 
 logger = logging.getLogger(__name__)
-_keep_kv: contextvars.ContextVar[bool] = contextvars.ContextVar("sparsespec_keep_kv", default=False)
-_warned_mamba = False
+KEEP_KV_ATTR = "_sparsespec_keep_kv"
+WARNED_MAMBA_ATTR = "_sparsespec_warned_mamba"
 
 
 def keeps_retracted_kv(server_args: Any) -> bool:
@@ -70,11 +80,10 @@ def _server_args(kwargs: dict[str, Any]) -> Any:
 
 
 def _tree_keeps(tree_cache: Any) -> bool:
-    global _warned_mamba
     if tree_keeps_running_kv(tree_cache):
         return True
-    if not _warned_mamba:
-        _warned_mamba = True
+    if not getattr(tree_cache, WARNED_MAMBA_ATTR, False):
+        setattr(tree_cache, WARNED_MAMBA_ATTR, True)
         logger.warning("sparsespec-sglang: retracted requests' KV is not kept (they are recomputed): this "
                        "server's prefix cache holds mamba state, which SGLang hands to the tree only from "
                        "finished requests")
@@ -82,21 +91,22 @@ def _tree_keeps(tree_cache: Any) -> bool:
 
 
 def release_req(original: Callable, *args: Any, **kwargs: Any) -> Any:
-    if not keeps_retracted_kv(_server_args(kwargs)) or not _tree_keeps(kwargs["tree_cache"]):
+    tree_cache = kwargs["tree_cache"]
+    if not keeps_retracted_kv(_server_args(kwargs)) or not _tree_keeps(tree_cache):
         return original(*args, **kwargs)
     req = kwargs["req"]
     logger.info("sparsespec-sglang: retracted request %s keeps its %d KV tokens in the hierarchical cache "
                 "(resumes from it instead of recomputing)", getattr(req, "rid", "?"), kept_kv_len(req))
-    offload.activate()  # time HiCache's copies from the first kept request on
-    token = _keep_kv.set(True)
+    offload.activate(tree_cache)  # time HiCache's copies from the first kept request on
+    setattr(req, KEEP_KV_ATTR, True)
     try:
         return original(*args, **kwargs)
     finally:
-        _keep_kv.reset(token)
+        delattr(req, KEEP_KV_ATTR)
 
 
 def release_kv_cache(original: Callable, req: Any, tree_cache: Any, *args: Any, **kwargs: Any) -> Any:
-    if _keep_kv.get():
+    if getattr(req, KEEP_KV_ATTR, False):
         args, kwargs = (), {**kwargs, **keeping_release_kwargs()}
     return original(req, tree_cache, *args, **kwargs)
 
@@ -108,4 +118,4 @@ HOOKS = (
 
 
 def register() -> None:
-    register_once(__name__, HOOKS)
+    register_hooks(HOOKS)

@@ -21,12 +21,16 @@ Targets (``sparsespec_sglang.compat`` names) and why:
   then SPARSESPEC on a machine without CUDA or on another device (before SGLang's device probing
   fails with a stack trace); checks the user's
   attention backend and selects the plugin's before SGLang's device handlers and auto-selection
-  decide it. Just after, keeps the schedule the resolved settings imply on the record.
+  decide it. Just after, keeps on the record the schedule the resolved settings imply and the
+  ``SparseSpecConfig`` they make, built this once per record (``validation.record_config``).
 - ``prepare_server_args`` (AROUND): turns a SparseSpecArgsError into one line on stderr and exit
   status 2 for ``python -m sglang.launch_server`` (and ``sglang serve``), and marks the record it
   returns as the command line's.
 - ``ServerArgs.resolve_once`` (AROUND; where resolution is a later step): the same for a
   SparseSpecArgsError while the launcher resolves the command line's record.
+
+Which of these a release needs is decided when the plugin registers (:func:`hooks`), not when this
+module is imported.
 """
 
 from __future__ import annotations
@@ -48,21 +52,27 @@ from sparsespec_sglang.config import (
     SparseSpecArgsError,
     check_keep_retracted_kv,
 )
-from sparsespec_sglang.patches import register_once
+from sparsespec_sglang.patches import register_hooks
 from sparsespec_sglang.validation import (
     check_device,
     check_flag_values,
     is_sparsespec,
-    record_schedule,
+    record_config,
     select_attention_backend,
 )
 
 # Marks a record made by prepare_server_args: its errors are the command line's.
 FROM_COMMAND_LINE_ATTR = "_sparsespec_from_command_line"
 
-# --sparsespec-* values for the ServerArgs being constructed (the __init__ hook takes them).
-_pending: contextvars.ContextVar[dict | None] = contextvars.ContextVar(
-    "sparsespec_pending_values", default=None
+# The parsed --sparsespec-* values on their way from the ``from_cli_args`` hook to the
+# ``ServerArgs.__init__`` hook, where construction is Python code (init_takes_keywords()). It must
+# stay: SGLang's ``from_cli_args`` builds the record from its own fields only, and up to 0.5.18 the
+# constructor resolves the record before ``from_cli_args`` returns, so the values have to be on it
+# during that one constructor call, and SGLang passes no argument that could carry them. Set only
+# by :func:`from_cli_args`, read only by :func:`init`, reset when that ``from_cli_args`` call
+# returns or raises.
+_cli_values: contextvars.ContextVar[dict | None] = contextvars.ContextVar(
+    "sparsespec_cli_values", default=None
 )
 
 
@@ -89,16 +99,10 @@ def take_keywords(kwargs: dict) -> dict:
     return values
 
 
-def _construct(construct: Callable[[], Any], values: dict) -> Any:
-    """``construct()``, with ``values`` on the record it returns: handed to the ``__init__`` hook
-    where construction runs Python (it may resolve the record right away), else set afterwards."""
-    token = _pending.set(values)
-    try:
-        server_args = construct()
-    finally:
-        _pending.reset(token)
-    if not compat.init_takes_keywords():
-        setattr(server_args, SERVER_ARGS_ATTR, values)
+def _with_values(server_args: Any, values: dict) -> Any:
+    """``server_args`` with ``values`` on it: a record built without a Python ``__init__`` to hook
+    (from 0.5.20), where construction does not resolve it either."""
+    setattr(server_args, SERVER_ARGS_ATTR, values)
     return server_args
 
 
@@ -107,17 +111,25 @@ def new_server_args(**kwargs: Any) -> Any:
     (from 0.5.20 ``ServerArgs`` itself refuses keywords that are not its fields)."""
     from sparsespec_sglang.compat import ServerArgs
 
+    if compat.init_takes_keywords():
+        return ServerArgs(**kwargs)  # the __init__ hook takes them
     values = take_keywords(kwargs)
-    return _construct(lambda: ServerArgs(**kwargs), values)
+    return _with_values(ServerArgs(**kwargs), values)
 
 
 def from_cli_args(original: Callable, cls: type, args: argparse.Namespace) -> Any:
     values = {dest: getattr(args, dest) for dest in OPTIONS_BY_DEST if getattr(args, dest, None) is not None}
-    return _construct(lambda: original(cls, args), values)
+    if not compat.init_takes_keywords():
+        return _with_values(original(cls, args), values)
+    token = _cli_values.set(values)
+    try:
+        return original(cls, args)
+    finally:
+        _cli_values.reset(token)
 
 
 def init(self: Any, *args: Any, **kwargs: Any) -> tuple[tuple, dict]:
-    values = {**(_pending.get() or {}), **take_keywords(kwargs)}
+    values = {**(_cli_values.get() or {}), **take_keywords(kwargs)}
     object.__setattr__(self, SERVER_ARGS_ATTR, values)
     return (self, *args), kwargs
 
@@ -135,7 +147,7 @@ class EngineServerArgs:
 
     def __call__(self, **kwargs: Any) -> Any:
         values = take_keywords(kwargs)
-        return _construct(lambda: self.server_args_class(**kwargs), values)
+        return _with_values(self.server_args_class(**kwargs), values)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.server_args_class, name)
@@ -185,7 +197,7 @@ def resolution(original: Callable, server_args: Any) -> Any:
     check_before_resolution(server_args)
     result = original(server_args)
     if is_sparsespec(server_args):
-        record_schedule(server_args)
+        record_config(server_args)
     return result
 
 
@@ -215,22 +227,33 @@ def resolve_once(original: Callable, server_args: Any) -> Any:
         raise
 
 
-_ERROR_HOOKS: tuple[tuple[str, Callable, Any], ...] = (
-    ("prepare_server_args", prepare_server_args, HookType.AROUND),)
-if not compat.resolves_on_construction():
-    _ERROR_HOOKS += (("ServerArgs.resolve_once", resolve_once, HookType.AROUND),)
-_KEYWORDS_HOOK = (("ServerArgs.__init__", init, HookType.BEFORE),) if compat.init_takes_keywords() else ()
-HOOKS = (
-    ("ServerArgs.add_cli_args", add_cli_args, HookType.AFTER),
-    ("ServerArgs.from_cli_args", from_cli_args, HookType.AROUND),
-    *_KEYWORDS_HOOK,
-    ("run_resolution_pipeline", resolution, HookType.AROUND),
-    *_ERROR_HOOKS,
-)
+HookTriple = tuple[str, Callable, Any]
+
+
+def _error_hooks() -> tuple[HookTriple, ...]:
+    """The launcher's one-line errors: ``prepare_server_args``, and ``resolve_once`` where
+    resolution is a step after it (from 0.5.19)."""
+    hooks: tuple[HookTriple, ...] = (("prepare_server_args", prepare_server_args, HookType.AROUND),)
+    if not compat.resolves_on_construction():
+        hooks += (("ServerArgs.resolve_once", resolve_once, HookType.AROUND),)
+    return hooks
+
+
+def hooks() -> tuple[HookTriple, ...]:
+    """This module's hooks for the installed SGLang release."""
+    keywords: tuple[HookTriple, ...] = (
+        (("ServerArgs.__init__", init, HookType.BEFORE),) if compat.init_takes_keywords() else ())
+    return (
+        ("ServerArgs.add_cli_args", add_cli_args, HookType.AFTER),
+        ("ServerArgs.from_cli_args", from_cli_args, HookType.AROUND),
+        *keywords,
+        ("run_resolution_pipeline", resolution, HookType.AROUND),
+        *_error_hooks(),
+    )
 
 
 def register() -> None:
-    register_once(__name__, HOOKS)
+    register_hooks(hooks())
     if not compat.init_takes_keywords():
         install_engine_keywords()
 
@@ -238,7 +261,7 @@ def register() -> None:
 def register_error_hook() -> None:
     """Only the launcher's one-line errors (on an SGLang release the plugin does not support): the
     hooks whose targets that release has."""
-    register_once(f"{__name__}.errors", [h for h in _ERROR_HOOKS if _exists(h[0])])
+    register_hooks([h for h in _error_hooks() if _exists(h[0])])
 
 
 def _exists(name: str) -> bool:

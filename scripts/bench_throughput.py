@@ -53,9 +53,7 @@ def _engine(name: str, model_dir: str, args: argparse.Namespace, max_batch: int,
     else:
         os.environ.pop("SGLANG_SIMULATE_ACC_LEN", None)
     if profile_path is not None:
-        os.environ["SPARSESPEC_PROFILE"] = str(profile_path)
-    else:
-        os.environ.pop("SPARSESPEC_PROFILE", None)
+        kwargs["sparsespec_profile"] = str(profile_path)
     if args.max_total_tokens:
         kwargs["max_total_tokens"] = args.max_total_tokens
     engine = sgl.Engine(model_path=model_dir, load_format="dummy", skip_tokenizer_init=True,
@@ -71,7 +69,6 @@ def _engine(name: str, model_dir: str, args: argparse.Namespace, max_batch: int,
     finally:
         engine.shutdown()
         os.environ.pop("SGLANG_SIMULATE_ACC_LEN", None)
-        os.environ.pop("SPARSESPEC_PROFILE", None)
 
 
 def _measure(engine, prompts: list[list[int]], output_len: int) -> dict:
@@ -131,7 +128,7 @@ def main() -> int:
     ap.add_argument("--runs", default="plain,ngram,sparsespec",
                     help="comma list of: " + ", ".join(RUNS))
     ap.add_argument("--profile", action="store_true",
-                    help="SPARSESPEC runs record per-cycle GPU phase times (SPARSESPEC_PROFILE; syncs)")
+                    help="SPARSESPEC runs record per-cycle GPU phase times (--sparsespec-profile; syncs)")
     ap.add_argument("--log-level", default="warning",
                     help="engine log level; 'info' adds SGLang's per-interval decode lines "
                          "(running requests, KV usage, tok/s) and the SPARSESPEC cycle means")

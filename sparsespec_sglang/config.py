@@ -45,6 +45,11 @@ SUPPORTED_ARCHITECTURES = (
 # A leading underscore keeps it out of SGLang's read-only field guard; it is a
 # plain instance attribute, so it travels with server_args to scheduler processes.
 SERVER_ARGS_ATTR = "_sparsespec_args"
+# ServerArgs attribute holding the SparseSpecConfig a SPARSESPEC record resolved to: built once,
+# just after SGLang resolved the record (validation.record_config), and read from there by the hooks
+# on shared SGLang code (validation.sparsespec_config). Like SERVER_ARGS_ATTR, it travels with the
+# record to the scheduler processes and lives as long as the record.
+CONFIG_ATTR = "_sparsespec_config"
 
 
 class SparseSpecArgsError(ValueError):
@@ -109,6 +114,11 @@ OPTIONS = (
            "Free a retracted request's KV and recompute it on re-admission (SGLang's default) "
            "instead of keeping it in the hierarchical cache's host pool (which needs "
            "--enable-hierarchical-cache).", store_false=True),
+    Option("profile", "--sparsespec-profile", str,
+           "Measurement for scripts/ (rank 0): every scheduler step synchronises at its end (exact "
+           "accepted tokens per step and host time between steps; throughput drops), the phase means "
+           "are written to this JSON path every 50 steps, and steps 100-102 are traced with "
+           "torch.profiler into PATH.ops.txt and PATH.trace.json."),
     KEEP_RETRACTED_KV,
 )
 
@@ -132,6 +142,7 @@ class SparseSpecConfig:
     schedule: str = "unified"
     delayed_verification: bool = True  # unified schedule: the host never waits on a verify
     kv_offload: bool = True  # retracted KV kept in the hierarchical cache (patches/retraction.py)
+    profile: Optional[str] = None  # per-step profile path (profiling.CycleProfiler.configured)
 
     def __post_init__(self) -> None:
         _check(_is_int(self.num_draft_steps) and 1 <= self.num_draft_steps <= 32,
@@ -155,6 +166,8 @@ class SparseSpecConfig:
                "--sparsespec-score-norm", "one of: exact, draft", self.score_norm)
         _check(isinstance(self.kv_offload, bool), "--sparsespec-disable-kv-offload", "set or unset",
                self.kv_offload)
+        _check(self.profile is None or (isinstance(self.profile, str) and self.profile != ""),
+               "--sparsespec-profile", "a file path", self.profile)
         _check(self.schedule in SCHEDULES, "--sparsespec-schedule", "one of: " + ", ".join(SCHEDULES),
                self.schedule)
         _check(isinstance(self.delayed_verification, bool)

@@ -98,19 +98,32 @@ class TransferStats:
                 f"host pool full {self.host_full} times")
 
 
-_stats: Optional[TransferStats] = None
+# The attribute that carries a tree cache's TransferStats on the SGLang objects whose methods
+# patches/hicache_io.py wraps. SGLang hands those hooks nothing but the object itself, so the
+# stats ride on it: set once by activate() (from the retraction hook, patches/retraction.py), read
+# by every HiCache hook (stats_of), and gone with the tree cache.
+STATS_ATTR = "_sparsespec_transfer_stats"
 
 
-def activate() -> TransferStats:
-    """Start measuring in this process (idempotent)."""
-    global _stats
-    if _stats is None:
+def activate(tree_cache: Any) -> TransferStats:
+    """Start timing ``tree_cache``'s HiCache copies (idempotent): one :class:`TransferStats` on the
+    tree (host-pool eviction), its cache controller (the copies) and the controller's layer counter
+    (the compute stream's waits on loads; the counter SGLang registers with the KV pools). A tree
+    without a host tier (no controller) gets it alone: it makes no copies to time."""
+    stats = stats_of(tree_cache)
+    if stats is None:
         import torch
 
-        _stats = TransferStats(lambda: torch.cuda.Event(enable_timing=True))
+        stats = TransferStats(lambda: torch.cuda.Event(enable_timing=True))
+        controller = getattr(tree_cache, "cache_controller", None)
+        owners = [tree_cache] if controller is None else [tree_cache, controller, controller.layer_done_counter]
+        for owner in owners:
+            setattr(owner, STATS_ATTR, stats)
         logger.info("SPARSESPEC KV offload: timing HiCache's host copies from now on")
-    return _stats
+    return stats
 
 
-def active_stats() -> Optional[TransferStats]:
-    return _stats
+def stats_of(owner: Any) -> Optional[TransferStats]:
+    """The stats :func:`activate` put on a tree cache, its controller or its layer counter; None
+    until then (the hooks then only call SGLang)."""
+    return getattr(owner, STATS_ATTR, None)

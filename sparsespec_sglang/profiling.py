@@ -12,10 +12,11 @@ steps the means are logged and, with ``--enable-metrics``, exported as Prometheu
 (enqueue) time per phase is kept too: ``gpu_*`` > ``host_*`` means the GPU was the bottleneck of
 that phase, ``gpu_*`` ~= ``host_*`` that it waited for the host.
 
-With ``SPARSESPEC_PROFILE=<path.json>`` in the server's environment (a measurement switch for
-``scripts/``, not a server flag), every step also synchronises at its end (so accepted tokens
-per step and the host time *between* steps are exact, and throughput drops), ``<path.json>``
-is rewritten every 50 steps with the means, and steps ``TRACE_FROM`` to
+With ``--sparsespec-profile <path.json>`` (``sglang.Engine(sparsespec_profile=...)``; a
+measurement for ``scripts/``), the configured schedule's profiler on TP rank 0 also synchronises
+every step at its end (so accepted tokens per step and the host time *between* steps are exact,
+and throughput drops), ``<path.json>`` is rewritten every 50 steps with the means, and steps
+``TRACE_FROM`` to
 ``TRACE_FROM + TRACE_CYCLES`` run under ``torch.profiler`` (scheduler work between them
 included): ``<path>.ops.txt`` (top CPU and CUDA ops) and ``<path>.trace.json`` (Chrome trace).
 """
@@ -25,7 +26,6 @@ from __future__ import annotations
 import collections
 import json
 import logging
-import os
 import time
 import weakref
 from pathlib import Path
@@ -35,7 +35,6 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-PROFILE_ENV = "SPARSESPEC_PROFILE"
 TRACE_FROM, TRACE_CYCLES = 100, 3
 # registry -> phase -> Gauge (weak: an id() key could be reused by a later registry)
 _GAUGES: "weakref.WeakKeyDictionary[Any, dict[str, Any]]" = weakref.WeakKeyDictionary()
@@ -71,11 +70,12 @@ class CycleProfiler:
         self._gauges: Optional[dict[str, Any]] = None
 
     @classmethod
-    def from_env(cls, phases: Sequence[str], tp_rank: int = 0) -> "CycleProfiler":
-        path = os.environ.get(PROFILE_ENV)
-        if path and tp_rank == 0:
-            logger.warning("SPARSESPEC: profiling every cycle into %s (syncs each cycle)", path)
-            return cls(phases, every=50, path=path)
+    def configured(cls, phases: Sequence[str], profile: Optional[str], tp_rank: int = 0) -> "CycleProfiler":
+        """A schedule's profiler for the server's ``--sparsespec-profile`` (``SparseSpecConfig.profile``):
+        the per-step profile into that path on TP rank 0, the always-on timing everywhere else."""
+        if profile and tp_rank == 0:
+            logger.warning("SPARSESPEC: profiling every cycle into %s (syncs each cycle)", profile)
+            return cls(phases, every=50, path=profile)
         return cls(phases)
 
     def export_metrics(self, labels: dict[str, str], registry: Any = None) -> None:

@@ -5,7 +5,7 @@ while it resolves the server arguments (``ServerArgs.__post_init__`` up to 0.5.1
 ``ServerArgs.resolve_once`` after), i.e. before any model weights load, so a
 bad setting stops the launch with one line instead of failing deep in the
 scheduler process. :func:`select_attention_backend` runs just before that
-resolution, on the user's own values; :func:`record_schedule` just after it.
+resolution, on the user's own values; :func:`record_config` just after it.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from typing import Any, Optional
 from sparsespec_sglang.config import (
     ALGORITHM_NAME,
     ATTENTION_BACKEND_NAME,
+    CONFIG_ATTR,
     KEEP_RETRACTED_KV,
     OPTIONS_BY_FIELD,
     SERVER_ARGS_ATTR,
@@ -35,13 +36,11 @@ def is_sparsespec(server_args: Any) -> bool:
 
 def sparsespec_config(server_args: Any) -> Optional[SparseSpecConfig]:
     """This server's SPARSESPEC settings, or None for any other server (hooks on shared SGLang
-    code ask this; the settings were validated at startup)."""
+    code ask this on every call): the config :func:`record_config` attached to the record when
+    SGLang resolved it, never rebuilt here."""
     if server_args is None or not is_sparsespec(server_args):
         return None
-    try:
-        return SparseSpecConfig.from_server_args(server_args)
-    except SparseSpecArgsError:  # validated at startup; never reached on a running server
-        return None
+    return getattr(server_args, CONFIG_ATTR)
 
 
 def keep_retracted_kv_flag(server_args: Any) -> bool:
@@ -66,12 +65,16 @@ def _values(cfg: Any) -> dict:
     return values
 
 
-def record_schedule(server_args: Any) -> None:
-    """After SGLang resolved a SPARSESPEC record: keep the schedule its settings imply on it, where
-    the scheduler processes read it (:meth:`SparseSpecConfig.from_server_args`)."""
+def record_config(server_args: Any) -> None:
+    """After SGLang resolved a SPARSESPEC record: keep on it the schedule its settings imply and
+    the :class:`SparseSpecConfig` they make (``CONFIG_ATTR``), built this once per record; both
+    travel with it to the scheduler processes (the worker, :func:`sparsespec_config`)."""
     from sparsespec_sglang.compat import resolved_view
 
-    setattr(server_args, SERVER_ARGS_ATTR, _values(resolved_view(server_args)))
+    resolved = resolved_view(server_args)
+    values = _values(resolved)
+    setattr(server_args, SERVER_ARGS_ATTR, values)
+    setattr(server_args, CONFIG_ATTR, SparseSpecConfig.from_values(resolved.speculative_num_steps, values))
 
 
 def check_flag_values(cfg: Any) -> SparseSpecConfig:

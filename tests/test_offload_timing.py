@@ -76,10 +76,15 @@ def test_log_line_rate_limited_and_only_on_change(caplog):
 
 
 @pytest.fixture
-def active(monkeypatch):
-    stats = _stats()
-    monkeypatch.setattr(offload, "_stats", stats)
-    return stats
+def active():
+    """The stats ``offload.activate`` would put on a tree cache, its controller and its layer
+    counter; the fakes the tests hand the hooks carry it (``_on``)."""
+    return _stats()
+
+
+def _on(owner, stats):
+    setattr(owner, offload.STATS_ATTR, stats)
+    return owner
 
 
 def _controller(n_tokens, per_token=1000):
@@ -102,7 +107,7 @@ def _ack(start, finish, tokens, timed, num_bytes):
 def test_write_hook_times_the_merged_copy(active):
     from sparsespec_sglang.patches import hicache_io
 
-    ctl = _controller([3, 5])
+    ctl = _on(_controller([3, 5]), active)
     events = []
     active._make_event = lambda: events.append(FakeEvent()) or events[-1]
     sglang_times_it = compat.since("0.5.18")
@@ -134,7 +139,7 @@ def test_write_hook_times_the_merged_copy(active):
 def test_load_hook_reuses_sglangs_ack_events(active):
     from sparsespec_sglang.patches import hicache_io
 
-    ctl = _controller([4], per_token=10)
+    ctl = _on(_controller([4], per_token=10), active)
     # SGLang's own byte count from 0.5.18 (a side pool's included); 4 x 10 up to 0.5.17.
     nbytes = 48 if compat.since("0.5.18") else 40
     ack = _ack(FakeEvent(0.0), FakeEvent(0.5), 4, True, 48)
@@ -158,7 +163,7 @@ def test_wait_hook_times_only_unfinished_loads(active, monkeypatch):
 
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
     layer_events = [FakeEvent(1.0), FakeEvent()]  # layer 0 loaded, layer 1 still loading
-    counter = SimpleNamespace(consumer_index=0, events=[SimpleNamespace(load_events=layer_events)])
+    counter = _on(SimpleNamespace(consumer_index=0, events=[SimpleNamespace(load_events=layer_events)]), active)
     made = []
     active._make_event = lambda: made.append(FakeEvent(float(len(made)) * 2)) or made[-1]
     calls = []
@@ -176,7 +181,7 @@ def test_host_pool_full_is_counted_and_logged(active, caplog):
     from sparsespec_sglang.patches import hicache_io
 
     caplog.set_level(logging.INFO, logger="sparsespec_sglang.offload")
-    tree = object()
+    tree = _on(SimpleNamespace(), active)
     evicted = []
 
     def original(self, num_tokens, *args, **kwargs):
@@ -193,17 +198,35 @@ def test_host_pool_full_is_counted_and_logged(active, caplog):
     assert "host pool full 2 times" in active.summary_line()
 
 
-def test_hooks_do_nothing_until_activated(monkeypatch):
+def test_hooks_do_nothing_until_activated_then_share_the_trees_stats(monkeypatch):
+    """Until a tree cache keeps a retracted request's KV the hooks only call SGLang; ``activate``
+    then puts one TransferStats on the tree, its controller and its layer counter (idempotent), and
+    another tree's objects stay unmeasured."""
+    import torch
+
     from sparsespec_sglang.patches import hicache_io
 
-    monkeypatch.setattr(offload, "_stats", None)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
     ctl = _controller([3])
+    ctl.layer_done_counter = SimpleNamespace(consumer_index=0, events=[SimpleNamespace(load_events=[FakeEvent()])])
+    tree = SimpleNamespace(cache_controller=ctl)
     assert hicache_io.start_writing(lambda self: "w", ctl) == "w"
     assert hicache_io.start_loading(lambda self: 2, ctl) == 2
-    assert hicache_io.evict_host(lambda self, n: n, ctl, 5) == 5
-    assert hicache_io.wait_until(lambda self, t: t, SimpleNamespace(consumer_index=0), 7) == 7
-    assert offload.active_stats() is None
-    assert offload.activate() is offload.activate() is offload.active_stats()
+    assert hicache_io.evict_host(lambda self, n: n, tree, 5) == 5
+    assert hicache_io.wait_until(lambda self, t: t, ctl.layer_done_counter, 0) == 0
+    assert offload.stats_of(tree) is offload.stats_of(ctl) is offload.stats_of(ctl.layer_done_counter) is None
+
+    stats = offload.activate(tree)
+    assert offload.activate(tree) is stats
+    assert offload.stats_of(ctl) is stats and offload.stats_of(ctl.layer_done_counter) is stats
+    stats._make_event = FakeEvent
+    assert hicache_io.evict_host(lambda self, n: n, tree, 5) == 5
+    assert hicache_io.wait_until(lambda self, t: t, ctl.layer_done_counter, 0) == 0
+    assert stats.host_full == 1 and len(stats._pending["wait"]) == 1  # the layer wait is timed
+    other = _controller([3])
+    assert hicache_io.start_writing(lambda self: "w", other) == "w" and stats.count["write"] == 0
+    bare = SimpleNamespace(cache_controller=None)  # no host tier: nothing to time but the tree
+    assert offload.activate(bare) is not stats and offload.stats_of(bare) is not None
 
 
 def _hicache_classes():
@@ -271,3 +294,14 @@ def test_hooked_sglang_signatures_and_fields():
     assert "host_indices" in inspect.signature(cc.CacheOperation.__init__).parameters
     assert "self.load_events" in inspect.getsource(cc.LayerLoadingEvent.__init__)
     assert {"consumer_index", "events"} <= set(vars(cc.LayerDoneCounter(2)))
+    # offload.activate(tree) reaches the controller that runs the copies and the layer counter the KV
+    # pools wait on through the tree: the tree's cache_controller and its layer_done_counter.
+    assert "register_layer_transfer_counter(self.layer_done_counter)" in init
+    if since_19:
+        from sglang.srt.mem_cache.hybrid_cache import hybrid_pool_assembler
+
+        assembler = inspect.getsource(hybrid_pool_assembler)
+        assert "cache.cache_controller = result.cache_controller" in assembler
+        assert "kvcache.register_layer_transfer_counter(result.cache_controller.layer_done_counter)" in assembler
+    else:
+        assert "self.cache_controller = HiCacheController(" in inspect.getsource(tree_class.__init__)

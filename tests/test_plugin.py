@@ -131,6 +131,42 @@ def test_server_args_values_flow_into_config(sglang_loaded, model_dir):
     assert config.schedule == "unified" and config.delayed_verification is False
 
 
+def test_the_config_is_built_once_per_record_and_travels_with_it(sglang_loaded, model_dir):
+    """The hooks on shared SGLang code read the SparseSpecConfig resolution attached to the record
+    (never rebuilt per call), in the scheduler's copy too; any other server has none."""
+    from sparsespec_sglang.validation import sparsespec_config
+
+    sa = _server_args(model_dir, speculative_num_steps=4, sparsespec_sparsity=0.25,
+                      sparsespec_profile="/tmp/p.json")
+    config = sparsespec_config(sa)
+    assert config == SparseSpecConfig.from_server_args(sa)
+    assert (config.num_draft_steps, config.sparsity, config.profile) == (4, 0.25, "/tmp/p.json")
+    assert sparsespec_config(sa) is config
+    assert sparsespec_config(pickle.loads(pickle.dumps(sa))) == config
+    assert sparsespec_config(_server_args(model_dir, enable_deterministic_inference=True)).schedule == "lockstep"
+    assert sparsespec_config(_server_args(model_dir, speculative_algorithm=None)) is None
+
+
+def test_registering_again_never_stacks_a_hook(sglang_loaded):
+    """SGLang's HookRegistry is the one record of what the plugin registered: a second
+    ``register()`` (repeated ``load_plugins`` / tests) adds nothing."""
+    from sglang.srt.plugins.hook_registry import HookRegistry, HookType
+
+    from sparsespec_sglang import plugin
+    from sparsespec_sglang.compat import hook_target, registered_hooks
+    from sparsespec_sglang.patches import retraction
+    from sparsespec_sglang.patches import server_args as server_args_patch
+
+    plugin.register()
+    plugin.register()
+    for name, hook, hook_type in (*retraction.HOOKS, *server_args_patch.hooks()):
+        target = hook_target(name)
+        assert registered_hooks(target).count(hook) == 1, name
+        # SGLang's table, as registered_hooks reads it: target -> [(hook type, hook, source)].
+        assert (hook_type, hook) in [(t, h) for t, h, _ in HookRegistry._hooks[target]]
+        assert isinstance(hook_type, HookType)
+
+
 def test_deterministic_inference_keeps_the_sparsespec_backend(sglang_loaded, model_dir):
     sa = _server_args(model_dir, enable_deterministic_inference=True)
     assert _resolved(sa).attention_backend == "sparsespec" and _resolved(sa).enable_deterministic_inference
@@ -391,7 +427,7 @@ def test_hooked_sglang_signatures_unchanged(sglang_loaded):
 
     from sparsespec_sglang.patches import server_args as patch
 
-    names = {n for n, _, _ in patch.HOOKS}
+    names = {n for n, _, _ in patch.hooks()}
     assert names == set(HOOKED_SIGNATURES) | (set() if compat.since("0.5.20") else {"ServerArgs.__init__"})
     for name, params in HOOKED_SIGNATURES.items():
         owner, attr = compat.hook_target(name).rsplit(".", 1)

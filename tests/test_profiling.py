@@ -99,10 +99,14 @@ def test_profile_mode_syncs_and_counts_tokens(tmp_path):
     assert (tmp_path / "p.json").exists()
 
 
-def test_env_enables_profiling_on_rank_zero_only(monkeypatch, tmp_path):
-    monkeypatch.setenv("SPARSESPEC_PROFILE", str(tmp_path / "p.json"))
-    assert CycleProfiler.from_env(PHASES, 0).path == tmp_path / "p.json"
-    assert CycleProfiler.from_env(PHASES, 1).path is None
+def test_the_profile_flag_profiles_on_rank_zero_only(tmp_path):
+    from sparsespec_sglang.config import SparseSpecConfig
+
+    config = SparseSpecConfig.from_values(None, {"sparsespec_profile": str(tmp_path / "p.json")})
+    profiled = CycleProfiler.configured(PHASES, config.profile, 0)
+    assert profiled.path == tmp_path / "p.json" and profiled.every == 50
+    assert CycleProfiler.configured(PHASES, config.profile, 1).path is None
+    assert CycleProfiler.configured(PHASES, SparseSpecConfig().profile, 0).path is None
 
 
 def test_gauges_carry_the_gpu_phase_means():

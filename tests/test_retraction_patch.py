@@ -132,6 +132,9 @@ def test_retraction_over_sglangs_radix_cache_leaks_nothing_and_keeps_the_kv(sgla
     from sglang.srt.managers import schedule_batch
     from sglang.srt.mem_cache.base_prefix_cache import EvictParams
 
+    from sparsespec_sglang import offload
+    from sparsespec_sglang.patches import retraction
+
     server_args = _server_args(model_dir, **kwargs)
     req_pool, allocator, tree = _pools()
     # A speculative server has 9 slots reserved for the next cycle's drafts + verify (plain: none).
@@ -144,6 +147,8 @@ def test_retraction_over_sglangs_radix_cache_leaks_nothing_and_keeps_the_kv(sgla
                                    token_to_kv_pool_allocator=allocator, tree_cache=tree,
                                    hisparse_coordinator=None, **_release_kwargs(server_args))
     assert req.is_retracted and not _holds_kv(req)
+    assert not hasattr(req, retraction.KEEP_KV_ATTR)  # the mark lives for the one release_req call
+    assert (offload.stats_of(tree) is not None) is keep  # copy timing starts with the tree's first kept request
     kept = COMMITTED if keep else 0
     assert tree.evictable_size() == kept
     assert allocator.available_size() + tree.evictable_size() == SIZE  # nothing leaked
@@ -166,28 +171,28 @@ def test_other_release_paths_are_untouched(sglang_loaded, model_dir):  # noqa: F
     assert not _holds_kv(req) and tree.evictable_size() == 0 and allocator.available_size() == SIZE
 
 
-def test_a_mamba_tree_keeps_a_running_requests_kv_only_up_to_0_5_21(sglang_loaded, model_dir, caplog,  # noqa: F811
-                                                                    monkeypatch):
+def test_a_mamba_tree_keeps_a_running_requests_kv_only_up_to_0_5_21(sglang_loaded, model_dir, caplog):  # noqa: F811
     """From 0.5.22 SGLang hands a tree that holds mamba state only a finished request's state: the
-    hook leaves such a retraction to SGLang (recompute) and says so once."""
+    hook leaves such a retraction to SGLang (recompute) and says so once per tree cache."""
     from sparsespec_sglang.patches import retraction
 
-    monkeypatch.setattr(retraction, "_warned_mamba", False)
     server_args = _server_args(model_dir, enable_hierarchical_cache=True)
     length = "owned_kv_len" if compat.since("0.5.21") else "effective_kv_committed_len"
     req = SimpleNamespace(rid="r0", **{length: lambda: COMMITTED})
     kept = []
+    mamba_tree, other_mamba_tree, plain_tree = (
+        SimpleNamespace(supports_mamba=lambda mamba=mamba: mamba) for mamba in (True, True, False))
     with published(server_args), caplog.at_level(logging.INFO, logger=retraction.__name__):
-        for supports_mamba in (True, True, False):
-            tree = SimpleNamespace(supports_mamba=lambda supports_mamba=supports_mamba: supports_mamba)
-            retraction.release_req(lambda **kw: kept.append(retraction._keep_kv.get()), req=req,
-                                   tree_cache=tree, **_release_kwargs(server_args))
+        for tree in (mamba_tree, mamba_tree, plain_tree, other_mamba_tree):
+            retraction.release_req(lambda **kw: kept.append(getattr(kw["req"], retraction.KEEP_KV_ATTR, False)),
+                                   req=req, tree_cache=tree, **_release_kwargs(server_args))
     mamba_keeps = not compat.since("0.5.22")
-    assert kept == [mamba_keeps, mamba_keeps, True]
+    assert kept == [mamba_keeps, mamba_keeps, True, mamba_keeps]
+    assert not hasattr(req, retraction.KEEP_KV_ATTR)
     warnings = [r.getMessage() for r in caplog.records
                 if r.name == retraction.__name__ and r.levelno == logging.WARNING]
-    assert len(warnings) == (0 if mamba_keeps else 1)
-    assert caplog.text.count(f"retracted request r0 keeps its {COMMITTED} KV tokens") == (3 if mamba_keeps else 1)
+    assert len(warnings) == (0 if mamba_keeps else 2)  # once per mamba tree
+    assert caplog.text.count(f"retracted request r0 keeps its {COMMITTED} KV tokens") == (4 if mamba_keeps else 1)
 
 
 def test_sglang_retraction_contract(sglang_loaded):  # noqa: F811

@@ -12,6 +12,7 @@ import ast
 import dataclasses
 import inspect
 import os
+import re
 from types import SimpleNamespace
 from typing import Optional, TypeVar
 
@@ -499,7 +500,8 @@ def test_the_draft_graph_runner_reads_of_spec_algorithm_are_pinned():
     init = inspect.getsource(DecodeCudaGraphRunner.__init__)
     assert "model_runner.decode_num_tokens_per_req(" in init
     assert "if model_runner.spec_algorithm.is_speculative():" in init
-    assert "get_batch_sizes_to_capture(" in init
+    # ...called with the model runner first: the capture sizes ride on it (patches/graph_capture_sizes.py).
+    assert re.search(r"get_batch_sizes_to_capture\(\s*model_runner,", init)
     assert "if self.spec_algorithm.is_speculative():" in inspect.getsource(ModelRunner.decode_num_tokens_per_req)
 
 
@@ -519,10 +521,14 @@ def test_graph_capture_sizes_hook_routes_only_inside_capturing(sglang_loaded):  
     assert compat.hook_target(name) == f"{DecodeCudaGraphRunner.__module__}.get_batch_sizes_to_capture"
     fn = DecodeCudaGraphRunner.__init__.__globals__["get_batch_sizes_to_capture"]
     assert fn is decode_cuda_graph_runner.get_batch_sizes_to_capture
-    with graph_capture_sizes.capturing([8, 2, 8, 4]):
-        assert fn(object(), 1) == ([2, 4, 8], [])
-    with graph_capture_sizes.capturing(None), pytest.raises((AttributeError, ValueError)):
-        fn(object(), 1)  # SGLang's own sizing: it reads the (fake) model runner or the unpublished config
+    runner, other = SimpleNamespace(), SimpleNamespace()
+    with graph_capture_sizes.capturing(runner, [8, 2, 8, 4]):
+        assert fn(runner, 1) == ([2, 4, 8], [])
+        with pytest.raises((AttributeError, ValueError)):
+            fn(other, 1)  # another runner gets SGLang's own sizing (which fails on a fake runner)
+    assert not hasattr(runner, graph_capture_sizes.CAPTURE_SIZES_ATTR)  # only while the runner is built
+    with graph_capture_sizes.capturing(runner, None), pytest.raises((AttributeError, ValueError)):
+        fn(runner, 1)  # SGLang's own sizing: it reads the (fake) model runner or the unpublished config
     # The hook itself: outside ``capturing`` it is SGLang's function, called as the runner called it.
     own = graph_capture_sizes.get_batch_sizes_to_capture
     assert own(lambda mr, w, **kw: ("own", w, kw), None, 3) == ("own", 3, {})

@@ -22,6 +22,7 @@ LOCATIONS: dict[str, tuple[tuple[str, str], ...]] = {
     "GrammarTree": (("0.5.17", "sglang.srt.speculative.spec_utils:GrammarTree"),),
     "build_grammar_vocab_mask": (("0.5.17", "sglang.srt.speculative.spec_utils:build_grammar_vocab_mask"),),
     "SpeculativeAlgorithm": (("0.5.17", "sglang.srt.speculative.spec_info:SpeculativeAlgorithm"),),
+    "SpecInput": (("0.5.17", "sglang.srt.speculative.spec_info:SpecInput"),),
     "CustomSpecAlgo": (("0.5.17", "sglang.srt.speculative.spec_registry:CustomSpecAlgo"),),
     "get_spec": (("0.5.17", "sglang.srt.speculative.spec_registry:get_spec"),),
     "FutureMap": (("0.5.17", "sglang.srt.managers.overlap_utils:FutureMap"),),
@@ -59,7 +60,16 @@ LOCATIONS: dict[str, tuple[tuple[str, str], ...]] = {
     "get_serving": (("0.5.17", f"{_CTX}:get_serving"),),
 }
 
-ADAPTERS = ("compute_spec_logprobs", "forward_context_of", "req_pool_row")
+ADAPTERS = ("compute_spec_logprobs", "forward_context_of", "req_pool_row", "registered_hooks")
+
+
+def registered_hooks(target: str) -> list[Any]:
+    """The hooks SGLang's ``HookRegistry`` holds for the dotted ``target``: its class-level table
+    ``_hooks`` (target -> [(hook type, hook, source)]) on every supported release; SGLang has no
+    public reader of it."""
+    from sglang.srt.plugins.hook_registry import HookRegistry
+
+    return [hook for _, hook, _ in HookRegistry._hooks.get(target, ())]
 
 
 def req_pool_row(req: Any) -> int:
