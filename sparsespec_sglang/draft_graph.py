@@ -76,7 +76,7 @@ class SingleTokenGraphRunner(DecodeCudaGraphRunner):
     decode batch sizes, ``patches/graph_capture_sizes.py``)."""
 
     def __init__(self, model_runner: Any, capture_sizes: Optional[Sequence[int]] = None) -> None:
-        with _as_plain_decoder(model_runner), capturing(capture_sizes):
+        with _as_plain_decoder(model_runner), capturing(model_runner, capture_sizes):
             super().__init__(model_runner)
         if capture_sizes is not None and list(self.capture_bs) != sorted(set(capture_sizes)):
             raise RuntimeError("SPARSESPEC: graph sizes were not applied (is the plugin's "

@@ -111,7 +111,7 @@ class SparseSpecWorker(BaseSpecWorker):
         for name in dict.fromkeys((FALLBACK_SCHEDULE, self.config.schedule)):
             cls = schedule_class(name)
             # The configured schedule's phase times are the ones exported and profiled.
-            profiler = (CycleProfiler.from_env(cls.PHASES, self.tp_rank)
+            profiler = (CycleProfiler.configured(cls.PHASES, self.config.profile, self.tp_rank)
                         if name == self.config.schedule else CycleProfiler(cls.PHASES))
             self.schedules[name] = cls(ctx, profiler)
         if get_observability().enable_metrics and self.tp_rank == 0:
