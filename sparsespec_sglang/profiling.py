@@ -36,7 +36,11 @@ import torch
 logger = logging.getLogger(__name__)
 
 TRACE_FROM, TRACE_CYCLES = 100, 3
-# registry -> phase -> Gauge (weak: an id() key could be reused by a later registry)
+# Prometheus gauges by registry and phase: process-wide because SGLang's metrics registry is, and
+# it refuses a second metric of the same name, so every profiler that exports in this process (a
+# later worker, a test) must reuse the gauge the first created. Filled and read only by
+# CycleProfiler.export_metrics; weak, so an entry lives as long as its registry (an id() key
+# could be reused by a later registry).
 _GAUGES: "weakref.WeakKeyDictionary[Any, dict[str, Any]]" = weakref.WeakKeyDictionary()
 
 
