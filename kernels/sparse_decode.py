@@ -93,7 +93,6 @@ def _sparse_decode_stage1(
     BLOCK_DV: tl.constexpr,
     BLOCK_N: tl.constexpr,
     LOGIT_CAP: tl.constexpr,
-    SEL_BY_ROW: tl.constexpr,
     FINAL: tl.constexpr,
     RING: tl.constexpr,
     RING_BY_ROWS: tl.constexpr,
@@ -139,8 +138,7 @@ def _sparse_decode_stage1(
             other=0.0,
         ).to(K_Buffer.dtype.element_ty)
         r2t_row = Req_To_Token + r * stride_r2t
-        sel_b = r if SEL_BY_ROW else b  # SEL_BY_ROW: the whole table, a row per pool row
-        sel_row = Sel_Indices + sel_b * stride_sel_b + h * stride_sel_h
+        sel_row = Sel_Indices + r * stride_sel_b + h * stride_sel_h  # the pool row's selection
         for n0 in range(start, end, BLOCK_N):
             j = n0 + tl.arange(0, BLOCK_N)
             valid = j < end
@@ -267,7 +265,6 @@ def sparse_decode_attention(
     block_n: int = _BLOCK_N,
     num_warps: int = 4,
     num_stages: int = 2,
-    sel_by_row: bool = False,
     ring_rows: torch.Tensor | None = None,
     skip_rows: tuple[torch.Tensor, int] | None = None,
 ) -> torch.Tensor:
@@ -275,9 +272,8 @@ def sparse_decode_attention(
 
     Shapes: q [B, Hq, D]; out [B, Hq, Dv] (written); k_buffer [slots, Hkv, D]; v_buffer
     [slots, Hkv, Dv]; req_to_token [max_reqs, max_ctx] int32; req_pool_indices, seq_lens,
-    dense_start, sel_lens [B] int32; sel_indices [B, Hkv, max_sel] int32 slot ids in batch
-    order, or with ``sel_by_row`` the whole table [rows, Hkv, max_sel] read at row
-    ``req_pool_indices[b]`` (no per-step gather of the batch's rows).
+    dense_start, sel_lens [B] int32; sel_indices [rows, Hkv, max_sel] int32 slot ids, the whole
+    pool's table, read at row ``req_pool_indices[b]`` (no per-step gather of the batch's rows).
     ``workspace = (attn_logits [>=B, Hq, >=num_kv_splits, Dv] fp32, attn_lse [>=B, Hq, same] fp32)``.
 
     Returns the log-sum-exp [B, Hq] fp32 of each row. It is a view of ``attn_lse[:B, :, 0]``
@@ -293,7 +289,7 @@ def sparse_decode_attention(
     num_kv_heads = k_buffer.shape[1]
     dv = v_buffer.shape[-1]
     assert num_q_heads % num_kv_heads == 0, "Hq must be a multiple of Hkv"
-    assert sel_indices.shape[1] == num_kv_heads and (sel_by_row or sel_indices.shape[0] == batch)
+    assert sel_indices.shape[1] == num_kv_heads
     assert k_buffer.stride(-1) == 1 and v_buffer.stride(-1) == 1 and q.stride(-1) == 1
     assert req_to_token.stride(1) == 1 and sel_indices.stride(2) == 1 and out.stride(-1) == 1
     group = num_q_heads // num_kv_heads
@@ -366,7 +362,6 @@ def sparse_decode_attention(
         BLOCK_DV=triton.next_power_of_2(dv),
         BLOCK_N=block_n,
         LOGIT_CAP=float(logit_cap),
-        SEL_BY_ROW=sel_by_row,
         FINAL=final,
         RING=ring_width,
         RING_BY_ROWS=ring_rows is not None,

@@ -138,7 +138,6 @@ def _select_topk_kernel(
     stride_oh,
     BLOCK: tl.constexpr,
     FLUSH_BLOCKS: tl.constexpr,
-    OUT_BY_ROW: tl.constexpr,
     HAS_RECENT: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
@@ -147,7 +146,7 @@ def _select_topk_kernel(
     Scores += layer * stride_sl
     Out_Indices += layer * stride_ol
     r = tl.load(Req_Pool_Indices + b).to(tl.int64)
-    out_b = r if OUT_BY_ROW else b
+    out_b = r  # written at the request's pool row
 
     seq_len = tl.load(Seq_Lens + b)
     cand_end = tl.load(Cand_End + b)
@@ -213,7 +212,6 @@ def select_topk(
     out_indices: torch.Tensor,
     out_lens: torch.Tensor,
     out_recent: torch.Tensor | None = None,
-    out_by_row: bool = False,
 ) -> None:
     """Slot ids of the K_b best candidate positions [policy.num_sink, cand_end[b]) per (b, KV head).
 
@@ -224,10 +222,9 @@ def select_topk(
     ``out_recent[b]`` (the caller's dense tail starts there), and the K_b - R_b best-scored of
     [policy.num_sink, cand_end[b] - R_b) are written, their count to ``out_lens``. Shapes: scores [B, Hkv, >= max cand_end] fp32;
     req_to_token [max_reqs, max_ctx] int32; req_pool_indices, seq_lens, cand_end [B] int32;
-    out_indices [B, Hkv, >= policy.max_selected] int32 (entries [b, h, :K_b] written, sorted by
-    position, rest untouched); out_lens [B] int32. With ``out_by_row`` they are whole-pool
-    tables ([rows, Hkv, max_sel] and [rows]) written at row ``req_pool_indices[b]``, so no
-    scatter from batch order is needed.
+    out_indices [rows, Hkv, >= policy.max_selected] int32 and out_lens, out_recent [rows] int32
+    are the whole pool's tables, written at row r = ``req_pool_indices[b]`` (entries
+    [r, h, :K_b], sorted by position, rest untouched), so no scatter from batch order is needed.
 
     Several layers in one launch: scores [L, B, Hkv, ctx] and out_indices [L, ..., Hkv, max_sel]
     (the same K_b for every layer, so out_lens is written once). One launch per layer is
@@ -241,7 +238,6 @@ def select_topk(
     num_layers, batch, num_kv_heads = scores.shape[:3]
     assert out_indices.dim() == 4 and out_indices.shape[0] == num_layers
     assert out_indices.shape[2] == num_kv_heads and out_indices.shape[3] >= policy.max_selected
-    assert out_by_row or (out_indices.shape[1] == batch and out_lens.shape[0] >= batch)
     assert scores.dtype == torch.float32 and scores.stride(3) == 1
     assert req_to_token.stride(1) == 1 and out_indices.stride(3) == 1
     assert policy.recent_ppm == 0 or out_recent is not None, "a recent share needs out_recent"
@@ -270,7 +266,6 @@ def select_topk(
         out_indices.stride(2),
         BLOCK=_BLOCK,
         FLUSH_BLOCKS=_FLUSH_BLOCKS,
-        OUT_BY_ROW=out_by_row,
         HAS_RECENT=out_recent is not None,
         num_warps=8,
     )
@@ -288,17 +283,19 @@ def select_topk_ref(
     out_lens: torch.Tensor,
     out_recent: torch.Tensor | None = None,
 ) -> None:
-    """PyTorch reference with the kernel's contract (ties -> lower position, output by position)."""
+    """PyTorch reference with the kernel's contract (ties -> lower position, output by position;
+    one layer: scores [B, Hkv, ctx], out_indices [rows, Hkv, max_sel])."""
     num_sink = policy.num_sink
     for b in range(scores.shape[0]):
         k = policy.num_selected(int(seq_lens[b]), int(cand_end[b]))
         recent = policy.num_recent(k)
         k -= recent
         n_cand = policy.num_candidates(int(cand_end[b]) - recent)
-        out_lens[b] = k
+        r = int(req_pool_indices[b])
+        out_lens[r] = k
         if out_recent is not None:
-            out_recent[b] = recent
-        row = req_to_token[int(req_pool_indices[b])]
+            out_recent[r] = recent
+        row = req_to_token[r]
         for h in range(scores.shape[1]):
             if k == 0:
                 continue
@@ -306,4 +303,4 @@ def select_topk_ref(
             keys = cand.contiguous().view(torch.int32).clamp_min(0)  # fp32 order for values >= 0
             order = torch.sort(keys, descending=True, stable=True).indices[:k]
             positions = torch.sort(order).values + num_sink
-            out_indices[b, h, :k] = row[positions].to(out_indices.dtype)
+            out_indices[r, h, :k] = row[positions].to(out_indices.dtype)

@@ -101,6 +101,7 @@ def _bench_case(batch: int, ctx: int, sparsity: float, page_size: int, kv, flush
     sm_scale = 1.0 / math.sqrt(HEAD_DIM)
     kv_bytes_per_token = HKV * 2 * HEAD_DIM * k_buffer.element_size()
     req_to_token = _paged_req_to_token(batch, ctx, page_size, gen)
+    # Request b sits at pool row b: the kernels' whole-pool selection tables are then batch-sized.
     req_pool_indices = torch.arange(batch, dtype=torch.int32, device=DEVICE)
     seq_lens = torch.full((batch,), ctx, dtype=torch.int32, device=DEVICE)
     result = {"batch": batch, "context": ctx}

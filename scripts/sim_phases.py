@@ -4,7 +4,8 @@ Continuous batching of ``--num-requests`` requests through ``--batch`` slots: ea
 random output length, every verify accepts a random number of its drafts (each draft accepted
 with probability ``--accept-prob`` until the first rejection, plus the bonus token), a finished
 request frees its slot and the next queued request is admitted (its prefill is not a decode
-pass and is not counted). Reports, over the passes where the batch is full (after the first cycle) and over all passes,
+pass and is not counted); finishes leave and newcomers join at step boundaries (every k + 1
+passes), as in SGLang's scheduler. Reports, over the passes where the batch is full (after the first cycle) and over all passes,
 the max/min ratio of tokens per pass, the planner's host time per pass, and how many cycles it
 shortened to rebalance; lockstep (every request drafts k passes, then all verify) beside it.
 
@@ -45,23 +46,29 @@ def simulate_unified(args: argparse.Namespace, lengths: list[int]) -> dict:
     rng = random.Random(args.seed)
     planner, queue, left = PhasePlanner(args.k), list(range(len(lengths))), {}
     tokens, full, host_s, verifies, drafts_verified = [], [], 0.0, 0, 0
+    done: list[int] = []  # finished during the step: in the batch until the step ends
     while queue or left:
-        while queue and len(left) < args.batch:
-            rid = queue.pop(0)
-            left[rid] = lengths[rid]
-            planner.admit(rid)
+        if planner.pass_idx % (args.k + 1) == 0:
+            # Step boundary, as in SGLang's scheduler: finished requests leave, new ones join.
+            for rid in done:
+                del left[rid]
+                planner.release(rid)
+            done = []
+            while queue and len(left) < args.batch:
+                rid = queue.pop(0)
+                left[rid] = lengths[rid]
+                planner.admit(rid)
         start = time.perf_counter()
-        plan = planner.plan()
+        roles = planner.next_pass()
         host_s += time.perf_counter() - start
-        tokens.append(plan.num_tokens)
+        tokens.append(roles.num_tokens)
         full.append(len(left) == args.batch)
-        for rid, drafts in plan.verify.items():
+        for rid, drafts in roles.verify.items():
             verifies += 1
             drafts_verified += drafts
             left[rid] -= _accepted(rng, drafts, args.accept_prob)
             if left[rid] <= 0:
-                del left[rid]
-                planner.release(rid)
+                done.append(rid)
     return {**_stats(tokens, full, args.k + 1), "host_us_per_pass": 1e6 * host_s / len(tokens),
             "mean_drafts_per_verify": drafts_verified / verifies,
             "shortened_cycles": planner.shortened_cycles, "verifies": verifies}

@@ -50,7 +50,7 @@ logger = logging.getLogger(__name__)
 @functools.cache
 def _warn_penalties() -> None:
     logger.warning("SPARSESPEC: frequency/presence/repetition penalties follow SGLang's speculative "
-                   "semantics: every verified position sees the penalty state of the cycle's start, "
+                   "semantics: every verified position sees the penalty state of the step's start, "
                    "so sampling with penalties is close to, not exactly, plain decoding's")
 
 
@@ -88,7 +88,7 @@ class Accepted:
 
     tokens: torch.Tensor  # [n, width] int32: chain v's accepted tokens at [v, :lens[v]] (the rest unused)
     lens: torch.Tensor  # [n] int32, 1..its chain length (the bonus token included)
-    last_tokens: torch.Tensor  # [n] each request's last accepted token: the next cycle's first input
+    last_tokens: torch.Tensor  # [n] each request's last accepted token: the first token of its next verify chain
     new_seq_lens: torch.Tensor  # [n] committed lengths after the verify (prefix + lens)
     predict: torch.Tensor  # eagle_sample's flat predictions (SGLang's logprob helpers read them)
     accept_index: torch.Tensor  # [n, width] eagle_sample's indices into predict (-1: not accepted)

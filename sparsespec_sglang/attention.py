@@ -1,46 +1,55 @@
 """The ``sparsespec`` attention backend: SGLang's Triton backend plus the PillarAttn paths.
 
-Prefill and ordinary decode go to :class:`TritonAttnBackend` unchanged. Three
-forwards of the SPARSESPEC cycle take the plugin's kernels instead; a schedule names the first
-two per forward with a :class:`~sparsespec_sglang.pillar.ForwardPlan` (:meth:`planned`):
+The forward batch says what a forward is, as it does for SGLang's own speculative algorithms:
+its forward mode, and its ``spec_info``. Prefill and ordinary decode go to
+:class:`TritonAttnBackend` unchanged. Three forwards of a SPARSESPEC step take the plugin's kernels
+instead:
 
-- a *draft step* (a DECODE forward under ``ForwardPlan.sparse_draft``, lockstep schedule):
-  sparse decode over sink + selected + dense-tail slots (``kernels/sparse_decode.py``);
-- a *unified pass* (a DECODE forward under ``ForwardPlan.unified_pass``, unified schedule): draft
+- a *draft step* (a DECODE forward whose ``spec_info`` is a ``SPARSE_DRAFT``
+  :class:`~sparsespec_sglang.forward_plan.ForwardPlan`, lockstep schedule): sparse decode over
+  sink + selected + dense-tail slots (``kernels/sparse_decode.py``);
+- a *unified pass* (a DECODE forward carrying a ``UNIFIED_PASS`` plan, unified schedule): draft
   rows take the sparse decode, the verifying requests' rows the verify kernel with the score
   dump and top-K below, in the same forward;
-- a *verify pass* (TARGET_VERIFY): causal attention of the k+1 verify tokens
-  that also dumps per-position scores (``kernels/verify_attention.py``), turned
-  into the next cycle's index table per layer right away
+- a *verify pass* (TARGET_VERIFY, SGLang's own verify forward with its ``NgramVerifyInput``):
+  causal attention of the k+1 verify tokens that also dumps per-position scores
+  (``kernels/verify_attention.py``), turned into the next step's index table per layer right away
   (``kernels/topk_select.py``), so no extra pass over the KV is scheduled. With
   ``--enable-deterministic-inference`` the verify's attention runs instead as one
   SGLang deterministic decode per verify token, so greedy output is bitwise plain
   SGLang's (the exact score pass then runs on its own).
+
+The backend keeps no per-forward state: everything a forward needs is on its batch (the plan's
+buffers) or in :class:`~sparsespec_sglang.pillar.PillarState` (per-request tables).
 """
 
 from __future__ import annotations
 
-import contextlib
-import functools
-from typing import Any, Iterator, Optional
+from typing import Any, Optional
 
 import torch
 from sparsespec_sglang.compat import TritonAttnBackend, logit_capping_mod
 
 from sparsespec_sglang.deterministic import verify_as_decode_rows
+from sparsespec_sglang.forward_plan import ForwardPlan, MixedRows, PlanKind
 from sparsespec_sglang.kernels.attention_common import pick_num_kv_splits, sm_count
 from sparsespec_sglang.kernels.sparse_decode import sparse_decode_attention
 from sparsespec_sglang.kernels.topk_select import select_topk
 from sparsespec_sglang.kernels.verify_attention import verify_attention_with_scores, verify_scores
-from sparsespec_sglang.pillar import ForwardPlan, PillarState, PlanKind
-from sparsespec_sglang.selection import SelectionPolicy
+from sparsespec_sglang.pillar import PillarState
+from sparsespec_sglang.selection import layer_group
+
+
+def plan_of(forward_batch: Any) -> Optional[ForwardPlan]:
+    """The plan a forward batch carries as its ``spec_info``, or None (SGLang's own forward)."""
+    spec_info = getattr(forward_batch, "spec_info", None)
+    return spec_info if isinstance(spec_info, ForwardPlan) else None
 
 
 class SparseSpecAttnBackend(TritonAttnBackend):
     def __init__(self, model_runner: Any, *args: Any, **kwargs: Any) -> None:
         super().__init__(model_runner, *args, **kwargs)
         self.state: Optional[PillarState] = None
-        self.plan = ForwardPlan.plain()  # the current forward's path (see planned)
         self._verify_consts: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
         self._graph_state_size: tuple[int, int] = (0, 0)
         self._num_sms = sm_count(torch.device(self.device))
@@ -52,7 +61,6 @@ class SparseSpecAttnBackend(TritonAttnBackend):
         self._streams = torch.get_device_module(device)
         self._verify_stream = self._streams.Stream(priority=-1)
         self._topk_stream = self._streams.Stream()
-        self._topk_pending = self._topk_launched = False
 
     def init_cuda_graph_state(self, max_bs: int, max_num_tokens: int, *args: Any, **kwargs: Any) -> None:
         # The verify and the draft graph runners share this backend; keep the
@@ -66,43 +74,28 @@ class SparseSpecAttnBackend(TritonAttnBackend):
         """Called by the worker once the KV pools (and so the state) exist."""
         self.state = state
 
-    @contextlib.contextmanager
-    def planned(self, plan: ForwardPlan) -> Iterator[None]:
-        """Run one forward (or capture its CUDA graphs) on ``plan``'s path; the plan says which
-        PillarAttn path a DECODE forward takes and carries that path's per-row inputs. Outside
-        it every forward takes the plain path (SGLang's Triton kernels; TARGET_VERIFY: verify)."""
-        if self.plan.kind is not PlanKind.PLAIN:
-            raise RuntimeError(f"SPARSESPEC backend: a {plan.kind.value} forward inside a "
-                               f"{self.plan.kind.value} forward")
-        self.plan = plan
-        self._topk_pending = self._topk_launched = False
-        try:
-            yield
-        finally:
-            self.plan = ForwardPlan.plain()
-
-    def _is_sparse_draft(self, forward_batch: Any) -> bool:
-        """A DECODE forward under a draft or unified-pass plan: the sparse decode kernel."""
-        return self.plan.kind is not PlanKind.PLAIN and forward_batch.forward_mode.is_decode()
-
-    def _is_pillar_verify(self, forward_batch: Any) -> bool:
-        return self.state is not None and forward_batch.forward_mode.is_target_verify()
+    def _is_pillar_path(self, forward_batch: Any) -> bool:
+        """A forward that takes a PillarAttn path: a DECODE forward carrying a plan, or a verify."""
+        if self.state is None:
+            return False
+        mode = forward_batch.forward_mode
+        return mode.is_target_verify() or (mode.is_decode() and plan_of(forward_batch) is not None)
 
     def init_forward_metadata(self, forward_batch: Any) -> None:
         # The PillarAttn kernels read req_to_token / seq_lens straight from the
         # forward batch; the Triton kv_indices build would be wasted work.
-        if self._is_sparse_draft(forward_batch) or self._is_pillar_verify(forward_batch):
+        if self._is_pillar_path(forward_batch):
             return
         super().init_forward_metadata(forward_batch)
 
     def init_forward_metadata_out_graph(self, forward_batch: Any, in_capture: bool = False) -> None:
         # Verify and draft CUDA graphs read only graph-static buffers on the PillarAttn paths.
-        if self._is_sparse_draft(forward_batch) or self._is_pillar_verify(forward_batch):
+        if self._is_pillar_path(forward_batch):
             return
         super().init_forward_metadata_out_graph(forward_batch, in_capture)
 
     def init_forward_metadata_in_graph(self, forward_batch: Any) -> None:
-        if self._is_sparse_draft(forward_batch) or self._is_pillar_verify(forward_batch):
+        if self._is_pillar_path(forward_batch):
             return
         super().init_forward_metadata_in_graph(forward_batch)
 
@@ -111,15 +104,16 @@ class SparseSpecAttnBackend(TritonAttnBackend):
 
     def forward_decode(self, q, k, v, layer, forward_batch, save_kv_cache=True, sinks=None,
                        score_mod=None, aux_tensors=None):
-        if not self._is_sparse_draft(forward_batch):
+        plan = plan_of(forward_batch)
+        if plan is None:
             return super().forward_decode(q, k, v, layer, forward_batch, save_kv_cache, sinks,
                                           score_mod, aux_tensors)
         assert sinks is None and score_mod is None, "SPARSESPEC drafts: no attention sinks/score_mod"
         if save_kv_cache:
             self._save_kv(layer, forward_batch, k, v)
-        if self.plan.kind is PlanKind.UNIFIED_PASS:
-            return self._forward_mixed(q, layer, forward_batch)
-        state, step = self.state, self.plan.draft
+        if plan.kind is PlanKind.UNIFIED_PASS:
+            return self._forward_mixed(q, layer, forward_batch, plan.rows)
+        state, step = self.state, plan.draft
         hq, d, dv = layer.tp_q_head_num, layer.qk_head_dim, layer.v_head_dim
         bs = q.shape[0]
         o = q.new_empty((bs, hq * dv))
@@ -141,19 +135,23 @@ class SparseSpecAttnBackend(TritonAttnBackend):
             # the lse ring is keyed by pool row, as in a unified pass (PillarState.draft_lse)
             lse_ring=None if state.draft_lse is None else state.draft_lse[layer.layer_id],
             ring_rows=None if state.draft_lse is None else forward_batch.req_pool_indices,
-            sel_by_row=True,
         )
         return o
 
-    def _forward_mixed(self, q, layer, forward_batch):
+    def _forward_mixed(self, q: torch.Tensor, layer: Any, forward_batch: Any,
+                       rows: MixedRows) -> torch.Tensor:
         """One layer of a unified pass: rows are single tokens (DECODE), the plan's rows say
         which rows belong to verifying requests. The verify kernel (full causal attention with
         the score dump) runs on a side stream over the verify rows while the sparse decode runs
         the draft rows on the forward's stream: the verify of a pass's few verifying requests is
         latency-bound, so on its own it would leave most SMs idle. The top-K of a group of layers
-        runs on a third stream, overlapping the next layer, and is joined before the group
-        buffer is written again (and by the pass's last layer)."""
-        state, rows, config = self.state, self.plan.rows, self.state.config
+        runs on a third stream, overlapping the next layers, and is joined before the group
+        buffer is written again (and by the pass's last layer).
+
+        Which stream waits for which follows from the layer alone (the same for every forward of
+        the pass's shape, so a CUDA graph captures it): in a grouped pass every group but the
+        last is selected on the top-K stream, the last on the verify stream at the last layer."""
+        state, config = self.state, self.state.config
         hq, d, dv = layer.tp_q_head_num, layer.qk_head_dim, layer.v_head_dim
         bs = q.shape[0]
         o = q.new_empty((bs, hq * dv))
@@ -163,12 +161,22 @@ class SparseSpecAttnBackend(TritonAttnBackend):
         ring = None if state.draft_lse is None else state.draft_lse[layer.layer_id]
         num_kv_heads = self.token_to_kv_pool.head_num
         nv = rows.verify_slots(bs)
+        # Scores of a group of layers are kept and selected in one launch at the group's last
+        # layer (per layer, the top-K of the few verifying requests is latency-bound); passes
+        # with more verifying requests than the group buffer holds select layer by layer.
+        lid, group, num_layers = layer.layer_id, state.group_scores, state.sel_indices.shape[0]
+        grouped = bool(nv) and group is not None and nv <= group.shape[1]
+        layers = layer_group(lid, group.shape[0] if grouped else 1, num_layers)
         main = self._streams.current_stream()
         if nv:
             self._verify_stream.wait_stream(main)  # q and this layer's KV are written
+            if grouped and lid == layers.start and lid > 0:
+                # The previous group's top-K (on its stream) still reads the buffer this layer
+                # overwrites.
+                self._verify_stream.wait_stream(self._topk_stream)
             with self._streams.stream(self._verify_stream):
                 self._verify_rows(q.view(-1, hq, d), k_buffer, v_buffer, o.view(-1, hq, dv), layer,
-                                  logit_cap, ring, nv, num_kv_heads)
+                                  rows, logit_cap, ring, nv, num_kv_heads, layers if grouped else None)
         sparse_decode_attention(
             q.view(-1, hq, d), k_buffer, v_buffer, o.view(-1, hq, dv), req_to_token=state.req_to_token,
             req_pool_indices=forward_batch.req_pool_indices, seq_lens=forward_batch.seq_lens,
@@ -176,32 +184,26 @@ class SparseSpecAttnBackend(TritonAttnBackend):
             sel_lens=rows.sel_lens[:bs], num_sink=config.num_sink_tokens, sm_scale=layer.scaling,
             logit_cap=logit_cap,
             num_kv_splits=pick_num_kv_splits(bs, num_kv_heads, self._num_sms),
-            sel_by_row=True, lse_ring=ring, ring_rows=None if ring is None else rows.ring_rows[:bs],
+            lse_ring=ring, ring_rows=None if ring is None else rows.ring_rows[:bs],
             skip_rows=(rows.qo_indptr, nv) if nv else None,
         )
         if nv:
             main.wait_stream(self._verify_stream)
-        if self._topk_launched and layer.layer_id + 1 == self.state.sel_indices.shape[0]:
+        if grouped and lid + 1 == num_layers and layers.start > 0:
             main.wait_stream(self._topk_stream)  # every stream rejoins before the pass ends
-            self._topk_launched = False
         return o
 
-    def _verify_rows(self, q, k_buffer, v_buffer, o, layer, logit_cap, ring, nv, num_kv_heads):
-        """The verify rows of one layer of a unified pass, and the top-K of a finished group."""
-        state, rows, config = self.state, self.plan.rows, self.state.config
+    def _verify_rows(self, q, k_buffer, v_buffer, o, layer, rows: MixedRows, logit_cap, ring,
+                     nv: int, num_kv_heads: int, layers: Optional[range]) -> None:
+        """The verify rows of one layer of a unified pass, and the top-K of a finished group
+        (``layers``: this layer's group; None: select this layer alone)."""
+        state, config = self.state, self.state.config
         # A graph's verify entries are about half spare: split the KV for the real ones, about
         # one program per SM (H100 sweep at 14 and 28 requests: 2 splits, then 1, were fastest).
         real = nv if rows.num_verify is not None else max(1, nv // 2)
-        # Scores of a group of layers are kept and selected in one launch at the group's last
-        # layer (per layer, the top-K of the few verifying requests is latency-bound); passes
-        # with more verifying requests than the group buffer holds select layer by layer.
-        lid, group, num_layers = layer.layer_id, state.group_scores, state.sel_indices.shape[0]
-        grouped = group is not None and nv <= group.shape[1]
-        if grouped and lid % group.shape[0] == 0 and self._topk_pending:
-            # The previous group's top-K still reads the buffer this layer overwrites.
-            self._verify_stream.wait_stream(self._topk_stream)
-            self._topk_pending = False
-        scores = group[lid % group.shape[0], :nv] if grouped else state.scores[:nv]
+        lid = layer.layer_id
+        group = state.group_scores
+        scores = group[lid - layers.start, :nv] if layers is not None else state.scores[:nv]
         verify_attention_with_scores(
             q, k_buffer, v_buffer, o, req_to_token=state.req_to_token,
             req_pool_indices=rows.verify_rows[:nv], prefix_lens=rows.verify_prefix[:nv],
@@ -211,24 +213,37 @@ class SparseSpecAttnBackend(TritonAttnBackend):
             score_lse=ring, max_ext=rows.width,
             score_lse_rows=None if ring is None else rows.verify_rows[:nv],
         )
-        first = lid
-        if grouped:
-            first = lid - lid % group.shape[0]
-            if lid + 1 < min(first + group.shape[0], num_layers):
-                return  # the group's last layer selects for all of them
-            scores = group[:lid + 1 - first, :nv]
-        topk = functools.partial(
-            select_topk, scores, SelectionPolicy.of(config, state.max_sel), req_to_token=state.req_to_token,
-            req_pool_indices=rows.verify_rows[:nv], seq_lens=rows.verify_end[:nv],
-            cand_end=rows.verify_prefix[:nv], out_indices=state.sel_indices[first:lid + 1],
-            out_lens=state.sel_lens, out_recent=state.sel_recent, out_by_row=True)
-        if not grouped or lid + 1 == num_layers:
-            topk()  # joined by this layer (state.scores is reused by the next layer)
+        if layers is None:
+            # joined by this layer (state.scores is reused by the next layer)
+            self._select(scores, range(lid, lid + 1), rows.verify_rows[:nv], rows.verify_prefix[:nv],
+                         rows.verify_end[:nv])
+            return
+        if lid != layers.stop - 1:
+            return  # the group's last layer selects for all of them
+        scores = group[:len(layers), :nv]
+        if lid + 1 == state.sel_indices.shape[0]:
+            self._select(scores, layers, rows.verify_rows[:nv], rows.verify_prefix[:nv],
+                         rows.verify_end[:nv])
             return
         self._topk_stream.wait_stream(self._verify_stream)
         with self._streams.stream(self._topk_stream):
-            topk()
-        self._topk_pending = self._topk_launched = True
+            self._select(scores, layers, rows.verify_rows[:nv], rows.verify_prefix[:nv],
+                         rows.verify_end[:nv])
+
+    def _select(self, scores: torch.Tensor, layers: range, req_pool_indices: torch.Tensor,
+                window_start: torch.Tensor, window_end: torch.Tensor) -> None:
+        """The next selection of ``layers`` for requests that verified positions [window_start,
+        window_end): the candidates end where the window starts (the window becomes the drafts'
+        dense tail, ``PillarState.commit``) and K follows the context length, the window's end
+        (``selection.py``). Written straight into each request's pool row (CUDA-graph padding
+        uses the reserved row 0)."""
+        state = self.state
+        select_topk(
+            scores, state.selection, req_to_token=state.req_to_token,
+            req_pool_indices=req_pool_indices, seq_lens=window_end, cand_end=window_start,
+            out_indices=state.sel_indices[layers.start:layers.stop], out_lens=state.sel_lens,
+            out_recent=state.sel_recent,
+        )
 
     def _verify_layout(self, batch_size: int, width: int, device: torch.device):
         key = (batch_size, width)
@@ -240,7 +255,7 @@ class SparseSpecAttnBackend(TritonAttnBackend):
 
     def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache=True, sinks=None,
                        score_mod=None, aux_tensors=None):
-        if not self._is_pillar_verify(forward_batch):
+        if self.state is None or not forward_batch.forward_mode.is_target_verify():
             return super().forward_extend(q, k, v, layer, forward_batch, save_kv_cache, sinks,
                                           score_mod, aux_tensors)
         assert sinks is None and score_mod is None, "SPARSESPEC verify: no attention sinks/score_mod"
@@ -281,15 +296,8 @@ class SparseSpecAttnBackend(TritonAttnBackend):
                 score_lse=None if state.draft_lse is None else state.draft_lse[layer.layer_id],
                 score_lse_rows=None if state.draft_lse is None else forward_batch.req_pool_indices,
             )
-        # Next cycle: candidates are the positions before this verify window
-        # (the window itself becomes the drafts' dense tail).
-        # Written straight into each request's row (CUDA-graph padding uses the reserved row 0).
-        select_topk(
-            scores, SelectionPolicy.of(config, state.max_sel), req_to_token=state.req_to_token,
-            req_pool_indices=forward_batch.req_pool_indices, seq_lens=prefix_lens + width,
-            cand_end=prefix_lens, out_indices=state.sel_indices[layer.layer_id],
-            out_lens=state.sel_lens, out_recent=state.sel_recent, out_by_row=True,
-        )
+        self._select(scores, range(layer.layer_id, layer.layer_id + 1), forward_batch.req_pool_indices,
+                     prefix_lens, prefix_lens + width)
         return o
 
 

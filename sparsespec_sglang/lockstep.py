@@ -1,4 +1,4 @@
-"""The lockstep schedule: one PillarAttn cycle over the whole batch per decode step.
+"""The lockstep schedule: k sparse drafts and one verify of the whole batch per decode step.
 
 k sparse draft forwards on the target model runner (DECODE, one token per request, attention over
 the selected slots), then one full verify forward (TARGET_VERIFY over the pending token + k
@@ -27,10 +27,10 @@ from sparsespec_sglang.compat import (
 )
 
 from sparsespec_sglang.acceptance import accept, verify_chains
-from sparsespec_sglang.draft_graph import DraftGraphs, as_decode_rows
-from sparsespec_sglang.pillar import ForwardPlan
+from sparsespec_sglang.forward_graphs import ForwardGraphs
+from sparsespec_sglang.forward_plan import DraftStep, ForwardPlan
 from sparsespec_sglang.profiling import CycleProfiler
-from sparsespec_sglang.schedule import ScheduleContext, StepResult
+from sparsespec_sglang.schedule import ScheduleContext, StepResult, borrowed
 
 
 class LockstepSchedule:
@@ -43,7 +43,10 @@ class LockstepSchedule:
         self.k, self.width = ctx.k, ctx.k + 1
         self.device = ctx.state.req_to_token.device
         self.profiler = profiler or CycleProfiler(phases=self.PHASES)
-        self.graphs: Optional[DraftGraphs] = None
+        # The drafts' per-request inputs in batch order (static: the draft graphs read them).
+        self.draft_step = DraftStep.allocate(ctx.state.req_to_token.shape[0], self.device)
+        self.plan = ForwardPlan.sparse_draft(self.draft_step)
+        self.graphs = ForwardGraphs(ctx.model_runner, ctx.backend, label="draft")
 
     @classmethod
     def kv_reserve_per_decode(cls, k: int) -> Optional[int]:
@@ -60,29 +63,28 @@ class LockstepSchedule:
         """Nothing to drop: a lockstep step starts from the committed state alone."""
 
     def capture_graphs(self, max_batch_size: int) -> None:
-        step = self.ctx.state.draft_step
-        self.graphs = DraftGraphs(self.ctx.model_runner, self.ctx.backend,
-                                  lambda: self.ctx.backend.planned(ForwardPlan.sparse_draft(step)))
+        self.graphs.capture(self.plan)
 
-    def step(self, batch: Any) -> StepResult:
+    def step(self, batch: Any, rows: list[int]) -> StepResult:
         ctx, state = self.ctx, self.ctx.state
         bs, width = len(batch.reqs), self.width
-        rows = batch.req_pool_indices
-        # The cycle starts from each request's last emitted token, kept by req_pool_idx on the
+        pool = batch.req_pool_indices
+        # The step starts from each request's last emitted token, kept by req_pool_idx on the
         # forward stream. Not from the relay in batch.spec_info: the scheduler filters and
-        # merges that (retraction, joins) on its own stream while the previous cycle may still
+        # merges that (retraction, joins) on its own stream while the previous step may still
         # be computing it (suspected cause of a device-side assert at the first retraction of
         # a B 128 H100 run; docs/results.md).
-        pending = state.pending[rows]
+        pending = state.pending[pool]
         seq_lens = batch.seq_lens
         out_cache_loc = assign_extend_cache_locs_func(
-            req_pool_indices=rows, req_to_token=state.req_to_token,
+            req_pool_indices=pool, req_to_token=state.req_to_token,
             start_offset=seq_lens, end_offset=seq_lens + width,
             batch_size=bs, draft_token_num=width, device=self.device,
         )
 
         self.profiler.begin()
-        drafts = self._draft(batch, pending, out_cache_loc.view(bs, width))
+        with borrowed(batch) as saved:
+            drafts = self._draft(batch, saved, pending, out_cache_loc.view(bs, width))
         self.profiler.mark("draft")
 
         # Verify: [pending, d_1..d_k] at positions seq_len .. seq_len+k, full attention.
@@ -94,51 +96,50 @@ class LockstepSchedule:
         # scheduler advances the grammar after acceptance.
         grammar_tree = (GrammarTree.from_linear_chain(draft_tokens.view(bs, width))
                         if batch.has_grammar else None)
-        saved_mode = batch.forward_mode
-        batch.forward_mode = ForwardMode.TARGET_VERIFY
-        batch.input_ids = draft_tokens
-        batch.out_cache_loc = out_cache_loc
-        batch.spec_info = verify_input
-        # No plan: a TARGET_VERIFY forward is the PillarAttn verify (SGLang captured its graphs).
-        verify = ctx.target_worker.forward_batch_generation(batch, is_verify=True)
-        logits_output = verify.logits_output
-        self.profiler.mark("verify")
+        with borrowed(batch):
+            batch.forward_mode = ForwardMode.TARGET_VERIFY
+            batch.input_ids = draft_tokens
+            batch.out_cache_loc = out_cache_loc
+            # SGLang's own verify forward (its verify input, its captured verify graphs): the
+            # backend takes the PillarAttn verify for a TARGET_VERIFY forward.
+            batch.spec_info = verify_input
+            verify = ctx.target_worker.forward_batch_generation(batch, is_verify=True)
+            logits_output = verify.logits_output
+            self.profiler.mark("verify")
 
-        accepted = accept(verify_input, batch, logits_output, ctx.sampling_backend,
-                          grammar_tree=grammar_tree)
-        # The verify window is the next cycle's dense tail; its accepted tokens are a prefix of
-        # the verified chain, so their KV already sits in its final slots (no KV move: SGLang's
-        # move_accept_tokens_to_target_kvcache cost ~4 ms per cycle at B 128 on the H100).
-        state.commit(rows, window_start=seq_lens, last_tokens=accepted.last_tokens)
-        if batch.return_logprob:
-            compute_spec_logprobs(batch, logits_output, accepted.predict, accepted.accept_index)
-        batch.forward_mode = saved_mode
+            accepted = accept(verify_input, batch, logits_output, ctx.sampling_backend,
+                              grammar_tree=grammar_tree)
+            # The verify window is the next step's dense tail; its accepted tokens are a prefix
+            # of the verified chain, so their KV already sits in its final slots (no KV move:
+            # SGLang's move_accept_tokens_to_target_kvcache cost ~4 ms per step at B 128 on the
+            # H100).
+            state.commit(pool, window_start=seq_lens, last_tokens=accepted.last_tokens)
+            if batch.return_logprob:
+                compute_spec_logprobs(batch, logits_output, accepted.predict, accepted.accept_index)
         self.profiler.mark("accept")
         self.profiler.end_cycle(bs, accepted.lens)
         return StepResult(accepted.tokens.flatten(), accepted.lens, accepted.new_seq_lens,
                           logits_output, verify.can_run_cuda_graph)
 
-    def _draft(self, batch: Any, pending: torch.Tensor, locs: torch.Tensor) -> torch.Tensor:
-        """k sparse decode forwards of the target model; returns drafts [bs, k]."""
+    def _draft(self, batch: Any, saved: dict[str, Any], pending: torch.Tensor,
+               locs: torch.Tensor) -> torch.Tensor:
+        """k sparse decode forwards of the target model on the borrowed batch; drafts [bs, k]."""
         ctx = self.ctx
         bs = len(batch.reqs)
-        plan = ForwardPlan.sparse_draft(ctx.state.load_draft_step(batch.req_pool_indices))
+        self.draft_step.load(batch.req_pool_indices, ctx.state.dense_start, ctx.state.sel_lens)
         drafts = torch.empty((bs, self.k), dtype=torch.int64, device=self.device)
         token = pending.to(torch.int64)
-        with as_decode_rows(batch) as saved:
-            for j in range(self.k):
-                batch.input_ids = token
-                batch.out_cache_loc = locs[:, j].contiguous()
-                batch.seq_lens = saved["seq_lens"] + (j + 1)
-                batch.seq_lens_cpu = saved["seq_lens_cpu"] + (j + 1)
-                batch.seq_lens_sum = None
-                forward_batch = ForwardBatch.init_new(batch, ctx.model_runner,
-                                                     return_hidden_states_before_norm=False)
-                with ctx.backend.planned(plan):
-                    if self.graphs is not None:
-                        logits = self.graphs.run(forward_batch)
-                    else:
-                        logits = ctx.model_runner.forward(forward_batch).logits_output.next_token_logits
-                token = torch.argmax(logits, dim=-1)
-                drafts[:, j] = token
+        batch.forward_mode = ForwardMode.DECODE
+        batch.return_logprob = False
+        batch.spec_info = self.plan
+        for j in range(self.k):
+            batch.input_ids = token
+            batch.out_cache_loc = locs[:, j].contiguous()
+            batch.seq_lens = saved["seq_lens"] + (j + 1)
+            batch.seq_lens_cpu = saved["seq_lens_cpu"] + (j + 1)
+            batch.seq_lens_sum = None
+            forward_batch = ForwardBatch.init_new(batch, ctx.model_runner,
+                                                 return_hidden_states_before_norm=False)
+            token = torch.argmax(self.graphs.run(forward_batch), dim=-1)
+            drafts[:, j] = token
         return drafts

@@ -13,12 +13,12 @@ finishes leave two offsets more than one request apart, a request of the fullest
 the emptiest one by verifying early once (a shorter cycle, never a longer one: a request never
 waits and never drafts more than k tokens ahead, so the KV reserved per request stays k + 1).
 It is pure host-side bookkeeping; ``scripts/sim_phases.py`` measures the per-pass token counts
-it produces, and ``unified.py`` runs its plans on the GPU.
+it produces, and ``unified.py`` runs its passes on the GPU.
 
-``step_aligned``: SGLang's speculative scheduler expects every request to verify exactly once
-per scheduler step. The unified worker runs k + 1 passes per step, so it admits requests only
-at step boundaries and asks the planner to rebalance only there too: a move then only pulls a
-request's verify earlier *within the coming step*, never into the step it already verified in.
+Steps: SGLang's speculative scheduler expects every request to verify exactly once per scheduler
+step. The unified schedule runs k + 1 passes per step, so the planner admits requests only at step
+boundaries and rebalances only there too: a move then only pulls a request's verify earlier
+*within the coming step*, never into the step it already verified in.
 """
 
 from __future__ import annotations
@@ -28,8 +28,9 @@ from dataclasses import dataclass
 
 
 @dataclass
-class PassPlan:
-    """What one forward pass runs: verifying requests with their draft counts, drafting requests."""
+class PassRoles:
+    """Who does what in one forward pass: verifying requests with their draft counts, drafting
+    requests."""
 
     verify: dict[Hashable, int]  # request -> drafts to verify (the pass has drafts + 1 of its tokens)
     draft: dict[Hashable, int]  # request -> drafts it already made since its last verify
@@ -40,13 +41,12 @@ class PassPlan:
 
 
 class PhasePlanner:
-    def __init__(self, k: int, step_aligned: bool = False) -> None:
+    def __init__(self, k: int) -> None:
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
         self.k = k
-        self.step_aligned = step_aligned
-        self.period = k + 1
-        self.pass_idx = 0  # index of the next pass to plan
+        self.period = k + 1  # passes per step
+        self.pass_idx = 0  # index of the next pass
         self.offset: dict[Hashable, int] = {}
         self.next_verify: dict[Hashable, int] = {}  # pass index of each request's next verify
         self.last_verify: dict[Hashable, int] = {}  # pass index after which its current drafts began
@@ -64,8 +64,8 @@ class PhasePlanner:
         drafts before the first verify)."""
         if rid in self.offset:
             raise ValueError(f"request {rid!r} is already planned")
-        if self.step_aligned and self.pass_idx % self.period:
-            raise ValueError("a step-aligned planner admits requests at step boundaries only")
+        if self.pass_idx % self.period:
+            raise ValueError("the planner admits requests at step boundaries only")
         dist = {o: (o - self.pass_idx) % self.period for o in range(self.period)}
         offset = min((o for o in dist if dist[o]), key=lambda o: (self.counts[o], -dist[o]))
         self.offset[rid] = offset
@@ -79,8 +79,8 @@ class PhasePlanner:
         self.counts[self.offset.pop(rid)] -= 1
         del self.next_verify[rid], self.last_verify[rid]
 
-    def plan(self) -> PassPlan:
-        """Plan the next pass and advance: its verifying requests start a new cycle after it."""
+    def next_pass(self) -> PassRoles:
+        """The next pass's roles, and advance: its verifying requests start a new cycle after it."""
         verify, draft = {}, {}
         for rid, t in self.next_verify.items():
             made = self.pass_idx - self.last_verify[rid] - 1
@@ -92,9 +92,9 @@ class PhasePlanner:
             self.last_verify[rid] = self.pass_idx
             self.next_verify[rid] = self.pass_idx + self.period
         self.pass_idx += 1
-        if not self.step_aligned or self.pass_idx % self.period == 0:
+        if self.pass_idx % self.period == 0:
             self._rebalance()
-        return PassPlan(verify, draft)
+        return PassRoles(verify, draft)
 
     def _rebalance(self) -> None:
         """Move requests between offsets until no two counts differ by more than one.

@@ -11,15 +11,18 @@ decode step is a *schedule*. Two exist, each in its own module:
 
 Both read and write per-request PillarAttn state only through
 :class:`~sparsespec_sglang.pillar.PillarState`'s transitions, and tell the attention backend what
-each forward is with a :class:`~sparsespec_sglang.attention.ForwardPlan`. A new schedule is one
-module with a class that follows :class:`Schedule`, plus one line in :data:`SCHEDULES`.
+each forward is with the :class:`~sparsespec_sglang.forward_plan.ForwardPlan` its batch carries
+(``spec_info``). A step borrows SGLang's batch for its forwards and gives every field back
+(:func:`borrowed`). A new schedule is one module with a class that follows :class:`Schedule`,
+plus one line in :data:`SCHEDULES`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Optional, Protocol
+from typing import TYPE_CHECKING, Any, Iterator, Optional, Protocol
 
 if TYPE_CHECKING:  # annotations only: config.py reads SCHEDULES, and validation must not load torch
     import torch
@@ -47,7 +50,7 @@ class StepResult:
 class ScheduleContext:
     """What a schedule drives: the target model, the backend, the shared state."""
 
-    k: int  # draft steps per cycle
+    k: int  # drafts per request between two verifies
     state: Any  # PillarState, the one owner of per-request PillarAttn state
     backend: Any  # SparseSpecAttnBackend
     model_runner: Any  # SGLang's target ModelRunner
@@ -72,8 +75,9 @@ class Schedule(Protocol):
     def handles(self, batch: Any) -> bool:
         """Whether this schedule can run the batch (the worker falls back to lockstep if not)."""
 
-    def step(self, batch: Any) -> StepResult:
-        """Draft and verify every request of a decode batch once; restores the batch's fields."""
+    def step(self, batch: Any, rows: list[int]) -> StepResult:
+        """Draft and verify every request of a decode batch once (``rows``: their request-pool
+        rows, in batch order); gives the batch's fields back as it found them (:func:`borrowed`)."""
 
     def forget(self, pool_rows: list[int]) -> None:
         """These request-pool rows start over (prefilled, or stepped by another schedule): drop
@@ -81,6 +85,24 @@ class Schedule(Protocol):
 
     def capture_graphs(self, max_batch_size: int) -> None:
         """Capture this schedule's CUDA graphs (after SGLang captured the verify graphs)."""
+
+
+# The ScheduleBatch fields a step's forwards set (ForwardBatch.init_new reads them).
+BORROWED_FIELDS = ("forward_mode", "input_ids", "out_cache_loc", "seq_lens", "seq_lens_cpu",
+                   "seq_lens_sum", "spec_info", "return_logprob", "req_pool_indices")
+
+
+@contextlib.contextmanager
+def borrowed(batch: Any) -> Iterator[dict[str, Any]]:
+    """A step's use of SGLang's batch: yields its original fields and restores every one of them
+    afterwards, whatever the step's forwards set, so SGLang finds the batch it scheduled (the
+    worker's result carries what changed: tokens, lengths)."""
+    saved = {name: getattr(batch, name) for name in BORROWED_FIELDS}
+    try:
+        yield saved
+    finally:
+        for name, value in saved.items():
+            setattr(batch, name, value)
 
 
 def schedule_class(name: str) -> type:

@@ -1,6 +1,6 @@
 """PillarAttn's selection policy: how many KV tokens a draft step attends to, and which compete.
 
-Defined here for every implementation (PillarState's first-cycle window, the PyTorch reference,
+Defined here for every implementation (PillarState's first-step window, the PyTorch reference,
 and the top-K kernel, which reads a :class:`SelectionPolicy`'s numbers), because three float
 versions of ``ceil(s * len)`` disagreed at the edge: 0.07 * 100 is 7.000000000000001 in float64
 (ceil 8) and 7.0 in fp32 (ceil 7). Here the sparsity is carried as an integer number of parts per
@@ -16,8 +16,9 @@ imports neither torch nor Triton, so validating the configuration loads neither:
 * candidates: positions ``[num_sink, cand_end)``; sinks are always attended separately, and
   positions from ``cand_end`` on are the drafts' dense tail. After a verify ``cand_end`` is the
   verify window's start; after prefill it is L.
-* first cycle after prefill (no verify scores yet): the K most recent candidates
-  ``[L - K, L)``, the positions the prefill's last queries attend to most in practice.
+* first step after prefill (no verify scores yet): the K most recent candidates
+  ``[L - K, L)``, the positions the prefill's last queries attend to most in practice
+  (:meth:`SelectionPolicy.first_window`).
 * verify scores are pooled over verify queries and GQA query heads by ``sum`` or ``max``.
 * which K (``--sparsespec-selection``): ``pillar`` takes the K best-scored candidates;
   ``hybrid:F`` takes the ``R = round(F * K)`` most recent candidates ``[cand_end - R, cand_end)``
@@ -25,6 +26,11 @@ imports neither torch nor Triton, so validating the configuration loads neither:
   ``hybrid:1`` (StreamingLLM's sinks + recent window). The recent part is contiguous with the
   drafts' dense tail, so an implementation starts the dense tail R positions earlier instead of
   listing those positions; F is carried in parts per million and rounded half up, like K.
+* when (unified schedule): the top-K of a group of :data:`TOPK_LAYER_GROUP` layers runs as one
+  launch at the group's last layer (:func:`layer_group`), the same selection as layer by layer.
+
+One :class:`SelectionPolicy` is built per server (``PillarState.selection``, from the
+configuration and the selection table's width); every implementation reads that one.
 """
 
 from __future__ import annotations
@@ -38,6 +44,14 @@ if TYPE_CHECKING:  # num_selected_tensor uses its argument's own methods: no tor
 
 PPM = 1_000_000  # sparsity resolution: parts per million
 AGGREGATIONS = ("sum", "max")
+TOPK_LAYER_GROUP = 6  # layers whose top-K a unified pass selects in one launch
+
+
+def layer_group(layer: int, group_size: int, num_layers: int) -> range:
+    """The layers whose verify scores one top-K launch selects from, ``layer`` among them: groups
+    of ``group_size`` consecutive layers from layer 0 (the last one possibly shorter)."""
+    first = layer - layer % group_size
+    return range(first, min(first + group_size, num_layers))
 
 
 def sparsity_ppm(sparsity: float) -> int:
@@ -119,6 +133,15 @@ class SelectionPolicy:
         return num_recent(k, self.recent_ppm)
 
     def window_positions(self, prompt_len: int) -> range:
-        """First cycle after prefill: the K most recent candidates of a prompt of ``prompt_len``."""
+        """First step after prefill: the K most recent candidates of a prompt of ``prompt_len``."""
         k = self.num_selected(prompt_len, cand_end=prompt_len)
         return range(prompt_len - k, prompt_len)
+
+    def first_window(self, prompt_lens: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`window_positions` of every prompt, on ``prompt_lens``'s device: positions
+        ``[B, width]`` (0 past a row's K) and each row's K ``[B]`` int32."""
+        lens = prompt_lens.int()
+        k = self.num_selected_tensor(lens, cand_end=lens)
+        j = lens.new_ones((1, width)).cumsum(1) - 1  # 0 .. width - 1, without importing torch
+        pos = (lens - k).unsqueeze(1) + j
+        return pos.where(j < k.unsqueeze(1), 0), k

@@ -33,24 +33,19 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Optional
 
 import torch
-from sparsespec_sglang.compat import (
-    ForwardBatch,
-    LogitsProcessorOutput,
-    envs,
-    req_pool_row,
-)
+from sparsespec_sglang.compat import ForwardBatch, ForwardMode, LogitsProcessorOutput
 
 from sparsespec_sglang.acceptance import accept, verify_chains
-from sparsespec_sglang.draft_graph import DraftGraphs, as_decode_rows
-from sparsespec_sglang.phases import PassPlan, PhasePlanner
-from sparsespec_sglang.pillar import ForwardPlan, MixedRows
+from sparsespec_sglang.forward_graphs import ForwardGraphs
+from sparsespec_sglang.forward_plan import ForwardPlan, MixedRows
+from sparsespec_sglang.phases import PassRoles, PhasePlanner
 from sparsespec_sglang.profiling import CycleProfiler, PassTimer
-from sparsespec_sglang.schedule import ScheduleContext, StepResult
+from sparsespec_sglang.schedule import ScheduleContext, StepResult, borrowed
+from sparsespec_sglang.selection import TOPK_LAYER_GROUP
 
 logger = logging.getLogger(__name__)
 
 LOG_EVERY = 200  # steps between pass-size log lines
-TOPK_LAYER_GROUP = 6  # layers whose top-K runs as one launch in a unified pass
 
 
 @dataclass
@@ -64,15 +59,15 @@ class PassLayout:
     verify_lens: list[int]  # its chain length (drafts + 1)
 
     @classmethod
-    def from_plan(cls, plan: PassPlan, batch_pos: dict[int, int]) -> "PassLayout":
-        row_batch = [batch_pos[r] for r in plan.draft]
-        row_index = list(plan.draft.values())
-        verify_batch = [batch_pos[r] for r in plan.verify]
-        verify_lens = [d + 1 for d in plan.verify.values()]
+    def of(cls, roles: PassRoles, batch_pos: dict[int, int]) -> "PassLayout":
+        row_batch = [batch_pos[r] for r in roles.draft]
+        row_index = list(roles.draft.values())
+        verify_batch = [batch_pos[r] for r in roles.verify]
+        verify_lens = [d + 1 for d in roles.verify.values()]
         for b, n in zip(verify_batch, verify_lens):
             row_batch += [b] * n
             row_index += range(n)
-        return cls(row_batch, row_index, len(plan.draft), verify_batch, verify_lens)
+        return cls(row_batch, row_index, len(roles.draft), verify_batch, verify_lens)
 
     @property
     def num_rows(self) -> int:
@@ -106,15 +101,13 @@ class UnifiedSchedule:
         self.state, self.backend, self.model_runner = ctx.state, ctx.backend, ctx.model_runner
         self.delayed_verification = ctx.delayed_verification
         self.profiler = profiler or CycleProfiler(phases=self.PHASES)
-        self.graphs: Optional[DraftGraphs] = None  # set by capture_graphs
+        self.graphs = ForwardGraphs(ctx.model_runner, ctx.backend, label="unified-pass")
         self.device = ctx.state.req_to_token.device
         num_rows = ctx.state.req_to_token.shape[0]
-        self.planner = PhasePlanner(self.k, step_aligned=True)
+        self.planner = PhasePlanner(self.k)
         self.drafts = torch.zeros((num_rows, self.k), dtype=torch.int64, device=self.device)
         self.rows = MixedRows.allocate(self.width, num_rows * self.width, self.device)
-        self.plan = ForwardPlan.unified_pass(self.rows)
         self.steps = 0
-        self.graph_passes = 0
         self.pass_tokens: list[tuple[int, int, bool]] = []  # (requests, tokens, steady) per pass since the last log
         self.timer = PassTimer()
         self._moved = False  # the planner moved requests between offsets at the last step's end
@@ -138,9 +131,8 @@ class UnifiedSchedule:
         return sorted({1, 2, 4, 8} | set(range(16, 2 * max_requests + 16, 16)))
 
     def capture_graphs(self, max_batch_size: int) -> None:
-        self.graphs = DraftGraphs(
-            self.model_runner, self.backend, lambda: self.backend.planned(self.plan),
-            capture_sizes=self.capture_sizes(max_batch_size), label="unified-pass")
+        # Captured with empty verify entries: every entry a bucket has room for runs (num_verify None).
+        self.graphs.capture(ForwardPlan.unified_pass(self.rows), self.capture_sizes(max_batch_size))
 
     def handles(self, batch: Any) -> bool:
         """Batches that need per-token logprobs, a grammar or hidden states run lockstep: those
@@ -154,75 +146,71 @@ class UnifiedSchedule:
             if row in self.planner.offset:
                 self.planner.release(row)
 
-    def step(self, batch: Any) -> StepResult:
+    def step(self, batch: Any, rows: list[int]) -> StepResult:
         """k + 1 passes; every request of the batch verifies in exactly one of them."""
         self.timer.begin_step()
         self.profiler.begin()
-        pool_rows = [req_pool_row(req) for req in batch.reqs]
-        batch_pos = {row: i for i, row in enumerate(pool_rows)}
+        batch_pos = {row: i for i, row in enumerate(rows)}
         left = [r for r in self.planner.offset if r not in batch_pos]
         for row in left:
             self.planner.release(row)  # finished, aborted or retracted
-        joined = [row for row in pool_rows if row not in self.planner.offset]
+        joined = [row for row in rows if row not in self.planner.offset]
         for row in joined:
             self.planner.admit(row)
         moves = self.planner.shortened_cycles
-        layouts = [PassLayout.from_plan(self.planner.plan(), batch_pos) for _ in range(self.width)]
+        layouts = [PassLayout.of(self.planner.next_pass(), batch_pos) for _ in range(self.width)]
         # A step's passes are steady unless requests joined or left, or the previous step's
-        # last plan moved requests between offsets (their next cycle is a short one).
+        # last pass moved requests between offsets (their next cycle is a short one).
         steady = not (left or joined or self._moved)
         self._moved = self.planner.shortened_cycles != moves
 
-        bs, w = len(pool_rows), self.width
+        bs, w = len(rows), self.width
         committed = batch.seq_lens.clone()
         tokens = torch.zeros((bs, w), dtype=torch.int32, device=self.device)
         lens = torch.zeros((bs,), dtype=torch.int32, device=self.device)
-        host = _pack(layouts, w)
-        plan = torch.tensor(host[0], dtype=torch.int64).to(self.device, non_blocking=True)
+        host, offsets = _pack(layouts, w)
+        indices = torch.tensor(host, dtype=torch.int64).to(self.device, non_blocking=True)
         logits_output = None
-        with as_decode_rows(batch) as saved:
-            for layout, offsets in zip(layouts, host[1]):
-                logits_output = self._pass(batch, saved, layout, plan, offsets, committed,
+        with borrowed(batch) as saved:
+            batch.forward_mode = ForwardMode.DECODE
+            batch.return_logprob = False
+            for layout, where in zip(layouts, offsets):
+                logits_output = self._pass(batch, saved, layout, indices, where, committed,
                                            tokens, lens)
                 if not self.delayed_verification and layout.verify_batch:
                     t0 = time.perf_counter()
                     torch.get_device_module(self.device).current_stream().synchronize()
                     self.timer.waited(time.perf_counter() - t0)
-        self.timer.end_step(len(layouts))
-        self.profiler.end_cycle(bs, lens)
+            self.timer.end_step(len(layouts))
+            self.profiler.end_cycle(bs, lens)
         self.pass_tokens += [(bs, layout.num_rows, steady) for layout in layouts]
         self.steps += 1
         if self.steps % LOG_EVERY == 0:
             self._log()
-        return StepResult(tokens.flatten(), lens, committed, logits_output, self.graphs is not None)
+        return StepResult(tokens.flatten(), lens, committed, logits_output, self.graphs.captured)
 
-    def _pass(self, batch: Any, saved: dict[str, Any], layout: PassLayout, plan: torch.Tensor,
-              offsets: dict[str, slice], committed: torch.Tensor, tokens: torch.Tensor,
+    def _pass(self, batch: Any, saved: dict[str, Any], layout: PassLayout, indices: torch.Tensor,
+              where: dict[str, slice], committed: torch.Tensor, tokens: torch.Tensor,
               lens: torch.Tensor) -> Any:
-        state, rows, w = self.state, self.rows, self.width
+        """One pass on the borrowed batch: its rows' inputs, one forward, the verifies' acceptance.
+        ``indices`` holds every pass's index arrays on the device, this pass's at ``where``."""
+        state, w = self.state, self.width
         req_pool_indices, seq_lens_cpu = saved["req_pool_indices"], saved["seq_lens_cpu"]
         t, d, nv = layout.num_rows, layout.num_draft, len(layout.verify_batch)
-        row_batch, row_index = plan[offsets["row_batch"]], plan[offsets["row_index"]]
+        row_batch, row_index = indices[where["row_batch"]], indices[where["row_index"]]
         pool = req_pool_indices[row_batch]
         pos = committed[row_batch] + row_index
         prev = self.drafts[pool, (row_index - 1).clamp(min=0)]
         input_ids = torch.where(row_index == 0, state.pending[pool], prev)
         seq_lens = pos + 1
-        is_verify = torch.arange(t, device=self.device) >= d
-        rows.dense_start[:t] = torch.where(is_verify, seq_lens, state.dense_start[pool])
-        rows.sel_lens[:t] = torch.where(is_verify, 0, state.sel_lens[pool])
-        rows.ring_rows[:t] = torch.where(is_verify, 0, pool)
-        if nv:
-            verify_batch = plan[offsets["verify_batch"]]
-            verify_pool = req_pool_indices[verify_batch]
-            verify_prefix = committed[verify_batch]
-            verify_lens = plan[offsets["verify_lens"]].to(torch.int32)
-            rows.verify_rows[:nv] = verify_pool
-            rows.verify_prefix[:nv] = verify_prefix
-            rows.verify_lens[:nv] = verify_lens
-            rows.verify_end[:nv] = verify_prefix + verify_lens
-        rows.qo_indptr[:nv + 1] = plan[offsets["qo_indptr"]]
-        rows.num_verify = nv
+        verify_batch = indices[where["verify_batch"]]
+        verify_pool, verify_prefix = req_pool_indices[verify_batch], committed[verify_batch]
+        verify_lens = indices[where["verify_lens"]].to(torch.int32)
+        plan = self.rows.fill(
+            is_verify=torch.arange(t, device=self.device) >= d, pool=pool, seq_lens=seq_lens,
+            dense_start=state.dense_start[pool], sel_lens=state.sel_lens[pool],
+            qo_indptr=indices[where["qo_indptr"]], verify_pool=verify_pool,
+            verify_prefix=verify_prefix, verify_lens=verify_lens)
 
         batch.input_ids = input_ids
         batch.req_pool_indices = pool
@@ -231,24 +219,12 @@ class UnifiedSchedule:
         batch.seq_lens_cpu = (seq_lens_cpu[layout.row_batch]
                               + torch.tensor(layout.row_index, dtype=seq_lens_cpu.dtype) + 1)
         batch.seq_lens_sum = None
+        batch.spec_info = plan
         forward_batch = ForwardBatch.init_new(batch, self.model_runner,
                                               return_hidden_states_before_norm=False)
-        graph_rows = self.graphs.bucket(t) if self.graphs is not None else None
-        use_graph = (graph_rows is not None and nv <= graph_rows // w
-                     and self.graphs.runner.can_run_graph(forward_batch))
-        if use_graph:
-            rows.pad_for_graph(t, graph_rows, nv)
         self.profiler.mark("inputs")
         self.timer.forward_start()
-        with self.backend.planned(self.plan):
-            if use_graph:
-                logits = self.graphs.run(forward_batch)
-                self.graph_passes += 1
-            else:
-                # SGLang's eager runner copies a batch into buffers sized for max_running_requests;
-                # a pass has up to ~2x as many rows, so it runs on the ForwardBatch's own tensors.
-                with envs.SGLANG_EAGER_INPUT_NO_COPY.override(True):
-                    logits = self.model_runner.forward(forward_batch).logits_output.next_token_logits
+        logits = self.graphs.run(forward_batch)
         self.timer.forward_end()
         self.profiler.mark("forward")
 
@@ -260,10 +236,10 @@ class UnifiedSchedule:
         if all(n == w for n in layout.verify_lens):
             chain_rows = slice(d, t)
         else:
-            chain_rows = plan[offsets["chain_gather"]]
+            chain_rows = indices[where["chain_gather"]]
         verify_logits = LogitsProcessorOutput(next_token_logits=logits[chain_rows])
         verify_input = verify_chains(input_ids[chain_rows], pos[chain_rows], verify_prefix, w,
-                                     next_token=plan[offsets["chain_next"]].view(nv, w))
+                                     next_token=indices[where["chain_next"]].view(nv, w))
         accepted = accept(verify_input, batch, verify_logits, self.ctx.sampling_backend,
                           requests=verify_batch, chain_lens=verify_lens)
         state.commit(verify_pool, window_start=verify_prefix, last_tokens=accepted.last_tokens)
@@ -293,7 +269,7 @@ class UnifiedSchedule:
             "SPARSESPEC unified: %d steps, tokens per pass mean %.1f, min %d, max %d over %d passes; "
             "%s; %d of all passes from CUDA graphs; timing %s",
             self.steps, sum(sizes) / len(sizes), min(sizes), max(sizes), len(sizes), full,
-            self.graph_passes, json.dumps({k: round(v, 3) for k, v in self.timer.summary().items()}))
+            self.graphs.replays, json.dumps({k: round(v, 3) for k, v in self.timer.summary().items()}))
         self.timer.reset()
 
 

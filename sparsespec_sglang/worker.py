@@ -1,7 +1,7 @@
 """SparseSpecWorker: the SGLang V2 speculative worker of SPARSESPEC, a thin adapter.
 
 It drafts with the target model itself (no draft model) and does three things: prefill (the
-target worker's own forward, then the first-cycle window), dispatch of a decode batch to a
+target worker's own forward, then the first-step window), dispatch of a decode batch to a
 *schedule* (``schedule.py``: ``--sparsespec-schedule``, unified by default; batches the schedule
 cannot run, e.g. ones that need per-token logprobs, fall back to lockstep), and the result in
 SGLang's spec-v2 shape. The scheduler sees an NGRAM-shaped algorithm
@@ -140,12 +140,12 @@ class SparseSpecWorker(BaseSpecWorker):
         record_stream_for_v2_verify(batch, None, fwd_stream)
         if not batch.forward_mode.is_decode():
             return self._prefill(batch, on_publish)
-        schedule = self.schedule if self.schedule.handles(batch) else self.schedules[FALLBACK_SCHEDULE]
         rows = [req_pool_row(req) for req in batch.reqs]
+        schedule = self.schedule if self.schedule.handles(batch) else self.schedules[FALLBACK_SCHEDULE]
+        step = schedule.step(batch, rows)
         for other in self.schedules.values():
             if other is not schedule:
-                other.forget(rows)
-        step = schedule.step(batch)
+                other.forget(rows)  # what they carry for these rows is stale after this step
         if on_publish is not None:
             on_publish(step.new_seq_lens)
         return self._result(step, next_token_ids=step.accept_tokens)

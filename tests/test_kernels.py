@@ -170,7 +170,7 @@ def _by_row(pool, sel):
 
 
 def _run_decode(pool, q, seq_lens, dense_start, sel, sel_lens, num_sink, splits, logit_cap=0.0,
-                extra_rows=1, extra_splits=2, sel_by_row=False):
+                extra_rows=1, extra_splits=2):
     """Kernel vs reference; outputs and workspace are views into larger sentinel buffers."""
     batch, hq, _ = q.shape
     dv = pool.v.shape[-1]
@@ -181,10 +181,10 @@ def _run_decode(pool, q, seq_lens, dense_start, sel, sel_lens, num_sink, splits,
     args = dict(req_to_token=pool.req_to_token, req_pool_indices=pool.req_pool_indices, seq_lens=_ints(seq_lens),
                 dense_start=_ints(dense_start), sel_indices=sel, sel_lens=sel_lens, num_sink=num_sink,
                 sm_scale=sm_scale, logit_cap=logit_cap)
-    kernel_args = {**args, "sel_indices": _by_row(pool, sel) if sel_by_row else sel}
+    kernel_args = {**args, "sel_indices": _by_row(pool, sel)}  # the reference reads batch order
     ring = torch.full((batch + extra_rows, hq, 5), -3.0, device=DEVICE)
     lse = sparse_decode_attention(q, pool.k, pool.v, out_big[:batch], **kernel_args, num_kv_splits=splits,
-                                  workspace=(logits, lse_ws), lse_ring=ring, sel_by_row=sel_by_row)
+                                  workspace=(logits, lse_ws), lse_ring=ring)
     ref_out = torch.empty(batch, hq, dv, dtype=q.dtype, device=DEVICE)
     ref_lse = sparse_decode_attention_ref(q, pool.k, pool.v, ref_out, **args)
     assert lse.shape == (batch, hq)
@@ -210,15 +210,13 @@ def _run_decode(pool, q, seq_lens, dense_start, sel, sel_lens, num_sink, splits,
         (1, 16, 4, torch.bfloat16, 3),
     ],
 )
-@pytest.mark.parametrize("sel_by_row", [False, True], ids=["batch-order", "by-row"])
-def test_sparse_decode_matches_ref(group, page_size, num_sink, dtype, splits, sel_by_row):
+def test_sparse_decode_matches_ref(group, page_size, num_sink, dtype, splits):
     seq_lens = [150, 61, 9, 240]
     dense_start = [141, 40, 2, 232]  # request 2: fewer positions than sinks, nothing selectable
     sel_counts = [40, 0, 5, 77]  # request 1: empty selection
     pool, q, sel, sel_lens = _decode_case(seq_lens, dense_start, sel_counts, num_sink, group,
                                           page_size=page_size, dtype=dtype, seed=group + page_size)
-    out, lse, ref_out, ref_lse = _run_decode(pool, q, seq_lens, dense_start, sel, sel_lens, num_sink, splits,
-                                             sel_by_row=sel_by_row)
+    out, lse, ref_out, ref_lse = _run_decode(pool, q, seq_lens, dense_start, sel, sel_lens, num_sink, splits)
     torch.testing.assert_close(out.float(), ref_out.float(), **_tol(dtype))
     torch.testing.assert_close(lse, ref_lse, **_tol(dtype))
 
@@ -394,7 +392,8 @@ def test_lse_ring_keyed_by_pool_row(splits):
     hq, ring_w = q.shape[1], 5
     out = torch.empty(3, hq, pool.v.shape[-1], device=DEVICE)
     args = dict(req_to_token=pool.req_to_token, req_pool_indices=pool.req_pool_indices, seq_lens=_ints(seq_lens),
-                dense_start=_ints(dense_start), sel_indices=sel, sel_lens=sel_lens, num_sink=4, sm_scale=0.125)
+                dense_start=_ints(dense_start), sel_indices=_by_row(pool, sel), sel_lens=sel_lens, num_sink=4,
+                sm_scale=0.125)
     by_batch = torch.full((3, hq, ring_w), -3.0, device=DEVICE)
     sparse_decode_attention(q, pool.k, pool.v, out, **args, num_kv_splits=splits, lse_ring=by_batch)
     rows = _ints([6, 1, 4])
@@ -427,7 +426,8 @@ def test_sparse_decode_leaves_the_skipped_rows_alone(splits):
     pool, q, sel, sel_lens = _decode_case(seq_lens, dense_start, sel_counts, 4, 4, seed=5)
     hq, ring_w = q.shape[1], 5
     args = dict(req_to_token=pool.req_to_token, req_pool_indices=pool.req_pool_indices, seq_lens=_ints(seq_lens),
-                dense_start=_ints(dense_start), sel_indices=sel, sel_lens=sel_lens, num_sink=4, sm_scale=0.125)
+                dense_start=_ints(dense_start), sel_indices=_by_row(pool, sel), sel_lens=sel_lens, num_sink=4,
+                sm_scale=0.125)
     outs, rings = [], []
     for skip in (None, (_ints([1, 2, 3, 5]), 2)):  # rows 1 and 2 skipped, 0, 3 and 4 computed
         out = torch.full((5, hq, pool.v.shape[-1]), 7.0, device=DEVICE)
@@ -509,29 +509,33 @@ def _topk_case(seq_lens, cand_end, num_kv_heads=3, page_size=1, seed=0):
     return pool, scores.to(DEVICE)
 
 
+def _pool_tables(pool, num_kv_heads: int, max_sel: int):
+    """Whole-pool selection tables as the backend passes them (every entry -5)."""
+    rows = pool.req_to_token.shape[0]
+    fill = lambda *shape: torch.full(shape, -5, dtype=torch.int32, device=DEVICE)  # noqa: E731
+    return fill(rows, num_kv_heads, max_sel), fill(rows), fill(rows)
+
+
 def _run_topk(pool, scores, seq_lens, cand_end, num_sink, sparsity, min_sel, max_sel):
-    batch, num_kv_heads, _ = scores.shape
-    out = torch.full((batch, num_kv_heads, max_sel), -5, dtype=torch.int32, device=DEVICE)
-    lens = torch.full((batch,), -5, dtype=torch.int32, device=DEVICE)
+    """Kernel and reference write whole-pool tables at each request's row; returns both
+    selections gathered into batch order."""
+    num_kv_heads = scores.shape[1]
     policy = SelectionPolicy(sparsity_ppm(sparsity), min_sel, max_sel, num_sink)
     args = dict(req_to_token=pool.req_to_token, req_pool_indices=pool.req_pool_indices, seq_lens=_ints(seq_lens),
                 cand_end=_ints(cand_end))
-    select_topk(scores, policy, **args, out_indices=out, out_lens=lens)
-    ref_out, ref_lens = torch.full_like(out, -5), torch.full_like(lens, -5)
-    select_topk_ref(scores, policy, **args, out_indices=ref_out, out_lens=ref_lens)
-    for b in range(batch):
-        assert torch.all(out[b, :, int(lens[b]):] == -5), "entries past K were written"
-    # The same selection written straight into whole-pool tables at each request's row.
+    table, table_lens, _ = _pool_tables(pool, num_kv_heads, max_sel)
+    select_topk(scores, policy, **args, out_indices=table, out_lens=table_lens)
+    ref_table, ref_lens, _ = _pool_tables(pool, num_kv_heads, max_sel)
+    select_topk_ref(scores, policy, **args, out_indices=ref_table, out_lens=ref_lens)
     rows = pool.req_pool_indices.long()
-    table = torch.full((pool.req_to_token.shape[0], num_kv_heads, max_sel), -5, dtype=torch.int32,
-                       device=DEVICE)
-    table_lens = torch.full((pool.req_to_token.shape[0],), -5, dtype=torch.int32, device=DEVICE)
-    select_topk(scores, policy, **args, out_indices=table, out_lens=table_lens, out_by_row=True)
-    assert torch.equal(table[rows], out) and torch.equal(table_lens[rows], lens)
+    out, lens = table[rows], table_lens[rows]
+    for b in range(len(seq_lens)):
+        assert torch.all(out[b, :, int(lens[b]):] == -5), "entries past K were written"
     others = torch.ones(table.shape[0], dtype=torch.bool, device=DEVICE)
-    others[rows] = False
+    others[rows] = False  # only the batch's rows are written
     assert torch.all(table[others] == -5) and torch.all(table_lens[others] == -5)
-    return out, lens, ref_out, ref_lens
+    assert torch.all(ref_table[others] == -5) and torch.all(ref_lens[others] == -5)
+    return out, lens, ref_table[rows], ref_lens[rows]
 
 
 @pytest.mark.parametrize(
@@ -580,11 +584,11 @@ def test_topk_hybrid_leaves_the_recent_part_to_the_dense_tail(selection):
     args = dict(req_to_token=pool.req_to_token, req_pool_indices=pool.req_pool_indices, seq_lens=_ints(seq_lens),
                 cand_end=_ints(cand_end))
     outs = []
+    rows = pool.req_pool_indices.long()
     for fn in (select_topk, select_topk_ref):
-        out = torch.full((batch, heads, 48), -5, dtype=torch.int32, device=DEVICE)
-        lens, recent = (torch.full((batch,), -5, dtype=torch.int32, device=DEVICE) for _ in range(2))
+        out, lens, recent = _pool_tables(pool, heads, 48)
         fn(scores, policy, **args, out_indices=out, out_lens=lens, out_recent=recent)
-        outs.append((out, lens, recent))
+        outs.append((out[rows], lens[rows], recent[rows]))
     (out, lens, recent), (ref_out, ref_lens, ref_recent) = outs
     assert torch.equal(out, ref_out) and torch.equal(lens, ref_lens) and torch.equal(recent, ref_recent)
     for b in range(batch):
@@ -614,7 +618,7 @@ def test_topk_over_a_group_of_layers_equals_one_launch_per_layer():
     scores_all = torch.stack([base.roll(i * 17, dims=-1) for i in range(layers + 1)])  # [L+1, B, H, ctx]
     policy = SelectionPolicy(sparsity_ppm(0.1), 4, 48, 4)
     args = dict(req_to_token=pool.req_to_token, req_pool_indices=pool.req_pool_indices, seq_lens=_ints(seq_lens),
-                cand_end=_ints(cand_end), out_by_row=True)
+                cand_end=_ints(cand_end))
     tables = torch.full((layers + 2, rows, base.shape[1], 64), -5, dtype=torch.int32, device=DEVICE)
     lens = torch.full((rows,), -5, dtype=torch.int32, device=DEVICE)
     select_topk(scores_all[:layers], policy, **args, out_indices=tables[1:layers + 1, :, :, :48], out_lens=lens)
@@ -685,11 +689,11 @@ def test_cycle_with_full_budget_is_dense_attention():
     # Next draft token sits after the accepted prefix + 3 tokens; candidates are the verified prefix.
     seq_lens = [p + 3 for p in prefix_lens]
     max_sel = 200
-    sel = torch.zeros(2, 2, max_sel, dtype=torch.int32, device=DEVICE)
-    sel_lens = torch.zeros(2, dtype=torch.int32, device=DEVICE)
+    sel, table_lens, _ = _pool_tables(pool, 2, max_sel)  # by pool row, as the backend keeps them
     select_topk(scores, SelectionPolicy(sparsity_ppm(1.0), 0, max_sel, num_sink), req_to_token=pool.req_to_token,
                 req_pool_indices=pool.req_pool_indices, seq_lens=_ints(seq_lens), cand_end=_ints(prefix_lens),
-                out_indices=sel, out_lens=sel_lens)
+                out_indices=sel, out_lens=table_lens)
+    sel_lens = table_lens[pool.req_pool_indices.long()]
     assert sel_lens.tolist() == [p - num_sink for p in prefix_lens]
     q = torch.randn(2, 2 * group, 64, generator=pool.gen).to(DEVICE)
     dec = torch.empty_like(q)

@@ -1,7 +1,7 @@
 """SparseSpecWorker + LockstepSchedule on the CPU: prefill bookkeeping and lockstep cycles.
 
 The toy target model of ``toy_model.py`` stands in for SGLang's model runner and target worker;
-the worker, both schedules, PillarState and the backend's plan plumbing are the real ones.
+the worker, both schedules, PillarState, the backend and the plans on the batches are the real ones.
 Requests are prefilled, decoded in lockstep cycles (drafts rejected at ragged points) and must
 emit exactly the target's own greedy sequence; a unified server sends logprob batches to the
 lockstep fallback and forgets those requests' unified drafts.
@@ -17,8 +17,9 @@ import pytest
 import torch
 from sglang.srt.model_executor.forward_batch_info import ForwardMode
 
-from sparsespec_sglang.pillar import PlanKind
-from sparsespec_sglang.schedule import SCHEDULES, schedule_class
+from sparsespec_sglang.attention import plan_of
+from sparsespec_sglang.forward_plan import DraftStep, ForwardPlan, MixedRows, PlanKind
+from sparsespec_sglang.schedule import BORROWED_FIELDS, SCHEDULES, schedule_class
 from sparsespec_sglang.worker import SparseSpecWorker
 from toy_model import (VOCAB, ToyBackend, ToyModelRunner, ToyTargetWorker, patch_sglang, toy_req,
                        target_sequence)
@@ -197,6 +198,7 @@ def test_lockstep_cycles_emit_the_target_sequence(monkeypatch, k, score_norm):
         if not requests.live:
             continue
         batch = requests.decode_batch()
+        before = {name: getattr(batch, name) for name in BORROWED_FIELDS}
         prev_dense = worker.state.dense_start[batch.req_pool_indices].tolist()
         prev_sel = worker.state.sel_lens[batch.req_pool_indices].tolist()
         runner.forwards.clear()
@@ -214,7 +216,9 @@ def test_lockstep_cycles_emit_the_target_sequence(monkeypatch, k, score_norm):
         last = [req.emitted[-1] for req in batch.reqs]
         assert worker.state.pending[batch.req_pool_indices].tolist() == last
         assert torch.equal(published[-1], result.new_seq_lens)
-        assert batch.forward_mode == ForwardMode.DECODE and batch.spec_info is not None
+        # The step gave SGLang's batch back as it found it (the Schedule protocol).
+        assert all(getattr(batch, name) is value for name, value in before.items()), [
+            name for name, value in before.items() if getattr(batch, name) is not value]
     assert requests.next_id >= 10 and len(all_lens) > 150
     # Drafts were rejected at times (a 1-token step), and runs of several accepted tokens happened.
     assert min(all_lens) == 1 and max(all_lens) == k + 1
@@ -266,14 +270,28 @@ def test_schedule_registry_matches_the_config_choices():
     assert schedule_class("unified").kv_reserve_per_decode(8) == 27
 
 
-def test_a_plan_inside_a_plan_is_refused():
-    from sparsespec_sglang.pillar import DraftStep, ForwardPlan
-
+def test_the_backend_reads_what_a_forward_is_from_its_batch():
+    """The plan travels on the forward batch (``spec_info``), as SGLang's own algorithms' inputs
+    do; the backend holds no mode: a DECODE forward without a plan is SGLang's, a TARGET_VERIFY
+    forward is the PillarAttn verify."""
     backend = ToyBackend()
-    step = DraftStep(torch.zeros(2, dtype=torch.int32), torch.zeros(2, dtype=torch.int32))
-    with backend.planned(ForwardPlan.sparse_draft(step)):
-        assert backend.plan.kind is PlanKind.SPARSE_DRAFT
-        with pytest.raises(RuntimeError, match="inside"):
-            with backend.planned(ForwardPlan.sparse_draft(step)):
-                pass
-    assert backend.plan.kind is PlanKind.PLAIN
+    step = DraftStep.allocate(4, torch.device("cpu"))
+    draft = ForwardPlan.sparse_draft(step)
+    unified = ForwardPlan.unified_pass(MixedRows.allocate(4, 8, torch.device("cpu")))
+
+    def fb(mode, spec_info=None):
+        return SimpleNamespace(forward_mode=mode, spec_info=spec_info)
+
+    assert not backend._is_pillar_path(fb(ForwardMode.DECODE, draft))  # no state attached yet
+    backend.attach(object())
+    assert plan_of(fb(ForwardMode.DECODE, draft)) is draft
+    assert plan_of(fb(ForwardMode.DECODE, unified)).kind is PlanKind.UNIFIED_PASS
+    assert backend._is_pillar_path(fb(ForwardMode.DECODE, draft))
+    assert backend._is_pillar_path(fb(ForwardMode.DECODE, unified))
+    assert not backend._is_pillar_path(fb(ForwardMode.DECODE))  # plain decode: SGLang's Triton
+    assert not backend._is_pillar_path(fb(ForwardMode.EXTEND))  # prefill: SGLang's Triton
+    assert backend._is_pillar_path(fb(ForwardMode.TARGET_VERIFY, object()))  # SGLang's verify input
+    assert plan_of(fb(ForwardMode.TARGET_VERIFY, object())) is None
+    assert not hasattr(backend, "plan") and not hasattr(backend, "planned")
+    # To SGLang's batch and graph code a plan is one token per row, and none of its own inputs.
+    assert draft.num_tokens_per_req == 1 and not draft.is_draft_input() and not draft.is_verify_input()

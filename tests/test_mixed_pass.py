@@ -23,7 +23,8 @@ from sparsespec_sglang.attention import SparseSpecAttnBackend  # noqa: E402
 from sparsespec_sglang.config import SparseSpecConfig  # noqa: E402
 from sparsespec_sglang.kernels.sparse_decode import sparse_decode_attention  # noqa: E402
 from sparsespec_sglang.kernels.verify_attention import verify_attention_with_scores  # noqa: E402
-from sparsespec_sglang.pillar import ForwardPlan, MixedRows, PillarState  # noqa: E402
+from sparsespec_sglang.forward_plan import ForwardPlan, MixedRows  # noqa: E402
+from sparsespec_sglang.pillar import PillarState  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 LAYERS, HQ, HKV, D, K = 3, 4, 2, 16, 3
@@ -63,14 +64,15 @@ def _run_pass(keep_group: tuple[int, int] | None, score_norm: str, streams=None)
     rows.num_verify = 2
 
     backend = object.__new__(SparseSpecAttnBackend)
-    backend.state, backend.plan, backend._num_sms = state, ForwardPlan.unified_pass(rows), 4
+    backend.state, backend._num_sms = state, 4
     backend.make_streams(DEVICE)
     if streams is not None:  # a recorder of the streams' ordering (see StreamLog)
         backend._streams = streams
         backend._verify_stream, backend._topk_stream = streams.Stream("verify"), streams.Stream("topk")
     backend.token_to_kv_pool = SimpleNamespace(head_num=HKV, get_key_buffer=lambda i: k_buf[i],
                                                get_value_buffer=lambda i: v_buf[i])
-    forward_batch = SimpleNamespace(req_pool_indices=_ints(row_pool), seq_lens=_ints(seq_lens))
+    forward_batch = SimpleNamespace(req_pool_indices=_ints(row_pool), seq_lens=_ints(seq_lens),
+                                    spec_info=ForwardPlan.unified_pass(rows))
     outs, inputs = [], []
     for lid in range(LAYERS):
         q = torch.randn(t, HQ * D, generator=gen).to(DEVICE)
@@ -79,7 +81,7 @@ def _run_pass(keep_group: tuple[int, int] | None, score_norm: str, streams=None)
         inputs.append((q.view(t, HQ, D), k_buf[lid], v_buf[lid], layer.scaling))
         if streams is not None:
             streams.layer = lid
-        outs.append(backend._forward_mixed(q, layer, forward_batch))
+        outs.append(backend.forward_decode(q, None, None, layer, forward_batch, save_kv_cache=False))
     pass_ = SimpleNamespace(rows=rows, forward_batch=forward_batch, inputs=inputs, num_draft=3)
     return torch.stack(outs), state, pass_
 
@@ -117,7 +119,7 @@ def test_verify_rows_come_from_the_verify_kernel_and_draft_rows_from_the_sparse_
             q[:d], k_buf, v_buf, decode_out, req_to_token=state.req_to_token,
             req_pool_indices=fb.req_pool_indices[:d], seq_lens=fb.seq_lens[:d],
             dense_start=rows.dense_start[:d], sel_indices=state.sel_indices[lid], sel_lens=rows.sel_lens[:d],
-            num_sink=state.config.num_sink_tokens, sm_scale=scale, num_kv_splits=1, sel_by_row=True)
+            num_sink=state.config.num_sink_tokens, sm_scale=scale, num_kv_splits=1)
         got = out[lid].view(-1, HQ, D)
         torch.testing.assert_close(got[d:], verify_out[d:], rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(got[:d], decode_out, rtol=1e-5, atol=1e-5)

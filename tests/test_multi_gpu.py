@@ -85,7 +85,7 @@ def expected_nbytes(state: PillarState, kv_heads: int, q_heads: int) -> int:
     """PillarState's buffers, by hand: int32 selection tables and per-row ints, int64 pending,
     fp32 scores (one layer, and the grouped buffer) and draft-lse ring."""
     sel = LAYERS * NUM_ROWS * kv_heads * state.max_sel * 4
-    per_row = NUM_ROWS * (4 * 5 + 8)  # sel_lens, sel_recent, dense_start, draft_step x2; pending
+    per_row = NUM_ROWS * (4 * 3 + 8)  # sel_lens, sel_recent, dense_start; pending
     scores = NUM_ROWS * kv_heads * MAX_CTX * 4
     group = 0 if state.group_scores is None else (
         state.group_scores.shape[0] * state.group_scores.shape[1] * kv_heads * MAX_CTX * 4)
@@ -124,7 +124,7 @@ def test_a_ranks_memory_figure_shrinks_with_its_shard(monkeypatch):
     full = rank_worker(monkeypatch, 0, 1).state
     for tp_size in (2, 4):
         shard = rank_worker(monkeypatch, 0, tp_size).state
-        per_row = NUM_ROWS * (4 * 5 + 8)
+        per_row = NUM_ROWS * (4 * 3 + 8)  # sel_lens, sel_recent, dense_start (int32), pending (int64)
         assert (shard.nbytes - per_row) * tp_size == full.nbytes - per_row
 
 
@@ -174,7 +174,7 @@ def test_every_rank_selects_the_same_k_and_its_heads_part_of_the_selection():
         select_topk(full_scores[:, head_slice].contiguous(), SelectionPolicy.of(config, state.max_sel),
                     req_to_token=req_to_token, req_pool_indices=rows, seq_lens=prefix + width,
                     cand_end=prefix, out_indices=state.sel_indices[0], out_lens=state.sel_lens,
-                    out_recent=state.sel_recent, out_by_row=True)
+                    out_recent=state.sel_recent)
         return state, window
 
     full, full_window = run(TOTAL_KV_HEADS, slice(None))

@@ -20,7 +20,7 @@ def test_a_full_batch_spreads_over_all_offsets_and_verifies_once_per_cycle():
         planner.admit(rid)
     assert planner.counts[0] == 0  # pass 0 is everyone's first draft: nobody can verify in it
     seen = {rid: [] for rid in range(batch)}
-    plans = [planner.plan() for _ in range(5 * (k + 1))]
+    plans = [planner.next_pass() for _ in range(5 * (k + 1))]
     for i, plan in enumerate(plans):
         assert set(plan.verify) | set(plan.draft) == set(range(batch))
         assert not set(plan.verify) & set(plan.draft)
@@ -40,12 +40,12 @@ def test_finishes_are_rebalanced_by_shortening_cycles_only():
     for rid in range(50):
         planner.admit(rid)
     for _ in range(k + 1):
-        planner.plan()
+        planner.next_pass()
     for rid in [r for r, o in planner.offset.items() if o == 0]:  # empty one offset
         planner.release(rid)
     last = {}
     for i in range(3 * (k + 1)):
-        plan = planner.plan()
+        plan = planner.next_pass()
         for rid, drafts in plan.verify.items():
             assert 1 <= drafts <= k
             if rid in last:
@@ -59,11 +59,11 @@ def test_random_arrivals_and_finishes_keep_the_invariants():
     rng = random.Random(3)
     k, planner, live, next_id = 6, PhasePlanner(6), set(), 0
     for _ in range(2000):
-        while len(live) < 40 and rng.random() < 0.7:
+        while planner.pass_idx % (k + 1) == 0 and len(live) < 40 and rng.random() < 0.7:
             planner.admit(next_id)
             live.add(next_id)
             next_id += 1
-        plan = planner.plan()
+        plan = planner.next_pass()
         assert set(plan.verify) | set(plan.draft) == live
         assert all(1 <= d <= k for d in plan.verify.values())
         for rid in list(plan.verify):
@@ -83,16 +83,18 @@ def test_bad_input():
 
 
 def test_simulated_run_of_128_requests_is_flat_and_lockstep_is_not():
+    """Joins, finishes and rebalancing at step boundaries only (as the server runs the planner):
+    the full batch's passes stay within 1.4x of each other (measured 1.39), lockstep's swing 9x."""
     args = Namespace(batch=128, k=8, accept_prob=0.85, seed=0)
     lengths = [random.Random(0).randint(256, 1024) for _ in range(256)]
     unified, lockstep = sim_phases.simulate_unified(args, lengths), sim_phases.simulate_lockstep(args, lengths)
-    assert unified["max_min_ratio_full_batch"] <= 1.3
+    assert unified["max_min_ratio_full_batch"] <= 1.4
     assert lockstep["max_min_ratio_full_batch"] == pytest.approx(9.0)
 
 
-def test_step_aligned_planner_verifies_every_request_once_per_step():
-    """The unified worker's contract with SGLang: k + 1 passes per step, one verify each."""
-    k, planner, live, next_id = 4, PhasePlanner(4, step_aligned=True), set(), 0
+def test_every_request_verifies_once_per_step():
+    """The unified schedule's contract with SGLang: k + 1 passes per step, one verify each."""
+    k, planner, live, next_id = 4, PhasePlanner(4), set(), 0
     rng = random.Random(1)
     for step in range(60):
         for rid in [r for r in live if rng.random() < 0.15]:  # finishes between steps
@@ -104,7 +106,7 @@ def test_step_aligned_planner_verifies_every_request_once_per_step():
             next_id += 1
         verifies = {rid: 0 for rid in live}
         for _ in range(k + 1):
-            plan = planner.plan()
+            plan = planner.next_pass()
             for rid, made in plan.draft.items():
                 assert 0 <= made < k
             for rid, drafts in plan.verify.items():
@@ -112,5 +114,5 @@ def test_step_aligned_planner_verifies_every_request_once_per_step():
                 verifies[rid] += 1
         assert set(verifies.values()) <= {1}, f"step {step}: {verifies}"
     with pytest.raises(ValueError, match="step boundaries"):
-        planner.plan()
+        planner.next_pass()
         planner.admit(next_id)

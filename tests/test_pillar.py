@@ -33,11 +33,14 @@ def test_window_never_reaches_into_the_sinks():
     assert torch.equal(state.sel_indices[:, 0, :, 0], r2t[0, 2].expand(3, 2))
 
 
-def test_load_draft_step_gathers_in_batch_order_and_clears_the_rest():
+def test_draft_step_gathers_the_state_in_batch_order_and_clears_the_rest():
+    from sparsespec_sglang.forward_plan import DraftStep
+
     state, _ = _state()
     state.init_window(torch.tensor([2, 0]), torch.tensor([40, 12]))
-    state.draft_step.sel_lens.fill_(7)
-    step = state.load_draft_step(torch.tensor([0, 2]))
+    step = DraftStep.allocate(4, torch.device("cpu"))
+    step.sel_lens.fill_(7)
+    step.load(torch.tensor([0, 2]), state.dense_start, state.sel_lens)
     assert step.dense_start[:2].tolist() == [12, 40]
     assert step.sel_lens[:2].tolist() == [3, 8]
     assert step.sel_lens[2:].tolist() == [0, 0]
@@ -55,7 +58,7 @@ def test_draft_lse_ring_only_for_draft_normalised_scores():
 
 
 def test_pending_token_follows_prefill_then_each_commit_by_pool_row():
-    """The pending token (the next cycle's first input) is kept per pool row: a prefill sets it,
+    """The pending token (the next verify chain's first token) is kept per pool row: a prefill sets it,
     an accepted verify replaces it and moves the dense start; other rows keep theirs."""
     state, _ = _state()
     state.set_pending(torch.tensor([3, 1]), torch.tensor([1000, 2**40]))

@@ -117,18 +117,18 @@ def test_the_topk_kernel_selects_k_entries(sparsity):
     rows = len(lens) + 1
     req_to_token = (torch.arange(rows * 320, dtype=torch.int32).view(rows, 320) + 1).to(DEVICE)
     scores = torch.rand(len(lens), 2, 320, generator=torch.Generator().manual_seed(0)).to(DEVICE)
-    out = torch.full((len(lens), 2, 128), -5, dtype=torch.int32, device=DEVICE)
-    out_lens = torch.full((len(lens),), -5, dtype=torch.int32, device=DEVICE)
+    out = torch.full((rows, 2, 128), -5, dtype=torch.int32, device=DEVICE)  # by pool row (1..)
+    out_lens = torch.full((rows,), -5, dtype=torch.int32, device=DEVICE)
     select_topk(scores, policy, req_to_token=req_to_token,
                 req_pool_indices=torch.arange(1, rows, dtype=torch.int32, device=DEVICE),
                 seq_lens=torch.tensor(lens, dtype=torch.int32, device=DEVICE),
                 cand_end=torch.tensor(cand, dtype=torch.int32, device=DEVICE), out_indices=out, out_lens=out_lens)
     want = [policy.num_selected(n, c) for n, c in zip(lens, cand)]
-    assert out_lens.tolist() == want
+    assert out_lens.tolist() == [-5] + want
     if sparsity == 0.07:
         assert want[0] == 7  # the case float64 rounded to 8
     for b, k in enumerate(want):
-        assert torch.all(out[b, :, :k] > 0) and torch.all(out[b, :, k:] == -5)
+        assert torch.all(out[b + 1, :, :k] > 0) and torch.all(out[b + 1, :, k:] == -5)
 
 
 @pytest.mark.parametrize("prompt_len", [3, 5, 20, 40, 100])
@@ -188,3 +188,16 @@ def test_recent_count_rounds_half_up_everywhere(k):
         picked = R.DraftSelection.parse(f"hybrid:{f}").select(scores, 0, n, k)[0, 0].tolist()
         assert num_recent(k, ppm) == int(out[0]) == want
         assert picked == list(range(k - want)) + list(range(n - want, n))
+
+
+def test_layer_groups_cover_every_layer_once_in_order():
+    """The grouped top-K's layer groups (one launch each): consecutive, from layer 0, the last
+    one shorter; every layer of a group names the same group."""
+    from sparsespec_sglang.selection import TOPK_LAYER_GROUP, layer_group
+
+    for size, layers in ((TOPK_LAYER_GROUP, 28), (2, 3), (4, 4), (1, 5), (6, 3)):
+        groups = [layer_group(lid, size, layers) for lid in range(layers)]
+        assert all(lid in g for lid, g in enumerate(groups))
+        distinct = list(dict.fromkeys(groups))
+        assert [lid for g in distinct for lid in g] == list(range(layers))
+        assert all(len(g) == min(size, layers) for g in distinct[:-1]) and 1 <= len(distinct[-1]) <= size

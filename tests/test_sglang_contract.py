@@ -565,3 +565,39 @@ def test_a_requests_req_to_token_row_is_where_req_pool_row_reads_it():
         assert "self.req_pool_idx" in init
         req = SimpleNamespace(req_pool_idx=7)
     assert req_pool_row(req) == 7
+
+
+def test_a_forward_plan_reaches_the_backend_as_the_batchs_spec_info():
+    """``forward_plan.ForwardPlan`` rides on ``spec_info`` from the borrowed ScheduleBatch (or a
+    graph capture) to the attention backend, as SGLang's own algorithms' inputs do. Pinned: every
+    hop that carries ``spec_info`` on that path, the capture hook the graph runner overrides
+    (``get_spec_info``), and the reads SGLang makes of a plan on a DECODE forward."""
+    from sglang.srt.model_executor.forward_batch_info import (
+        CaptureHiddenMode,
+        ForwardBatch,
+        get_required_capture_hidden_mode,
+    )
+    from sglang.srt.model_executor.runner import decode_cuda_graph_runner, eager_runner
+
+    from sparsespec_sglang.compat import DecodeCudaGraphRunner, SpecInput
+    from sparsespec_sglang.forward_plan import DraftStep, ForwardPlan
+
+    # ScheduleBatch -> ForwardBatch (schedules set batch.spec_info before init_new).
+    assert "spec_info=batch.spec_info," in inspect.getsource(ForwardBatch.init_new)
+    assert "spec_info" in {f.name for f in dataclasses.fields(ForwardBatch)}
+    # Eager forwards of a unified pass keep the batch's own fields (a dataclass copy keeps spec_info).
+    assert "return replace(forward_batch)" in inspect.getsource(eager_runner.EagerRunner.load_batch)
+    # Capture: the runner asks get_spec_info for the captured batch's spec_info.
+    assert _params(DecodeCudaGraphRunner.get_spec_info) == ["self", "num_tokens"]
+    prepare = inspect.getsource(DecodeCudaGraphRunner.capture_prepare)
+    assert "spec_info = self.get_spec_info(num_tokens)" in prepare and "spec_info=spec_info," in prepare
+    # Replay: the backend's replay-side init sees the live batch's spec_info.
+    assert "spec_info=forward_batch.spec_info," in inspect.getsource(decode_cuda_graph_runner.build_replay_fb_view)
+    # What SGLang reads of a plan: its width (graph runners), its capture mode (getattr), its phase.
+    assert "spec_info.num_tokens_per_req != self.captured_req_width" in inspect.getsource(
+        DecodeCudaGraphRunner.can_run_graph)
+    assert _params(SpecInput.__init__) == ["self", "spec_input_type"]
+    plan = ForwardPlan.sparse_draft(DraftStep.allocate(2, torch.device("cpu")))
+    assert isinstance(plan, SpecInput) and plan.num_tokens_per_req == 1
+    assert not plan.is_draft_input() and not plan.is_verify_input()
+    assert get_required_capture_hidden_mode(CaptureHiddenMode.NULL, plan) == CaptureHiddenMode.NULL

@@ -18,16 +18,17 @@ import pytest
 import torch
 
 from sparsespec_sglang.config import SparseSpecConfig
-from sparsespec_sglang.pillar import PillarState, PlanKind
+from sparsespec_sglang.forward_plan import PlanKind
+from sparsespec_sglang.pillar import PillarState
 from sparsespec_sglang.schedule import ScheduleContext
 from sparsespec_sglang.unified import PassLayout, UnifiedSchedule
 from toy_model import VOCAB, ToyBackend, ToyModelRunner, greedy_chain_accept, patch_sglang, target_next, toy_req
 
 
 def test_layout_rows_and_chains():
-    from sparsespec_sglang.phases import PassPlan
+    from sparsespec_sglang.phases import PassRoles
 
-    layout = PassLayout.from_plan(PassPlan(verify={7: 2, 9: 3}, draft={5: 0, 6: 3}),
+    layout = PassLayout.of(PassRoles(verify={7: 2, 9: 3}, draft={5: 0, 6: 3}),
                                   {5: 0, 6: 1, 7: 2, 9: 3})
     assert layout.row_batch == [0, 1, 2, 2, 2, 3, 3, 3, 3]
     assert layout.row_index == [0, 3, 0, 1, 2, 0, 1, 2, 3]
@@ -111,7 +112,7 @@ def test_unified_steps_emit_the_target_sequence(k, sampled, monkeypatch, caplog)
             batch.sampling_info.top_ks = rows * 2
             batch.sampling_info.scalar = torch.tensor(1.0)
         model.forwards.clear()
-        result = runner.step(batch)
+        result = runner.step(batch, [r.req_pool_idx for r in reqs])
         tokens, lens, new_seq_lens = result.accept_tokens, result.accept_lens, result.new_seq_lens
         assert [kind for kind, _ in model.forwards] == [PlanKind.UNIFIED_PASS] * (k + 1)
         all_lens += lens.tolist()

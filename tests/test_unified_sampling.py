@@ -96,7 +96,7 @@ def sparsespec_samples(params: list[tuple[float, int, float, float]]) -> tuple[l
                 req_pool_indices=rows[order], seq_lens=seq[order], seq_lens_cpu=seq[order], seq_lens_sum=None,
                 forward_mode=None, input_ids=None, out_cache_loc=None, spec_info=None, return_logprob=False,
                 sampling_info=sampling_info([params[i] for i in order.tolist()]))
-            result = runner.step(batch)
+            result = runner.step(batch, [int(r) for r in rows[order]])
             tokens = result.accept_tokens.view(BATCH, K + 1)
             for i, n in zip(order.tolist(), result.accept_lens.tolist()):
                 emitted[i] += tokens[order == i][0, :n].tolist()

@@ -4,7 +4,7 @@ The target's next token is a fixed function of (token, position); a draft row (a
 step, or a row before a unified pass's verify rows) gets that token or, at some positions, a
 wrong one, so drafts are rejected at ragged points. Only SGLang's model forward, its CUDA-only
 acceptance kernel and its CUDA/sgl_kernel cache-location op are replaced; schedules, worker,
-PillarState and the backend's plan plumbing are the real ones.
+PillarState and the plans the forward batches carry are the real ones.
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from types import SimpleNamespace
 import torch
 from sglang.srt.model_executor.forward_batch_info import ForwardMode
 
-from sparsespec_sglang.attention import SparseSpecAttnBackend
-from sparsespec_sglang.pillar import ForwardPlan, PlanKind
+from sparsespec_sglang.attention import SparseSpecAttnBackend, plan_of
+from sparsespec_sglang.forward_plan import PlanKind
 
 VOCAB = 97
 
@@ -43,15 +43,14 @@ def _logits(tokens: torch.Tensor) -> torch.Tensor:
 
 
 class ToyBackend(SparseSpecAttnBackend):
-    """The real backend's plan plumbing (``planned``, ``attach``) without SGLang's constructor."""
+    """The real backend (``attach``) without SGLang's constructor."""
 
     def __init__(self) -> None:  # noqa: D107 -- no TritonAttnBackend: no model runner on CPU
         self.state = None
-        self.plan = ForwardPlan.plain()
 
 
 class ToyModelRunner:
-    """``model_runner.forward`` over single-token DECODE rows, under the backend's plan."""
+    """``model_runner.forward`` over single-token DECODE rows, on the plan the batch carries."""
 
     def __init__(self, backend: ToyBackend, device: str = "cpu") -> None:
         self.backend = backend
@@ -64,8 +63,8 @@ class ToyModelRunner:
         self.state = None  # the PillarState the pass rows are compared with (set by a test)
 
     def forward(self, fb):
-        plan = self.backend.plan
-        assert fb.forward_mode.is_decode() and plan.kind is not PlanKind.PLAIN
+        plan = plan_of(fb)
+        assert fb.forward_mode.is_decode() and plan is not None
         pos = fb.seq_lens - 1
         nxt = target_next(fb.input_ids, pos)
         n = len(nxt)
@@ -99,8 +98,8 @@ class ToyTargetWorker:
     def forward_batch_generation(self, batch, is_verify: bool = False):
         if is_verify:
             assert batch.forward_mode == ForwardMode.TARGET_VERIFY and is_verify
-            assert self.model_runner.backend.plan.kind is PlanKind.PLAIN
             info = batch.spec_info
+            assert plan_of(batch) is None  # SGLang's own verify input
             self.verifies.append(len(batch.reqs))
             logits = _logits(target_next(batch.input_ids, info.positions))
             return SimpleNamespace(logits_output=SimpleNamespace(next_token_logits=logits),
@@ -143,7 +142,8 @@ def extend_cache_locs(req_pool_indices, req_to_token, start_offset, end_offset, 
 def forward_batch_of(batch, *_args, **_kwargs):
     """``ForwardBatch.init_new``: the fields the toy runner reads."""
     return SimpleNamespace(input_ids=batch.input_ids, seq_lens=batch.seq_lens,
-                           forward_mode=batch.forward_mode, req_pool_indices=batch.req_pool_indices)
+                           forward_mode=batch.forward_mode, req_pool_indices=batch.req_pool_indices,
+                           spec_info=batch.spec_info)
 
 
 def patch_sglang(monkeypatch) -> None:
