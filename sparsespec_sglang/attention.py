@@ -160,7 +160,9 @@ class SparseSpecAttnBackend(TritonAttnBackend):
         logit_cap = logit_capping_mod(layer.logit_capping_method, layer.logit_cap)
         ring = None if state.draft_lse is None else state.draft_lse[layer.layer_id]
         num_kv_heads = self.token_to_kv_pool.head_num
-        nv = rows.verify_slots(bs)
+        # Verify entries: exact when eager; a captured graph runs every entry its bucket has room
+        # for (the spare ones empty, MixedRows.fill).
+        nv = rows.num_verify if rows.num_verify is not None else bs // rows.width
         # Scores of a group of layers are kept and selected in one launch at the group's last
         # layer (per layer, the top-K of the few verifying requests is latency-bound); passes
         # with more verifying requests than the group buffer holds select layer by layer.

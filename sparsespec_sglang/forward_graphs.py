@@ -81,15 +81,13 @@ class ForwardGraphs:
         self.backend = backend
         self.label = label
         self.runner: Optional[SingleTokenGraphRunner] = None
+        self.captured = False
         self.sizes: list[int] = []
         self.replays = 0
 
-    @property
-    def captured(self) -> bool:
-        return self.runner is not None
-
     def capture(self, plan: ForwardPlan, capture_sizes: Optional[Sequence[int]] = None) -> None:
         self.runner = SingleTokenGraphRunner(self.model_runner, plan, capture_sizes)
+        self.captured = True
         self.sizes = list(self.runner.capture_bs)
         logger.info("SPARSESPEC: captured %s CUDA graphs for %s", self.label, self.sizes)
 

@@ -69,8 +69,8 @@ class MixedRows:
     decode (a verify row gets ``dense_start = seq_len`` and no selection: a sinks-only read that
     the verify kernel then overwrites). Per verifying request: pool row, prefix (its committed
     length), chain length, ``verify_end = prefix + length``. ``num_verify`` is the verify count of
-    an eager pass; ``None`` while a CUDA graph is captured, whose spare verify entries
-    (``verify_slots``) are empty requests on the reserved pool row 0. With draft-normalised
+    an eager pass; ``None`` while a CUDA graph is captured: a graph of R rows runs R // width
+    verify entries, the spare ones empty requests on the reserved pool row 0. With draft-normalised
     scores the lse ring is keyed by pool row (``ring_rows``; verify rows write the reserved row 0,
     never read).
     """
@@ -119,11 +119,6 @@ class MixedRows:
         self.qo_indptr[nv + 1:] = t
         self.num_verify = nv
         return ForwardPlan.unified_pass(self)
-
-    def verify_slots(self, num_rows: int) -> int:
-        """Verify entries a pass of ``num_rows`` rows runs: exact when eager; a captured graph
-        runs every entry its bucket has room for (the spare ones empty)."""
-        return self.num_verify if self.num_verify is not None else num_rows // self.width
 
 
 class PlanKind(enum.Enum):
