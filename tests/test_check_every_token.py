@@ -133,7 +133,7 @@ def test_retraction_points_from_the_retraction_patch_log(monkeypatch, caplog):
     from sparsespec_sglang.patches import retraction
 
     monkeypatch.setattr(retraction, "keeps_retracted_kv", lambda server_args: True)
-    monkeypatch.setattr(retraction.offload, "activate", lambda: None)
+    monkeypatch.setattr(retraction.offload, "activate", lambda tree_cache: None)
     with caplog.at_level(logging.INFO, logger=retraction.__name__):
         for rid, kv in (("a1", 300), ("b2", 410), ("a1", 777)):
             # The request's kept length under both of SGLang's names for it (renamed in 0.5.21).
