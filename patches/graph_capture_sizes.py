@@ -6,7 +6,7 @@ imported by name into ``decode_cuda_graph_runner``. The hook targets the name th
 at call time (the ``decode_cuda_graph_runner`` module global): a scheduler process imports that
 module before the plugin's hooks are applied, so patching the defining module alone would never
 reach the runner. A unified pass has up to ~2x as many single-token rows as the batch has
-requests, so ``sparsespec_sglang.draft_graph`` captures its own list of row counts.
+requests, so ``sparsespec_sglang.forward_graphs`` captures its own list of row counts.
 Target (AROUND): for a model runner inside :func:`capturing` it returns that list (and no
 torch.compile sizes); for every other call, and on every other server, SGLang's own sizes.
 
