@@ -106,6 +106,10 @@ OPTIONS = (
            "drafting and verifying requests, k + 1 passes per scheduler step) or lockstep (k draft "
            "passes over the whole batch, then one verify pass; the default with "
            "--enable-deterministic-inference, whose verify runs in lockstep only)."),
+    Option("adaptive", "--sparsespec-adaptive", str,
+           "Unified schedule only: on lets each request speculate or decode densely (a plain decode "
+           "step of its own in every pass), chosen per step from its context length, its acceptance "
+           "and the measured pass costs; off (the default) speculates every request."),
     Option("delayed_verification", "--sparsespec-disable-delayed-verify", bool,
            "Unified schedule only: make the host wait for every pass's verify results before "
            "launching the next pass (by default acceptance stays on the GPU and nothing waits).",
@@ -123,6 +127,7 @@ OPTIONS = (
 )
 
 SCHEDULES = tuple(SCHEDULE_REGISTRY)  # the names of schedule.SCHEDULES, the default first
+ADAPTIVE = ("on", "off")
 OPTIONS_BY_DEST = {o.dest: o for o in OPTIONS}
 OPTIONS_BY_FIELD = {o.field: o for o in OPTIONS if o.field is not None}
 
@@ -140,6 +145,7 @@ class SparseSpecConfig:
     selection: str = "pillar"
     score_norm: str = "exact"
     schedule: str = "unified"
+    adaptive: str = "off"  # "on": per-request speculate-or-decode-densely (unified schedule)
     delayed_verification: bool = True  # unified schedule: the host never waits on a verify
     kv_offload: bool = True  # retracted KV kept in the hierarchical cache (patches/retraction.py)
     profile: Optional[str] = None  # per-step profile path (profiling.CycleProfiler.configured)
@@ -170,6 +176,11 @@ class SparseSpecConfig:
                "--sparsespec-profile", "a file path", self.profile)
         _check(self.schedule in SCHEDULES, "--sparsespec-schedule", "one of: " + ", ".join(SCHEDULES),
                self.schedule)
+        _check(self.adaptive in ADAPTIVE, "--sparsespec-adaptive", "one of: " + ", ".join(ADAPTIVE),
+               self.adaptive)
+        _check(self.adaptive == "off" or self.schedule == "unified", "--sparsespec-adaptive",
+               "off with --sparsespec-schedule lockstep (dense rows are rows of unified passes)",
+               self.adaptive)
         _check(isinstance(self.delayed_verification, bool)
                and (self.delayed_verification or self.schedule == "unified"),
                "--sparsespec-disable-delayed-verify",

@@ -56,9 +56,9 @@ class SingleTokenGraphRunner(DecodeCudaGraphRunner):
     algorithm. Built (and its graphs captured) while the model runner reads as non-speculative,
     it captures width-1 DECODE graphs for ``capture_sizes`` row counts (None: the server's
     decode batch sizes, ``patches/graph_capture_sizes.py``), each with ``plan`` as the captured
-    batch's ``spec_info``."""
+    batch's ``spec_info`` (None: plain decode graphs, the unified schedule's all-dense passes)."""
 
-    def __init__(self, model_runner: Any, plan: ForwardPlan,
+    def __init__(self, model_runner: Any, plan: Optional[ForwardPlan],
                  capture_sizes: Optional[Sequence[int]] = None) -> None:
         self.plan = plan  # read by get_spec_info while SGLang's constructor captures
         with _as_plain_decoder(model_runner), capturing(model_runner, capture_sizes):
@@ -67,7 +67,7 @@ class SingleTokenGraphRunner(DecodeCudaGraphRunner):
             raise RuntimeError("SPARSESPEC: graph sizes were not applied (is the plugin's "
                                "patches/graph_capture_sizes.py hook installed?)")
 
-    def get_spec_info(self, num_tokens: int) -> ForwardPlan:
+    def get_spec_info(self, num_tokens: int) -> Optional[ForwardPlan]:
         return self.plan
 
 
@@ -85,7 +85,8 @@ class ForwardGraphs:
         self.sizes: list[int] = []
         self.replays = 0
 
-    def capture(self, plan: ForwardPlan, capture_sizes: Optional[Sequence[int]] = None) -> None:
+    def capture(self, plan: Optional[ForwardPlan], capture_sizes: Optional[Sequence[int]] = None) -> None:
+        """Graphs of ``plan``'s forwards (None: plain decode forwards, SGLang's own path)."""
         self.runner = SingleTokenGraphRunner(self.model_runner, plan, capture_sizes)
         self.captured = True
         self.sizes = list(self.runner.capture_bs)
@@ -96,18 +97,19 @@ class ForwardGraphs:
         return next((s for s in self.sizes if s >= num_rows), None)
 
     def run(self, forward_batch: Any) -> torch.Tensor:
-        """Next-token logits of one forward whose plan is the batch's ``spec_info``."""
-        plan: ForwardPlan = forward_batch.spec_info
+        """Next-token logits of one forward whose plan is the batch's ``spec_info`` (None: a
+        plain decode forward)."""
+        plan: Optional[ForwardPlan] = forward_batch.spec_info
         bucket = self.bucket(forward_batch.input_ids.shape[0])
         # A unified pass replays a bucket only if the bucket has room for its verifies.
-        rows = plan.rows
+        rows = None if plan is None else plan.rows
         fits = bucket is not None and (rows is None or rows.num_verify <= bucket // rows.width)
         if fits and self.runner.can_run_graph(forward_batch):
             self.replays += 1
             # The context SGLang's model runner publishes around its own graph replays.
             with forward_context_of(self.backend, forward_batch):
                 return self.runner.execute(forward_batch).next_token_logits
-        if plan.kind is PlanKind.UNIFIED_PASS:
+        if plan is not None and plan.kind is PlanKind.UNIFIED_PASS:
             # SGLang's eager runner copies a batch into buffers sized for max_running_requests;
             # a pass has up to ~2x as many rows, so it runs on the ForwardBatch's own tensors.
             with envs.SGLANG_EAGER_INPUT_NO_COPY.override(True):

@@ -8,10 +8,11 @@ and that path's per-row inputs:
 
 - ``SPARSE_DRAFT`` (lockstep draft steps): every row is one request's draft step, the sparse
   decode over sinks + selection + dense tail, with the batch-ordered inputs of a :class:`DraftStep`;
-- ``UNIFIED_PASS`` (unified schedule): draft rows and verify chains in one forward, described by
-  :class:`MixedRows`.
+- ``UNIFIED_PASS`` (unified schedule): draft rows, dense rows and verify chains in one forward,
+  described by :class:`MixedRows`.
 
-A forward without a plan is SGLang's: prefill and plain decode take SGLang's Triton paths, and a
+A forward without a plan is SGLang's: prefill and plain decode (also a unified pass whose rows are
+all dense) take SGLang's Triton paths, and a
 TARGET_VERIFY forward (which SGLang marks itself, with its ``NgramVerifyInput``) is the PillarAttn
 verify. The plan's buffers are static, so a CUDA graph captured with a plan (the graph runner hands
 it to SGLang's capture as the batch's ``spec_info``, ``forward_graphs.py``) replays with whatever
@@ -64,15 +65,17 @@ class MixedRows:
     """Inputs of a unified pass beyond the ForwardBatch, in static buffers (CUDA graphs replay them).
 
     A unified pass is a DECODE forward whose rows are single tokens: one row per drafting
-    request, then the verify chain of every verifying request (its rows ``qo_indptr[v]`` ..
-    ``qo_indptr[v] + verify_lens[v]``). Per row: ``dense_start`` / ``sel_lens`` for the sparse
-    decode (a verify row gets ``dense_start = seq_len`` and no selection: a sinks-only read that
-    the verify kernel then overwrites). Per verifying request: pool row, prefix (its committed
+    request, one per densely decoding request (adaptive speculation: a plain decode step of its
+    request, the sparse decode over its whole context), then the verify chain of every verifying
+    request (its rows ``qo_indptr[v]`` .. ``qo_indptr[v] + verify_lens[v]``). Per row:
+    ``dense_start`` / ``sel_lens`` for the sparse decode (a dense row: 0 and no selection, its
+    request's state after ``PillarState.stop_speculating``; a verify row: ``dense_start =
+    seq_len`` and no selection, a sinks-only read that the verify kernel then overwrites). Per verifying request: pool row, prefix (its committed
     length), chain length, ``verify_end = prefix + length``. ``num_verify`` is the verify count of
     an eager pass; ``None`` while a CUDA graph is captured: a graph of R rows runs R // width
     verify entries, the spare ones empty requests on the reserved pool row 0. With draft-normalised
-    scores the lse ring is keyed by pool row (``ring_rows``; verify rows write the reserved row 0,
-    never read).
+    scores the lse ring is keyed by pool row (``ring_rows``; verify and dense rows write the reserved
+    row 0, never read).
     """
 
     width: int  # k + 1, the longest verify chain
@@ -96,16 +99,19 @@ class MixedRows:
     def fill(self, is_verify: torch.Tensor, pool: torch.Tensor, seq_lens: torch.Tensor,
              dense_start: torch.Tensor, sel_lens: torch.Tensor, qo_indptr: torch.Tensor,
              verify_pool: Optional[torch.Tensor], verify_prefix: Optional[torch.Tensor],
-             verify_lens: Optional[torch.Tensor]) -> "ForwardPlan":
+             verify_lens: Optional[torch.Tensor],
+             is_dense: Optional[torch.Tensor] = None) -> "ForwardPlan":
         """One pass's rows (``t = len(pool)``, the verify rows last) and its ``nv`` verifying
-        requests; ``dense_start`` / ``sel_lens`` are the drafting requests' per-request values
-        (by row). Entries past the pass read as empty (no selection, no dense tail, no verify
+        requests; ``dense_start`` / ``sel_lens`` are the drafting and dense requests' per-request
+        values (by row); ``is_dense`` marks the dense rows (None: there are none), which keep no
+        draft lse. Entries past the pass read as empty (no selection, no dense tail, no verify
         tokens), so a graph replay of a larger bucket reads only no-op padding. Returns the
         pass's plan."""
         t, nv = pool.shape[0], qo_indptr.shape[0] - 1
         self.dense_start[:t] = torch.where(is_verify, seq_lens, dense_start)
         self.sel_lens[:t] = torch.where(is_verify, 0, sel_lens)
-        self.ring_rows[:t] = torch.where(is_verify, 0, pool)
+        no_ring = is_verify if is_dense is None else is_verify | is_dense
+        self.ring_rows[:t] = torch.where(no_ring, 0, pool)
         for buffer in (self.dense_start, self.sel_lens, self.ring_rows):
             buffer[t:].zero_()
         if nv:

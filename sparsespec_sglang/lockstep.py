@@ -37,6 +37,7 @@ class LockstepSchedule:
     """k draft forwards of the whole batch, then one verify forward of the whole batch."""
 
     PHASES: ClassVar[tuple[str, ...]] = ("draft", "verify", "accept")
+    VALUES: ClassVar[tuple[str, ...]] = ()  # per-step values beside the phase times: none
 
     def __init__(self, ctx: ScheduleContext, profiler: Optional[CycleProfiler] = None) -> None:
         self.ctx = ctx

@@ -10,7 +10,8 @@ Row 0 is SGLang's reserved CUDA-graph padding row.
 
 :class:`PillarState` is the one owner of that state: the worker and the schedules change it
 only through its named transitions (:meth:`~PillarState.init_window`,
-:meth:`~PillarState.set_pending`, :meth:`~PillarState.commit`); the attention backend hands the
+:meth:`~PillarState.set_pending`, :meth:`~PillarState.commit`, and for adaptive speculation
+:meth:`~PillarState.stop_speculating` / :meth:`~PillarState.start_speculating`); the attention backend hands the
 kernels its tables to read and the top-K output to write (the verify's selection) and never
 assigns a field. What one forward is (its plan and the plan's per-row buffers) is not state:
 it lives with the backend (``forward_plan.py``).
@@ -116,8 +117,22 @@ class PillarState:
         self.dense_start[rows] = seq_lens
 
     def set_pending(self, req_pool_indices: torch.Tensor, tokens: torch.Tensor) -> None:
-        """A prefill emitted each request's first token: the first step's first input."""
+        """A prefill emitted each request's first token, or a dense row its next one: the next
+        forward's input."""
         self.pending[req_pool_indices] = tokens.to(torch.int64)
+
+    def stop_speculating(self, req_pool_indices: torch.Tensor) -> None:
+        """These requests decode densely: no selection and a dense tail from position 0, so the
+        sparse decode kernel attends to their whole context (no sinks apart: it reads them as
+        part of the dense range), which is a plain decode step's attention."""
+        self.dense_start[req_pool_indices] = 0
+        self.sel_lens[req_pool_indices] = 0
+
+    def start_speculating(self, req_pool_indices: torch.Tensor, seq_lens: torch.Tensor) -> None:
+        """These requests speculate again after dense steps: no verify scores are fresh, so their
+        selection is the first-step window at their committed length ``seq_lens``, as after a
+        prefill of that length (:meth:`init_window`); their pending token is unchanged."""
+        self.init_window(req_pool_indices, seq_lens)
 
     def commit(self, req_pool_indices: torch.Tensor, window_start: torch.Tensor,
                last_tokens: torch.Tensor) -> None:

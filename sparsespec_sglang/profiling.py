@@ -8,7 +8,9 @@ verify chains side by side, so it has no draft/verify split) and ``accept`` (the
 pass's verifying requests). A step's GPU phase times are read once its last event has completed
 (``query()``, a few steps later), so timing never stalls the overlap scheduler. Every ``every``
 steps the means are logged and, with ``--enable-metrics``, exported as Prometheus gauges
-``sparsespec:<phase>_gpu_ms_per_cycle`` next to SGLang's own ``sglang:spec_*`` metrics. Host
+``sparsespec:<phase>_gpu_ms_per_cycle`` next to SGLang's own ``sglang:spec_*`` metrics, with the
+schedule's per-step values (``note``; the unified schedule's shares of speculating requests and
+tokens) as ``sparsespec:<value>``, each the mean of its last ``gauge_every`` steps. Host
 (enqueue) time per phase is kept too: ``gpu_*`` > ``host_*`` means the GPU was the bottleneck of
 that phase, ``gpu_*`` ~= ``host_*`` that it waited for the host.
 
@@ -51,8 +53,10 @@ class CycleProfiler:
 
     def __init__(self, phases: Sequence[str], every: int = 200, path: Optional[str] = None,
                  event_factory: Optional[Callable[[], Any]] = None, gauge_every: int = 16,
-                 clock: Callable[[], float] = time.perf_counter) -> None:
+                 clock: Callable[[], float] = time.perf_counter, values: Sequence[str] = ()) -> None:
         self.phases = tuple(phases)
+        self.values = tuple(values)
+        self._recent = {name: collections.deque(maxlen=gauge_every) for name in self.values}
         self.every = every
         self.gauge_every = gauge_every  # gauges refresh more often than the log line
         self.path = Path(path) if path else None
@@ -74,28 +78,37 @@ class CycleProfiler:
         self._gauges: Optional[dict[str, Any]] = None
 
     @classmethod
-    def configured(cls, phases: Sequence[str], profile: Optional[str], tp_rank: int = 0) -> "CycleProfiler":
+    def configured(cls, phases: Sequence[str], profile: Optional[str], tp_rank: int = 0,
+                   values: Sequence[str] = ()) -> "CycleProfiler":
         """A schedule's profiler for the server's ``--sparsespec-profile`` (``SparseSpecConfig.profile``):
         the per-step profile into that path on TP rank 0, the always-on timing everywhere else."""
         if profile and tp_rank == 0:
             logger.warning("SPARSESPEC: profiling every cycle into %s (syncs each cycle)", profile)
-            return cls(phases, every=50, path=profile)
-        return cls(phases)
+            return cls(phases, every=50, path=profile, values=values)
+        return cls(phases, values=values)
 
     def export_metrics(self, labels: dict[str, str], registry: Any = None) -> None:
         """Publish the GPU phase means as Prometheus gauges (call when --enable-metrics)."""
         from prometheus_client import REGISTRY, Gauge
 
         registry = registry or REGISTRY
-        # A registry refuses a second metric of the same name: one per registry, process, phase.
+        # A registry refuses a second metric of the same name: one per registry, process, name.
         gauges = _GAUGES.setdefault(registry, {})
-        for phase in self.phases:
-            if phase not in gauges:
-                gauges[phase] = Gauge(
-                    name=f"sparsespec:{phase}_gpu_ms_per_cycle",
-                    documentation=f"SPARSESPEC: mean GPU time of the {phase} phase per cycle (ms).",
-                    labelnames=list(labels), multiprocess_mode="mostrecent", registry=registry)
-        self._gauges = {phase: gauges[phase].labels(**labels) for phase in self.phases}
+        docs = {f"gpu_{phase}_ms": (f"sparsespec:{phase}_gpu_ms_per_cycle",
+                                    f"SPARSESPEC: mean GPU time of the {phase} phase per cycle (ms).")
+                for phase in self.phases}
+        docs.update({name: (f"sparsespec:{name}", f"SPARSESPEC: {name.replace('_', ' ')} per step, "
+                                                   f"mean of the last {self.gauge_every} steps.")
+                     for name in self.values})
+        for key, (name, documentation) in docs.items():
+            if name not in gauges:
+                gauges[name] = Gauge(name=name, documentation=documentation, labelnames=list(labels),
+                                     multiprocess_mode="mostrecent", registry=registry)
+        self._gauges = {key: gauges[name].labels(**labels) for key, (name, _) in docs.items()}
+
+    def note(self, name: str, value: float) -> None:
+        """One step's ``value`` of ``name`` (one of ``values``; a step may note it late)."""
+        self._recent[name].append(value)
 
     def begin(self) -> None:
         """A step starts."""
@@ -163,6 +176,7 @@ class CycleProfiler:
         if self.gpu_cycles:
             out.update({f"gpu_{k}_ms": 1e3 * self.gpu[k] / self.gpu_cycles for k in self.phases})
             out["gpu_cycle_ms"] = sum(out[f"gpu_{k}_ms"] for k in self.phases)
+        out.update({name: sum(recent) / len(recent) for name, recent in self._recent.items() if recent})
         if self.path is not None:
             out["host_between_cycles_ms"] = 1e3 * self.between / max(n - 1, 1)
             out["tokens_per_cycle"] = self.tokens / n
@@ -176,9 +190,10 @@ class CycleProfiler:
             self.path.write_text(json.dumps(summary, indent=1))
 
     def _set_gauges(self, summary: dict) -> None:
-        if self._gauges is not None and self.gpu_cycles:
-            for phase, gauge in self._gauges.items():
-                gauge.set(summary[f"gpu_{phase}_ms"])
+        if self._gauges is not None:
+            for key, gauge in self._gauges.items():
+                if key in summary:  # GPU times once a step has been read, values once noted
+                    gauge.set(summary[key])
 
     def _write_trace(self) -> None:
         trace, self._trace = self._trace, None

@@ -22,7 +22,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Iterator, Optional, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Iterator, Optional, Protocol
 
 if TYPE_CHECKING:  # annotations only: config.py reads SCHEDULES, and validation must not load torch
     import torch
@@ -57,10 +57,14 @@ class ScheduleContext:
     target_worker: Any  # SGLang's TpModelWorker (verify forwards of the lockstep schedule)
     sampling_backend: str  # --sampling-backend: which plain sampler the acceptance matches
     delayed_verification: bool  # unified: the host never waits on a verify result
+    adaptive: bool = False  # unified: each request speculates or decodes densely, chosen per step
 
 
 class Schedule(Protocol):
     """One decode step of a batch as draft and verify forwards on the target model."""
+
+    PHASES: ClassVar[tuple[str, ...]]  # the phases its profiler times
+    VALUES: ClassVar[tuple[str, ...]]  # per-step values its profiler exports beside them
 
     @classmethod
     def kv_reserve_per_decode(cls, k: int) -> Optional[int]:

@@ -21,6 +21,19 @@ State across steps, by request-pool row: ``PillarState.pending`` / ``dense_start
 KV positions are covered by patches/kv_reserve.py, sized by :meth:`UnifiedSchedule.kv_reserve_per_decode`).
 Discarding drafts is always safe (they are only proposals), which is how a request re-enters
 after a prefill or a lockstep step (:meth:`UnifiedSchedule.forget`).
+
+Adaptive speculation (``--sparsespec-adaptive on``): once per step an :class:`AdaptivePolicy`
+(``adaptive.py``) decides which requests speculate; the others are *dense rows*, a plain decode
+step of their request in each of the step's k + 1 passes: the sparse decode over their whole
+context (``PillarState.stop_speculating``: no selection, dense from position 0), one exact token
+per pass, accepted as a chain of length 1 (``acceptance.accept``, the request's own sampling
+parameters: a plain decode step's sample), no score dump and no top-K. A dense request has no
+phase; it leaves the planner when it stops speculating and joins it again, with the first-step
+window at its committed length (``PillarState.start_speculating``), when it starts, both at a
+step boundary. A step whose requests are all dense carries no plan: its passes are SGLang's own
+decode forwards. The policy learns from what the GPU measured, read once the GPU is past it
+(never a wait): each pass's forward time with its KV tokens and rows, and each speculating
+request's accepted drafts.
 """
 
 from __future__ import annotations
@@ -30,12 +43,14 @@ import json
 import logging
 import time
 from dataclasses import dataclass
+from collections.abc import Sequence
 from typing import Any, ClassVar, Optional
 
 import torch
 from sparsespec_sglang.compat import ForwardBatch, ForwardMode, LogitsProcessorOutput
 
 from sparsespec_sglang.acceptance import accept, verify_chains
+from sparsespec_sglang.adaptive import AdaptivePolicy, PassCost, PassCostFit
 from sparsespec_sglang.forward_graphs import ForwardGraphs
 from sparsespec_sglang.forward_plan import ForwardPlan, MixedRows
 from sparsespec_sglang.phases import PassRoles, PhasePlanner
@@ -46,28 +61,39 @@ from sparsespec_sglang.selection import TOPK_LAYER_GROUP
 logger = logging.getLogger(__name__)
 
 LOG_EVERY = 200  # steps between pass-size log lines
+# The pass-cost prior errs toward dense rows: the HBM bandwidth an H100 peaks at (the KV and
+# weight terms are no larger than this makes them) and a low compute rate for the per-row term.
+PRIOR_BANDWIDTH = 3.35e12  # bytes/s
+PRIOR_FLOPS = 4e14  # per second, for the 2 FLOPs per weight a row costs
 
 
 @dataclass
 class PassLayout:
-    """Host-side layout of one pass, in the order of its rows."""
+    """Host-side layout of one pass, in the order of its rows: drafting requests, dense requests
+    (adaptive speculation), then the verify chains."""
 
     row_batch: list[int]  # batch index of every row
-    row_index: list[int]  # draft index within the request's chain (the row's position offset)
-    num_draft: int  # rows [0, num_draft) draft, the rest are verify chains
+    row_index: list[int]  # position offset from the request's committed length: drafts made
+    # since its last verify (a dense row: the pass's index, its committed length is the step's)
+    num_draft: int  # rows [0, num_draft) take the sparse decode (drafts and dense rows), the rest are verify chains
     verify_batch: list[int]  # batch index of every verifying request
     verify_lens: list[int]  # its chain length (drafts + 1)
+    num_drafting: int  # rows [0, num_drafting) draft, [num_drafting, num_draft) are dense
 
     @classmethod
-    def of(cls, roles: PassRoles, batch_pos: dict[int, int]) -> "PassLayout":
-        row_batch = [batch_pos[r] for r in roles.draft]
-        row_index = list(roles.draft.values())
+    def of(cls, roles: PassRoles, batch_pos: dict[int, int], dense: Sequence[int] = (),
+           pass_index: int = 0) -> "PassLayout":
+        """``dense``: the batch indices of the dense requests, ``pass_index``: this pass's index
+        in the step."""
+        row_batch = [batch_pos[r] for r in roles.draft] + list(dense)
+        row_index = list(roles.draft.values()) + [pass_index] * len(dense)
         verify_batch = [batch_pos[r] for r in roles.verify]
         verify_lens = [d + 1 for d in roles.verify.values()]
         for b, n in zip(verify_batch, verify_lens):
             row_batch += [b] * n
             row_index += range(n)
-        return cls(row_batch, row_index, len(roles.draft), verify_batch, verify_lens)
+        return cls(row_batch, row_index, len(roles.draft) + len(dense), verify_batch, verify_lens,
+                   len(roles.draft))
 
     @property
     def num_rows(self) -> int:
@@ -94,13 +120,16 @@ class UnifiedSchedule:
     """One scheduler step as k + 1 unified passes."""
 
     PHASES: ClassVar[tuple[str, ...]] = ("inputs", "forward", "accept")
+    # Per-step shares exported beside the phase times: of the step's requests, and of the tokens
+    # it emitted, those of speculating requests (1 without adaptive speculation).
+    VALUES: ClassVar[tuple[str, ...]] = ("speculating_requests_share", "speculating_tokens_share")
 
     def __init__(self, ctx: ScheduleContext, profiler: Optional[CycleProfiler] = None) -> None:
         self.ctx = ctx
         self.k, self.width = ctx.k, ctx.k + 1
         self.state, self.backend, self.model_runner = ctx.state, ctx.backend, ctx.model_runner
         self.delayed_verification = ctx.delayed_verification
-        self.profiler = profiler or CycleProfiler(phases=self.PHASES)
+        self.profiler = profiler or CycleProfiler(phases=self.PHASES, values=self.VALUES)
         self.graphs = ForwardGraphs(ctx.model_runner, ctx.backend, label="unified-pass")
         self.device = ctx.state.req_to_token.device
         num_rows = ctx.state.req_to_token.shape[0]
@@ -111,12 +140,22 @@ class UnifiedSchedule:
         self.pass_tokens: list[tuple[int, int, bool]] = []  # (requests, tokens, steady) per pass since the last log
         self.timer = PassTimer()
         self._moved = False  # the planner moved requests between offsets at the last step's end
+        # Adaptive speculation: the policy, the pool rows decoding densely (their PillarState
+        # says so: PillarState.stop_speculating), and what the GPU measured, not yet read.
+        self.policy: Optional[AdaptivePolicy] = None
+        self.dense: set[int] = set()
+        self.plain = ForwardGraphs(ctx.model_runner, ctx.backend, label="plain-decode")
+        self._measured: collections.deque = collections.deque()
+        self._generation: dict[int, int] = collections.defaultdict(int)  # per pool row: forgets
+        if ctx.adaptive:
+            self.policy = AdaptivePolicy(self.k, ctx.state.selection,
+                                         PassCostFit(model_shape_prior(ctx.model_runner)))
 
     @classmethod
     def kv_reserve_per_decode(cls, k: int) -> Optional[int]:
         # A request verifies in one of the k + 1 passes and drafts in the later ones: up to
         # 2k + 1 positions past the step's committed length, 3 (k + 1) with the overlap
-        # scheduler's one-verify lag of the committed length.
+        # scheduler's one-verify lag of the committed length. A dense row writes k + 1.
         return 3 * (k + 1)
 
     @classmethod
@@ -133,6 +172,10 @@ class UnifiedSchedule:
     def capture_graphs(self, max_batch_size: int) -> None:
         # Captured with empty verify entries: every entry a bucket has room for runs (num_verify None).
         self.graphs.capture(ForwardPlan.unified_pass(self.rows), self.capture_sizes(max_batch_size))
+        if self.policy is not None:
+            # All-dense passes are plain decode forwards: SGLang's own decode graphs, at the
+            # server's decode batch sizes.
+            self.plain.capture(None)
 
     def handles(self, batch: Any) -> bool:
         """Batches that need per-token logprobs, a grammar or hidden states run lockstep: those
@@ -141,27 +184,39 @@ class UnifiedSchedule:
                                          or getattr(batch, "return_hidden_states", False))
 
     def forget(self, pool_rows: list[int]) -> None:
-        """These rows start over (a prefill, or a lockstep step verified them): no drafts."""
+        """These rows start over (a prefill, or a lockstep step verified them): no drafts, no
+        mode (either leaves a fresh selection in PillarState: the first-step window, or the
+        verify's), no policy state."""
         for row in pool_rows:
-            if row in self.planner.offset:
-                self.planner.release(row)
+            self._drop(row)
+
+    def _drop(self, row: int) -> None:
+        if row in self.planner.offset:
+            self.planner.release(row)
+        self.dense.discard(row)
+        if self.policy is not None:
+            self.policy.forget(row)
+            self._generation[row] += 1  # measurements still in flight are not this request's
 
     def step(self, batch: Any, rows: list[int]) -> StepResult:
-        """k + 1 passes; every request of the batch verifies in exactly one of them."""
+        """k + 1 passes; every request of the batch verifies in exactly one of them (a dense
+        request decodes one token in each)."""
         self.timer.begin_step()
         self.profiler.begin()
         batch_pos = {row: i for i, row in enumerate(rows)}
-        left = [r for r in self.planner.offset if r not in batch_pos]
+        left = [r for r in [*self.planner.offset, *self.dense] if r not in batch_pos]
         for row in left:
-            self.planner.release(row)  # finished, aborted or retracted
-        joined = [row for row in rows if row not in self.planner.offset]
+            self._drop(row)  # finished, aborted or retracted
+        switched = self._choose_modes(batch, rows)
+        joined = [row for row in rows if row not in self.planner.offset and row not in self.dense]
         for row in joined:
             self.planner.admit(row)
         moves = self.planner.shortened_cycles
-        layouts = [PassLayout.of(self.planner.next_pass(), batch_pos) for _ in range(self.width)]
-        # A step's passes are steady unless requests joined or left, or the previous step's
-        # last pass moved requests between offsets (their next cycle is a short one).
-        steady = not (left or joined or self._moved)
+        dense = [batch_pos[r] for r in rows if r in self.dense]
+        layouts = [PassLayout.of(self.planner.next_pass(), batch_pos, dense, j) for j in range(self.width)]
+        # A step's passes are steady unless requests joined or left, switched modes, or the
+        # previous step's last pass moved requests between offsets (their next cycle is a short one).
+        steady = not (left or joined or switched or self._moved)
         self._moved = self.planner.shortened_cycles != moves
 
         bs, w = len(rows), self.width
@@ -169,19 +224,31 @@ class UnifiedSchedule:
         tokens = torch.zeros((bs, w), dtype=torch.int32, device=self.device)
         lens = torch.zeros((bs,), dtype=torch.int32, device=self.device)
         host, offsets = _pack(layouts, w)
-        indices = torch.tensor(host, dtype=torch.int64).to(self.device, non_blocking=True)
+        indices = torch.tensor(host + dense, dtype=torch.int64).to(self.device, non_blocking=True)
+        dense_at = slice(len(host), len(host) + len(dense))
+        cost = self._kv_model(dense, batch) if self.policy is not None else None
+        passes = []
         logits_output = None
         with borrowed(batch) as saved:
             batch.forward_mode = ForwardMode.DECODE
             batch.return_logprob = False
             for layout, where in zip(layouts, offsets):
-                logits_output = self._pass(batch, saved, layout, indices, where, committed,
-                                           tokens, lens)
+                logits_output, timed = self._pass(batch, saved, layout, indices, where, committed,
+                                                  tokens, lens)
+                if cost is not None:
+                    passes.append((*timed, self._pass_kv(layout, *cost), layout.num_rows))
                 if not self.delayed_verification and layout.verify_batch:
                     t0 = time.perf_counter()
                     torch.get_device_module(self.device).current_stream().synchronize()
                     self.timer.waited(time.perf_counter() - t0)
+            if dense:
+                # A dense request emitted one token per pass; its last one is its next input.
+                dense_batch = indices[dense_at]
+                lens[dense_batch] = w
+                committed[dense_batch] += w
+                self.state.set_pending(batch.req_pool_indices[dense_batch], tokens[dense_batch, w - 1])
             self.timer.end_step(len(layouts))
+            self._measure(rows, dense, passes, lens)
             self.profiler.end_cycle(bs, lens)
         self.pass_tokens += [(bs, layout.num_rows, steady) for layout in layouts]
         self.steps += 1
@@ -189,14 +256,95 @@ class UnifiedSchedule:
             self._log()
         return StepResult(tokens.flatten(), lens, committed, logits_output, self.graphs.captured)
 
+    # ------------------------------------------------------------------ adaptive speculation
+
+    def _choose_modes(self, batch: Any, rows: list[int]) -> bool:
+        """Ask the policy which requests speculate in this step (what it measured so far folded
+        in first) and move the switching ones between the planner and the dense rows; True if
+        any switched."""
+        if self.policy is None:
+            return False
+        self._read_measurements()
+        contexts = batch.seq_lens_cpu.tolist()
+        modes = self.policy.decide({row: int(c) for row, c in zip(rows, contexts)})
+        stop = [i for i, row in enumerate(rows) if not modes[row] and row not in self.dense]
+        start = [i for i, row in enumerate(rows) if modes[row] and row in self.dense]
+        for i in stop:
+            if rows[i] in self.planner.offset:
+                self.planner.release(rows[i])  # its drafts are dropped: only proposals
+            self.dense.add(rows[i])
+        for i in start:
+            self.dense.discard(rows[i])  # joins the planner below, as a newcomer
+        if stop:
+            at = torch.tensor(stop, dtype=torch.int64).to(self.device, non_blocking=True)
+            self.state.stop_speculating(batch.req_pool_indices[at])
+        if start:
+            at = torch.tensor(start, dtype=torch.int64).to(self.device, non_blocking=True)
+            self.state.start_speculating(batch.req_pool_indices[at], batch.seq_lens[at])
+        return bool(stop or start)
+
+    def _kv_model(self, dense: list[int], batch: Any) -> tuple:
+        """Per step, what :meth:`_pass_kv` needs: the committed lengths (host values), each
+        request's KV tokens per draft step, the dense requests' summed context."""
+        contexts = batch.seq_lens_cpu.tolist()
+        dense_set = set(dense)
+        drafted = [0.0 if b in dense_set else self.policy.drafted_tokens(int(c))
+                   for b, c in enumerate(contexts)]
+        return contexts, drafted, sum(contexts[b] for b in dense), len(dense)
+
+    def _pass_kv(self, layout: PassLayout, contexts: list[int], drafted: list[float],
+                 dense_context: int, num_dense: int) -> float:
+        """KV tokens one pass reads: a draft row its sinks + selection + tail, a dense row its
+        context, a verify chain its context once."""
+        pass_index = layout.row_index[layout.num_drafting] if num_dense else 0
+        kv = sum(drafted[b] for b in layout.row_batch[:layout.num_drafting])
+        kv += dense_context + num_dense * (pass_index + 1)
+        return kv + sum(contexts[b] + n for b, n in zip(layout.verify_batch, layout.verify_lens))
+
+    def _measure(self, rows: list[int], dense: list[int], passes: list, lens: torch.Tensor) -> None:
+        """Queue what this step measured for the policy (read once the GPU is past it) and note
+        the share of speculating requests."""
+        bs = len(rows)
+        self.profiler.note("speculating_requests_share", 1 - len(dense) / bs)
+        if self.policy is None:
+            self.profiler.note("speculating_tokens_share", 1.0)
+            return
+        done = _event(self.device)
+        host_lens = lens
+        if lens.is_cuda:
+            host_lens = torch.empty(lens.shape, dtype=lens.dtype, pin_memory=True)
+            host_lens.copy_(lens, non_blocking=True)
+        done.record()
+        speculating = [(i, row, self._generation[row]) for i, row in enumerate(rows) if row not in self.dense]
+        self._measured.append((passes, host_lens, speculating, done))
+
+    def _read_measurements(self) -> None:
+        """Fold every step the GPU has finished into the policy, oldest first, without waiting."""
+        while self._measured and self._measured[0][3].query():
+            passes, host_lens, speculating, _ = self._measured.popleft()
+            for start, end, kv, num_rows in passes:
+                self.policy.observe_pass(kv, num_rows, start.elapsed_time(end) / 1e3)
+            lens = host_lens.tolist()
+            for i, row, generation in speculating:
+                if self._generation[row] == generation:
+                    self.policy.observe_verify(row, lens[i] - 1)
+            total = sum(lens)
+            self.profiler.note("speculating_tokens_share",
+                               sum(lens[i] for i, _, _ in speculating) / total if total else 0.0)
+
+    # ------------------------------------------------------------------ one pass
+
     def _pass(self, batch: Any, saved: dict[str, Any], layout: PassLayout, indices: torch.Tensor,
               where: dict[str, slice], committed: torch.Tensor, tokens: torch.Tensor,
-              lens: torch.Tensor) -> Any:
-        """One pass on the borrowed batch: its rows' inputs, one forward, the verifies' acceptance.
-        ``indices`` holds every pass's index arrays on the device, this pass's at ``where``."""
+              lens: torch.Tensor) -> tuple[Any, tuple[Any, Any]]:
+        """One pass on the borrowed batch: its rows' inputs, one forward, the verifies' and dense
+        rows' acceptance. ``indices`` holds every pass's index arrays on the device, this pass's
+        at ``where``. Returns the logits output and the forward's (start, end) events (None
+        without adaptive speculation)."""
         state, w = self.state, self.width
         req_pool_indices, seq_lens_cpu = saved["req_pool_indices"], saved["seq_lens_cpu"]
         t, d, nv = layout.num_rows, layout.num_draft, len(layout.verify_batch)
+        nd, nr = layout.num_drafting, layout.num_draft - layout.num_drafting  # drafting, dense rows
         row_batch, row_index = indices[where["row_batch"]], indices[where["row_index"]]
         pool = req_pool_indices[row_batch]
         pos = committed[row_batch] + row_index
@@ -206,33 +354,57 @@ class UnifiedSchedule:
         verify_batch = indices[where["verify_batch"]]
         verify_pool, verify_prefix = req_pool_indices[verify_batch], committed[verify_batch]
         verify_lens = indices[where["verify_lens"]].to(torch.int32)
-        plan = self.rows.fill(
-            is_verify=torch.arange(t, device=self.device) >= d, pool=pool, seq_lens=seq_lens,
-            dense_start=state.dense_start[pool], sel_lens=state.sel_lens[pool],
-            qo_indptr=indices[where["qo_indptr"]], verify_pool=verify_pool,
-            verify_prefix=verify_prefix, verify_lens=verify_lens)
-
+        batch.seq_lens_cpu = (seq_lens_cpu[layout.row_batch]
+                              + torch.tensor(layout.row_index, dtype=seq_lens_cpu.dtype) + 1)
+        if nr == t:
+            # Every row dense: SGLang's own decode forward (no plan), exact host lengths.
+            batch.spec_info = None
+            batch.seq_lens_sum = int(batch.seq_lens_cpu.sum())
+        else:
+            rows = torch.arange(t, device=self.device)
+            batch.spec_info = self.rows.fill(
+                is_verify=rows >= d, pool=pool, seq_lens=seq_lens,
+                dense_start=state.dense_start[pool], sel_lens=state.sel_lens[pool],
+                qo_indptr=indices[where["qo_indptr"]], verify_pool=verify_pool,
+                verify_prefix=verify_prefix, verify_lens=verify_lens,
+                is_dense=(rows >= nd) & (rows < d) if nr else None)
+            batch.seq_lens_sum = None
         batch.input_ids = input_ids
         batch.req_pool_indices = pool
         batch.out_cache_loc = state.req_to_token[pool, pos].to(torch.int64)
         batch.seq_lens = seq_lens
-        batch.seq_lens_cpu = (seq_lens_cpu[layout.row_batch]
-                              + torch.tensor(layout.row_index, dtype=seq_lens_cpu.dtype) + 1)
-        batch.seq_lens_sum = None
-        batch.spec_info = plan
         forward_batch = ForwardBatch.init_new(batch, self.model_runner,
                                               return_hidden_states_before_norm=False)
         self.profiler.mark("inputs")
         self.timer.forward_start()
-        logits = self.graphs.run(forward_batch)
+        start = _event(self.device) if self.policy is not None else None
+        if start is not None:
+            start.record()
+        logits = (self.plain if batch.spec_info is None else self.graphs).run(forward_batch)
+        end = None
+        if start is not None:
+            end = _event(self.device)
+            end.record()
         self.timer.forward_end()
         self.profiler.mark("forward")
 
-        if d:
-            self.drafts[pool[:d], row_index[:d]] = torch.argmax(logits[:d], dim=-1)
+        if nd:
+            self.drafts[pool[:nd], row_index[:nd]] = torch.argmax(logits[:nd], dim=-1)
+        if nr:
+            # Dense rows: a plain decode step each, accepted as a chain of one token (the
+            # target's greedy token or its sample under the request's own parameters).
+            dense = slice(nd, d)
+            dense_batch = row_batch[dense]
+            got = accept(verify_chains(input_ids[dense], pos[dense], pos[dense], 1), batch,
+                         LogitsProcessorOutput(next_token_logits=logits[dense]),
+                         self.ctx.sampling_backend, requests=dense_batch)
+            pass_index = layout.row_index[nd]
+            tokens[dense_batch, pass_index] = got.tokens[:, 0]
+            if pass_index < self.k:
+                self.drafts[pool[dense], pass_index] = got.tokens[:, 0].to(torch.int64)  # the next pass's input
         if not nv:
             self.profiler.mark("accept")
-            return LogitsProcessorOutput(next_token_logits=logits)
+            return LogitsProcessorOutput(next_token_logits=logits), (start, end)
         if all(n == w for n in layout.verify_lens):
             chain_rows = slice(d, t)
         else:
@@ -247,7 +419,7 @@ class UnifiedSchedule:
         tokens[verify_batch] = accepted.tokens
         lens[verify_batch] = accepted.lens
         self.profiler.mark("accept")
-        return verify_logits
+        return verify_logits, (start, end)
 
     def _log(self) -> None:
         """Pass sizes: over all passes, and over the steady passes (no join, leave or offset move)
@@ -271,6 +443,36 @@ class UnifiedSchedule:
             self.steps, sum(sizes) / len(sizes), min(sizes), max(sizes), len(sizes), full,
             self.graphs.replays, json.dumps({k: round(v, 3) for k, v in self.timer.summary().items()}))
         self.timer.reset()
+
+
+class _HostEvent:
+    """A CUDA event's interface on the host clock (a device without CUDA runs each forward
+    synchronously, so the host times it)."""
+
+    def record(self) -> None:
+        self.t = time.perf_counter()
+
+    def query(self) -> bool:
+        return True
+
+    def elapsed_time(self, end: "_HostEvent") -> float:
+        return (end.t - self.t) * 1e3  # ms, as a CUDA event's
+
+
+def _event(device: torch.device) -> Any:
+    return torch.cuda.Event(enable_timing=True) if device.type == "cuda" else _HostEvent()
+
+
+def model_shape_prior(model_runner: Any) -> PassCost:
+    """The pass-cost prior of this rank's model: its weights and each KV token read once at
+    :data:`PRIOR_BANDWIDTH`, 2 FLOPs per weight and row at :data:`PRIOR_FLOPS`."""
+    params = list(model_runner.model.parameters())
+    weight_bytes = sum(p.numel() * p.element_size() for p in params)
+    pool = model_runner.token_to_kv_pool
+    kv_bytes = (pool.layer_num * pool.head_num * (pool.head_dim + pool.v_head_dim)
+                * pool.store_dtype.itemsize)
+    row_seconds = 2 * sum(p.numel() for p in params) / PRIOR_FLOPS
+    return PassCost.prior(weight_bytes, kv_bytes, PRIOR_BANDWIDTH, row_seconds=row_seconds)
 
 
 def _pack(layouts: list[PassLayout], width: int) -> tuple[list[int], list[dict[str, slice]]]:

@@ -107,12 +107,13 @@ class SparseSpecWorker(BaseSpecWorker):
         ctx = ScheduleContext(k=self.k, state=self.state, backend=backend,
                               model_runner=self.model_runner, target_worker=self.target_worker,
                               sampling_backend=get_exec().kernel.sampling_backend,
-                              delayed_verification=self.config.delayed_verification)
+                              delayed_verification=self.config.delayed_verification,
+                              adaptive=self.config.adaptive == "on")
         for name in dict.fromkeys((FALLBACK_SCHEDULE, self.config.schedule)):
             cls = schedule_class(name)
             # The configured schedule's phase times are the ones exported and profiled.
-            profiler = (CycleProfiler.configured(cls.PHASES, self.config.profile, self.tp_rank)
-                        if name == self.config.schedule else CycleProfiler(cls.PHASES))
+            profiler = (CycleProfiler.configured(cls.PHASES, self.config.profile, self.tp_rank, cls.VALUES)
+                        if name == self.config.schedule else CycleProfiler(cls.PHASES, values=cls.VALUES))
             self.schedules[name] = cls(ctx, profiler)
         if get_observability().enable_metrics and self.tp_rank == 0:
             self.schedule.profiler.export_metrics({"model_name": str(get_serving().served_model_name)})

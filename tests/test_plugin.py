@@ -129,6 +129,10 @@ def test_server_args_values_flow_into_config(sglang_loaded, model_dir):
     config = SparseSpecConfig.from_server_args(_server_args(
         model_dir, sparsespec_schedule="unified", sparsespec_disable_delayed_verify=True))
     assert config.schedule == "unified" and config.delayed_verification is False
+    assert config.adaptive == "off"  # until GPU measurements say otherwise
+    config = SparseSpecConfig.from_server_args(pickle.loads(pickle.dumps(_server_args(
+        model_dir, sparsespec_adaptive="on"))))
+    assert config.adaptive == "on" and config.schedule == "unified"
 
 
 def test_the_config_is_built_once_per_record_and_travels_with_it(sglang_loaded, model_dir):
@@ -205,6 +209,12 @@ def test_deterministic_inference_sglang_turns_on_makes_the_schedule_lockstep(sgl
     (dict(sparsespec_disable_delayed_verify=True, enable_deterministic_inference=True),
      "--sparsespec-disable-delayed-verify must be used with --sparsespec-schedule unified only"),
     (dict(sparsespec_schedule="mixed"), "--sparsespec-schedule must be one of: unified, lockstep"),
+    (dict(sparsespec_adaptive="auto"), "--sparsespec-adaptive must be one of: on, off (got 'auto')"),
+    (dict(sparsespec_adaptive=True), "--sparsespec-adaptive must be one of: on, off (got True)"),
+    (dict(sparsespec_schedule="lockstep", sparsespec_adaptive="on"),
+     "--sparsespec-adaptive must be off with --sparsespec-schedule lockstep"),
+    (dict(sparsespec_adaptive="on", enable_deterministic_inference=True),
+     "--sparsespec-adaptive must be off with --sparsespec-schedule lockstep"),
     (dict(sparsespec_schedule="unified", enable_deterministic_inference=True),
      "--sparsespec-schedule must be lockstep with --enable-deterministic-inference"),
     (dict(attention_backend="triton"), "--attention-backend"),

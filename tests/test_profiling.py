@@ -225,3 +225,25 @@ def test_pass_timer_counts_only_the_gaps_the_host_reached_late():
     assert s["outside_forward_ms_per_pass"] == pytest.approx(2.0)
     assert s["host_late_ms_per_pass"] == pytest.approx((4.0 + 1.0) / 6)
     assert s["host_late_fraction"] == pytest.approx(2 / 5)
+
+
+def test_per_step_values_are_exported_as_means_of_the_last_steps():
+    """A schedule's per-step values (the unified schedule's speculating shares) are gauges
+    ``sparsespec:<value>`` beside the phase times: the mean of the last ``gauge_every`` steps."""
+    registry = CollectorRegistry()
+    prof = CycleProfiler(PHASES, every=1000, event_factory=FakeEvent, gauge_every=2,
+                         values=("speculating_requests_share",))
+    prof.export_metrics({"model_name": "v"}, registry=registry)
+    name = "sparsespec:speculating_requests_share"
+    for cycle, share in enumerate([1.0, 0.5, 0.0, 0.25]):
+        prof.begin()
+        for phase in PHASES:
+            prof.mark(phase)
+        prof.note("speculating_requests_share", share)
+        prof.end_cycle(1, torch.tensor([1]))
+        if cycle == 1:
+            assert registry.get_sample_value(name, {"model_name": "v"}) == pytest.approx(0.75)
+    assert registry.get_sample_value(name, {"model_name": "v"}) == pytest.approx(0.125)
+    assert prof.summary()["speculating_requests_share"] == pytest.approx(0.125)
+    with pytest.raises(KeyError):
+        prof.note("unknown", 1.0)

@@ -64,10 +64,14 @@ class ToyModelRunner:
 
     def forward(self, fb):
         plan = plan_of(fb)
-        assert fb.forward_mode.is_decode() and plan is not None
+        assert fb.forward_mode.is_decode()
         pos = fb.seq_lens - 1
         nxt = target_next(fb.input_ids, pos)
         n = len(nxt)
+        if plan is None:  # a plain decode forward (a unified step whose requests are all dense)
+            assert fb.spec_info is None and fb.seq_lens_sum == int(fb.seq_lens.sum())
+            self.forwards.append((None, n))
+            return SimpleNamespace(logits_output=SimpleNamespace(next_token_logits=_logits(nxt)))
         if plan.kind is PlanKind.SPARSE_DRAFT:
             draft_rows = n
             self.draft_inputs.append((plan.draft.dense_start[:n].tolist(), plan.draft.sel_lens[:n].tolist()))
@@ -143,7 +147,7 @@ def forward_batch_of(batch, *_args, **_kwargs):
     """``ForwardBatch.init_new``: the fields the toy runner reads."""
     return SimpleNamespace(input_ids=batch.input_ids, seq_lens=batch.seq_lens,
                            forward_mode=batch.forward_mode, req_pool_indices=batch.req_pool_indices,
-                           spec_info=batch.spec_info)
+                           spec_info=batch.spec_info, seq_lens_sum=batch.seq_lens_sum)
 
 
 def patch_sglang(monkeypatch) -> None:
