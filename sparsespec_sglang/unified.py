@@ -246,7 +246,7 @@ class UnifiedSchedule:
                 dense_batch = indices[dense_at]
                 lens[dense_batch] = w
                 committed[dense_batch] += w
-                self.state.set_pending(batch.req_pool_indices[dense_batch], tokens[dense_batch, w - 1])
+                self.state.set_pending(saved["req_pool_indices"][dense_batch], tokens[dense_batch, w - 1])
             self.timer.end_step(len(layouts))
             self._measure(rows, dense, passes, lens)
             self.profiler.end_cycle(bs, lens)

@@ -71,7 +71,7 @@ def make_worker(monkeypatch, schedule: str, k: int = 3, score_norm: str = "exact
     runner = ToyModelRunner(backend)
     runner.model_config = SimpleNamespace(num_hidden_layers=2, heads_asked=[])
     runner.model_config.get_num_attention_heads = lambda tp: runner.model_config.heads_asked.append(tp) or 4
-    runner.token_to_kv_pool = SimpleNamespace(head_num=2)
+    runner.token_to_kv_pool.head_num = 2
     runner.attn_backend = backend
     runner.decode_cuda_graph_runner = None  # no CUDA graphs: every forward is eager
     target = ToyTargetWorker(runner, req_to_token)

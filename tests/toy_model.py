@@ -2,7 +2,8 @@
 
 The target's next token is a fixed function of (token, position); a draft row (a sparse draft
 step, or a row before a unified pass's verify rows) gets that token or, at some positions, a
-wrong one, so drafts are rejected at ragged points. Only SGLang's model forward, its CUDA-only
+wrong one, so drafts are rejected at ragged points, unless it attends to its whole context (a
+dense row: exact). Only SGLang's model forward, its CUDA-only
 acceptance kernel and its CUDA/sgl_kernel cache-location op are replaced; schedules, worker,
 PillarState and the plans the forward batches carry are the real ones.
 """
@@ -61,6 +62,11 @@ class ToyModelRunner:
         # as (pool row, is draft row, row dense_start, row sel_lens, state dense_start, state sel_lens)
         self.pass_rows: list[list[tuple[int, bool, int, int, int, int]]] = []
         self.state = None  # the PillarState the pass rows are compared with (set by a test)
+        self.written: list[tuple[list[int], list[int]]] = []  # per forward: (pool rows, KV positions written)
+        # The shape the adaptive policy's pass-cost prior reads (unified.model_shape_prior).
+        self.model = torch.nn.Linear(8, 8)
+        self.token_to_kv_pool = SimpleNamespace(layer_num=2, head_num=2, head_dim=8, v_head_dim=8,
+                                                store_dtype=torch.float32)
 
     def forward(self, fb):
         plan = plan_of(fb)
@@ -68,6 +74,7 @@ class ToyModelRunner:
         pos = fb.seq_lens - 1
         nxt = target_next(fb.input_ids, pos)
         n = len(nxt)
+        self.written.append((fb.req_pool_indices[:n].tolist(), pos.tolist()))
         if plan is None:  # a plain decode forward (a unified step whose requests are all dense)
             assert fb.spec_info is None and fb.seq_lens_sum == int(fb.seq_lens.sum())
             self.forwards.append((None, n))
@@ -82,7 +89,11 @@ class ToyModelRunner:
                 self.pass_rows.append([
                     (p, i < draft_rows, int(plan.rows.dense_start[i]), int(plan.rows.sel_lens[i]),
                      int(self.state.dense_start[p]), int(self.state.sel_lens[p])) for i, p in enumerate(pool)])
-        wrong = (torch.arange(n) < draft_rows) & (pos % 5 == 2)
+        # A row that attends to its whole context (dense from 0, no selection: a dense row of
+        # adaptive speculation) is exact; other draft rows are wrong at some positions.
+        full = (plan.draft.dense_start[:n] if plan.kind is PlanKind.SPARSE_DRAFT else plan.rows.dense_start[:n]) == 0
+        full &= (plan.draft.sel_lens[:n] if plan.kind is PlanKind.SPARSE_DRAFT else plan.rows.sel_lens[:n]) == 0
+        wrong = (torch.arange(n) < draft_rows) & (pos % 5 == 2) & ~full
         nxt = torch.where(wrong, (nxt + 1) % VOCAB, nxt)
         self.forwards.append((plan.kind, n))
         return SimpleNamespace(logits_output=SimpleNamespace(next_token_logits=_logits(nxt)))

@@ -1,0 +1,215 @@
+"""Adaptive speculation on the CPU: unified steps that mix dense and speculating requests.
+
+The toy model of toy_model.py stands in for SGLang's model runner (a draft row gets a wrong token
+at some positions, so drafts are rejected at ragged points; a dense row is exact: it is not a
+draft). The policy's choice is scripted (requests switch modes mid-output, some steps are all
+dense, some all speculating); everything else is the real unified schedule: the dense rows in the
+pass, their acceptance as one-token chains, PillarState's transitions, the planner's joins and
+leaves, the measurements the policy is fed. Every request's output must equal the target's greedy
+sequence at every token.
+"""
+
+from __future__ import annotations
+
+import random
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from sparsespec_sglang.config import SparseSpecConfig
+from sparsespec_sglang.forward_plan import PlanKind
+from sparsespec_sglang.pillar import PillarState
+from sparsespec_sglang.schedule import ScheduleContext
+from sparsespec_sglang.unified import UnifiedSchedule, model_shape_prior
+from toy_model import VOCAB, ToyBackend, ToyModelRunner, greedy_chain_accept, patch_sglang, target_next, toy_req
+
+NUM_ROWS, MAX_CTX = 24, 2048
+
+
+def make_schedule(k: int, adaptive: bool = True):
+    config = SparseSpecConfig(num_draft_steps=k, schedule="unified", adaptive="on" if adaptive else "off")
+    req_to_token = torch.arange(NUM_ROWS * MAX_CTX, dtype=torch.int32).view(NUM_ROWS, MAX_CTX)
+    state = PillarState(config, 2, 4, 2, req_to_token, group_scores=UnifiedSchedule.group_scores(k, NUM_ROWS))
+    backend = ToyBackend()
+    model = ToyModelRunner(backend)
+    model.state = state
+    ctx = ScheduleContext(k=k, state=state, backend=backend, model_runner=model, target_worker=None,
+                          sampling_backend="flashinfer", delayed_verification=True, adaptive=adaptive)
+    return UnifiedSchedule(ctx), state, model
+
+
+def test_the_policy_exists_only_when_adaptive_is_on():
+    schedule, _, model = make_schedule(3, adaptive=False)
+    assert schedule.policy is None
+    schedule, _, model = make_schedule(3)
+    # The prior from the model's shape: its weights and each token's KV (2 layers x 2 heads x
+    # (8 + 8) fp32 values) read once at the prior bandwidth.
+    prior = model_shape_prior(model)
+    assert prior.a == pytest.approx((8 * 8 + 8) * 4 / 3.35e12)
+    assert prior.b == pytest.approx(2 * 2 * 16 * 4 / 3.35e12) and prior.c > 0
+    assert schedule.policy.cost.cost == prior and schedule.policy.k == 3
+
+
+@pytest.mark.parametrize("k, sampled", [(3, False), (8, False), (4, True)])
+def test_mixed_dense_and_speculating_steps_emit_the_target_sequence(k, sampled, monkeypatch):
+    """``sampled``: a non-greedy batch: a dense row's one-token chain is accepted with its own
+    request's sampling parameters (temperature = pool row), as a verifying request's chain is."""
+    patch_sglang(monkeypatch)
+    rng = random.Random(10 * k + sampled)
+    schedule, state, model = make_schedule(k)
+    w = k + 1
+    widths = []
+
+    def accept(verify_input, batch, logits_output, grammar_mask, sampling_backend):
+        n = verify_input.draft_token_num
+        widths.append(n)
+        if sampled:
+            # the pass's rows: the chains' first rows are the requests' input rows
+            info = batch.sampling_info
+            assert n in (1, w)
+            rows = verify_input.draft_token.shape[0] // n
+            assert info.temperatures.shape[0] == rows and info.top_ks.shape[0] == rows
+            assert torch.equal(info.top_ks, info.temperatures.view(-1).int() * 2)
+            assert set(info.temperatures.view(-1).int().tolist()) <= expected_rows[n]
+        return greedy_chain_accept(verify_input, batch, logits_output)
+
+    monkeypatch.setattr("sparsespec_sglang.acceptance.sample_like_plain", accept)
+    # The policy's choice, scripted: a request keeps its mode or switches (probability 0.3);
+    # every 7th step all dense, every 11th all speculating.
+    mode: dict[int, bool] = {}
+    step_no = [0]
+
+    def decide(contexts):
+        n = step_no[0]
+        for row in contexts:
+            if row not in mode or rng.random() < 0.3:
+                mode[row] = rng.random() < 0.5
+            if n % 7 == 3:
+                mode[row] = False
+            elif n % 11 == 5:
+                mode[row] = True
+        return {row: mode[row] for row in contexts}
+
+    monkeypatch.setattr(schedule.policy, "decide", decide)
+    verified: list[tuple[int, int]] = []
+    passes: list[int] = []
+    real_verify, real_pass = schedule.policy.observe_verify, schedule.policy.observe_pass
+    monkeypatch.setattr(schedule.policy, "observe_verify",
+                        lambda row, n: verified.append((row, n)) or real_verify(row, n))
+    monkeypatch.setattr(schedule.policy, "observe_pass",
+                        lambda kv, rows, s: passes.append(rows) or real_pass(kv, rows, s))
+
+    free, live, expected, emitted = list(range(1, NUM_ROWS)), {}, {}, {}
+    kinds_seen, switched_in, expected_rows = set(), 0, {}
+    for step in range(70):
+        step_no[0] = step
+        for row in [r for r, req in live.items() if len(emitted[r]) >= req.max_new]:
+            live.pop(row)
+            free.append(row)
+            mode.pop(row, None)
+        while free and len(live) < 10 and rng.random() < 0.5:
+            row = free.pop(rng.randrange(len(free)))
+            prompt_len, last = rng.randint(5, 40), rng.randrange(VOCAB)
+            seq = [int(target_next(torch.tensor(last), torch.tensor(prompt_len - 1)))]
+            for p in range(prompt_len, prompt_len + 300):
+                seq.append(int(target_next(torch.tensor(seq[-1]), torch.tensor(p))))
+            expected[row], emitted[row] = seq, [seq[0]]
+            live[row] = toy_req(row, seq_len=prompt_len, max_new=rng.randint(20, 150))
+            state.init_window(torch.tensor([row]), torch.tensor([prompt_len]))
+            state.set_pending(torch.tensor([row]), torch.tensor([seq[0]]))
+            schedule.forget([row])
+        if not live:
+            continue
+        order = list(live)
+        rng.shuffle(order)
+        reqs = [live[r] for r in order]
+        seq_lens = torch.tensor([r.seq_len for r in reqs])
+        batch = SimpleNamespace(
+            reqs=reqs, req_pool_indices=torch.tensor(order), seq_lens=seq_lens, seq_lens_cpu=seq_lens.clone(),
+            seq_lens_sum=None, forward_mode=None, input_ids=None, out_cache_loc=None, spec_info=None,
+            return_logprob=False, sampling_info=SimpleNamespace(
+                is_all_greedy=not sampled, acc_additive_penalties=None, acc_scaling_penalties=None,
+                logit_bias=None))
+        if sampled:
+            pool = batch.req_pool_indices.to(torch.int32)
+            batch.sampling_info.temperatures = pool.float().view(-1, 1)
+            batch.sampling_info.top_ks = pool * 2
+        was_dense = set(schedule.dense)
+        decided = decide({r: 0 for r in order})  # what the step will be told (decide is replayable)
+        step_no[0] = step
+        mode.update(decided)
+        monkeypatch.setattr(schedule.policy, "decide", lambda contexts: {r: decided[r] for r in contexts})
+        dense = {r for r in order if not decided[r]}
+        expected_rows = {1: dense, w: set(order) - dense}
+        model.forwards.clear()
+        model.pass_rows.clear()
+        model.written.clear()
+        verified.clear()
+        passes.clear()
+        result = schedule.step(batch, order)
+        schedule._read_measurements()  # a CPU's measurements are ready at once
+        # Who is dense is the policy's choice; the planner holds exactly the speculating requests.
+        assert schedule.dense == dense and set(schedule.planner.offset) == set(order) - dense
+        kinds = {kind for kind, _ in model.forwards}
+        assert len(model.forwards) == w
+        # All dense: every pass is a plain decode forward, no plan on the batch.
+        assert kinds == ({None} if len(dense) == len(order) else {PlanKind.UNIFIED_PASS})
+        kinds_seen |= kinds
+        lens = result.accept_lens.tolist()
+        tokens = result.accept_tokens.view(len(order), w)
+        for i, row in enumerate(order):
+            n = lens[i]
+            assert n == w if row in dense else 1 <= n <= w
+            emitted[row] += tokens[i, :n].tolist()
+            assert int(result.new_seq_lens[i]) == live[row].seq_len + n
+            got = emitted[row]
+            assert got == expected[row][:len(got)], f"step {step} request {row} ({'dense' if row in dense else 'spec'})"
+            # KV written this step: a dense row k + 1 positions, a speculating one at most 2k + 1
+            # past its committed length (patches/kv_reserve.py reserves 3 (k + 1)).
+            written = [p for rows_, ps in model.written for r, p in zip(rows_, ps) if r == row]
+            start = live[row].seq_len
+            if row in dense:
+                assert sorted(written) == list(range(start, start + w))
+            else:
+                assert max(written) <= start + 2 * k
+            live[row].seq_len += n
+        # Dense rows read their whole context: no selection, dense from position 0, in the plan
+        # and in their PillarState; a request that just stopped being dense drafts first from the
+        # first-step window at its committed length.
+        for pass_rows in model.pass_rows:
+            for pool_row, sparse_row, ds, sl, state_ds, state_sl in pass_rows:
+                if pool_row in dense:
+                    assert sparse_row and (ds, sl, state_ds, state_sl) == (0, 0, 0, 0)
+        for row in (was_dense & set(order)) - dense:
+            first = next(r for r in model.pass_rows[0] if r[0] == row)
+            start = int(seq_lens[order.index(row)])
+            assert first[1] and first[4] == start and first[5] == state.selection.num_selected(start, cand_end=start)
+            switched_in += 1
+        # The policy was fed every pass (its rows) and every speculating request's verify.
+        assert passes == [n for _, n in model.forwards]
+        spec_lens = {row: lens[i] - 1 for i, row in enumerate(order) if row not in dense}
+        assert dict(verified) == spec_lens and len(verified) == len(spec_lens)
+    assert kinds_seen == {None, PlanKind.UNIFIED_PASS} and switched_in > 5
+    assert sum(len(e) for e in emitted.values()) > 800
+    assert set(widths) == {1, w}
+    shares = schedule.profiler.summary()
+    assert 0 < shares["speculating_requests_share"] <= 1 and 0 <= shares["speculating_tokens_share"] <= 1
+
+
+def test_without_adaptive_speculation_every_request_speculates(monkeypatch):
+    """--sparsespec-adaptive off: no policy, no dense rows, every pass carries a plan."""
+    patch_sglang(monkeypatch)
+    schedule, state, model = make_schedule(3, adaptive=False)
+    rows = [1, 2, 3]
+    state.init_window(torch.tensor(rows), torch.tensor([20, 30, 40]))
+    state.set_pending(torch.tensor(rows), torch.tensor([1, 2, 3]))
+    seq_lens = torch.tensor([20, 30, 40])
+    batch = SimpleNamespace(
+        reqs=[toy_req(r) for r in rows], req_pool_indices=torch.tensor(rows), seq_lens=seq_lens,
+        seq_lens_cpu=seq_lens.clone(), seq_lens_sum=None, forward_mode=None, input_ids=None,
+        out_cache_loc=None, spec_info=None, return_logprob=False, sampling_info=SimpleNamespace(
+            is_all_greedy=True, acc_additive_penalties=None, acc_scaling_penalties=None, logit_bias=None))
+    schedule.step(batch, rows)
+    assert {kind for kind, _ in model.forwards} == {PlanKind.UNIFIED_PASS} and not schedule.dense
+    assert schedule.profiler.summary()["speculating_requests_share"] == 1.0
