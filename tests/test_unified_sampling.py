@@ -70,9 +70,11 @@ def patch_sampling(monkeypatch) -> None:
     cpu_sgl_kernel.sampled_eagle_sample_on_cpu(monkeypatch)
 
 
-def sparsespec_samples(params: list[tuple[float, int, float, float]]) -> tuple[list[tuple[int, ...]], float]:
+def sparsespec_samples(params: list[tuple[float, int, float, float]],
+                       dense: bool = False) -> tuple[list[tuple[int, ...]], float]:
     """The first TOKENS output tokens of every request over ROUNDS batches, and the mean accepted
-    drafts per cycle."""
+    drafts per cycle. ``dense``: adaptive speculation with every other pair of requests decoding
+    densely (a scripted choice), so each group has dense and speculating requests."""
     num_rows = BATCH + 1
     req_to_token = torch.arange(num_rows * 64, dtype=torch.int32).view(num_rows, 64)
     config = SparseSpecConfig(num_draft_steps=K, schedule="unified")
@@ -80,7 +82,9 @@ def sparsespec_samples(params: list[tuple[float, int, float, float]]) -> tuple[l
     backend = ToyBackend()
     runner = UnifiedSchedule(ScheduleContext(
         k=K, state=state, backend=backend, model_runner=SpreadRunner(backend), target_worker=None,
-        sampling_backend="pytorch", delayed_verification=True))
+        sampling_backend="pytorch", delayed_verification=True, adaptive=dense))
+    if dense:
+        runner.policy.decide = lambda contexts: {row: (row - 1) % 4 < 2 for row in contexts}
     rows = torch.arange(1, num_rows)
     samples, accepted, cycles = [], 0, 0
     for _ in range(ROUNDS):
@@ -97,11 +101,14 @@ def sparsespec_samples(params: list[tuple[float, int, float, float]]) -> tuple[l
                 forward_mode=None, input_ids=None, out_cache_loc=None, spec_info=None, return_logprob=False,
                 sampling_info=sampling_info([params[i] for i in order.tolist()]))
             result = runner.step(batch, [int(r) for r in rows[order]])
+            assert len(runner.dense) == (BATCH // 2 if dense else 0)
             tokens = result.accept_tokens.view(BATCH, K + 1)
             for i, n in zip(order.tolist(), result.accept_lens.tolist()):
                 emitted[i] += tokens[order == i][0, :n].tolist()
-            accepted += int(result.accept_lens.sum()) - BATCH
-            cycles += BATCH
+            speculating = [(int(r) - 1) % 4 < 2 or not dense for r in rows[order]]
+            lens = result.accept_lens.tolist()
+            accepted += sum(n - 1 for n, s in zip(lens, speculating) if s)
+            cycles += sum(speculating)
             seq[order] = result.new_seq_lens
         samples += [tuple(e[:TOKENS]) for e in emitted]
     return samples, accepted / cycles
@@ -141,12 +148,15 @@ def homogeneity_p(a: list, b: list) -> float:
     return float(scipy_stats.chi2_contingency(table).pvalue)
 
 
-@pytest.mark.parametrize("case", list(CASES))
-def test_sampled_unified_steps_follow_plain_sampling(case, monkeypatch):
+@pytest.mark.parametrize("case, dense", [*((case, False) for case in CASES), ("top_k with top_p", True),
+                                         ("min_p", True)])
+def test_sampled_unified_steps_follow_plain_sampling(case, dense, monkeypatch):
+    """``dense``: half the requests decode densely (adaptive speculation): their one-token chains
+    are sampled with their own parameters, so each group still follows plain sampling."""
     patch_sampling(monkeypatch)
     groups = CASES[case]
     torch.manual_seed(1)
-    samples, mean_accepted = sparsespec_samples([groups[i % 2] for i in range(BATCH)])
+    samples, mean_accepted = sparsespec_samples([groups[i % 2] for i in range(BATCH)], dense)
     assert 0.5 < mean_accepted < K - 0.5, mean_accepted  # drafts partly accepted
     for g, param in enumerate(groups):
         spec = samples[g::2]
