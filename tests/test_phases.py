@@ -116,3 +116,33 @@ def test_every_request_verifies_once_per_step():
     with pytest.raises(ValueError, match="step boundaries"):
         planner.next_pass()
         planner.admit(next_id)
+
+
+def test_requests_switching_to_dense_and_back_leave_and_rejoin_at_step_boundaries():
+    """Adaptive speculation: a request that decodes densely has no phase (it leaves the planner
+    at a step boundary); when it speculates again it rejoins as a newcomer: a first cycle that
+    drafts before it verifies, and still one verify per step. Offsets stay balanced."""
+    k, planner = 3, PhasePlanner(3)
+    rng = random.Random(3)
+    live = set(range(16))
+    for rid in live:
+        planner.admit(rid)
+    speculating = set(live)
+    for step in range(50):
+        for rid in live:
+            if rng.random() < 0.2:  # the policy's choice, at the step boundary
+                if rid in speculating:
+                    planner.release(rid)
+                    speculating.discard(rid)
+                else:
+                    assert planner.admit(rid) != planner.pass_idx % planner.period  # drafts first
+                    speculating.add(rid)
+        assert set(planner.offset) == speculating
+        verifies = {rid: 0 for rid in speculating}
+        for j in range(k + 1):
+            roles = planner.next_pass()
+            assert set(roles.draft) | set(roles.verify) == speculating  # dense requests have no role
+            for rid in roles.verify:
+                verifies[rid] += 1
+        assert set(verifies.values()) <= {1}, f"step {step}: {verifies}"
+        assert max(planner.counts) - min(planner.counts) <= 2

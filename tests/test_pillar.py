@@ -88,3 +88,19 @@ def test_commit_starts_the_dense_tail_at_the_recent_part():
     state.sel_recent[torch.tensor([1, 3])] = torch.tensor([0, 5], dtype=torch.int32)
     state.commit(torch.tensor([3, 1]), window_start=torch.tensor([40, 9]), last_tokens=torch.tensor([1, 2]))
     assert state.dense_start.tolist() == [0, 9, 0, 35]
+
+
+def test_stopping_and_starting_speculation():
+    """Dense decoding: no selection and a dense range from position 0 (the whole context, sinks
+    included once); speculating again: the first-step window at the committed length, as after a
+    prefill of that length. Other rows and the pending tokens are untouched."""
+    state, r2t = _state()
+    state.init_window(torch.tensor([1, 2]), torch.tensor([20, 30]))
+    state.set_pending(torch.tensor([1, 2]), torch.tensor([7, 8]))
+    state.stop_speculating(torch.tensor([1]))
+    assert (int(state.dense_start[1]), int(state.sel_lens[1])) == (0, 0)
+    assert (int(state.dense_start[2]), int(state.sel_lens[2])) == (30, 8)
+    state.start_speculating(torch.tensor([1]), torch.tensor([36]))  # 16 tokens decoded densely
+    assert (int(state.dense_start[1]), int(state.sel_lens[1])) == (36, 8)  # K = ceil(0.25 * 36) capped at 8
+    assert torch.equal(state.sel_indices[:, 1, :, :8], r2t[1, 28:36].expand(3, 2, 8))
+    assert state.pending[[1, 2]].tolist() == [7, 8]
