@@ -49,12 +49,13 @@ def setup():
 
 
 def run_engine(model_dir: str, prompts: list[list[int]], stagger_s: float = 0.0, env: dict | None = None,
-               log: list | None = None, **engine: object) -> list[dict]:
+               log: list | None = None, max_new_tokens: int = MAX_NEW, **engine: object) -> list[dict]:
     """One engine in its own process; ``env`` adds environment variables, ``log`` gets its stderr."""
     settings = dict(model_path=model_dir, device="cpu", dtype="float32", skip_tokenizer_init=True,
                     disable_cuda_graph=True, disable_overlap_schedule=True, max_total_tokens=4096,
                     max_running_requests=4, chunked_prefill_size=1024, mem_fraction_static=0.5, log_level="warning")
-    spec = {"engine": {**settings, **engine}, "prompts": prompts, "max_new_tokens": MAX_NEW, "stagger_s": stagger_s}
+    spec = {"engine": {**settings, **engine}, "prompts": prompts, "max_new_tokens": max_new_tokens,
+            "stagger_s": stagger_s}
     run_env = {**os.environ, "SGLANG_USE_CPU_ENGINE": "1", "TRITON_INTERPRET": "1", CPU_TEST_ENV: "1",
                "PYTHONPATH": os.pathsep.join([str(HERE / "sgl_kernel_cpu"), os.environ.get("PYTHONPATH", "")]),
                **(env or {})}
@@ -157,3 +158,22 @@ def test_requests_retracted_mid_output_still_equal_plain(setup):
     retracted = [int(n) for n in re.findall(r"Testing retraction\. #retracted_reqs: (\d+)", log[0])]
     assert sum(retracted) > 0, log[0][-3000:]
     assert [o["output_ids"] for o in outs] == [plain, plain]
+
+
+@pytest.mark.skipif(NEWEST, reason="runs on the oldest release")
+def test_adaptive_speculation_on_sglangs_cpu_engine_equals_plain(setup):
+    """--sparsespec-adaptive on: at this context (~130 tokens) and model (0.5 GB of fp32 weights
+    against 46 KB of KV per token) the policy decodes the request densely, so its steps are plain
+    decode forwards of SGLang's (no plan on the batch), k + 1 per step; the output equals plain's
+    (the prefill's token and two steps of k = 1: a plain decode forward in the Triton interpreter
+    takes seconds, and CI's time is short)."""
+    model_dir, prompt, plain = setup
+    k = 1
+    n = 1 + 2 * (k + 1)
+    out = run_engine(model_dir, [prompt], max_new_tokens=n, speculative_algorithm="SPARSESPEC",
+                     speculative_num_steps=k, sparsespec_min_selected=MIN_SELECTED,
+                     sparsespec_adaptive="on", triton_attention_num_kv_splits=1)[0]
+    assert out["output_ids"] == plain[:n]
+    # SGLang counts a dense step's k + 1 exact tokens as k accepted drafts: every one "accepted".
+    meta = out["meta_info"]
+    assert spec_meta(meta, "accepted_drafts") == spec_meta(meta, "proposed_drafts") > 0
