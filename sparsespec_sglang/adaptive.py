@@ -1,8 +1,9 @@
 """Adaptive speculation: which requests draft sparsely and which decode densely, decided per step.
 
 Pure host-side policy (no torch): the unified schedule asks it, once per scheduler step, which
-requests speculate in the coming k + 1 passes; the others would be *dense rows*, a plain decode
-step of their request inside each pass (one exact token per pass, full attention, no verify).
+requests speculate in the coming k + 1 passes; the others are *dense rows*, a plain decode
+step of their request inside each pass (one exact token per pass, full attention, no verify;
+``unified.py``).
 
 Cost model. A decode-time forward pass is memory-bound: it reads the weights once, every KV token
 its rows attend to, and does work per row, so its time is
@@ -121,6 +122,9 @@ class AdaptivePolicy:
     min_steps: int = 4  # steps in a mode before a switch
     probe_steps: int = 64  # dense steps before speculating again to re-measure
     _requests: dict[Hashable, _Request] = field(default_factory=dict)
+    # KV tokens one draft step of each request of the last ``decide`` attends to (its cost model's
+    # input; the schedule's pass-cost observations reuse it)
+    drafted: dict[Hashable, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.k < 1:
@@ -210,6 +214,7 @@ class AdaptivePolicy:
     def decide(self, contexts: Mapping[Hashable, int]) -> dict[Hashable, bool]:
         """For each running request (its context length): True to speculate in the coming step.
         Requests not seen before start with the prior acceptance."""
+        self.drafted = {rid: self.drafted_tokens(c) for rid, c in contexts.items()}
         ratios = {rid: self.ratio(c, self._acceptance(rid)) for rid, c in contexts.items()}
         # The throughput-maximising set: best ratios first, while each beats the step's T / N.
         t = self.fixed_seconds() + sum(self.dense_seconds(c) for c in contexts.values())

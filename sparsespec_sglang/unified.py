@@ -147,6 +147,7 @@ class UnifiedSchedule:
         self.plain = ForwardGraphs(ctx.model_runner, ctx.backend, label="plain-decode")
         self._measured: collections.deque = collections.deque()
         self._generation: dict[int, int] = collections.defaultdict(int)  # per pool row: forgets
+        self._token_shares: list[float] = []  # read from finished steps, noted at a step's end
         if ctx.adaptive:
             self.policy = AdaptivePolicy(self.k, ctx.state.selection,
                                          PassCostFit(model_shape_prior(ctx.model_runner)))
@@ -207,7 +208,7 @@ class UnifiedSchedule:
         left = [r for r in [*self.planner.offset, *self.dense] if r not in batch_pos]
         for row in left:
             self._drop(row)  # finished, aborted or retracted
-        switched = self._choose_modes(batch, rows)
+        switched, cost = self._choose_modes(batch, rows)
         joined = [row for row in rows if row not in self.planner.offset and row not in self.dense]
         for row in joined:
             self.planner.admit(row)
@@ -226,7 +227,6 @@ class UnifiedSchedule:
         host, offsets = _pack(layouts, w)
         indices = torch.tensor(host + dense, dtype=torch.int64).to(self.device, non_blocking=True)
         dense_at = slice(len(host), len(host) + len(dense))
-        cost = self._kv_model(dense, batch) if self.policy is not None else None
         passes = []
         logits_output = None
         with borrowed(batch) as saved:
@@ -242,11 +242,10 @@ class UnifiedSchedule:
                     torch.get_device_module(self.device).current_stream().synchronize()
                     self.timer.waited(time.perf_counter() - t0)
             if dense:
-                # A dense request emitted one token per pass; its last one is its next input.
+                # A dense request emitted one token per pass (the last pass left it pending).
                 dense_batch = indices[dense_at]
                 lens[dense_batch] = w
                 committed[dense_batch] += w
-                self.state.set_pending(saved["req_pool_indices"][dense_batch], tokens[dense_batch, w - 1])
             self.timer.end_step(len(layouts))
             self._measure(rows, dense, passes, lens)
             self.profiler.end_cycle(bs, lens)
@@ -258,15 +257,16 @@ class UnifiedSchedule:
 
     # ------------------------------------------------------------------ adaptive speculation
 
-    def _choose_modes(self, batch: Any, rows: list[int]) -> bool:
+    def _choose_modes(self, batch: Any, rows: list[int]) -> tuple[bool, Optional[tuple]]:
         """Ask the policy which requests speculate in this step (what it measured so far folded
-        in first) and move the switching ones between the planner and the dense rows; True if
-        any switched."""
+        in first) and move the switching ones between the planner and the dense rows. Returns
+        whether any switched, and what :meth:`_pass_kv` needs (None without a policy)."""
         if self.policy is None:
-            return False
+            return False, None
         self._read_measurements()
         contexts = batch.seq_lens_cpu.tolist()
         modes = self.policy.decide({row: int(c) for row, c in zip(rows, contexts)})
+        cost = self._kv_model(rows, modes, contexts)
         stop = [i for i, row in enumerate(rows) if not modes[row] and row not in self.dense]
         start = [i for i, row in enumerate(rows) if modes[row] and row in self.dense]
         for i in stop:
@@ -281,16 +281,15 @@ class UnifiedSchedule:
         if start:
             at = torch.tensor(start, dtype=torch.int64).to(self.device, non_blocking=True)
             self.state.start_speculating(batch.req_pool_indices[at], batch.seq_lens[at])
-        return bool(stop or start)
+        return bool(stop or start), cost
 
-    def _kv_model(self, dense: list[int], batch: Any) -> tuple:
+    def _kv_model(self, rows: list[int], modes: dict[int, bool], contexts: list[int]) -> tuple:
         """Per step, what :meth:`_pass_kv` needs: the committed lengths (host values), each
-        request's KV tokens per draft step, the dense requests' summed context."""
-        contexts = batch.seq_lens_cpu.tolist()
-        dense_set = set(dense)
-        drafted = [0.0 if b in dense_set else self.policy.drafted_tokens(int(c))
-                   for b, c in enumerate(contexts)]
-        return contexts, drafted, sum(contexts[b] for b in dense), len(dense)
+        request's KV tokens per draft step (the policy's, from its decision), the dense requests'
+        summed context and count."""
+        drafted = [self.policy.drafted[row] if modes[row] else 0.0 for row in rows]
+        dense = [c for row, c in zip(rows, contexts) if not modes[row]]
+        return contexts, drafted, sum(dense), len(dense)
 
     def _pass_kv(self, layout: PassLayout, contexts: list[int], drafted: list[float],
                  dense_context: int, num_dense: int) -> float:
@@ -309,6 +308,9 @@ class UnifiedSchedule:
         if self.policy is None:
             self.profiler.note("speculating_tokens_share", 1.0)
             return
+        for share in self._token_shares:  # read at this step's start
+            self.profiler.note("speculating_tokens_share", share)
+        self._token_shares.clear()
         done = _event(self.device)
         host_lens = lens
         if lens.is_cuda:
@@ -329,8 +331,7 @@ class UnifiedSchedule:
                 if self._generation[row] == generation:
                     self.policy.observe_verify(row, lens[i] - 1)
             total = sum(lens)
-            self.profiler.note("speculating_tokens_share",
-                               sum(lens[i] for i, _, _ in speculating) / total if total else 0.0)
+            self._token_shares.append(sum(lens[i] for i, _, _ in speculating) / total if total else 0.0)
 
     # ------------------------------------------------------------------ one pass
 
@@ -390,6 +391,7 @@ class UnifiedSchedule:
 
         if nd:
             self.drafts[pool[:nd], row_index[:nd]] = torch.argmax(logits[:nd], dim=-1)
+        last_dense = None
         if nr:
             # Dense rows: a plain decode step each, accepted as a chain of one token (the
             # target's greedy token or its sample under the request's own parameters).
@@ -402,7 +404,11 @@ class UnifiedSchedule:
             tokens[dense_batch, pass_index] = got.tokens[:, 0]
             if pass_index < self.k:
                 self.drafts[pool[dense], pass_index] = got.tokens[:, 0].to(torch.int64)  # the next pass's input
+            else:
+                last_dense = (pool[dense], got.tokens[:, 0])  # the next step's first input
         if not nv:
+            if last_dense is not None:
+                state.set_pending(*last_dense)
             self.profiler.mark("accept")
             return LogitsProcessorOutput(next_token_logits=logits), (start, end)
         if all(n == w for n in layout.verify_lens):
@@ -415,6 +421,8 @@ class UnifiedSchedule:
         accepted = accept(verify_input, batch, verify_logits, self.ctx.sampling_backend,
                           requests=verify_batch, chain_lens=verify_lens)
         state.commit(verify_pool, window_start=verify_prefix, last_tokens=accepted.last_tokens)
+        if last_dense is not None:
+            state.set_pending(*last_dense)
         committed[verify_batch] = accepted.new_seq_lens
         tokens[verify_batch] = accepted.tokens
         lens[verify_batch] = accepted.lens

@@ -91,7 +91,7 @@ def test_mixed_dense_and_speculating_steps_emit_the_target_sequence(k, sampled, 
                 mode[row] = True
         return {row: mode[row] for row in contexts}
 
-    monkeypatch.setattr(schedule.policy, "decide", decide)
+    real_decide = schedule.policy.decide  # runs too (its bookkeeping), its choice overridden
     verified: list[tuple[int, int]] = []
     passes: list[int] = []
     real_verify, real_pass = schedule.policy.observe_verify, schedule.policy.observe_pass
@@ -139,7 +139,8 @@ def test_mixed_dense_and_speculating_steps_emit_the_target_sequence(k, sampled, 
         decided = decide({r: 0 for r in order})  # what the step will be told (decide is replayable)
         step_no[0] = step
         mode.update(decided)
-        monkeypatch.setattr(schedule.policy, "decide", lambda contexts: {r: decided[r] for r in contexts})
+        monkeypatch.setattr(schedule.policy, "decide",
+                            lambda contexts: real_decide(contexts) and {r: decided[r] for r in contexts})
         dense = {r for r in order if not decided[r]}
         expected_rows = {1: dense, w: set(order) - dense}
         model.forwards.clear()

@@ -64,7 +64,8 @@ def patch_worker_runtime(monkeypatch) -> None:
     monkeypatch.setattr("sparsespec_sglang.profiling.torch.cuda.Event", lambda **_: FakeEvent())
 
 
-def make_worker(monkeypatch, schedule: str, k: int = 3, score_norm: str = "exact", **runtime):
+def make_worker(monkeypatch, schedule: str, k: int = 3, score_norm: str = "exact", adaptive: str = "off",
+                **runtime):
     patch_worker_runtime(monkeypatch)
     req_to_token = torch.arange(NUM_ROWS * MAX_CTX, dtype=torch.int32).view(NUM_ROWS, MAX_CTX)
     backend = ToyBackend()
@@ -78,6 +79,7 @@ def make_worker(monkeypatch, schedule: str, k: int = 3, score_norm: str = "exact
     server_args = SimpleNamespace(
         speculative_num_steps=k,
         _sparsespec_args={"sparsespec_schedule": schedule, "sparsespec_score_norm": score_norm,
+                          "sparsespec_adaptive": adaptive,
                           "sparsespec_min_selected": 4, "sparsespec_max_selected": 32})
     with sglang_runtime(**runtime):
         # As SGLang's scheduler builds and initialises a draft worker (keyword arguments).
