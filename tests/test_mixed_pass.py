@@ -34,7 +34,9 @@ def _ints(values) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.int32, device=DEVICE)
 
 
-def _run_pass(keep_group: tuple[int, int] | None, score_norm: str, streams=None):
+def _run_pass(keep_group: tuple[int, int] | None, score_norm: str, streams=None, dense_first: bool = False):
+    """``dense_first``: the first request decodes densely (adaptive speculation): its row reads
+    from position 0 with no selection."""
     gen = torch.Generator().manual_seed(0)
     config = SparseSpecConfig(num_draft_steps=K, sparsity=0.2, min_selected=2, max_selected=16,
                               num_sink_tokens=2, score_norm=score_norm)
@@ -56,6 +58,8 @@ def _run_pass(keep_group: tuple[int, int] | None, score_norm: str, streams=None)
     t = len(row_pool)
     rows = MixedRows.allocate(K + 1, 32, DEVICE)
     rows.dense_start[:t] = _ints([n - 2 for n in draft_len] + seq_lens[3:])
+    if dense_first:
+        rows.dense_start[0] = 0
     rows.sel_lens[:t] = 0
     rows.ring_rows[:t] = _ints(draft_pool + [0] * 7)
     rows.verify_rows[:2], rows.verify_prefix[:2] = _ints(verify_pool), _ints(prefix)
@@ -202,3 +206,23 @@ def test_the_streams_of_a_pass_order_every_conflicting_kernel(monkeypatch):
             assert hb(verify[lid], decode[lid + 1]) and hb(verify[lid], verify[lid + 1])
     assert hb(topk[0], verify[2])  # group 0's scores are read before layer 2 overwrites slot 0
     assert all(hb(op, end) for op in log.ops[:-1])
+
+
+def test_a_dense_row_attends_to_its_whole_context_exactly():
+    """A dense row of a unified pass (dense start 0, no selection) is a plain decode step's
+    attention: softmax over every one of its context's slots, the sinks counted once; the pass's
+    other rows are unchanged."""
+    out, state, p = _run_pass((2, 4), "exact", dense_first=True)
+    base, _, _ = _run_pass((2, 4), "exact")
+    fb = p.forward_batch
+    pool, n = int(fb.req_pool_indices[0]), int(fb.seq_lens[0])
+    slots = state.req_to_token[pool, :n].long()
+    for lid, (q, k_buf, v_buf, scale) in enumerate(p.inputs):
+        k, v = k_buf[slots], v_buf[slots]  # [n, Hkv, D]
+        g = HQ // HKV
+        qk = torch.einsum("hd,nhd->hn", q[0], k.repeat_interleave(g, dim=1)) * scale
+        want = torch.einsum("hn,nhd->hd", qk.softmax(-1), v.repeat_interleave(g, dim=1))
+        got = out[lid].view(-1, HQ, D)
+        torch.testing.assert_close(got[0], want, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(got[1:], base[lid].view(-1, HQ, D)[1:], rtol=0, atol=0)
+    assert not torch.allclose(out[0].view(-1, HQ, D)[0], base[0].view(-1, HQ, D)[0])
