@@ -74,12 +74,13 @@ def config_flags(name: str, k: int, hicache_size_gb: int) -> list[str]:
         "sparsespec-nodelay": [*sparsespec, *hicache, "--sparsespec-disable-delayed-verify"],
         "sparsespec-draftnorm": [*sparsespec, *hicache, "--sparsespec-score-norm", "draft"],
         "sparsespec-no-hicache": sparsespec,
+        "sparsespec-adaptive": [*sparsespec, *hicache, "--sparsespec-adaptive", "on"],
     }
     return configs[name]
 
 
 CONFIGS = ("plain", "plain-flashinfer", "plain-hicache", "ngram", "sparsespec", "sparsespec-lockstep", "sparsespec-nodelay",
-           "sparsespec-draftnorm", "sparsespec-no-hicache")
+           "sparsespec-draftnorm", "sparsespec-no-hicache", "sparsespec-adaptive")
 
 
 def is_speculative(flags: Sequence[str]) -> bool:

@@ -38,7 +38,8 @@ import torch
 from tqdm import tqdm
 
 RUNS = ("plain", "plain-hicache", "ngram", "sparsespec", "sparsespec-draftnorm", "sparsespec-draftnorm-hicache",
-        "sparsespec-unified", "sparsespec-draftnorm-unified", "sparsespec-draftnorm-unified-nodelay")
+        "sparsespec-unified", "sparsespec-draftnorm-unified", "sparsespec-draftnorm-unified-nodelay",
+        "sparsespec-unified-adaptive")
 
 
 @contextlib.contextmanager
@@ -176,6 +177,9 @@ def main() -> int:
         "sparsespec-draftnorm-unified-nodelay": dict(
             speculative_algorithm="SPARSESPEC", sparsespec_schedule="unified", sparsespec_score_norm="draft",
             sparsespec_disable_delayed_verify=True, **spec),
+        # Each request speculates or decodes densely, chosen per step (adaptive speculation).
+        "sparsespec-unified-adaptive": dict(speculative_algorithm="SPARSESPEC", sparsespec_schedule="unified",
+                                            sparsespec_adaptive="on", **spec),
     }
     report = {"command": " ".join(sys.argv), "gpu": torch.cuda.get_device_name(),
               "torch": torch.__version__, "shape": args.shape, "k": args.k,

@@ -37,6 +37,7 @@ CONFIGS = {
     "sparsespec-unified": "unified, exact scores (default)",
     "sparsespec-draftnorm-unified": "unified, draft scores",
     "sparsespec-draftnorm-unified-nodelay": "unified, draft scores, no delayed verification",
+    "sparsespec-unified-adaptive": "unified, exact scores, adaptive speculation",
 }
 DEFAULT_RUNS = {"sparsespec-unified"}
 # bench_saturated.py configurations (its files have a "mode"): there "sparsespec" is the default.
@@ -48,6 +49,7 @@ SATURATED_CONFIGS = {
     "sparsespec-nodelay": "unified, exact scores, HiCache, no delayed verification",
     "sparsespec-draftnorm": "unified, draft scores, HiCache",
     "sparsespec-no-hicache": "unified, exact scores",
+    "sparsespec-adaptive": "unified, exact scores, HiCache, adaptive speculation",
 }
 SATURATED_DEFAULT_RUNS = {"sparsespec"}
 FASTEST_PLAIN = "fastest-plain"

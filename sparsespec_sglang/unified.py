@@ -42,8 +42,8 @@ import collections
 import json
 import logging
 import time
-from dataclasses import dataclass
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, ClassVar, Optional
 
 import torch

@@ -215,6 +215,7 @@ def test_deterministic_inference_sglang_turns_on_makes_the_schedule_lockstep(sgl
      "--sparsespec-adaptive must be off with --sparsespec-schedule lockstep"),
     (dict(sparsespec_adaptive="on", enable_deterministic_inference=True),
      "--sparsespec-adaptive must be off with --sparsespec-schedule lockstep"),
+    (dict(sparsespec_adaptive="on", tp_size=2), "--sparsespec-adaptive must be off with --tp-size above 1"),
     (dict(sparsespec_schedule="unified", enable_deterministic_inference=True),
      "--sparsespec-schedule must be lockstep with --enable-deterministic-inference"),
     (dict(attention_backend="triton"), "--attention-backend"),

@@ -601,3 +601,19 @@ def test_a_forward_plan_reaches_the_backend_as_the_batchs_spec_info():
     assert isinstance(plan, SpecInput) and plan.num_tokens_per_req == 1
     assert not plan.is_draft_input() and not plan.is_verify_input()
     assert get_required_capture_hidden_mode(CaptureHiddenMode.NULL, plan) == CaptureHiddenMode.NULL
+
+
+def test_what_adaptive_speculation_reads_of_sglang():
+    """``--sparsespec-adaptive on``: the pass-cost prior reads the KV pool's shape
+    (``unified.model_shape_prior``), and an all-dense unified pass is a plain DECODE forward with
+    no ``spec_info``, which the model runner's verify-width graphs refuse by its width (it runs on
+    the schedule's own plain decode graphs, or eagerly)."""
+    from sglang.srt.mem_cache.memory_pool import KVCache, MHATokenToKVPool
+
+    from sparsespec_sglang.compat import DecodeCudaGraphRunner
+
+    init = inspect.getsource(KVCache.__init__) + inspect.getsource(MHATokenToKVPool.__init__)
+    for attr in ("layer_num", "head_num", "head_dim", "v_head_dim", "store_dtype"):
+        assert f"self.{attr} =" in init, attr
+    assert "forward_batch.batch_size * self.captured_req_width" in inspect.getsource(
+        DecodeCudaGraphRunner.can_run_graph)
