@@ -214,3 +214,42 @@ def test_without_adaptive_speculation_every_request_speculates(monkeypatch):
     schedule.step(batch, rows)
     assert {kind for kind, _ in model.forwards} == {PlanKind.UNIFIED_PASS} and not schedule.dense
     assert schedule.profiler.summary()["speculating_requests_share"] == 1.0
+
+
+@pytest.mark.parametrize("kv_bound", [False, True])
+def test_the_worker_with_the_real_policy_emits_the_target_sequence(monkeypatch, kv_bound):
+    """--sparsespec-adaptive on through the worker, the policy choosing from its own cost model and
+    measurements (host-timed passes on a CPU, where a pass's fixed cost dominates: once measured,
+    every request decodes densely) or, ``kv_bound``, from a pass cost whose KV term dominates and
+    that the measurements barely move (requests speculate once their context outgrows a draft
+    step's reads, so short ones switch mid-output). Every request's output is the target's."""
+    from test_lockstep import Requests, _apply, make_worker
+
+    from sparsespec_sglang.adaptive import PassCost, PassCostFit
+
+    worker, runner, _ = make_worker(monkeypatch, "unified", k=3, adaptive="on")
+    schedule = worker.schedule
+    if kv_bound:
+        schedule.policy.cost = PassCostFit(PassCost(1e-3, 1e-3, 0.0), prior_weight=1e12)
+    requests = Requests(5)
+    steps, shares, started = 0, [], 0
+    for step in range(40):
+        requests.finish()
+        if requests.rng.random() < 0.4 and requests.free:
+            batch = requests.prefill_batch(requests.rng.randint(1, 3))
+            _apply(worker.forward_batch_generation(batch), batch, 3)
+        if not requests.live:
+            continue
+        batch = requests.decode_batch()
+        dense_before = set(schedule.dense)
+        _apply(worker.forward_batch_generation(batch), batch, 3)  # asserts the target sequence
+        rows = {r.req_pool_idx for r in batch.reqs}
+        assert set(schedule.policy.drafted) == rows
+        shares.append(1 - len(schedule.dense & rows) / len(rows))
+        started += len((dense_before & rows) - schedule.dense)
+        steps += 1
+    assert steps > 30 and schedule.policy.cost.samples > 0
+    if kv_bound:
+        assert 0 < min(shares) and max(shares) == 1 and started > 0
+    else:
+        assert max(shares[-10:]) == 0
