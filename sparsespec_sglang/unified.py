@@ -357,10 +357,11 @@ class UnifiedSchedule:
         verify_lens = indices[where["verify_lens"]].to(torch.int32)
         batch.seq_lens_cpu = (seq_lens_cpu[layout.row_batch]
                               + torch.tensor(layout.row_index, dtype=seq_lens_cpu.dtype) + 1)
+        # No host sum of the lengths: the host's lengths can lag the device's under the overlap
+        # scheduler, and SGLang's decode path (an all-dense pass) then sizes from the device's.
+        batch.seq_lens_sum = None
         if nr == t:
-            # Every row dense: SGLang's own decode forward (no plan), exact host lengths.
-            batch.spec_info = None
-            batch.seq_lens_sum = int(batch.seq_lens_cpu.sum())
+            batch.spec_info = None  # every row dense: SGLang's own decode forward, no plan
         else:
             rows = torch.arange(t, device=self.device)
             batch.spec_info = self.rows.fill(
@@ -369,7 +370,6 @@ class UnifiedSchedule:
                 qo_indptr=indices[where["qo_indptr"]], verify_pool=verify_pool,
                 verify_prefix=verify_prefix, verify_lens=verify_lens,
                 is_dense=(rows >= nd) & (rows < d) if nr else None)
-            batch.seq_lens_sum = None
         batch.input_ids = input_ids
         batch.req_pool_indices = pool
         batch.out_cache_loc = state.req_to_token[pool, pos].to(torch.int64)
