@@ -44,6 +44,22 @@ def _trace_one_step(worker, batch) -> list[str]:
     return stays
 
 
+def _count_passes(stays: list[str], head: list[str], forward: list[str], tail: list[str],
+                  *endings: list[str]) -> int:
+    """The step's passes in ``stays``: ``head``, then per pass ``forward`` and one of ``endings``
+    (or none where the first ending is optional: a pass without verifies), then ``tail``."""
+    assert stays[:len(head)] == head and stays[-len(tail):] == tail, " ".join(stays)
+    passes, i = 0, len(head)
+    while i < len(stays) - len(tail):
+        assert stays[i:i + len(forward)] == forward, stays
+        i += len(forward)
+        ending = next((e for e in endings if stays[i:i + len(e)] == e), None)
+        assert ending is not None or len(endings) == 1, stays
+        i += len(ending or [])
+        passes += 1
+    return passes
+
+
 def test_one_unified_step_walks_the_documented_stays(monkeypatch):
     worker, _, _ = make_worker(monkeypatch, "unified", k=3)
     requests = Requests(7)
@@ -54,15 +70,7 @@ def test_one_unified_step_walks_the_documented_stays(monkeypatch):
     forward = ["forward_plan.py", "profiling.py", "forward_graphs.py", "attention.py", "profiling.py"]
     verify = ["acceptance.py", "pillar.py", "profiling.py"]  # passes with verifying requests
     tail = ["schedule.py", "lockstep.py"]
-    assert stays[:len(head)] == head and stays[-len(tail):] == tail
-    passes, i = 0, len(head)
-    while i < len(stays) - len(tail):
-        assert stays[i:i + len(forward)] == forward, stays
-        i += len(forward)
-        if stays[i:i + len(verify)] == verify:
-            i += len(verify)
-        passes += 1
-    assert passes == 4  # k + 1
+    assert _count_passes(stays, head, forward, tail, verify) == 4  # k + 1
     walk = head + forward + verify + tail  # the pass loop walked once
     returns = sum(module in walk[:i] for i, module in enumerate(walk))
     assert returns == 4  # the documented 5, less the graph replay's compat/ stay
@@ -92,18 +100,7 @@ def test_an_adaptive_step_adds_the_policy_and_the_mode_transitions(monkeypatch):
     verify = ["acceptance.py", "pillar.py", "profiling.py"]  # verifies, or the last pass's dense rows
     dense = ["acceptance.py", "profiling.py"]  # a pass with dense rows and no verify
     tail = ["schedule.py", "lockstep.py"]
-    assert stays[:len(head)] == head and stays[-len(tail):] == tail, " ".join(stays)
-    passes, i = 0, len(head)
-    while i < len(stays) - len(tail):
-        assert stays[i:i + len(forward)] == forward, stays
-        i += len(forward)
-        if stays[i:i + len(verify)] == verify:
-            i += len(verify)
-        else:
-            assert stays[i:i + len(dense)] == dense, stays
-            i += len(dense)
-        passes += 1
-    assert passes == 4
+    assert _count_passes(stays, head, forward, tail, verify, dense) == 4
     # the documented walk's attention layers: attention.py, then selection.py and kernels/
     walk = head + forward[:4] + ["selection.py", "kernels/"] + forward[4:] + verify + tail
     returns = sum(module in walk[:i] for i, module in enumerate(walk))
