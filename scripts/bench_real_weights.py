@@ -82,6 +82,7 @@ CONFIGS: dict[str, list[str]] = {
     "ngram": ["--attention-backend", "triton", "--speculative-algorithm", "NGRAM",
               "--speculative-num-draft-tokens", "9"],
     "sparsespec": ["--speculative-algorithm", "SPARSESPEC"],
+    "sparsespec-adaptive": ["--speculative-algorithm", "SPARSESPEC", "--sparsespec-adaptive", "on"],
 }
 BASELINE = "plain"
 DEFAULT_CONFIGS = ("plain", "ngram", "sparsespec")

@@ -37,7 +37,7 @@ from typing import Iterator
 import torch
 from tqdm import tqdm
 
-RUNS = ("plain", "plain-hicache", "ngram", "sparsespec", "sparsespec-draftnorm", "sparsespec-draftnorm-hicache",
+RUNS = ("plain", "plain-flashinfer", "plain-hicache", "ngram", "sparsespec", "sparsespec-draftnorm", "sparsespec-draftnorm-hicache",
         "sparsespec-unified", "sparsespec-draftnorm-unified", "sparsespec-draftnorm-unified-nodelay",
         "sparsespec-unified-adaptive")
 
@@ -156,6 +156,8 @@ def main() -> int:
     spec = dict(speculative_num_steps=args.k)
     configs = {
         "plain": dict(attention_backend="triton"),
+        # Plain SGLang with its fastest decode backend on Hopper: the baseline a user would run.
+        "plain-flashinfer": dict(attention_backend="flashinfer"),
         # Plain decoding whose retracted requests keep their KV in HiCache's host pool (issue 6).
         "plain-hicache": dict(attention_backend="triton", enable_hierarchical_cache=True,
                               sparsespec_keep_retracted_kv=True),

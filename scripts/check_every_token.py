@@ -270,6 +270,8 @@ def main() -> int:
     ap.add_argument("--sparsity", type=float, default=0.05)
     ap.add_argument("--min-selected", type=int, default=None, help="--sparsespec-min-selected (default: plugin's)")
     ap.add_argument("--schedule", default="unified", choices=("unified", "lockstep"), help="--sparsespec-schedule")
+    ap.add_argument("--adaptive", default="off", choices=("on", "off"),
+                    help="--sparsespec-adaptive: each request speculates or decodes densely, chosen per step")
     ap.add_argument("--max-total-tokens", type=int, default=None,
                     help="cap the SPARSESPEC engine's KV pool (tokens) so requests are retracted mid-output")
     ap.add_argument("--enable-hierarchical-cache", action="store_true",
@@ -307,7 +309,8 @@ def main() -> int:
                 for _ in prompts]
 
     spec_kwargs: dict[str, Any] = dict(speculative_algorithm="SPARSESPEC", speculative_num_steps=args.k,
-                                       sparsespec_sparsity=args.sparsity, sparsespec_schedule=args.schedule)
+                                       sparsespec_sparsity=args.sparsity, sparsespec_schedule=args.schedule,
+                                       sparsespec_adaptive=args.adaptive)
     if args.min_selected is not None:
         spec_kwargs["sparsespec_min_selected"] = args.min_selected
     if args.max_total_tokens:
@@ -361,6 +364,7 @@ def main() -> int:
     report = {
         "command": " ".join(sys.argv), "versions": provenance.versions(), "machine": platform.node(),
         "model": args.model_dir or f"random {args.shape}", "dtype": args.dtype, "schedule": args.schedule,
+        "adaptive": args.adaptive,
         "k": args.k, "sparsity": args.sparsity, "min_selected": args.min_selected,
         "num_prompts": args.num_prompts, "max_new_tokens": args.max_new_tokens,
         "ragged": args.ragged_max_new_tokens, "stagger_s": args.stagger_s, "ignore_eos": not args.stop_at_eos,

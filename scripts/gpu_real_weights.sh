@@ -32,6 +32,7 @@
 #                 ~8 min for few-shot gsm on SmolLM2 with 14 workers; longgen 8 prompts ~9 min
 #   lossless-unified   every-token check, 64 x 2048, unified schedule (the default)                ~4-6 min
 #   lossless-lockstep  the same, lockstep schedule                                                 ~4-6 min
+#   lossless-adaptive  the same, unified with --sparsespec-adaptive on (dense and speculating rows) ~4-6 min
 #   lossless-retract   pool capped at ~50% of the final KV + HiCache, staggered arrival, ragged
 #                      lengths (requests join and leave, and are retracted mid-output)              ~5-7 min
 #   lossless-det       --deterministic: SPARSESPEC ids must equal a plain deterministic decode    ~5-7 min
@@ -123,6 +124,8 @@ case "${1:-}" in
     every_token unified --schedule unified ;;
   lossless-lockstep)
     every_token lockstep --schedule lockstep ;;
+  lossless-adaptive)
+    every_token adaptive --schedule unified --adaptive on ;;
   lossless-retract)
     every_token retract_hicache --schedule unified --max-total-tokens "${POOL_TOKENS:-70000}" \
       --enable-hierarchical-cache --stagger-s 0.05 --ragged-max-new-tokens ;;
@@ -149,6 +152,6 @@ case "${1:-}" in
     [ -n "$files" ] || { echo "no $speed_keep/speed_*.json on this host: run the speed stage first" >&2; exit 2; }
     python scripts/bench_real_weights.py --merge $files --out "$out/speed.json" || true ;;
   *)
-    echo "usage: $0 {pieces|build|accept [MIN_SELECTED...]|select|lossless-unified|lossless-lockstep|lossless-retract|lossless-det|sampling|entrypoints|speed|speed-merge}" >&2
+    echo "usage: $0 {pieces|build|accept [MIN_SELECTED...]|select|lossless-unified|lossless-lockstep|lossless-adaptive|lossless-retract|lossless-det|sampling|entrypoints|speed|speed-merge}" >&2
     exit 2 ;;
 esac
