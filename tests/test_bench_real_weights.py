@@ -106,7 +106,7 @@ def test_every_run_parses_with_the_tools_own_parser(tool_parser, tiny_model_dir,
     assert ns.num_prompts == 256 and ns.sharegpt_output_len == 4096 and not ns.disable_ignore_eos
     assert not ns.apply_chat_template and ns.skip_warmup and ns.seed == brw.SEED
     assert ns.max_running_requests == 256 and ns.cuda_graph_max_bs_decode == 256 and ns.disable_prefill_cuda_graph
-    spec = {"ngram": "NGRAM", "sparsespec": "SPARSESPEC"}.get(name)
+    spec = {"ngram": "NGRAM", "sparsespec": "SPARSESPEC", "sparsespec-adaptive": "SPARSESPEC"}.get(name)
     assert ns.speculative_algorithm == spec
     assert ns.attention_backend == {"plain": "torch_native", "plain-triton": "triton", "ngram": "triton"}.get(name)
     # SGLang's and the plugin's resolution keep the whole batch running at once (SPARSESPEC's own
