@@ -243,20 +243,35 @@ def run_numbers(result: Optional[Mapping[str, Any]], observed: Optional[Mapping[
 
 
 def add_ratios(report: dict) -> None:
-    """``ratio[f"{config}/plain"][batch]``: output tokens/s over plain's at the same batch size."""
+    """``ratio[f"{config}/plain"][batch]``: output tokens/s over plain's (SGLang's default attention
+    backend) at the same batch size, and ``ratio[f"{config}/fastest-plain"][batch]`` over the
+    fastest plain configuration measured at that batch (named in ``fastest_plain``): the baseline a
+    user would pick."""
     tput: dict[str, dict[int, float]] = {}
     for r in report["runs"]:
         if r.get("output_tok_per_s"):
             tput.setdefault(r["config"], {})[r["batch"]] = r["output_tok_per_s"]
-    base = tput.get(BASELINE, {})
+    fastest: dict[int, str] = {}
+    for name, by_batch in tput.items():
+        if name.startswith(BASELINE):
+            for b, v in by_batch.items():
+                if b not in fastest or v > tput[fastest[b]][b]:
+                    fastest[b] = name
     ratio = {}
     for name, by_batch in tput.items():
-        if name == BASELINE:
+        if name.startswith(BASELINE):
+            if name != BASELINE and tput.get(BASELINE):
+                common = {str(b): v / tput[BASELINE][b] for b, v in sorted(by_batch.items()) if b in tput[BASELINE]}
+                if common:
+                    ratio[f"{name}/{BASELINE}"] = common
             continue
-        common = {str(b): v / base[b] for b, v in sorted(by_batch.items()) if b in base}
-        if common:
-            ratio[f"{name}/{BASELINE}"] = common
+        for key, base_of in ((BASELINE, lambda b: BASELINE), ("fastest-plain", lambda b: fastest.get(b))):
+            common = {str(b): v / tput[base_of(b)][b] for b, v in sorted(by_batch.items())
+                      if base_of(b) in tput and b in tput[base_of(b)]}
+            if common:
+                ratio[f"{name}/{key}"] = common
     report["ratio"] = ratio
+    report["fastest_plain"] = {str(b): n for b, n in sorted(fastest.items())}
 
 
 def _tail(path: Path, n: int = 40) -> str:

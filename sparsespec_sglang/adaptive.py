@@ -6,9 +6,11 @@ step of their request inside each pass (one exact token per pass, full attention
 ``unified.py``).
 
 Cost model. A decode-time forward pass is memory-bound: it reads the weights once, every KV token
-its rows attend to, and does work per row, so its time is
+its rows attend to, and does work per row; a pass that carries a plan (draft or verify rows)
+also pays the plan's fixed cost over a plain decode forward (its inputs, the selection's top-K,
+the verify's scores, and whatever host time the GPU waits for), so its time is
 
-    T = a + b * kv_tokens + c * rows.
+    T = a + plan * [the pass carries a plan] + b * kv_tokens + c * rows.
 
 Over one scheduler step (k + 1 passes) a request that decodes densely reads its context C in each
 pass and yields k + 1 tokens; a speculating request drafts k tokens through its sparse selection
@@ -22,19 +24,23 @@ Self-speculation never yields more tokens per pass than dense decoding (its draf
 each); it wins only by reading less KV. So speculating request i saves time s_i and gives up
 g_i = k - accepted_i tokens, and the step's throughput N / T (with the fixed (k + 1) * a in T)
 rises iff s_i / g_i exceeds the step's time per token T / N. ``decide`` takes the requests in
-order of s_i / g_i while that holds (Dinkelbach: the set maximising N / T); a weight-bound step
-(small batch, short contexts: large a against the KV terms) therefore decodes densely, and a
-KV-bound step (large batch, long contexts) speculates the requests that accept well.
+order of s_i / g_i while that holds (Dinkelbach: the set maximising N / T with the plan's cost
+(k + 1) * plan in T), and keeps it only if its N / T beats the all-dense step's, which pays no
+plan. A weight-bound step (small batch, short contexts: large a against the KV terms) or one
+whose plan costs more than the KV it saves therefore decodes densely, and a KV-bound step (large
+batch, long contexts) speculates the requests that accept well.
 K is the selection policy's (``selection.SelectionPolicy``, the one home of K), the tail averages
 k / 2 + 1 tokens, and ``accepted`` is the request's own exponential moving average of accepted
-drafts per verify. ``a, b, c`` start from a prior (the model shape and the GPU's bandwidth) and
-are refitted online from measured pass times (recursive least squares with forgetting,
+drafts per verify. ``a, plan, b, c`` start from a prior (the model shape and the GPU's bandwidth)
+and are refitted online from measured pass times (recursive least squares with forgetting,
 ``PassCostFit``).
 
 Hysteresis: a request switches mode only when its ratio clears the step's time per token by
-``margin`` in the switching direction and it has spent ``min_steps`` steps in its current one. A dense request yields no acceptance, so every
-``probe_steps`` dense steps a request whose context has grown speculates again for ``min_steps``
-steps to re-measure. With every request dense, a step is k + 1 plain decode passes.
+``margin`` in the switching direction and it has spent ``min_steps`` steps in its current one. A
+dense request yields no acceptance, so every ``probe_steps`` steps (one clock for the whole batch,
+so that the probes share their planned passes) the dense requests whose contexts have grown
+speculate again for ``min_steps`` steps to re-measure. With every request dense, a step is k + 1
+plain decode passes.
 """
 
 from __future__ import annotations
@@ -47,57 +53,69 @@ from sparsespec_sglang.selection import SelectionPolicy
 
 @dataclass(frozen=True)
 class PassCost:
-    """T = a + b * kv_tokens + c * rows, in seconds."""
+    """T = a + plan * planned + b * kv_tokens + c * rows, in seconds (``planned``: the pass carries
+    draft or verify rows; an all-dense pass is a plain decode forward)."""
 
     a: float
     b: float
     c: float
+    plan: float = 0.0
 
     def __post_init__(self) -> None:
-        if min(self.a, self.b, self.c) < 0:
+        if min(self.a, self.b, self.c, self.plan) < 0:
             raise ValueError(f"pass cost terms must be >= 0 (got {self})")
 
-    def seconds(self, kv_tokens: float, rows: float) -> float:
-        return self.a + self.b * kv_tokens + self.c * rows
+    def seconds(self, kv_tokens: float, rows: float, planned: bool = True) -> float:
+        return self.a + self.plan * planned + self.b * kv_tokens + self.c * rows
 
     @staticmethod
     def prior(weight_bytes: float, kv_bytes_per_token: float, bandwidth: float,
-              row_seconds: float = 0.0) -> "PassCost":
+              row_seconds: float = 0.0, plan_seconds: float = 0.0) -> "PassCost":
         """From the model shape: the weights and each KV token read once at ``bandwidth`` bytes/s."""
         if bandwidth <= 0:
             raise ValueError(f"bandwidth must be > 0 bytes/s (got {bandwidth})")
-        return PassCost(weight_bytes / bandwidth, kv_bytes_per_token / bandwidth, row_seconds)
+        return PassCost(weight_bytes / bandwidth, kv_bytes_per_token / bandwidth, row_seconds, plan_seconds)
 
 
 class PassCostFit:
-    """Recursive least squares over (1, kv_tokens, rows) -> seconds, forgetting old passes at
-    ``forget`` per sample, starting from a prior that counts as ``prior_weight`` passes."""
+    """Recursive least squares over (1, planned, kv_tokens, rows) -> seconds, forgetting old passes
+    at ``forget`` per sample, starting from a prior that counts as ``prior_weight`` passes.
+
+    The covariance's trace is held at or below the prior's: a direction the passes do not excite
+    (e.g. ``planned`` while every pass carries a plan) would otherwise grow by 1 / forget per
+    sample without bound and make the next informative pass swing the estimate."""
 
     # Regressors are scaled to order one (a pass reads ~10^5-10^6 KV tokens over ~10^2-10^3
     # rows) so the update stays well conditioned in double precision.
-    SCALE = (1.0, 1e5, 1e2)
+    SCALE = (1.0, 1.0, 1e5, 1e2)
 
     def __init__(self, prior: PassCost, forget: float = 0.99, prior_weight: float = 1.0) -> None:
         if not 0 < forget <= 1 or prior_weight <= 0:
             raise ValueError(f"forget must be in (0, 1] and prior_weight > 0 (got {forget}, {prior_weight})")
         self.forget = forget
-        self.theta = [prior.a * self.SCALE[0], prior.b * self.SCALE[1], prior.c * self.SCALE[2]]
-        self.P = [[1.0 / prior_weight if i == j else 0.0 for j in range(3)] for i in range(3)]
+        n = len(self.SCALE)
+        self.theta = [t * s for t, s in zip((prior.a, prior.plan, prior.b, prior.c), self.SCALE)]
+        self.P = [[1.0 / prior_weight if i == j else 0.0 for j in range(n)] for i in range(n)]
+        self.max_trace = n / prior_weight
         self.samples = 0
 
     @property
     def cost(self) -> PassCost:
-        a, b, c = (max(t, 0.0) / s for t, s in zip(self.theta, self.SCALE))
-        return PassCost(a, b, c)
+        a, plan, b, c = (max(t, 0.0) / s for t, s in zip(self.theta, self.SCALE))
+        return PassCost(a, b, c, plan)
 
-    def observe(self, kv_tokens: float, rows: float, seconds: float) -> None:
-        x = [1.0, float(kv_tokens) / self.SCALE[1], float(rows) / self.SCALE[2]]
-        Px = [sum(self.P[i][j] * x[j] for j in range(3)) for i in range(3)]
-        denom = self.forget + sum(x[i] * Px[i] for i in range(3))
+    def observe(self, kv_tokens: float, rows: float, seconds: float, planned: bool = True) -> None:
+        n = len(self.SCALE)
+        x = [1.0, float(planned), float(kv_tokens) / self.SCALE[2], float(rows) / self.SCALE[3]]
+        Px = [sum(self.P[i][j] * x[j] for j in range(n)) for i in range(n)]
+        denom = self.forget + sum(x[i] * Px[i] for i in range(n))
         gain = [v / denom for v in Px]
         err = seconds - sum(t * xi for t, xi in zip(self.theta, x))
         self.theta = [t + g * err for t, g in zip(self.theta, gain)]
-        self.P = [[(self.P[i][j] - gain[i] * Px[j]) / self.forget for j in range(3)] for i in range(3)]
+        self.P = [[(self.P[i][j] - gain[i] * Px[j]) / self.forget for j in range(n)] for i in range(n)]
+        trace = sum(self.P[i][i] for i in range(n))
+        if trace > self.max_trace:
+            self.P = [[v * self.max_trace / trace for v in row] for row in self.P]
         self.samples += 1
 
 
@@ -125,6 +143,7 @@ class AdaptivePolicy:
     # KV tokens one draft step of each request of the last ``decide`` attends to (its cost model's
     # input; the schedule's pass-cost observations reuse it)
     drafted: dict[Hashable, float] = field(default_factory=dict)
+    _steps: int = 0  # decisions so far: the probes' clock
 
     def __post_init__(self) -> None:
         if self.k < 1:
@@ -158,9 +177,11 @@ class AdaptivePolicy:
         """Step time a request saves by speculating instead of decoding densely."""
         return self.dense_seconds(context_len) - self.speculative_seconds(context_len)
 
-    def fixed_seconds(self) -> float:
-        """The step's cost paid whatever the mix: the weights read in each of its k + 1 passes."""
-        return (self.k + 1) * self.cost.cost.a
+    def fixed_seconds(self, planned: bool) -> float:
+        """The step's cost paid whatever the mix: the weights read in each of its k + 1 passes,
+        and the plan's cost in each when any request speculates."""
+        cost = self.cost.cost
+        return (self.k + 1) * (cost.a + cost.plan * planned)
 
     def ratio(self, context_len: int, accepted: float) -> float:
         """Seconds saved per token given up when the request speculates instead of decoding densely
@@ -178,7 +199,7 @@ class AdaptivePolicy:
 
     def step_seconds_per_token(self, contexts: Mapping[Hashable, int], speculating: Mapping[Hashable, bool]) -> float:
         """T / N of a step with the given modes (the acceptance EMAs for speculating requests)."""
-        t, n = self.fixed_seconds(), 0.0
+        t, n = self.fixed_seconds(any(speculating[rid] for rid in contexts)), 0.0
         for rid, c in contexts.items():
             if speculating[rid]:
                 t += self.speculative_seconds(c)
@@ -196,8 +217,8 @@ class AdaptivePolicy:
         if req is not None:
             req.accepted_ema += self.ema_weight * (accepted - req.accepted_ema)
 
-    def observe_pass(self, kv_tokens: int, rows: int, seconds: float) -> None:
-        self.cost.observe(kv_tokens, rows, seconds)
+    def observe_pass(self, kv_tokens: float, rows: int, seconds: float, planned: bool = True) -> None:
+        self.cost.observe(kv_tokens, rows, seconds, planned)
 
     def forget(self, rid: Hashable) -> None:
         self._requests.pop(rid, None)
@@ -216,15 +237,21 @@ class AdaptivePolicy:
         Requests not seen before start with the prior acceptance."""
         self.drafted = {rid: self.drafted_tokens(c) for rid, c in contexts.items()}
         ratios = {rid: self.ratio(c, self._acceptance(rid)) for rid, c in contexts.items()}
-        # The throughput-maximising set: best ratios first, while each beats the step's T / N.
-        t = self.fixed_seconds() + sum(self.dense_seconds(c) for c in contexts.values())
-        n = float((self.k + 1) * len(contexts))
+        # The throughput-maximising set: best ratios first, while each beats the step's T / N
+        # (with the plan's cost); kept only if it beats the all-dense step, which pays no plan.
+        dense_t = sum(self.dense_seconds(c) for c in contexts.values())
+        n_all = float((self.k + 1) * len(contexts))
+        t, n, chosen = self.fixed_seconds(True) + dense_t, n_all, 0
         for rid in sorted(ratios, key=ratios.__getitem__, reverse=True):
             if n <= 0 or ratios[rid] <= t / n:
                 break
             t -= self.saved_seconds(contexts[rid])
             n -= self.k - self._acceptance(rid)
-        threshold = t / n if n > 0 else float("inf")
+            chosen += 1
+        all_dense = (self.fixed_seconds(False) + dense_t) / n_all if n_all else float("inf")
+        threshold = t / n if chosen and n > 0 and t / n < all_dense else float("inf")
+        self._steps += 1
+        probe = self._steps % self.probe_steps == 0
         out: dict[Hashable, bool] = {}
         for rid, c in contexts.items():
             req = self._requests.get(rid)
@@ -237,7 +264,7 @@ class AdaptivePolicy:
                         self._switch(req, False, c)
                     elif not req.speculating and ratios[rid] > threshold * (1 + self.margin):
                         self._switch(req, True, c)
-                    elif not req.speculating and req.steps_in_mode >= self.probe_steps and c > req.context_at_switch:
+                    elif not req.speculating and probe and c > req.context_at_switch:
                         # A dense request measures nothing: let it measure its acceptance again.
                         self._switch(req, True, c)
             out[rid] = req.speculating

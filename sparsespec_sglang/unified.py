@@ -65,6 +65,10 @@ LOG_EVERY = 200  # steps between pass-size log lines
 # weight terms are no larger than this makes them) and a low compute rate for the per-row term.
 PRIOR_BANDWIDTH = 3.35e12  # bytes/s
 PRIOR_FLOPS = 4e14  # per second, for the 2 FLOPs per weight a row costs
+# What a planned pass costs over a plain decode forward before any is measured: the unified
+# schedule's host time and gaps measured ~1.2 ms per pass above lockstep's (8B shape, B 128, H100;
+# docs/performance.md). Refitted online.
+PRIOR_PLAN_SECONDS = 1.2e-3
 
 
 @dataclass
@@ -98,6 +102,12 @@ class PassLayout:
     @property
     def num_rows(self) -> int:
         return len(self.row_batch)
+
+    @property
+    def planned(self) -> bool:
+        """Whether the pass carries a plan (draft or verify rows); an all-dense pass is SGLang's
+        own decode forward."""
+        return self.num_drafting > 0 or bool(self.verify_batch)
 
     def qo_indptr(self) -> list[int]:
         out = [self.num_draft]
@@ -233,10 +243,13 @@ class UnifiedSchedule:
             batch.forward_mode = ForwardMode.DECODE
             batch.return_logprob = False
             for layout, where in zip(layouts, offsets):
-                logits_output, timed = self._pass(batch, saved, layout, indices, where, committed,
-                                                  tokens, lens)
-                if cost is not None:
-                    passes.append((*timed, self._pass_kv(layout, *cost), layout.num_rows))
+                # The policy times the whole pass (inputs, forward, acceptance, and any time the
+                # GPU waits for the host): what a plan costs over a plain decode forward is there.
+                start = self._recorded_event() if cost is not None else None
+                logits_output = self._pass(batch, saved, layout, indices, where, committed, tokens, lens)
+                if start is not None:
+                    passes.append((start, self._recorded_event(), self._pass_kv(layout, *cost),
+                                   layout.num_rows, layout.planned))
                 if not self.delayed_verification and layout.verify_batch:
                     t0 = time.perf_counter()
                     torch.get_device_module(self.device).current_stream().synchronize()
@@ -300,6 +313,11 @@ class UnifiedSchedule:
         kv += dense_context + num_dense * (pass_index + 1)
         return kv + sum(contexts[b] + n for b, n in zip(layout.verify_batch, layout.verify_lens))
 
+    def _recorded_event(self) -> Any:
+        event = _event(self.device)
+        event.record()
+        return event
+
     def _measure(self, rows: list[int], dense: list[int], passes: list, lens: torch.Tensor) -> None:
         """Queue what this step measured for the policy (read once the GPU is past it) and note
         the share of speculating requests."""
@@ -311,12 +329,11 @@ class UnifiedSchedule:
         for share in self._token_shares:  # read at this step's start
             self.profiler.note("speculating_tokens_share", share)
         self._token_shares.clear()
-        done = _event(self.device)
         host_lens = lens
         if lens.is_cuda:
             host_lens = torch.empty(lens.shape, dtype=lens.dtype, pin_memory=True)
             host_lens.copy_(lens, non_blocking=True)
-        done.record()
+        done = self._recorded_event()
         speculating = [(i, row, self._generation[row]) for i, row in enumerate(rows) if row not in self.dense]
         self._measured.append((passes, host_lens, speculating, done))
 
@@ -324,8 +341,8 @@ class UnifiedSchedule:
         """Fold every step the GPU has finished into the policy, oldest first, without waiting."""
         while self._measured and self._measured[0][3].query():
             passes, host_lens, speculating, _ = self._measured.popleft()
-            for start, end, kv, num_rows in passes:
-                self.policy.observe_pass(kv, num_rows, start.elapsed_time(end) / 1e3)
+            for start, end, kv, num_rows, planned in passes:
+                self.policy.observe_pass(kv, num_rows, start.elapsed_time(end) / 1e3, planned)
             lens = host_lens.tolist()
             for i, row, generation in speculating:
                 if self._generation[row] == generation:
@@ -337,11 +354,10 @@ class UnifiedSchedule:
 
     def _pass(self, batch: Any, saved: dict[str, Any], layout: PassLayout, indices: torch.Tensor,
               where: dict[str, slice], committed: torch.Tensor, tokens: torch.Tensor,
-              lens: torch.Tensor) -> tuple[Any, tuple[Any, Any]]:
+              lens: torch.Tensor) -> Any:
         """One pass on the borrowed batch: its rows' inputs, one forward, the verifies' and dense
         rows' acceptance. ``indices`` holds every pass's index arrays on the device, this pass's
-        at ``where``. Returns the logits output and the forward's (start, end) events (None
-        without adaptive speculation)."""
+        at ``where``. Returns the logits output."""
         state, w = self.state, self.width
         req_pool_indices, seq_lens_cpu = saved["req_pool_indices"], saved["seq_lens_cpu"]
         t, d, nv = layout.num_rows, layout.num_draft, len(layout.verify_batch)
@@ -360,7 +376,7 @@ class UnifiedSchedule:
         # No host sum of the lengths: the host's lengths can lag the device's under the overlap
         # scheduler, and SGLang's decode path (an all-dense pass) then sizes from the device's.
         batch.seq_lens_sum = None
-        if nr == t:
+        if not layout.planned:
             batch.spec_info = None  # every row dense: SGLang's own decode forward, no plan
         else:
             rows = torch.arange(t, device=self.device)
@@ -378,14 +394,7 @@ class UnifiedSchedule:
                                               return_hidden_states_before_norm=False)
         self.profiler.mark("inputs")
         self.timer.forward_start()
-        start = _event(self.device) if self.policy is not None else None
-        if start is not None:
-            start.record()
         logits = (self.plain if batch.spec_info is None else self.graphs).run(forward_batch)
-        end = None
-        if start is not None:
-            end = _event(self.device)
-            end.record()
         self.timer.forward_end()
         self.profiler.mark("forward")
 
@@ -410,7 +419,7 @@ class UnifiedSchedule:
             if last_dense is not None:
                 state.set_pending(*last_dense)
             self.profiler.mark("accept")
-            return LogitsProcessorOutput(next_token_logits=logits), (start, end)
+            return LogitsProcessorOutput(next_token_logits=logits)
         if all(n == w for n in layout.verify_lens):
             chain_rows = slice(d, t)
         else:
@@ -427,7 +436,7 @@ class UnifiedSchedule:
         tokens[verify_batch] = accepted.tokens
         lens[verify_batch] = accepted.lens
         self.profiler.mark("accept")
-        return verify_logits, (start, end)
+        return verify_logits
 
     def _log(self) -> None:
         """Pass sizes: over all passes, and over the steady passes (no join, leave or offset move)
@@ -473,14 +482,16 @@ def _event(device: torch.device) -> Any:
 
 def model_shape_prior(model_runner: Any) -> PassCost:
     """The pass-cost prior of this rank's model: its weights and each KV token read once at
-    :data:`PRIOR_BANDWIDTH`, 2 FLOPs per weight and row at :data:`PRIOR_FLOPS`."""
+    :data:`PRIOR_BANDWIDTH`, 2 FLOPs per weight and row at :data:`PRIOR_FLOPS`, a plan's cost
+    :data:`PRIOR_PLAN_SECONDS`."""
     params = list(model_runner.model.parameters())
     weight_bytes = sum(p.numel() * p.element_size() for p in params)
     pool = model_runner.token_to_kv_pool
     kv_bytes = (pool.layer_num * pool.head_num * (pool.head_dim + pool.v_head_dim)
                 * pool.store_dtype.itemsize)
     row_seconds = 2 * sum(p.numel() for p in params) / PRIOR_FLOPS
-    return PassCost.prior(weight_bytes, kv_bytes, PRIOR_BANDWIDTH, row_seconds=row_seconds)
+    return PassCost.prior(weight_bytes, kv_bytes, PRIOR_BANDWIDTH, row_seconds=row_seconds,
+                          plan_seconds=PRIOR_PLAN_SECONDS)
 
 
 def _pack(layouts: list[PassLayout], width: int) -> tuple[list[int], list[dict[str, slice]]]:

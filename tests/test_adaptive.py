@@ -109,16 +109,53 @@ def test_a_dense_request_probes_again_when_its_context_grew():
 
 
 def test_the_cost_fit_recovers_the_pass_model():
-    true = PassCost(0.006, 3.0e-8, 1.5e-6)
+    true = PassCost(0.006, 3.0e-8, 1.5e-6, plan=0.002)
     fit = PassCostFit(PassCost(0.01, 1e-8, 0.0), forget=1.0)
     rng = random.Random(1)
-    for _ in range(400):
-        kv, rows = rng.uniform(1e5, 4e5), rng.uniform(100, 800)
-        fit.observe(kv, rows, true.seconds(kv, rows) * (1 + rng.uniform(-0.01, 0.01)))
+    for i in range(400):
+        kv, rows, planned = rng.uniform(1e5, 4e5), rng.uniform(100, 800), i % 3 != 0
+        fit.observe(kv, rows, true.seconds(kv, rows, planned) * (1 + rng.uniform(-0.01, 0.01)), planned)
     got = fit.cost
     assert got.a == pytest.approx(true.a, rel=0.1)
+    assert got.plan == pytest.approx(true.plan, rel=0.2)
     assert got.b == pytest.approx(true.b, rel=0.05)
     assert got.c == pytest.approx(true.c, rel=0.3)
+
+
+def test_the_cost_fit_stays_bounded_while_every_pass_carries_a_plan():
+    """Thousands of planned passes leave the plain/planned split unexcited: the covariance must
+    not wind up, so the first plain passes afterwards move the estimate to the truth, not past it."""
+    true = PassCost(0.004, 2.0e-8, 1.0e-6, plan=0.003)
+    fit = PassCostFit(PassCost(0.004, 2.0e-8, 1.0e-6), forget=0.99)
+    rng = random.Random(2)
+    for _ in range(5000):
+        kv, rows = rng.uniform(1e5, 4e5), rng.uniform(100, 800)
+        fit.observe(kv, rows, true.seconds(kv, rows, True), True)
+    assert sum(fit.P[i][i] for i in range(4)) <= fit.max_trace * (1 + 1e-9)
+    assert fit.cost.a + fit.cost.plan == pytest.approx(true.a + true.plan, rel=0.05)
+    for _ in range(60):
+        kv, rows = rng.uniform(1e5, 4e5), rng.uniform(100, 800)
+        fit.observe(kv, rows, true.seconds(kv, rows, False), False)
+        fit.observe(kv, rows, true.seconds(kv, rows, True), True)
+    assert fit.cost.plan == pytest.approx(true.plan, rel=0.25)
+    assert fit.cost.a == pytest.approx(true.a, rel=0.25)
+
+
+def test_a_plan_that_costs_more_than_the_kv_it_saves_makes_the_whole_step_dense():
+    """A small model at moderate contexts (SmolLM2-135M-like: 0.27 GB of weights, 23 KB of KV per
+    token): with no plan cost 128 x 3K requests would speculate; once each planned pass costs
+    2 ms more than a plain decode forward, every request decodes densely, and speculation comes
+    back where the contexts make the KV read dominate again."""
+    sel = SelectionPolicy.of(SparseSpecConfig())
+    free = PassCost.prior(0.27e9, 23_040, 3.35e12, row_seconds=1e-7)
+    costly = PassCost(free.a, free.b, free.c, plan=2e-3)
+    ctx = _batch(128, 3000)
+    assert all(AdaptivePolicy(k=8, selection=sel, cost=PassCostFit(free)).decide(ctx).values())
+    pol = AdaptivePolicy(k=8, selection=sel, cost=PassCostFit(costly))
+    modes = pol.decide(ctx)
+    assert not any(modes.values())
+    assert pol.step_seconds_per_token(ctx, modes) < pol.step_seconds_per_token(ctx, {r: True for r in ctx})
+    assert all(AdaptivePolicy(k=8, selection=sel, cost=PassCostFit(costly)).decide(_batch(128, 60_000)).values())
 
 
 @pytest.mark.parametrize("kw", [dict(k=0), dict(ema_weight=0.0), dict(margin=-0.1), dict(min_steps=0)])
@@ -129,3 +166,22 @@ def test_bad_settings_are_refused(kw):
         AdaptivePolicy(**args)
     with pytest.raises(ValueError):
         PassCost(-1.0, 0.0, 0.0)
+
+
+def test_dense_requests_probe_together():
+    """Requests that joined at different steps re-measure on the same steps: every step with a
+    speculating request carries a plan for the whole batch, so staggered probes would make almost
+    every step pay one."""
+    sel = SelectionPolicy.of(SparseSpecConfig())
+    free = PassCost.prior(0.27e9, 23_040, 3.35e12, row_seconds=1e-7)
+    pol = AdaptivePolicy(k=8, selection=sel, cost=PassCostFit(PassCost(free.a, free.b, free.c, plan=2e-3)),
+                         min_steps=4, probe_steps=32)
+    joins = {0: "a", 3: "b", 7: "c", 11: "d"}
+    ctx: dict[str, int] = {}
+    planned_steps = 0
+    for step in range(200):
+        if step in joins:
+            ctx.update(_batch(32, 3000, joins[step]))
+        ctx = {r: c + 9 for r, c in ctx.items()}
+        planned_steps += any(pol.decide(ctx).values())
+    assert 0 < planned_steps <= (200 // 32) * 4

@@ -204,7 +204,16 @@ def test_ratios_per_batch_over_plain():
                        {"config": "sparsespec", "batch": 256, "output_tok_per_s": 4000.0},  # no plain at 256
                        {"config": "ngram", "batch": 128, "error": "exited with 1"}]}
     brw.add_ratios(report)
-    assert report["ratio"] == {"ngram/plain": {"64": 1.5}, "sparsespec/plain": {"64": 0.5, "128": 1.5}}
+    assert report["ratio"] == {"ngram/plain": {"64": 1.5}, "ngram/fastest-plain": {"64": 1.5},
+                               "sparsespec/plain": {"64": 0.5, "128": 1.5},
+                               "sparsespec/fastest-plain": {"64": 0.5, "128": 1.5}}
+    # A faster plain backend at one batch becomes that batch's baseline.
+    report["runs"].append({"config": "plain-triton", "batch": 128, "output_tok_per_s": 3000.0})
+    brw.add_ratios(report)
+    assert report["fastest_plain"] == {"64": "plain", "128": "plain-triton"}
+    assert report["ratio"]["sparsespec/fastest-plain"] == {"64": 0.5, "128": 1.0}
+    assert report["ratio"]["sparsespec/plain"] == {"64": 0.5, "128": 1.5}
+    assert report["ratio"]["plain-triton/plain"] == {"128": 1.5}
     only = {"runs": [{"config": "sparsespec", "batch": 64, "output_tok_per_s": 1.0}]}
     brw.add_ratios(only)
     assert only["ratio"] == {}
@@ -214,7 +223,7 @@ def test_ratios_per_batch_over_plain():
 
 
 @pytest.mark.parametrize("argv,message", [
-    (["--configs", "plain,eagle"], "--configs: unknown configuration eagle; allowed: plain, plain-triton, ngram, sparsespec"),
+    (["--configs", "plain,eagle"], "--configs: unknown configuration eagle; allowed: plain, plain-triton, ngram, sparsespec, sparsespec-adaptive"),
     (["--configs", ","], "--configs: no configuration given; allowed:"),
     (["--configs", "plain,plain"], "--configs: a configuration is named twice"),
     (["--batches", "64,x"], "--batches: comma-separated positive integers"),
@@ -263,7 +272,7 @@ def test_report_json_with_fake_runs(tmp_path, tiny_model_dir, monkeypatch):
     assert rc == 1  # one run failed, the others were kept
     assert calls == [("plain", 2), ("plain", 4), ("sparsespec", 2), ("sparsespec", 4)]
     report = json.loads(out.read_text())
-    assert report["ratio"] == {"sparsespec/plain": {"2": 1.5}}
+    assert report["ratio"] == {"sparsespec/plain": {"2": 1.5}, "sparsespec/fastest-plain": {"2": 1.5}}
     assert report["gpu"] == "Fake GPU" and report["commit"] == "abc" and report["versions"]["sglang"] == "0.5.17"
     assert report["workload"]["output_len"] == 8 and report["workload"]["forced_acceptance"] is None
     assert report["workload"]["prompt_tokens"]["unique_prompts"] == 3
@@ -279,7 +288,7 @@ def test_report_json_with_fake_runs(tmp_path, tiny_model_dir, monkeypatch):
     merged_path = tmp_path / "merged.json"
     assert brw.main(["--merge", str(out), str(tmp_path / "b.json"), "--out", str(merged_path)]) == 1
     merged = json.loads(merged_path.read_text())
-    assert merged["ratio"] == {"sparsespec/plain": {"2": 1.5, "4": 2.0}} and merged["commits"] == ["abc", "def"]
+    assert merged["ratio"]["sparsespec/plain"] == {"2": 1.5, "4": 2.0} and merged["commits"] == ["abc", "def"]
     assert len(merged["commands"]) == 2 and len(merged["runs"]) == 5
     assert brw.main(["--merge", str(out), str(tmp_path / "c.json"), "--out", str(merged_path)]) == 2
 
@@ -331,5 +340,5 @@ def test_end_to_end_through_bench_offline_throughput_on_the_cpu_engine(tmp_path)
     # Natural acceptance: the forced acceptance set in this process never reached the runs.
     assert plain["observed"]["forced_acceptance_env"] is None and spec["observed"]["forced_acceptance_env"] is None
     assert 1.0 <= spec["accept_length"] <= 3.0  # tokens per verify, bonus included: [1, k + 1]
-    assert set(report["ratio"]) == {"sparsespec/plain"} and "2" in report["ratio"]["sparsespec/plain"]
+    assert set(report["ratio"]) == {"sparsespec/plain", "sparsespec/fastest-plain"} and "2" in report["ratio"]["sparsespec/plain"]
     assert "output tok/s sparsespec/plain: bs 2:" in proc.stdout

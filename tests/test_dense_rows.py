@@ -93,12 +93,12 @@ def test_mixed_dense_and_speculating_steps_emit_the_target_sequence(k, sampled, 
 
     real_decide = schedule.policy.decide  # runs too (its bookkeeping), its choice overridden
     verified: list[tuple[int, int]] = []
-    passes: list[int] = []
+    passes: list[tuple[int, bool]] = []
     real_verify, real_pass = schedule.policy.observe_verify, schedule.policy.observe_pass
     monkeypatch.setattr(schedule.policy, "observe_verify",
                         lambda row, n: verified.append((row, n)) or real_verify(row, n))
     monkeypatch.setattr(schedule.policy, "observe_pass",
-                        lambda kv, rows, s: passes.append(rows) or real_pass(kv, rows, s))
+                        lambda kv, rows, s, planned: passes.append((rows, planned)) or real_pass(kv, rows, s, planned))
 
     free, live, expected, emitted = list(range(1, NUM_ROWS)), {}, {}, {}
     kinds_seen, switched_in, expected_rows = set(), 0, {}
@@ -187,8 +187,9 @@ def test_mixed_dense_and_speculating_steps_emit_the_target_sequence(k, sampled, 
             start = int(seq_lens[order.index(row)])
             assert first[1] and first[4] == start and first[5] == state.selection.num_selected(start, cand_end=start)
             switched_in += 1
-        # The policy was fed every pass (its rows) and every speculating request's verify.
-        assert passes == [n for _, n in model.forwards]
+        # The policy was fed every pass (its rows, and whether it carried a plan) and every
+        # speculating request's verify.
+        assert passes == [(n, kind is not None) for kind, n in model.forwards]
         spec_lens = {row: lens[i] - 1 for i, row in enumerate(order) if row not in dense}
         assert dict(verified) == spec_lens and len(verified) == len(spec_lens)
     assert kinds_seen == {None, PlanKind.UNIFIED_PASS} and switched_in > 5

@@ -90,8 +90,10 @@ def test_an_adaptive_step_adds_the_policy_and_the_mode_transitions(monkeypatch):
     policy = worker.schedule.policy
     real = policy.decide
     dense_row = batch.reqs[0].req_pool_idx
-    # the policy's own choice, with one request decoding densely (so the transition is walked)
-    monkeypatch.setattr(policy, "decide", lambda contexts: {**real(contexts), dense_row: False})
+    # the policy runs (its stay is walked); its choice is overridden to a mix: one request decodes
+    # densely (so the transition is walked), the others speculate
+    monkeypatch.setattr(policy, "decide",
+                        lambda contexts: {**{r: True for r in real(contexts)}, dense_row: False})
     stays = _trace_one_step(worker, batch)
     assert worker.schedule.dense and len(worker.schedule.dense) < 5
     head = ["worker.py", "compat/", "unified.py", "profiling.py", "adaptive.py", "selection.py", "pillar.py",
