@@ -74,12 +74,15 @@ PAPER_WORKLOAD = "Qwen3-8B shape, the paper's workload at steady state (saturate
 
 DEFAULT = [
     Entry(PAPER_WORKLOAD, "saturated_paper_workload_h100.json", "sparsespec", FASTEST_PLAIN, note=SATURATED_NOTE),
+    Entry("Qwen3-8B shape, B 128, 512 in / 1024 out", "bench_adaptive_b128_1k_h100.json", baseline=FASTEST_PLAIN),
     Entry("Qwen3-8B shape, B 128, 512 in / 2048 out", "bench_unified_streams_exact_b128_2k_h100.json"),
     Entry("Qwen3-8B shape, B 128, 512 in / 4096 out", None),
     Entry("Qwen3-8B shape, B 16, 512 in / 16384 out", None),
 ]
 
 NON_DEFAULT = [
+    Entry("8B, B 128, 512 / 1024", "bench_adaptive_b128_1k_h100.json", "sparsespec-unified-adaptive",
+          FASTEST_PLAIN),
     Entry(PAPER_WORKLOAD, "saturated_paper_workload_h100.json", "sparsespec-lockstep", FASTEST_PLAIN,
           note=SATURATED_NOTE),
     Entry("8B, B 128, 512 / 4096", "bench_b128_4k_plain_vs_draftnorm_h100.json", "sparsespec-draftnorm"),
