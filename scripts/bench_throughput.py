@@ -87,9 +87,15 @@ def _measure(engine, prompts: list[list[int]], output_len: int) -> dict:
             "mean_accept_length": sum(accept) / len(accept) if accept else None}
 
 
-def _prompts(batch: int, input_len: int, vocab: int, seed: int) -> list[list[int]]:
+def _prompts(batch: int, input_len: int, vocab: int, seed: int, long_input_len: int | None = None,
+             long_share: float = 0.0) -> list[list[int]]:
+    """``batch`` random prompts of ``input_len`` tokens; with ``long_input_len``, a random
+    ``long_share`` of them (rounded) that long instead: a batch mixing short and long contexts."""
     rng = random.Random(seed)
-    return [[rng.randrange(1000, vocab - 1000) for _ in range(input_len)] for _ in range(batch)]
+    num_long = round(long_share * batch) if long_input_len else 0
+    long = set(rng.sample(range(batch), num_long))
+    return [[rng.randrange(1000, vocab - 1000) for _ in range(long_input_len if i in long else input_len)]
+            for i in range(batch)]
 
 
 def _ints(text: str) -> list[int]:
@@ -103,7 +109,8 @@ def _floats(text: str) -> list[float]:
 def add_speedups(points: list[dict]) -> None:
     """``speedup_vs_plain`` on every point that has a plain point of the same shape measured in
     the same run (``source``, when points from several result files are mixed)."""
-    key = lambda p: (p.get("source"), p["batch"], p["input_len"], p["output_len"])  # noqa: E731
+    key = lambda p: (p.get("source"), p["batch"], p["input_len"], p["output_len"],  # noqa: E731
+                     p.get("long_input_len"), p.get("long_share"))
     plain = {key(p): p["output_tok_per_s"] for p in points if p["run"] == "plain"}
     for p in points:
         base = plain.get(key(p))
@@ -118,6 +125,11 @@ def main() -> int:
     ap.add_argument("--batch", type=_ints, default=[32], help="comma list of batch sizes")
     ap.add_argument("--input-len", type=_ints, default=[512], help="comma list of prompt lengths")
     ap.add_argument("--output-len", type=_ints, default=[1024], help="comma list of output lengths")
+    ap.add_argument("--long-input-len", type=int, default=None,
+                    help="a mixed batch: --long-share of each batch's prompts have this many tokens "
+                         "instead of --input-len (e.g. half short, half long contexts)")
+    ap.add_argument("--long-share", type=float, default=0.5,
+                    help="share of the batch with --long-input-len prompts (default %(default)s)")
     ap.add_argument("--k", type=int, default=8)
     ap.add_argument("--forced-accept", type=_floats, default=[7.0],
                     help="comma list of accepted tokens per cycle incl. the bonus, 1..k+1 "
@@ -141,6 +153,10 @@ def main() -> int:
     bad = [n for n in names if n not in RUNS]
     if bad:
         ap.error(f"--runs: unknown {', '.join(bad)}; allowed: {', '.join(RUNS)}")
+    if args.long_input_len is not None and args.long_input_len < 1:
+        ap.error(f"--long-input-len must be a positive number of tokens (got {args.long_input_len})")
+    if not 0 < args.long_share <= 1:
+        ap.error(f"--long-share must be in (0, 1] (got {args.long_share})")
     bad_fa = [a for a in args.forced_accept if not 1 <= a <= args.k + 1]
     if bad_fa:
         ap.error(f"--forced-accept: each value must be in [1, k+1 = {args.k + 1}] (got {bad_fa})")
@@ -199,7 +215,11 @@ def main() -> int:
                     point = {"run": name, "batch": batch, "input_len": input_len,
                              "output_len": output_len, "forced_accept": forced,
                              "engine_kwargs": configs[name]}
-                    point.update(_measure(engine, _prompts(batch, input_len, vocab, seed=i), output_len))
+                    if args.long_input_len:
+                        point.update(long_input_len=args.long_input_len, long_share=args.long_share)
+                    prompts = _prompts(batch, input_len, vocab, seed=i, long_input_len=args.long_input_len,
+                                       long_share=args.long_share)
+                    point.update(_measure(engine, prompts, output_len))
                     report["points"].append(point)
                     progress.update()
                     tqdm.write(name + " " + json.dumps({k: point[k] for k in (

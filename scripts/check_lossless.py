@@ -197,6 +197,8 @@ def main() -> int:
                     help="--sparsespec-score-norm of the SPARSESPEC runs (default: the plugin's)")
     ap.add_argument("--schedule", default=None, choices=("lockstep", "unified"),
                     help="--sparsespec-schedule of the SPARSESPEC runs (default: the plugin's)")
+    ap.add_argument("--adaptive", default=None, choices=("on", "off"),
+                    help="--sparsespec-adaptive of the SPARSESPEC runs (default: the plugin's)")
     ap.add_argument("--spec-logprob-every", type=int, default=0,
                     help="SPARSESPEC runs: requests N-1, 2N-1, ... ask for logprobs, so batches switch "
                          "between the unified schedule and the lockstep path such requests take")
@@ -236,6 +238,8 @@ def main() -> int:
         spec_kwargs["sparsespec_score_norm"] = args.score_norm
     if args.schedule:
         spec_kwargs["sparsespec_schedule"] = args.schedule
+    if args.adaptive:
+        spec_kwargs["sparsespec_adaptive"] = args.adaptive
     if args.hierarchical_cache:
         spec_kwargs["enable_hierarchical_cache"] = True
     modes = [(m, args.sparsity) for m in args.modes.split(",")]

@@ -20,6 +20,10 @@
 #   bash scripts/gpu_checks.sh long16k   # plain vs SPARSESPEC at B 16, 512/16384 (speedup vs context from the log)
 #   bash scripts/gpu_checks.sh shape14b  # plain vs SPARSESPEC, Qwen3-14B shape, B 32/64, 512/2048
 #   bash scripts/gpu_checks.sh everytoken # every-token lossless check (plain teacher-forces each output), random weights
+#   bash scripts/gpu_checks.sh adaptive1k  # plain (Triton, FlashInfer) vs SPARSESPEC fixed vs adaptive, B 128, 512/1024
+#   bash scripts/gpu_checks.sh adaptive16k # the B 16, 512/16384 ramp (speedup vs context from the log); RUNS= picks
+#                                          # the configurations (one or two per command: each takes ~3-4 min)
+#   bash scripts/gpu_checks.sh adaptivemix # a mixed batch: B 128, half 512-token and half 8192-token prompts, 1024 out
 # Real weights (SmolLM2-135M): scripts/gpu_real_weights.sh.
 # then, on any machine: python scripts/plot_results.py $OUT/*.json --out-dir plots/
 set -euo pipefail
@@ -65,6 +69,23 @@ case "${1:-}" in
     python scripts/check_lossless.py --out "$out/lossless_tp2_det.json" --tp 2 --dtype bfloat16 --num-prompts 8 \
       --max-new-tokens 128 --prompt-len 64 256 --deterministic --modes overlap 2>&1 \
       | grep -E "^sparsespec|EQUAL|DIVERGED-AT-NEAR-TIES|MISMATCH|Traceback" ;;
+  adaptive1k)
+    python scripts/bench_throughput.py --batch 128 --input-len 512 --output-len 1024 --forced-accept 7 \
+      --runs "${RUNS:-plain,plain-flashinfer,sparsespec-unified,sparsespec-unified-adaptive}" --log-level info \
+      --quiet --out "$out/bench_adaptive_b128_1k.json" > "$out/bench_adaptive_b128_1k.log" 2>&1 || true
+    grep -E "^plain|^sparsespec|^speedup|Traceback" "$out/bench_adaptive_b128_1k.log" ;;
+  adaptive16k)
+    runs=${RUNS:-plain-flashinfer,sparsespec-unified-adaptive}
+    python scripts/bench_throughput.py --batch 16 --input-len 512 --output-len 16384 --forced-accept 7 \
+      --runs "$runs" --log-level info --quiet --out "$out/bench_adaptive_b16_16k_${runs//,/_}.json" \
+      > "$out/bench_adaptive_b16_16k_${runs//,/_}.log" 2>&1 || true
+    grep -E "^plain|^sparsespec|^speedup|Traceback" "$out/bench_adaptive_b16_16k_${runs//,/_}.log" ;;
+  adaptivemix)
+    python scripts/bench_throughput.py --batch 128 --input-len 512 --long-input-len 8192 --long-share 0.5 \
+      --output-len 1024 --forced-accept 7 \
+      --runs "${RUNS:-plain-flashinfer,sparsespec-unified,sparsespec-unified-adaptive}" --log-level info --quiet \
+      --out "$out/bench_adaptive_mixed_b128.json" > "$out/bench_adaptive_mixed_b128.log" 2>&1 || true
+    grep -E "^plain|^sparsespec|^speedup|Traceback" "$out/bench_adaptive_mixed_b128.log" ;;
   unified)
     python -m pytest -q -p no:cacheprovider -m gpu \
       tests/test_e2e_gpu.py::test_unified_schedule_stays_lossless_as_requests_join_and_leave \
@@ -107,5 +128,5 @@ case "${1:-}" in
       --ragged-max-new-tokens --quiet --out "$out/every_token_small.json" > "$out/every_token_small.txt" 2>&1 || true
     grep -E "^every-token|Traceback" -A12 "$out/every_token_small.txt" | tail -20 ;;  # the whole output stays in the .txt
   *)
-    echo "usage: $0 {tests|lossless|kernels|plain4k|spec4k|batches|accept|offload|sampling|tp2|unified|unified4k|ngram4k|pool50|pool50spec|long16k|shape14b|everytoken}" >&2; exit 2 ;;
+    echo "usage: $0 {tests|lossless|kernels|plain4k|spec4k|batches|accept|offload|sampling|tp2|unified|unified4k|ngram4k|pool50|pool50spec|long16k|shape14b|everytoken|adaptive1k|adaptive16k|adaptivemix}" >&2; exit 2 ;;
 esac

@@ -49,10 +49,26 @@ def _point(run, batch, out, tps, forced=None):
 
 def test_bench_throughput_refuses_bad_runs_and_acceptance_before_starting_engines():
     for extra, needle in ((["--runs", "plain,foo"], "--runs: unknown foo"),
-                          (["--forced-accept", "0,7"], "--forced-accept: each value must be in [1, k+1 = 9]")):
+                          (["--forced-accept", "0,7"], "--forced-accept: each value must be in [1, k+1 = 9]"),
+                          (["--long-input-len", "0"], "--long-input-len must be a positive number of tokens"),
+                          (["--long-input-len", "8192", "--long-share", "1.5"], "--long-share must be in (0, 1]")):
         proc = subprocess.run([sys.executable, str(ROOT / "scripts/bench_throughput.py"), "--out", "x.json", *extra],
                               capture_output=True, text=True, timeout=120)
         assert proc.returncode == 2 and needle in proc.stderr, proc.stderr
+
+
+def test_a_mixed_batch_has_its_share_of_long_prompts_and_its_own_speedup_key():
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import bench_throughput as bt
+
+    prompts = bt._prompts(8, 5, 32_000, seed=3, long_input_len=20, long_share=0.5)
+    assert sorted(len(p) for p in prompts) == [5] * 4 + [20] * 4
+    assert [len(p) for p in bt._prompts(8, 5, 32_000, seed=3)] == [5] * 8
+    mixed = {"long_input_len": 20, "long_share": 0.5}
+    points = [_point("plain", 8, 64, 100.0), {**_point("plain", 8, 64, 50.0), **mixed},
+              _point("sparsespec", 8, 64, 80.0, forced=7.0), {**_point("sparsespec", 8, 64, 100.0, forced=7.0), **mixed}]
+    bt.add_speedups(points)
+    assert [p["speedup_vs_plain"] for p in points[2:]] == [0.8, 2.0]
 
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the no-GPU path")
