@@ -10,7 +10,7 @@ Points. Without --points, the product of --k x --sparsity x --score-norm x --pol
 other flags. With --points, a comma list of points, each "default" (the flags as given) or
 overrides joined by '+', e.g. "k=4", "s=0.02+min_sel=128", "policy=hybrid:0.5":
     k, s (sparsity), min_sel, max_sel, sink, score_norm (exact|draft), aggregation (sum|max),
-    temperature, policy (pillar|window|random[:SEED]|inverted|hybrid:F)
+    temperature, policy (pillar|window|random[:SEED]|inverted|hybrid:F|auto)
 --points ofat expands to the one-factor-at-a-time study around the defaults (OFAT_POINTS) and
 --points baselines to the selection-policy baselines (BASELINE_POINTS).
 
@@ -128,7 +128,7 @@ def parse_args(argv=None):
     ap.add_argument("--score-norm", type=_norms, default=["exact"],
                     help="comma list of verify-score normalisers to compare: exact, draft")
     ap.add_argument("--policy", type=_list(str), default=["pillar"],
-                    help="comma list of selection policies: pillar, window, random[:SEED], inverted, hybrid:F")
+                    help="comma list of selection policies: pillar, window, random[:SEED], inverted, hybrid:F, auto")
     ap.add_argument("--temperature", type=float, default=0.0)
     ap.add_argument("--top-k", type=int, default=-1)
     ap.add_argument("--top-p", type=float, default=1.0)
@@ -242,6 +242,15 @@ def load_prompt_ids(args, tokenizer, vocab_size: int, special_ids: set[int]) -> 
     return prompts, [f"random{i}" for i in range(len(prompts))]
 
 
+def _fraction_counts(cycles) -> dict[str, int]:
+    """How many cycles used each recent fraction (the `auto` selection's choices), by F."""
+    counts: dict[float, int] = {}
+    for c in cycles:
+        if c.recent_fraction is not None:
+            counts[c.recent_fraction] = counts.get(c.recent_fraction, 0) + 1
+    return {f"{f:g}": counts[f] for f in sorted(counts)}
+
+
 def summarize(outputs, k: int, bucket_size: int) -> dict:
     cycles = [c for o in outputs for c in o.cycles]
     n = len(cycles)
@@ -260,6 +269,10 @@ def summarize(outputs, k: int, bucket_size: int) -> dict:
     mean_acc = sum(c.accepted for c in cycles) / n if n else 0.0
     gen = sum(len(o.tokens) for o in outputs)
     per_prompt = [sum(c.accepted for c in o.cycles) / len(o.cycles) if o.cycles else None for o in outputs]
+    fractions = {}
+    if any(c.recent_fraction is not None for c in cycles):  # auto: the F each cycle's selection used
+        fractions = {"recent_fraction_counts": _fraction_counts(cycles),
+                     "recent_fraction_counts_per_prompt": [_fraction_counts(o.cycles) for o in outputs]}
     return {
         "num_cycles": n,
         "generated_tokens": gen,
@@ -274,6 +287,7 @@ def summarize(outputs, k: int, bucket_size: int) -> dict:
         "mean_selected": sum(c.num_selected for c in cycles) / n if n else 0.0,
         "by_position": by_pos,
         "finish_reasons": [o.finish_reason for o in outputs],
+        **fractions,
     }
 
 

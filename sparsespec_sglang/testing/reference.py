@@ -45,7 +45,9 @@ Request state and one cycle
   (the same query token; the bonus row reuses the last draft's), i.e.
   scores[p] = AGG exp(s - draft_lse), the exponent capped at 60 as in the Triton kernel.
 * Draft selection (`DraftSelection`, for acceptance studies): "pillar" is the above; the
-  baselines "window", "random", "inverted" and "hybrid" pick other positions at the same K.
+  baselines "window", "random", "inverted" and "hybrid" pick other positions at the same K;
+  "auto" is a hybrid whose recent share each request picks from its own verifies (`AutoSplit`;
+  reference only, not in the SGLang server path).
 * First cycle after prefill ("window" choice): dense_start = L, selection = the K most
   recent candidates [max(num_sink, L - K), L) with K computed for context_len = L.
 
@@ -81,6 +83,8 @@ __all__ = [
     "select_topk",
     "window_selection",
     "DraftSelection",
+    "AutoSplit",
+    "captured_mass",
     "draft_key_mask",
     "pillar_attention",
     "sampling_probs",
@@ -196,16 +200,18 @@ class DraftSelection:
     random    K uniform candidates per (layer, KV head), drawn from a generator seeded `seed`
     inverted  the K lowest-scored candidates (a deliberately broken selection, for tests)
     hybrid    the round(recent_fraction * K) most recent candidates + the top rest by score
+    auto      hybrid with a recent fraction chosen per request and cycle from its own verify
+              scores (`AutoSplit`, which `select` needs as `split`; reference only)
     Sinks and the tokens written since the last verify are attended under every policy, and
     the first cycle after prefill uses the window for all of them (no verify scores yet).
-    Text form (`parse`): "pillar", "window", "random", "random:SEED", "inverted", "hybrid:F".
+    Text form (`parse`): "pillar", "window", "random", "random:SEED", "inverted", "hybrid:F", "auto".
     """
 
     name: str = "pillar"
     recent_fraction: float = 0.5
     seed: int = 0
 
-    NAMES = ("pillar", "window", "random", "inverted", "hybrid")
+    NAMES = ("pillar", "window", "random", "inverted", "hybrid", "auto")
 
     def __post_init__(self) -> None:
         if self.name not in self.NAMES:
@@ -218,7 +224,7 @@ class DraftSelection:
         if isinstance(text, DraftSelection):
             return text
         name, colon, arg = str(text).strip().partition(":")
-        usage = "use pillar, window, random[:SEED], inverted or hybrid[:F] with F in [0, 1]"
+        usage = "use pillar, window, random[:SEED], inverted, hybrid[:F] with F in [0, 1], or auto"
         if name not in cls.NAMES or (colon and name not in ("hybrid", "random")):
             raise ValueError(f"bad selection policy {text!r}: {usage}")
         try:
@@ -239,14 +245,20 @@ class DraftSelection:
         return self.name
 
     def select(self, scores: torch.Tensor, num_sink: int, candidate_end: int, k: int,
-               generator: torch.Generator | None = None) -> torch.Tensor:
+               generator: torch.Generator | None = None, split: "AutoSplit | None" = None) -> torch.Tensor:
         """[..., k] positions in [num_sink, candidate_end), each row sorted ascending.
 
-        scores: verify scores [..., T] (T >= candidate_end); `generator` drives `random`.
+        scores: verify scores [..., T] (T >= candidate_end); `generator` drives `random`;
+        `split` is the request's `AutoSplit` (`auto` only): this call advances it by one verify.
         """
         start = min(num_sink, candidate_end)
         k = max(0, min(k, candidate_end - start))
         lead = scores.shape[:-1]
+        if self.name == "auto":
+            if split is None:
+                raise ValueError("the auto selection needs the request's AutoSplit (split=)")
+            fraction = split.update(scores, num_sink, candidate_end, k)
+            return DraftSelection("hybrid", recent_fraction=fraction).select(scores, num_sink, candidate_end, k)
         if self.name == "pillar":
             return select_topk(scores, num_sink, candidate_end, k)
         if self.name == "inverted":
@@ -267,6 +279,77 @@ class DraftSelection:
 def _recent(lead: torch.Size, start: int, end: int, device) -> torch.Tensor:
     pos = torch.arange(start, end, dtype=torch.long, device=device)
     return pos.expand(*lead, pos.numel()).clone()
+
+
+def captured_mass(scores: torch.Tensor, selection: torch.Tensor, num_sink: int, candidate_end: int) -> float:
+    """Share of `scores`' mass over the candidates [num_sink, candidate_end) that falls on
+    `selection` ([..., K] positions in that range), summed over every (layer, KV head)."""
+    start = min(num_sink, candidate_end)
+    total = float(scores[..., start:candidate_end].sum())
+    if total <= 0.0 or selection.shape[-1] == 0:
+        return 0.0
+    return float(scores.gather(-1, selection.to(scores.device)).sum()) / total
+
+
+AUTO_FRACTIONS: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
+
+
+@dataclass
+class AutoSplit:
+    """One request's state for the `auto` selection: which recent fraction F of the K selected
+    positions (the rest: top by verify score, as `hybrid:F`) to use next.
+
+    No fixed F wins on every model (SmolLM2-135M prefers F 0.75, Qwen2.5-Coder-0.5B F 0, i.e.
+    PillarAttn), so each request measures it. At each verify t (scores S_t), for every F in
+    `fractions` it takes the positions hybrid:F would have picked from the previous verify's
+    scores S_{t-1} (same candidate end and K as then) and the share of S_t's mass over those
+    candidates that falls on them (`captured_mass`): how much of what the target attended to
+    next that selection would have covered. An exponential moving average per F (weight
+    `weight` on the newest; the first measurement starts it) smooths cycle-to-cycle noise; the F
+    with the largest average is used for the next selection, ties to the smaller F (the one
+    closer to PillarAttn, the project's default). The first verify has nothing to look back on
+    and uses `first`: 0.5, the middle of the grid, so the worst miss before evidence arrives is
+    half the grid either way.
+    """
+
+    fractions: tuple[float, ...] = AUTO_FRACTIONS
+    weight: float = 0.3
+    first: float = 0.5
+    ema: list[float] | None = None  # per entry of `fractions`; None until two verifies were seen
+    fraction: float | None = None  # the F chosen at the last verify
+    # The last verify's scores [..., T], candidate end and (clamped) K.
+    previous: tuple[torch.Tensor, int, int] | None = None
+
+    def __post_init__(self) -> None:
+        if not self.fractions or any(not 0.0 <= f <= 1.0 for f in self.fractions) \
+                or list(self.fractions) != sorted(set(self.fractions)):
+            raise ValueError(f"auto fractions must be distinct, ascending, in [0, 1] (got {self.fractions!r})")
+        if not 0.0 < self.weight <= 1.0:
+            raise ValueError(f"auto EMA weight must be in (0, 1] (got {self.weight!r})")
+        if not 0.0 <= self.first <= 1.0:
+            raise ValueError(f"auto first fraction must be in [0, 1] (got {self.first!r})")
+
+    def update(self, scores: torch.Tensor, num_sink: int, candidate_end: int, k: int) -> float:
+        """Take verify scores [..., T] (selection over [num_sink, candidate_end), K = k) and
+        return the F for the selection made from them."""
+        scores = scores.detach().float()
+        if self.previous is None:
+            self.fraction = self.first
+        else:
+            prev, prev_end, prev_k = self.previous
+            captured = [captured_mass(scores, DraftSelection("hybrid", recent_fraction=f).select(
+                prev, num_sink, prev_end, prev_k), num_sink, prev_end) for f in self.fractions]
+            if self.ema is None:
+                self.ema = captured
+            else:
+                self.ema = [(1.0 - self.weight) * e + self.weight * c for e, c in zip(self.ema, captured)]
+            best = 0
+            for i, e in enumerate(self.ema):
+                if e > self.ema[best]:  # strict: ties keep the smaller F
+                    best = i
+            self.fraction = self.fractions[best]
+        self.previous = (scores, candidate_end, k)
+        return self.fraction
 
 
 def draft_key_mask(kv_len: int, num_sink: int, dense_start: int, selection: torch.Tensor) -> torch.Tensor:
@@ -497,6 +580,9 @@ class CycleStats:
     bonus: int | None  # None only when a followed trajectory ended before it
     selection: torch.Tensor | None = None  # [layers, kv_heads, K] (trace=True)
     scores: torch.Tensor | None = None  # verify scores [layers, kv_heads, P+k+1] (trace=True)
+    # `auto` only: the recent fraction this cycle's selection used (None: another policy, or
+    # the first cycle, whose window comes before any verify scores).
+    recent_fraction: float | None = None
 
     @property
     def tokens_per_cycle(self) -> int:
@@ -658,7 +744,8 @@ def sparsespec_generate(model, prompt_ids: Sequence[int], max_new_tokens: int, c
     `plain_generate`); > 0 = speculative sampling with the same top_k / top_p filters on
     the target and draft distributions. trace=True keeps each cycle's selection and
     verify scores in its CycleStats. policy: the `DraftSelection` (or its text form); None: the
-    config's ``selection`` (pillar, window or hybrid:F, as ``--sparsespec-selection``).
+    config's ``selection`` (pillar, window or hybrid:F, as ``--sparsespec-selection``); "auto"
+    keeps a fresh `AutoSplit` for this request and records each cycle's F in its CycleStats.
     target_tokens (greedy only): the expected output, e.g. `plain_generate`'s, used by
     `_greedy_drafts` to draft a cycle in as few forwards as its guesses allow (one if all are
     right). Any guess gives the same drafts, KV and scores; only the speed depends on it.
@@ -681,6 +768,8 @@ def sparsespec_generate(model, prompt_ids: Sequence[int], max_new_tokens: int, c
     n_kv = model.config.num_key_value_heads
     dev = model.device
     policy_rng = torch.Generator().manual_seed(pol.seed)
+    split = AutoSplit() if pol.name == "auto" else None  # per request: auto learns from its own verifies
+    fraction: float | None = None
 
     prompt = list(prompt_ids)
     L = len(prompt)
@@ -742,7 +831,7 @@ def sparsespec_generate(model, prompt_ids: Sequence[int], max_new_tokens: int, c
 
         stats = CycleStats(position=P, output_offset=P - L, num_drafts=k, accepted=m, committed=0,
                            dense_start=dense_start, num_selected=int(selection.shape[-1]),
-                           drafts=drafts, bonus=bonus)
+                           drafts=drafts, bonus=bonus, recent_fraction=fraction)
         if trace:
             stats.selection = selection.cpu()
             stats.scores = torch.stack([vstate.scores[i] for i in range(n_layers)]).cpu()
@@ -761,6 +850,7 @@ def sparsespec_generate(model, prompt_ids: Sequence[int], max_new_tokens: int, c
         cache.crop(P + m + 1)
         scores = torch.stack([vstate.scores[i] for i in range(n_layers)])  # [L, Hkv, P+k+1]
         n_sel = num_selected(scores.shape[-1], max(0, P - num_sink), cfg)
-        selection = pol.select(scores, num_sink, P, n_sel, policy_rng)
+        selection = pol.select(scores, num_sink, P, n_sel, policy_rng, split=split)
+        fraction = None if split is None else split.fraction
         dense_start = P
         P, pending = P + m + 1, bonus
