@@ -39,7 +39,7 @@ from tqdm import tqdm
 
 RUNS = ("plain", "plain-flashinfer", "plain-hicache", "ngram", "sparsespec", "sparsespec-draftnorm", "sparsespec-draftnorm-hicache",
         "sparsespec-unified", "sparsespec-draftnorm-unified", "sparsespec-draftnorm-unified-nodelay",
-        "sparsespec-unified-adaptive")
+        "sparsespec-unified-adaptive", "sparsespec-unified-adaptive-flashinfer")
 
 
 @contextlib.contextmanager
@@ -198,6 +198,10 @@ def main() -> int:
         # Each request speculates or decodes densely, chosen per step (adaptive speculation).
         "sparsespec-unified-adaptive": dict(speculative_algorithm="SPARSESPEC", sparsespec_schedule="unified",
                                             sparsespec_adaptive="on", **spec),
+        # ... with its all-dense steps on SGLang's FlashInfer backend.
+        "sparsespec-unified-adaptive-flashinfer": dict(
+            speculative_algorithm="SPARSESPEC", sparsespec_schedule="unified", sparsespec_adaptive="on",
+            sparsespec_dense_backend="flashinfer", **spec),
     }
     report = {"command": " ".join(sys.argv), "gpu": torch.cuda.get_device_name(),
               "torch": torch.__version__, "shape": args.shape, "k": args.k,

@@ -199,6 +199,8 @@ def main() -> int:
                     help="--sparsespec-schedule of the SPARSESPEC runs (default: the plugin's)")
     ap.add_argument("--adaptive", default=None, choices=("on", "off"),
                     help="--sparsespec-adaptive of the SPARSESPEC runs (default: the plugin's)")
+    ap.add_argument("--dense-backend", default=None, choices=("triton", "flashinfer"),
+                    help="--sparsespec-dense-backend of the SPARSESPEC runs (default: the plugin's)")
     ap.add_argument("--spec-logprob-every", type=int, default=0,
                     help="SPARSESPEC runs: requests N-1, 2N-1, ... ask for logprobs, so batches switch "
                          "between the unified schedule and the lockstep path such requests take")
@@ -240,6 +242,8 @@ def main() -> int:
         spec_kwargs["sparsespec_schedule"] = args.schedule
     if args.adaptive:
         spec_kwargs["sparsespec_adaptive"] = args.adaptive
+    if args.dense_backend:
+        spec_kwargs["sparsespec_dense_backend"] = args.dense_backend
     if args.hierarchical_cache:
         spec_kwargs["enable_hierarchical_cache"] = True
     modes = [(m, args.sparsity) for m in args.modes.split(",")]

@@ -11,7 +11,7 @@
 #   bash scripts/gpu_checks.sh offload   # retraction with the KV kept in HiCache: lossless test + B 128 / 4K run
 #   bash scripts/gpu_checks.sh sampling  # temperature / top-p / top-k: SPARSESPEC keeps plain's distribution
 #   bash scripts/gpu_checks.sh tp2       # --tp 2 (two GPUs), deterministic greedy equality
-#   bash scripts/gpu_checks.sh unified   # unified passes (the default): join/leave + logprob-switch and no-CUDA-graph lossless tests
+#   bash scripts/gpu_checks.sh unified   # unified passes (the default): join/leave + logprob-switch, no-CUDA-graph and adaptive (both dense backends) lossless tests
 #   bash scripts/gpu_checks.sh unified2k # lockstep vs unified vs unified without delayed verification, B 128 512/2048 (pass timing)
 #   bash scripts/gpu_checks.sh unified4k # lockstep vs unified at B 128 512/4096 (full-batch pass sizes, pass timing)
 #   bash scripts/gpu_checks.sh ngram4k   # plain vs NGRAM at B 128 512/4096 (the spec4k workload)
@@ -20,7 +20,7 @@
 #   bash scripts/gpu_checks.sh long16k   # plain vs SPARSESPEC at B 16, 512/16384 (speedup vs context from the log)
 #   bash scripts/gpu_checks.sh shape14b  # plain vs SPARSESPEC, Qwen3-14B shape, B 32/64, 512/2048
 #   bash scripts/gpu_checks.sh everytoken # every-token lossless check (plain teacher-forces each output), random weights
-#   bash scripts/gpu_checks.sh adaptive1k  # plain (Triton, FlashInfer) vs SPARSESPEC fixed vs adaptive, B 128, 512/1024
+#   bash scripts/gpu_checks.sh adaptive1k  # plain FlashInfer vs adaptive (dense steps on Triton, on FlashInfer), B 128, 512/1024
 #   bash scripts/gpu_checks.sh adaptive16k # the B 16, 512/16384 ramp (speedup vs context from the log); RUNS= picks
 #                                          # the configurations (one or two per command: each takes ~3-4 min)
 #   bash scripts/gpu_checks.sh adaptivemix # a mixed batch: B 128, half 512-token and half 8192-token prompts, 1024 out
@@ -71,7 +71,7 @@ case "${1:-}" in
       | grep -E "^sparsespec|EQUAL|DIVERGED-AT-NEAR-TIES|MISMATCH|Traceback" ;;
   adaptive1k)
     python scripts/bench_throughput.py --batch 128 --input-len 512 --output-len 1024 --forced-accept 7 \
-      --runs "${RUNS:-plain,plain-flashinfer,sparsespec-unified,sparsespec-unified-adaptive}" --log-level info \
+      --runs "${RUNS:-plain-flashinfer,sparsespec-unified-adaptive,sparsespec-unified-adaptive-flashinfer}" --log-level info \
       --quiet --out "$out/bench_adaptive_b128_1k.json" > "$out/bench_adaptive_b128_1k.log" 2>&1 || true
     grep -E "^plain|^sparsespec|^speedup|Traceback" "$out/bench_adaptive_b128_1k.log" ;;
   adaptive16k)
@@ -90,6 +90,7 @@ case "${1:-}" in
     python -m pytest -q -p no:cacheprovider -m gpu \
       tests/test_e2e_gpu.py::test_unified_schedule_stays_lossless_as_requests_join_and_leave \
       tests/test_e2e_gpu.py::test_unified_schedule_without_cuda_graphs_stays_lossless \
+      tests/test_e2e_gpu.py::test_adaptive_speculation_stays_lossless_as_requests_join_and_leave \
       2>&1 | tail -5 | tee "$out/gpu_unified_test.txt" ;;
   unified2k)
     python scripts/bench_throughput.py --batch 128 --input-len 512 --output-len 2048 --forced-accept 7 \

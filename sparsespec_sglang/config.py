@@ -110,6 +110,11 @@ OPTIONS = (
            "Unified schedule only: on lets each request speculate or decode densely (a plain decode "
            "step of its own in every pass), chosen per step from its context length, its acceptance "
            "and the measured pass costs; off (the default) speculates every request."),
+    Option("dense_backend", "--sparsespec-dense-backend", str,
+           "With --sparsespec-adaptive on: the SGLang attention backend of a step whose requests all "
+           "decode densely (plain decode forwards): triton (the default, the SPARSESPEC backend's own "
+           "Triton decode) or flashinfer (a second backend instance, with its own CUDA graphs: pick "
+           "the backend that decodes your model fastest in plain SGLang)."),
     Option("delayed_verification", "--sparsespec-disable-delayed-verify", bool,
            "Unified schedule only: make the host wait for every pass's verify results before "
            "launching the next pass (by default acceptance stays on the GPU and nothing waits).",
@@ -128,6 +133,7 @@ OPTIONS = (
 
 SCHEDULES = tuple(SCHEDULE_REGISTRY)  # the names of schedule.SCHEDULES, the default first
 ADAPTIVE = ("on", "off")
+DENSE_BACKENDS = ("triton", "flashinfer")
 OPTIONS_BY_DEST = {o.dest: o for o in OPTIONS}
 OPTIONS_BY_FIELD = {o.field: o for o in OPTIONS if o.field is not None}
 
@@ -146,6 +152,7 @@ class SparseSpecConfig:
     score_norm: str = "exact"
     schedule: str = "unified"
     adaptive: str = "off"  # "on": per-request speculate-or-decode-densely (unified schedule)
+    dense_backend: str = "triton"  # the attention backend of all-dense passes (adaptive on)
     delayed_verification: bool = True  # unified schedule: the host never waits on a verify
     kv_offload: bool = True  # retracted KV kept in the hierarchical cache (patches/retraction.py)
     profile: Optional[str] = None  # per-step profile path (profiling.CycleProfiler.configured)
@@ -181,6 +188,11 @@ class SparseSpecConfig:
         _check(self.adaptive == "off" or self.schedule == "unified", "--sparsespec-adaptive",
                "off with --sparsespec-schedule lockstep (dense rows are rows of unified passes)",
                self.adaptive)
+        _check(self.dense_backend in DENSE_BACKENDS, "--sparsespec-dense-backend",
+               "one of: " + ", ".join(DENSE_BACKENDS), self.dense_backend)
+        _check(self.dense_backend == "triton" or self.adaptive == "on", "--sparsespec-dense-backend",
+               "triton unless --sparsespec-adaptive on (only adaptive speculation runs all-dense passes)",
+               self.dense_backend)
         _check(isinstance(self.delayed_verification, bool)
                and (self.delayed_verification or self.schedule == "unified"),
                "--sparsespec-disable-delayed-verify",

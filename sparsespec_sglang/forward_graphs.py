@@ -59,10 +59,10 @@ class SingleTokenGraphRunner(DecodeCudaGraphRunner):
     batch's ``spec_info`` (None: plain decode graphs, the unified schedule's all-dense passes)."""
 
     def __init__(self, model_runner: Any, plan: Optional[ForwardPlan],
-                 capture_sizes: Optional[Sequence[int]] = None) -> None:
+                 capture_sizes: Optional[Sequence[int]] = None, attn_backend: Any = None) -> None:
         self.plan = plan  # read by get_spec_info while SGLang's constructor captures
         with _as_plain_decoder(model_runner), capturing(model_runner, capture_sizes):
-            super().__init__(model_runner)
+            super().__init__(model_runner, attn_backend=attn_backend)
         if capture_sizes is not None and list(self.capture_bs) != sorted(set(capture_sizes)):
             raise RuntimeError("SPARSESPEC: graph sizes were not applied (is the plugin's "
                                "patches/graph_capture_sizes.py hook installed?)")
@@ -74,7 +74,12 @@ class SingleTokenGraphRunner(DecodeCudaGraphRunner):
 class ForwardGraphs:
     """How a schedule runs its plan's forwards: a replay of the smallest captured bucket a forward
     fits, else SGLang's eager model runner. Nothing is captured until :meth:`capture` (no CUDA
-    graphs: every forward is eager)."""
+    graphs: every forward is eager).
+
+    ``backend`` is the attention backend its graphs capture and replay with: the SPARSESPEC
+    backend, or for plain decode graphs a second SGLang backend (``--sparsespec-dense-backend``).
+    An eager forward always runs on the model runner's own backend (the SPARSESPEC backend, whose
+    plan-less decode is SGLang's Triton decode): the same tokens, at that backend's speed."""
 
     def __init__(self, model_runner: Any, backend: Any, label: str) -> None:
         self.model_runner = model_runner
@@ -87,7 +92,7 @@ class ForwardGraphs:
 
     def capture(self, plan: Optional[ForwardPlan], capture_sizes: Optional[Sequence[int]] = None) -> None:
         """Graphs of ``plan``'s forwards (None: plain decode forwards, SGLang's own path)."""
-        self.runner = SingleTokenGraphRunner(self.model_runner, plan, capture_sizes)
+        self.runner = SingleTokenGraphRunner(self.model_runner, plan, capture_sizes, attn_backend=self.backend)
         self.captured = True
         self.sizes = list(self.runner.capture_bs)
         logger.info("SPARSESPEC: captured %s CUDA graphs for %s", self.label, self.sizes)

@@ -58,6 +58,8 @@ class ScheduleContext:
     sampling_backend: str  # --sampling-backend: which plain sampler the acceptance matches
     delayed_verification: bool  # unified: the host never waits on a verify result
     adaptive: bool = False  # unified: each request speculates or decodes densely, chosen per step
+    # The SGLang attention backend of all-dense passes (--sparsespec-dense-backend); None: ``backend``
+    dense_backend: Any = None
 
 
 class Schedule(Protocol):

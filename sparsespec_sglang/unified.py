@@ -154,7 +154,7 @@ class UnifiedSchedule:
         # says so: PillarState.stop_speculating), and what the GPU measured, not yet read.
         self.policy: Optional[AdaptivePolicy] = None
         self.dense: set[int] = set()
-        self.plain = ForwardGraphs(ctx.model_runner, ctx.backend, label="plain-decode")
+        self.plain = ForwardGraphs(ctx.model_runner, ctx.dense_backend or ctx.backend, label="plain-decode")
         self._measured: collections.deque = collections.deque()
         self._generation: dict[int, int] = collections.defaultdict(int)  # per pool row: forgets
         self._token_shares: list[float] = []  # read from finished steps, noted at a step's end

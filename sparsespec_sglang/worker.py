@@ -21,6 +21,7 @@ from typing import Any, Optional
 
 import torch
 from sparsespec_sglang.compat import (
+    ATTENTION_BACKENDS,
     BaseSpecWorker,
     GenerationBatchResult,
     NgramVerifyInput,
@@ -104,11 +105,17 @@ class SparseSpecWorker(BaseSpecWorker):
                              f"{type(backend).__name__}")
         backend.attach(self.state)
         self.backend = backend
+        dense_backend = None
+        if self.config.dense_backend != "triton":
+            # All-dense passes are plain decode forwards: a second SGLang backend runs them.
+            dense_backend = ATTENTION_BACKENDS[self.config.dense_backend](self.model_runner)
+            logger.info("SPARSESPEC: all-dense passes decode with SGLang's %s attention backend",
+                        self.config.dense_backend)
         ctx = ScheduleContext(k=self.k, state=self.state, backend=backend,
                               model_runner=self.model_runner, target_worker=self.target_worker,
                               sampling_backend=get_exec().kernel.sampling_backend,
                               delayed_verification=self.config.delayed_verification,
-                              adaptive=self.config.adaptive == "on")
+                              adaptive=self.config.adaptive == "on", dense_backend=dense_backend)
         for name in dict.fromkeys((FALLBACK_SCHEDULE, self.config.schedule)):
             cls = schedule_class(name)
             # The configured schedule's phase times are the ones exported and profiled.

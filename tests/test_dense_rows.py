@@ -254,3 +254,48 @@ def test_the_worker_with_the_real_policy_emits_the_target_sequence(monkeypatch, 
         assert 0 < min(shares) and max(shares) == 1 and started > 0
     else:
         assert max(shares[-10:]) == 0
+
+
+def test_all_dense_passes_capture_and_replay_on_the_dense_backend(monkeypatch):
+    """--sparsespec-dense-backend flashinfer: the worker builds that SGLang backend once, the plain
+    decode graphs (all-dense passes) capture on it and replay in its forward context, while the
+    unified passes' and lockstep drafts' graphs keep the SPARSESPEC backend."""
+    from test_lockstep import make_worker
+
+    from sparsespec_sglang import forward_graphs
+
+    built = []
+
+    class DenseBackend:
+        def __init__(self, model_runner):
+            built.append(model_runner)
+
+    monkeypatch.setattr("sparsespec_sglang.worker.ATTENTION_BACKENDS", {"flashinfer": DenseBackend})
+    worker, runner, _ = make_worker(monkeypatch, "unified", k=3, adaptive="on", dense_backend="flashinfer")
+    schedule = worker.schedule
+    assert built == [runner] and isinstance(schedule.plain.backend, DenseBackend)
+    assert schedule.graphs.backend is worker.backend
+
+    captured = {}
+
+    class Runner:
+        capture_bs = [1, 2, 4]
+
+        def __init__(self, model_runner, plan, capture_sizes=None, attn_backend=None):
+            captured[plan is None] = attn_backend
+
+        def can_run_graph(self, forward_batch):
+            return True
+
+        def execute(self, forward_batch):
+            from sglang.srt.model_executor.forward_context import get_attn_backend
+            contexts.append(get_attn_backend())
+            return SimpleNamespace(next_token_logits=torch.zeros(forward_batch.input_ids.shape[0], 4))
+
+    contexts = []
+    monkeypatch.setattr(forward_graphs, "SingleTokenGraphRunner", Runner)
+    schedule.capture_graphs(4)
+    assert isinstance(captured[True], DenseBackend) and captured[False] is worker.backend
+    fb = SimpleNamespace(spec_info=None, input_ids=torch.zeros(2, dtype=torch.int64))
+    schedule.plain.run(fb)
+    assert len(contexts) == 1 and isinstance(contexts[0], DenseBackend)

@@ -66,6 +66,17 @@ def test_unified_schedule_without_cuda_graphs_stays_lossless(tmp_path):
                     "--schedule", "unified", "--disable-cuda-graph", "--modes", "overlap")
 
 
+@pytest.mark.parametrize("dense_backend", ["triton", "flashinfer"])
+def test_adaptive_speculation_stays_lossless_as_requests_join_and_leave(tmp_path, dense_backend):
+    """--sparsespec-adaptive on: requests switch between speculating and decoding densely, and
+    steps whose requests are all dense run as plain decode forwards on the dense backend (its own
+    CUDA graphs), in both scheduler modes."""
+    _check_lossless(tmp_path / f"lossless_adaptive_{dense_backend}.json", "--num-prompts", "16",
+                    "--max-new-tokens", "256", "--prompt-len", "64", "256", "--ragged-max-new-tokens",
+                    "--stagger-s", "0.05", "--dtype", "bfloat16", "--schedule", "unified", "--adaptive", "on",
+                    "--dense-backend", dense_backend)
+
+
 def test_retracted_requests_come_back_from_the_host_cache_losslessly(tmp_path):
     """The same capped pool with --enable-hierarchical-cache: retracted requests' KV is kept
     (patches/retraction.py) and re-admission is a prefix-cache hit instead of a recompute."""

@@ -65,7 +65,7 @@ def patch_worker_runtime(monkeypatch) -> None:
 
 
 def make_worker(monkeypatch, schedule: str, k: int = 3, score_norm: str = "exact", adaptive: str = "off",
-                **runtime):
+                dense_backend: str = "triton", **runtime):
     patch_worker_runtime(monkeypatch)
     req_to_token = torch.arange(NUM_ROWS * MAX_CTX, dtype=torch.int32).view(NUM_ROWS, MAX_CTX)
     backend = ToyBackend()
@@ -79,7 +79,7 @@ def make_worker(monkeypatch, schedule: str, k: int = 3, score_norm: str = "exact
     server_args = SimpleNamespace(
         speculative_num_steps=k,
         _sparsespec_args={"sparsespec_schedule": schedule, "sparsespec_score_norm": score_norm,
-                          "sparsespec_adaptive": adaptive,
+                          "sparsespec_adaptive": adaptive, "sparsespec_dense_backend": dense_backend,
                           "sparsespec_min_selected": 4, "sparsespec_max_selected": 32})
     with sglang_runtime(**runtime):
         # As SGLang's scheduler builds and initialises a draft worker (keyword arguments).

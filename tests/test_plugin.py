@@ -132,7 +132,10 @@ def test_server_args_values_flow_into_config(sglang_loaded, model_dir):
     assert config.adaptive == "off"  # until GPU measurements say otherwise
     config = SparseSpecConfig.from_server_args(pickle.loads(pickle.dumps(_server_args(
         model_dir, sparsespec_adaptive="on"))))
-    assert config.adaptive == "on" and config.schedule == "unified"
+    assert config.adaptive == "on" and config.schedule == "unified" and config.dense_backend == "triton"
+    config = SparseSpecConfig.from_server_args(pickle.loads(pickle.dumps(_server_args(
+        model_dir, sparsespec_adaptive="on", sparsespec_dense_backend="flashinfer"))))
+    assert config.dense_backend == "flashinfer"
 
 
 def test_the_config_is_built_once_per_record_and_travels_with_it(sglang_loaded, model_dir):
@@ -216,6 +219,10 @@ def test_deterministic_inference_sglang_turns_on_makes_the_schedule_lockstep(sgl
     (dict(sparsespec_adaptive="on", enable_deterministic_inference=True),
      "--sparsespec-adaptive must be off with --sparsespec-schedule lockstep"),
     (dict(sparsespec_adaptive="on", tp_size=2), "--sparsespec-adaptive must be off with --tp-size above 1"),
+    (dict(sparsespec_adaptive="on", sparsespec_dense_backend="fa4"),
+     "--sparsespec-dense-backend must be one of: triton, flashinfer (got 'fa4')"),
+    (dict(sparsespec_dense_backend="flashinfer"),
+     "--sparsespec-dense-backend must be triton unless --sparsespec-adaptive on"),
     (dict(sparsespec_schedule="unified", enable_deterministic_inference=True),
      "--sparsespec-schedule must be lockstep with --enable-deterministic-inference"),
     (dict(attention_backend="triton"), "--attention-backend"),

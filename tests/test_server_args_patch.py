@@ -64,6 +64,9 @@ def _message(model_dir: str, **kwargs) -> str:
     (dict(sparsespec_sparsity=0.0), "SPARSESPEC: --sparsespec-sparsity must be a number in [1e-06, 1] (got 0.0)"),
     (dict(sparsespec_schedule="fast"), "SPARSESPEC: --sparsespec-schedule must be one of: unified, lockstep"),
     (dict(sparsespec_adaptive="yes"), "SPARSESPEC: --sparsespec-adaptive must be one of: on, off (got 'yes')"),
+    (dict(sparsespec_dense_backend="flashinfer"),
+     "SPARSESPEC: --sparsespec-dense-backend must be triton unless --sparsespec-adaptive on (only adaptive "
+     "speculation runs all-dense passes) (got 'flashinfer')"),
     (dict(speculative_num_steps=40), "SPARSESPEC: --speculative-num-steps must be an integer in [1, 32] (got 40)"),
     (dict(speculative_eagle_topk=4), "SPARSESPEC: --speculative-eagle-topk must be 1"),
     (dict(speculative_num_steps=4, speculative_num_draft_tokens=8),

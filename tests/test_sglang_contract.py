@@ -156,6 +156,24 @@ def test_draft_graph_runner_interface():
     assert _params(forward_context) == _by_release({"0.5.17": ["ctx"], "0.5.23": ["ctx", "forward_batch"]})
 
 
+def test_a_graph_runner_captures_and_replays_on_the_backend_it_is_given(sglang_loaded):  # noqa: F811
+    """--sparsespec-dense-backend: the plain decode graphs of all-dense passes are SGLang's decode
+    graph runner built with a second backend (``attn_backend=``), which its graph state, capture and
+    replay metadata then use instead of the model runner's."""
+    from sparsespec_sglang.compat import ATTENTION_BACKENDS, DecodeCudaGraphRunner
+
+    assert "attn_backend" in _params(DecodeCudaGraphRunner.__init__)
+    init = inspect.getsource(DecodeCudaGraphRunner.__init__)
+    assert "self.attn_backend = attn_backend or model_runner.attn_backend" in init
+    assert "self.attn_backend.init_cuda_graph_state(self.max_bs, self.max_num_token)" in init
+    assert "attn_backend = self.attn_backend" in inspect.getsource(DecodeCudaGraphRunner.capture_prepare)
+    # The replay's metadata: load_batch up to 0.5.22, a helper from 0.5.23.
+    replay, line = _by_release({"0.5.17": ("load_batch", "attn_backend = self.attn_backend"),
+                                "0.5.23": ("_replay_attn_backend", "return self.attn_backend")})
+    assert line in inspect.getsource(getattr(DecodeCudaGraphRunner, replay))
+    assert "flashinfer" in ATTENTION_BACKENDS and "triton" in ATTENTION_BACKENDS
+
+
 def test_draft_graph_replays_run_in_the_context_sglangs_model_runner_publishes():
     """``DraftGraphs.run`` wraps a replay in ``compat.forward_context_of``: the context SGLang's
     ``ModelRunner._forward_raw`` publishes (from 0.5.23 with the batch's MoE token bound)."""
