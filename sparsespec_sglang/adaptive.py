@@ -249,7 +249,8 @@ class AdaptivePolicy:
             n -= self.k - self._acceptance(rid)
             chosen += 1
         all_dense = (self.fixed_seconds(False) + dense_t) / n_all if n_all else float("inf")
-        threshold = t / n if chosen and n > 0 and t / n < all_dense else float("inf")
+        dense_step = not (chosen and n > 0 and t / n < all_dense)
+        threshold = float("inf") if dense_step else t / n
         self._steps += 1
         probe = self._steps % self.probe_steps == 0
         out: dict[Hashable, bool] = {}
@@ -260,7 +261,7 @@ class AdaptivePolicy:
             else:
                 req.steps_in_mode += 1
                 if req.steps_in_mode >= self.min_steps:
-                    if req.speculating and ratios[rid] < threshold * (1 - self.margin):
+                    if req.speculating and (dense_step or ratios[rid] < threshold * (1 - self.margin)):
                         self._switch(req, False, c)
                     elif not req.speculating and ratios[rid] > threshold * (1 + self.margin):
                         self._switch(req, True, c)

@@ -185,3 +185,22 @@ def test_dense_requests_probe_together():
         ctx = {r: c + 9 for r, c in ctx.items()}
         planned_steps += any(pol.decide(ctx).values())
     assert 0 < planned_steps <= (200 // 32) * 4
+
+
+def test_a_request_that_accepts_everything_still_leaves_a_dense_step():
+    """Accepting every draft makes a request's ratio infinite (it gives up no tokens), yet when the
+    plan costs more than every speculating set saves, it decodes densely with the rest."""
+    sel = SelectionPolicy.of(SparseSpecConfig())
+    free = PassCost.prior(0.27e9, 23_040, 3.35e12, row_seconds=1e-7)
+    pol = AdaptivePolicy(k=8, selection=sel, cost=PassCostFit(free), prior_accepted=8.0, min_steps=2,
+                         probe_steps=10_000)
+    ctx = _batch(16, 3000)
+    assert all(pol.decide(ctx).values())
+    for _ in range(3):
+        for r in ctx:
+            pol.observe_verify(r, 8)
+        pol.decide(ctx)
+    assert pol.ratio(3000, pol.accepted_ema("r0")) == float("inf")
+    pol.cost = PassCostFit(PassCost(free.a, free.b, free.c, plan=0.05))  # a plan now costs 50 ms a pass
+    modes = [pol.decide(ctx) for _ in range(3)][-1]
+    assert not any(modes.values())
