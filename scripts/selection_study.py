@@ -11,7 +11,8 @@ an output length), and for each file and selection floor (min-selected) reports
 * a paired comparison of every policy against PillarAttn and against the window: on how many
   prompts it wins / ties / loses, the mean and standard deviation of the per-prompt difference,
   and the Wilcoxon signed-rank p-value (scipy) of that difference;
-* accepted drafts by output position (pooled), for long outputs.
+* accepted drafts by output position (pooled), for long outputs;
+* for the `auto` selection, how many cycles used each recent fraction.
 
     python scripts/selection_study.py benchmarks/results/selection_smollm2-135m_*.json \
         --out benchmarks/results/selection_study_smollm2-135m.json --markdown selection.md
@@ -79,6 +80,8 @@ def analyse(report: dict[str, Any], loop_threshold: float, tie: float) -> dict[s
                 xs = [x for x, m in zip(per, mask) if m and x is not None]
                 mean, sd = _mean_sd(xs)
                 entry[g] = {"n": len(xs), "mean_of_prompts": mean, "sd": sd}
+            if "recent_fraction_counts" in r:  # auto: how often each recent share was chosen
+                entry["recent_fraction_counts"] = r["recent_fraction_counts"]
             policies[name] = entry
         pairings: dict[str, Any] = {}
         for ref in REFERENCE_POLICIES:
@@ -122,6 +125,12 @@ def markdown(name: str, report: dict[str, Any], result: dict[str, Any]) -> str:
                          f"({_fmt(e['all']['sd'])}) | {_fmt(e['non-looping']['mean_of_prompts'])} "
                          f"(n {e['non-looping']['n']}) | {_fmt(e['looping']['mean_of_prompts'])} "
                          f"(n {e['looping']['n']}) |")
+        for name, e in f["policies"].items():
+            if "recent_fraction_counts" in e:
+                counts = e["recent_fraction_counts"]
+                n = sum(counts.values())
+                lines += ["", f"{name}: recent fraction chosen per cycle (of {n}): "
+                          + ", ".join(f"F {k} {v} ({100 * v / n:.0f}%)" for k, v in counts.items())]
         lines += ["", "| paired (per prompt) | wins / ties / losses | mean diff (sd) | Wilcoxon p |", "|---|---|---|---|"]
         for key, p in f["paired"].items():
             lines.append(f"| {key} | {p['wins']} / {p['ties']} / {p['losses']} | {_fmt(p['mean_diff'])} "

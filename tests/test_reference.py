@@ -604,6 +604,128 @@ def test_policies_are_lossless_and_wired(model, prompts, plain, policy):
             assert torch.equal(cur.selection, expect)
 
 
+# ----------------------------------------------------------------------------- adaptive split (auto)
+
+_AUTO_SHAPE, _AUTO_SINK, _AUTO_K, _AUTO_STEP = (2, 3), 4, 32, 5
+
+
+def _recent_scores(P: int, k: int, g: torch.Generator) -> torch.Tensor:
+    """Verify scores [2, 3, P + k + 1] whose mass sits on the most recent positions (decaying with
+    distance), plus 16 spikes per (layer, head) at old positions drawn anew each verify: the
+    previous verify's top scores point at old tokens the next verify no longer attends to."""
+    T = P + k + 1
+    dist = (T - 1 - torch.arange(T)).float()
+    s = torch.exp(-dist / 64.0).expand(*_AUTO_SHAPE, T).clone() + 1e-4
+    spikes = torch.rand(*_AUTO_SHAPE, P // 2, generator=g).topk(16, dim=-1).indices + _AUTO_SINK
+    return s.scatter_(-1, spikes, 1.0)
+
+
+def _pillar_scores(P: int, k: int, g: torch.Generator, pillars: torch.Tensor) -> torch.Tensor:
+    """Verify scores whose mass sits on a fixed set of old positions (`pillars` [2, 3, K]), with a
+    weaker recent tail and noise."""
+    T = P + k + 1
+    dist = (T - 1 - torch.arange(T)).float()
+    s = 0.2 * torch.exp(-dist / 24.0).expand(*_AUTO_SHAPE, T) + 1e-3 * torch.rand(*_AUTO_SHAPE, T, generator=g)
+    return s.scatter_(-1, pillars, 1.0)
+
+
+def _pillars(g: torch.Generator) -> torch.Tensor:
+    return torch.rand(*_AUTO_SHAPE, 150, generator=g).topk(_AUTO_K, dim=-1).indices + _AUTO_SINK
+
+
+def _auto_run(patterns: list[str], seed: int = 0) -> tuple[list[float], R.AutoSplit]:
+    """Feed one AutoSplit a verify per pattern ("recent" / "pillar"); the F chosen at each."""
+    g = torch.Generator().manual_seed(seed)
+    split, pillars, P, chosen = R.AutoSplit(), _pillars(g), 300, []
+    for pattern in patterns:
+        s = _recent_scores(P, 8, g) if pattern == "recent" else _pillar_scores(P, 8, g, pillars)
+        sel = R.DraftSelection("auto").select(s, _AUTO_SINK, P, _AUTO_K, split=split)
+        assert sel.shape == (*_AUTO_SHAPE, _AUTO_K) and split.fraction is not None
+        # The selection is hybrid:F's at the F just chosen.
+        hybrid = R.DraftSelection("hybrid", recent_fraction=split.fraction)
+        assert torch.equal(sel, hybrid.select(s, _AUTO_SINK, P, _AUTO_K))
+        chosen.append(split.fraction)
+        P += _AUTO_STEP
+    return chosen, split
+
+
+def test_auto_policy_parse_label_and_state():
+    pol = R.DraftSelection.parse("auto")
+    assert pol == R.DraftSelection("auto") and pol.label == "auto"
+    for bad in ("auto:0.5", "automatic"):
+        with pytest.raises(ValueError, match="selection policy"):
+            R.DraftSelection.parse(bad)
+    with pytest.raises(ValueError, match="AutoSplit"):
+        pol.select(torch.ones(1, 1, 20), 2, 12, 4)
+    for bad_split in (dict(fractions=(0.5, 0.25)), dict(fractions=(0.0, 1.5)), dict(weight=0.0), dict(first=2.0)):
+        with pytest.raises(ValueError, match="auto"):
+            R.AutoSplit(**bad_split)
+
+
+def test_auto_split_moves_to_the_window_when_verifies_attend_recent_tokens():
+    chosen, split = _auto_run(["recent"] * 6)
+    assert chosen[0] == 0.5  # the first verify has no earlier scores to judge by
+    assert all(f >= 0.75 for f in chosen[1:4]) and chosen[-1] >= 0.75
+    # Captured mass grows with the recent share here, PillarAttn's (F 0) is the least.
+    assert split.ema[0] == min(split.ema) and split.ema[-1] > split.ema[0] + 0.05
+
+
+def test_auto_split_moves_to_pillar_when_verifies_attend_fixed_old_tokens():
+    chosen, split = _auto_run(["pillar"] * 6)
+    assert chosen[0] == 0.5 and chosen[1:] == [0.0] * 5
+    assert split.ema[0] == max(split.ema) > 0.8 and split.ema[-1] < 0.5
+
+
+def test_auto_split_averages_over_verifies():
+    """A change of pattern: strong evidence moves the choice within a few verifies, weak evidence
+    against a strong average takes several (the latest verify alone would flip at once)."""
+    chosen, _ = _auto_run(["recent"] * 6 + ["pillar"] * 8)
+    assert chosen[5] >= 0.75 and chosen[-1] == 0.0 and chosen[6:].index(0.0) <= 2
+    back, _ = _auto_run(["pillar"] * 6 + ["recent"] * 8)
+    assert back[5:9] == [0.0] * 4 and back[-1] >= 0.75
+
+
+def test_auto_split_rule_arithmetic_and_ties():
+    g = torch.Generator().manual_seed(3)
+    s1, s2, s3 = (torch.rand(1, 2, 60 + 3 * i, generator=g) for i in range(3))
+    split = R.AutoSplit()
+    assert split.update(s1, 2, 50, 8) == 0.5 and split.ema is None
+    f2 = split.update(s2, 2, 53, 8)
+    want = [R.captured_mass(s2, R.DraftSelection("hybrid", recent_fraction=f).select(s1, 2, 50, 8), 2, 50)
+            for f in R.AUTO_FRACTIONS]
+    assert split.ema == pytest.approx(want)
+    split.update(s3, 2, 56, 8)
+    now = [R.captured_mass(s3, R.DraftSelection("hybrid", recent_fraction=f).select(s2, 2, 53, 8), 2, 53)
+           for f in R.AUTO_FRACTIONS]
+    assert split.ema == pytest.approx([0.7 * a + 0.3 * b for a, b in zip(want, now)])
+    assert f2 == R.AUTO_FRACTIONS[max(range(5), key=lambda i: (want[i], -i))]
+    # Uniform scores: every split captures the same share, so the smallest F wins the tie.
+    flat = R.AutoSplit()
+    for n in range(4):
+        flat.update(torch.ones(1, 2, 60 + n), 2, 50 + n, 8)
+    assert flat.fraction == 0.0 and len(set(flat.ema)) == 1
+    assert R.captured_mass(torch.ones(1, 1, 20), torch.tensor([[[3, 4]]]), 2, 12) == pytest.approx(0.2)
+
+
+def test_auto_policy_is_lossless_and_wired(model, prompts, plain):
+    cfg = R.SparseSpecConfig(num_draft_steps=4, sparsity=0.1, min_selected=3, max_selected=6, num_sink_tokens=2)
+    seen = set()
+    for p, ref in zip(prompts, plain):
+        out = R.sparsespec_generate(model, p, MAX_NEW, cfg, policy="auto", ignore_eos=True, trace=True,
+                                    target_tokens=ref)
+        assert out.tokens == ref
+        assert R.sparsespec_generate(model, p, MAX_NEW, cfg, policy="auto", ignore_eos=True).tokens == ref
+        assert out.cycles[0].recent_fraction is None  # the first cycle's window precedes any verify
+        replay = R.AutoSplit()  # a fresh split per request reproduces every choice
+        for prev, cur in zip(out.cycles, out.cycles[1:]):
+            expect = R.DraftSelection("auto").select(prev.scores, 2, prev.position, cur.num_selected, split=replay)
+            assert torch.equal(cur.selection, expect) and cur.recent_fraction == replay.fraction
+            seen.add(cur.recent_fraction)
+    assert seen and seen <= set(R.AUTO_FRACTIONS)
+    pillar = R.sparsespec_generate(model, prompts[2], MAX_NEW, cfg, ignore_eos=True)
+    assert all(c.recent_fraction is None for c in pillar.cycles)
+
+
 # ----------------------------------------------------------------------------- following a trajectory
 
 
