@@ -24,6 +24,9 @@
 #   bash scripts/gpu_checks.sh adaptive16k # the B 16, 512/16384 ramp (speedup vs context from the log); RUNS= picks
 #                                          # the configurations (one or two per command: each takes ~3-4 min)
 #   bash scripts/gpu_checks.sh adaptivemix # a mixed batch: B 128, half 512-token and half 8192-token prompts, 1024 out
+#   bash scripts/gpu_checks.sh prefix    # radix-cache hits: plain (Triton, FlashInfer) vs SPARSESPEC on bench_serving's
+#                                        # generated-shared-prefix dataset, 8B shape, 32 x 16 requests (~8 min)
+#   bash scripts/gpu_checks.sh constrained # regex / JSON-schema requests: SPARSESPEC equals plain, outputs obey (~3 min)
 # Real weights (SmolLM2-135M): scripts/gpu_real_weights.sh.
 # then, on any machine: python scripts/plot_results.py $OUT/*.json --out-dir plots/
 set -euo pipefail
@@ -128,6 +131,15 @@ case "${1:-}" in
     python scripts/check_every_token.py --shape small --num-prompts 16 --max-new-tokens 512 --stagger-s 0.05 \
       --ragged-max-new-tokens --quiet --out "$out/every_token_small.json" > "$out/every_token_small.txt" 2>&1 || true
     grep -E "^every-token|Traceback" -A12 "$out/every_token_small.txt" | tail -20 ;;  # the whole output stays in the .txt
+  prefix)
+    python scripts/bench_prefix_reuse.py --shape qwen3-8b --forced-accept 7 --gsp-num-groups 32 \
+      --gsp-prompts-per-group 16 --gsp-system-prompt-len 2048 --gsp-question-len 128 --gsp-output-len 256 \
+      --out "$out/prefix_reuse.json" > "$out/prefix_reuse.log" 2>&1 || true
+    grep -E "tok/s|FAILED|Traceback" "$out/prefix_reuse.log" | tail -12 ;;
+  constrained)
+    python scripts/check_constrained.py --num-prompts 16 --max-new-tokens 128 --out "$out/constrained.json" \
+      > "$out/constrained.log" 2>&1 || true
+    grep -E "^CONSTRAINED|^\[.* #|Traceback" "$out/constrained.log" | tail -20 ;;
   *)
-    echo "usage: $0 {tests|lossless|kernels|plain4k|spec4k|batches|accept|offload|sampling|tp2|unified|unified4k|ngram4k|pool50|pool50spec|long16k|shape14b|everytoken|adaptive1k|adaptive16k|adaptivemix}" >&2; exit 2 ;;
+    echo "usage: $0 {tests|lossless|kernels|plain4k|spec4k|batches|accept|offload|sampling|tp2|unified|unified4k|ngram4k|pool50|pool50spec|long16k|shape14b|everytoken|adaptive1k|adaptive16k|adaptivemix|prefix|constrained}" >&2; exit 2 ;;
 esac
