@@ -79,6 +79,7 @@ TOOL_MODULE = "sglang.benchmark.offline_throughput"  # SGLang 0.5.17 to 0.5.23 (
 CONFIGS: dict[str, list[str]] = {
     "plain": [],
     "plain-triton": ["--attention-backend", "triton"],
+    "plain-flashinfer": ["--attention-backend", "flashinfer"],
     "ngram": ["--attention-backend", "triton", "--speculative-algorithm", "NGRAM",
               "--speculative-num-draft-tokens", "9"],
     "sparsespec": ["--speculative-algorithm", "SPARSESPEC"],

@@ -39,6 +39,8 @@
 #   sampling      scripts/check_sampling.py (unified default; random-weight model)
 #   entrypoints   scripts/check_entrypoints.py (unified default; random-weight model)
 #   speed         plain vs NGRAM vs SPARSESPEC (default flags) through SGLang's bench_offline_throughput
+#                 (plain is SGLang's default backend, FA3 on Hopper; plain-triton and plain-flashinfer name
+#                 the other two, and every ratio is also given over the fastest plain measured)
 #                 (scripts/bench_real_weights.py): natural acceptance, greedy, the reasoning prompts in the
 #                 chat template, SPEED_OUTPUT_LEN tokens each (ignore_eos), the batch submitted at once; one
 #                 engine per (configuration, batch). ~4-7 min per configuration (3 engine starts + ~1-2 min

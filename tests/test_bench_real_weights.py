@@ -108,7 +108,8 @@ def test_every_run_parses_with_the_tools_own_parser(tool_parser, tiny_model_dir,
     assert ns.max_running_requests == 256 and ns.cuda_graph_max_bs_decode == 256 and ns.disable_prefill_cuda_graph
     spec = {"ngram": "NGRAM", "sparsespec": "SPARSESPEC", "sparsespec-adaptive": "SPARSESPEC"}.get(name)
     assert ns.speculative_algorithm == spec
-    assert ns.attention_backend == {"plain": "torch_native", "plain-triton": "triton", "ngram": "triton"}.get(name)
+    assert ns.attention_backend == {"plain": "torch_native", "plain-triton": "triton", "plain-flashinfer": "flashinfer",
+                                    "ngram": "triton"}.get(name)
     # SGLang's and the plugin's resolution keep the whole batch running at once (SPARSESPEC's own
     # default would cap it at 128) and NGRAM's 9 draft tokens.
     from sglang.srt.server_args import ServerArgs
@@ -223,7 +224,7 @@ def test_ratios_per_batch_over_plain():
 
 
 @pytest.mark.parametrize("argv,message", [
-    (["--configs", "plain,eagle"], "--configs: unknown configuration eagle; allowed: plain, plain-triton, ngram, sparsespec, sparsespec-adaptive"),
+    (["--configs", "plain,eagle"], "--configs: unknown configuration eagle; allowed: plain, plain-triton, plain-flashinfer, ngram, sparsespec, sparsespec-adaptive"),
     (["--configs", ","], "--configs: no configuration given; allowed:"),
     (["--configs", "plain,plain"], "--configs: a configuration is named twice"),
     (["--batches", "64,x"], "--batches: comma-separated positive integers"),
