@@ -296,6 +296,6 @@ def test_all_dense_passes_capture_and_replay_on_the_dense_backend(monkeypatch):
     monkeypatch.setattr(forward_graphs, "SingleTokenGraphRunner", Runner)
     schedule.capture_graphs(4)
     assert isinstance(captured[True], DenseBackend) and captured[False] is worker.backend
-    fb = SimpleNamespace(spec_info=None, input_ids=torch.zeros(2, dtype=torch.int64))
+    fb = SimpleNamespace(spec_info=None, input_ids=torch.zeros(2, dtype=torch.int64), moe_num_token_non_padded=None)
     schedule.plain.run(fb)
     assert len(contexts) == 1 and isinstance(contexts[0], DenseBackend)
