@@ -65,6 +65,7 @@ SCRIPTS = Path(__file__).resolve().parent
 sys.path.insert(0, str(SCRIPTS))  # scripts/ is not a package
 
 import bench_saturated as bs  # noqa: E402  (launch, wait, stop, /metrics parsing)
+from bench_real_weights import parse_result_file  # noqa: E402  (bench tools append one JSON line per run)
 
 PROG = "bench_prefix_reuse.py"
 CONFIGS: dict[str, list[str]] = {
@@ -133,15 +134,6 @@ def cache_counts(before: bs.Scrape, after: bs.Scrape) -> CacheCounts:
     return CacheCounts(prompt_tokens=prompt, cached_tokens=sum(by_source.values()), cached_by_source=by_source,
                        requests=_counter_delta(before, after, REQUESTS),
                        generation_tokens=_counter_delta(before, after, GENERATION_TOKENS))
-
-
-def parse_bench_result(path: Path) -> Optional[dict]:
-    """bench_serving's result: the last line of its ``--output-file`` (it appends one per run)."""
-    try:
-        lines = [line for line in path.read_text().splitlines() if line.strip()]
-    except OSError:
-        return None
-    return json.loads(lines[-1]) if lines else None
 
 
 def run_numbers(result: Mapping[str, Any], counts: CacheCounts, hit_rate_gauge: Optional[float]) -> dict:
@@ -260,7 +252,7 @@ def run_one(name: str, model: str, dummy: bool, args: argparse.Namespace, work: 
                                                           if k != FORCED_ACCEPT_ENV},
                                   preexec_fn=bs.child_setup, timeout=args.bench_timeout)
         after = bs.scrape(base_url)
-        result = parse_bench_result(result_file)
+        result = parse_result_file(result_file)
         if load.returncode != 0 or result is None:
             raise RuntimeError(f"bench_serving exited with {load.returncode}; log tail:\n{bs._tail(bench_log)}")
         record.update(run_numbers(result, cache_counts(before, after), after.gauge(HIT_RATE_GAUGE)))

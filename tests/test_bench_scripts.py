@@ -72,7 +72,8 @@ def test_a_mixed_batch_has_its_share_of_long_prompts_and_its_own_speedup_key():
 
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the no-GPU path")
-@pytest.mark.parametrize("script", ["bench_throughput.py", "bench_kernels.py", "check_sampling.py"])
+@pytest.mark.parametrize("script", ["bench_throughput.py", "bench_kernels.py", "check_sampling.py",
+                                    "bench_prefix_reuse.py", "check_constrained.py"])
 def test_gpu_scripts_stop_with_one_line_without_a_gpu(script, tmp_path):
     proc = subprocess.run([sys.executable, str(ROOT / "scripts" / script), "--out", str(tmp_path / "x.json")],
                           capture_output=True, text=True, timeout=300)
