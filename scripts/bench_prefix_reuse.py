@@ -151,22 +151,18 @@ def run_numbers(result: Mapping[str, Any], counts: CacheCounts, hit_rate_gauge: 
     }
 
 
-def is_speculative(name: str) -> bool:
-    return "--speculative-algorithm" in CONFIGS[name]
-
-
 def add_ratios(report: dict) -> None:
     """``over_fastest_plain``: each speculative run over the plain run with the higher output tokens/s
     (a user runs plain SGLang with its faster backend): throughput ratios, and both hit rates."""
     runs = [r for r in report["runs"] if "error" not in r]
-    plain = [r for r in runs if not is_speculative(r["config"])]
+    plain = [r for r in runs if not bs.is_speculative(CONFIGS[r["config"]])]
     report.pop("over_fastest_plain", None)
     if not plain:
         return
     best = max(plain, key=lambda r: r["output_tok_per_s"])
     out = {}
     for r in runs:
-        if not is_speculative(r["config"]):
+        if not bs.is_speculative(CONFIGS[r["config"]]):
             continue
         entry = {"baseline": best["config"],
                  "output_tok_per_s": r["output_tok_per_s"] / best["output_tok_per_s"],
@@ -216,17 +212,9 @@ def tool_main(argv: Sequence[str]) -> int:
     return 0
 
 
-def server_env(flags: Sequence[str], forced_accept: Optional[float],
-               base: Mapping[str, str]) -> tuple[dict, Optional[float]]:
-    """Natural acceptance unless ``--forced-accept``; a plain server never gets the variable."""
-    if forced_accept is None:
-        return {k: v for k, v in base.items() if k != FORCED_ACCEPT_ENV}, None
-    return bs.server_env(flags, forced_accept, base)
-
-
 def run_one(name: str, model: str, dummy: bool, args: argparse.Namespace, work: Path) -> dict:
     flags = CONFIGS[name]
-    env, forced = server_env(flags, args.forced_accept, os.environ)
+    env, forced = bs.server_env(flags, args.forced_accept, os.environ)
     if forced is not None:
         print(f"WARNING [{name}]: benchmark-only forced acceptance {FORCED_ACCEPT_ENV}={forced} "
               "(accepted tokens per cycle incl. the bonus; outputs are not the model's)", flush=True)

@@ -357,11 +357,13 @@ def server_command(model_dir: str, port: int, flags: Sequence[str], args: argpar
     return cmd + list(args.server_args)
 
 
-def server_env(flags: Sequence[str], forced_accept: float, base: Mapping[str, str]) -> tuple[dict, Optional[float]]:
+def server_env(flags: Sequence[str], forced_accept: Optional[float],
+               base: Mapping[str, str]) -> tuple[dict, Optional[float]]:
     """The server's environment and its forced acceptance: ``SGLANG_SIMULATE_ACC_LEN`` for a
-    speculative server only (random weights accept nothing real), never inherited by a plain one."""
+    speculative server only (random weights accept nothing real), never inherited by a plain one;
+    ``forced_accept`` None: natural acceptance for every server (real weights)."""
     env = {k: v for k, v in base.items() if k != "SGLANG_SIMULATE_ACC_LEN"}
-    if not is_speculative(flags):
+    if forced_accept is None or not is_speculative(flags):
         return env, None
     env["SGLANG_SIMULATE_ACC_LEN"] = str(forced_accept)
     return env, forced_accept

@@ -77,11 +77,11 @@ def test_bench_serving_is_reached_through_compat_and_knows_the_dataset_flags():
 
 def test_forced_acceptance_goes_to_speculative_servers_only_and_is_never_inherited():
     base = {"PATH": "/bin", bp.FORCED_ACCEPT_ENV: "5"}
-    env, forced = bp.server_env(bp.CONFIGS["sparsespec"], None, base)
+    env, forced = bp.bs.server_env(bp.CONFIGS["sparsespec"], None, base)
     assert forced is None and bp.FORCED_ACCEPT_ENV not in env
-    env, forced = bp.server_env(bp.CONFIGS["plain"], 7.0, base)
+    env, forced = bp.bs.server_env(bp.CONFIGS["plain"], 7.0, base)
     assert forced is None and bp.FORCED_ACCEPT_ENV not in env
-    env, forced = bp.server_env(bp.CONFIGS["sparsespec"], 7.0, base)
+    env, forced = bp.bs.server_env(bp.CONFIGS["sparsespec"], 7.0, base)
     assert forced == 7.0 and env[bp.FORCED_ACCEPT_ENV] == "7.0"
 
 
