@@ -215,12 +215,6 @@ class SparseSpecConfig:
             kwargs[option.field] = (not value) if option.store_false else value
         return cls(**kwargs)
 
-    @classmethod
-    def from_server_args(cls, server_args: Any) -> "SparseSpecConfig":
-        """From a resolved SPARSESPEC server's arguments (the record, or a view of it): k is
-        SGLang's own field, the rest its ``SERVER_ARGS_ATTR`` values."""
-        return cls.from_values(server_args.speculative_num_steps,
-                               getattr(server_args, SERVER_ARGS_ATTR, None) or {})
 
 
 def check_keep_retracted_kv(value: Any, *, sparsespec: bool, hierarchical_cache: bool) -> bool:

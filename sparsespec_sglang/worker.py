@@ -39,6 +39,7 @@ from sparsespec_sglang.config import SparseSpecConfig
 from sparsespec_sglang.pillar import PillarState
 from sparsespec_sglang.profiling import CycleProfiler
 from sparsespec_sglang.schedule import Schedule, ScheduleContext, StepResult, schedule_class
+from sparsespec_sglang.validation import sparsespec_config
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +57,8 @@ class SparseSpecWorker(BaseSpecWorker):
         # get_parallel() on every release.
         super().__init__()
         self.server_args = server_args
-        self.config = SparseSpecConfig.from_server_args(server_args)
+        # The config validation attached to the record when SGLang resolved it (never rebuilt).
+        self.config: SparseSpecConfig = sparsespec_config(server_args)
         self._target_worker = target_worker
         self.model_runner = target_worker.model_runner
         self.device = self.model_runner.device

@@ -21,7 +21,7 @@ from sparsespec_sglang.attention import plan_of
 from sparsespec_sglang.forward_plan import DraftStep, ForwardPlan, MixedRows, PlanKind
 from sparsespec_sglang.schedule import BORROWED_FIELDS, SCHEDULES, schedule_class
 from sparsespec_sglang.worker import SparseSpecWorker
-from toy_model import (VOCAB, ToyBackend, ToyModelRunner, ToyTargetWorker, patch_sglang, toy_req,
+from toy_model import (VOCAB, ToyBackend, ToyModelRunner, ToyTargetWorker, patch_sglang, sparsespec_record, toy_req,
                        target_sequence)
 
 NUM_ROWS, MAX_CTX = 16, 1024
@@ -76,11 +76,9 @@ def make_worker(monkeypatch, schedule: str, k: int = 3, score_norm: str = "exact
     runner.attn_backend = backend
     runner.decode_cuda_graph_runner = None  # no CUDA graphs: every forward is eager
     target = ToyTargetWorker(runner, req_to_token)
-    server_args = SimpleNamespace(
-        speculative_num_steps=k,
-        _sparsespec_args={"sparsespec_schedule": schedule, "sparsespec_score_norm": score_norm,
-                          "sparsespec_adaptive": adaptive, "sparsespec_dense_backend": dense_backend,
-                          "sparsespec_min_selected": 4, "sparsespec_max_selected": 32})
+    server_args = sparsespec_record(k, {"sparsespec_schedule": schedule, "sparsespec_score_norm": score_norm,
+                                        "sparsespec_adaptive": adaptive, "sparsespec_dense_backend": dense_backend,
+                                        "sparsespec_min_selected": 4, "sparsespec_max_selected": 32})
     with sglang_runtime(**runtime):
         # As SGLang's scheduler builds and initialises a draft worker (keyword arguments).
         worker = SparseSpecWorker(server_args=server_args, gpu_id=0, nccl_port=0, target_worker=target)

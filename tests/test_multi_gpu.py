@@ -33,7 +33,7 @@ from sparsespec_sglang.config import SparseSpecConfig
 from sparsespec_sglang.pillar import PillarState
 from sparsespec_sglang.selection import SelectionPolicy
 from test_lockstep import patch_worker_runtime, sglang_runtime
-from toy_model import ToyBackend, ToyModelRunner, ToyTargetWorker
+from toy_model import ToyBackend, ToyModelRunner, ToyTargetWorker, sparsespec_record
 
 TOTAL_Q_HEADS, TOTAL_KV_HEADS, LAYERS = 32, 8, 3
 NUM_ROWS, MAX_CTX, K_DRAFT = 8, 512, 3
@@ -69,9 +69,8 @@ def rank_worker(monkeypatch, tp_rank: int, tp_size: int, schedule: str = "unifie
     runner.attn_backend = backend
     runner.decode_cuda_graph_runner = None
     target = ToyTargetWorker(runner, req_to_token)
-    server_args = SimpleNamespace(
-        speculative_num_steps=K_DRAFT,
-        _sparsespec_args={"sparsespec_schedule": schedule, "sparsespec_score_norm": score_norm, **CONFIG})
+    server_args = sparsespec_record(K_DRAFT, {"sparsespec_schedule": schedule, "sparsespec_score_norm": score_norm,
+                                              **CONFIG})
     with sglang_runtime(tp_rank=tp_rank, tp_size=tp_size):
         worker = SparseSpecWorker(server_args=server_args, gpu_id=tp_rank, nccl_port=0, target_worker=target)
         pool, allocator = target.get_memory_pool()

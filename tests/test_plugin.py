@@ -16,6 +16,7 @@ import torch
 
 from sparsespec_sglang import compat
 from sparsespec_sglang.config import SERVER_ARGS_ATTR, SparseSpecArgsError, SparseSpecConfig
+from sparsespec_sglang.validation import sparsespec_config
 
 
 @pytest.fixture(scope="module")
@@ -114,26 +115,26 @@ def test_server_args_defaults(sglang_loaded, model_dir):
     assert (cfg.speculative_num_steps, cfg.speculative_num_draft_tokens, cfg.speculative_eagle_topk) == (8, 9, 1)
     assert cfg.attention_backend == "sparsespec"
     assert (cfg.max_running_requests, cfg.enable_mixed_chunk) == (128, False)
-    assert SparseSpecConfig.from_server_args(sa) == SparseSpecConfig()
-    assert SparseSpecConfig.from_server_args(pickle.loads(pickle.dumps(sa))) == SparseSpecConfig()
+    assert sparsespec_config(sa) == SparseSpecConfig()
+    assert sparsespec_config(pickle.loads(pickle.dumps(sa))) == SparseSpecConfig()
 
 
 def test_server_args_values_flow_into_config(sglang_loaded, model_dir):
     sa = _server_args(model_dir, speculative_num_steps=4, sparsespec_sparsity=0.1,
                       sparsespec_aggregation="max", sparsespec_score_norm="draft")
     assert (_resolved(sa).speculative_num_steps, _resolved(sa).speculative_num_draft_tokens) == (4, 5)
-    config = SparseSpecConfig.from_server_args(pickle.loads(pickle.dumps(sa)))
+    config = sparsespec_config(pickle.loads(pickle.dumps(sa)))
     assert (config.num_draft_steps, config.sparsity, config.aggregation) == (4, 0.1, "max")
     assert config.delayed_verification is True and config.schedule == "unified"
     assert config.score_norm == "draft"
-    config = SparseSpecConfig.from_server_args(_server_args(
+    config = sparsespec_config(_server_args(
         model_dir, sparsespec_schedule="unified", sparsespec_disable_delayed_verify=True))
     assert config.schedule == "unified" and config.delayed_verification is False
     assert config.adaptive == "off"  # until GPU measurements say otherwise
-    config = SparseSpecConfig.from_server_args(pickle.loads(pickle.dumps(_server_args(
+    config = sparsespec_config(pickle.loads(pickle.dumps(_server_args(
         model_dir, sparsespec_adaptive="on"))))
     assert config.adaptive == "on" and config.schedule == "unified" and config.dense_backend == "triton"
-    config = SparseSpecConfig.from_server_args(pickle.loads(pickle.dumps(_server_args(
+    config = sparsespec_config(pickle.loads(pickle.dumps(_server_args(
         model_dir, sparsespec_adaptive="on", sparsespec_dense_backend="flashinfer"))))
     assert config.dense_backend == "flashinfer"
 
@@ -141,12 +142,10 @@ def test_server_args_values_flow_into_config(sglang_loaded, model_dir):
 def test_the_config_is_built_once_per_record_and_travels_with_it(sglang_loaded, model_dir):
     """The hooks on shared SGLang code read the SparseSpecConfig resolution attached to the record
     (never rebuilt per call), in the scheduler's copy too; any other server has none."""
-    from sparsespec_sglang.validation import sparsespec_config
-
     sa = _server_args(model_dir, speculative_num_steps=4, sparsespec_sparsity=0.25,
                       sparsespec_profile="/tmp/p.json")
     config = sparsespec_config(sa)
-    assert config == SparseSpecConfig.from_server_args(sa)
+    assert config == SparseSpecConfig.from_values(4, getattr(sa, SERVER_ARGS_ATTR))
     assert (config.num_draft_steps, config.sparsity, config.profile) == (4, 0.25, "/tmp/p.json")
     assert sparsespec_config(sa) is config
     assert sparsespec_config(pickle.loads(pickle.dumps(sa))) == config
@@ -178,8 +177,8 @@ def test_deterministic_inference_keeps_the_sparsespec_backend(sglang_loaded, mod
     sa = _server_args(model_dir, enable_deterministic_inference=True)
     assert _resolved(sa).attention_backend == "sparsespec" and _resolved(sa).enable_deterministic_inference
     # its verify runs in lockstep: the default schedule there, kept in the scheduler's copy
-    assert SparseSpecConfig.from_server_args(pickle.loads(pickle.dumps(sa))).schedule == "lockstep"
-    assert SparseSpecConfig.from_server_args(_server_args(model_dir)).schedule == "unified"
+    assert sparsespec_config(pickle.loads(pickle.dumps(sa))).schedule == "lockstep"
+    assert sparsespec_config(_server_args(model_dir)).schedule == "unified"
 
 
 def test_deterministic_inference_sglang_turns_on_makes_the_schedule_lockstep(sglang_loaded, model_dir,
@@ -190,7 +189,7 @@ def test_deterministic_inference_sglang_turns_on_makes_the_schedule_lockstep(sgl
         monkeypatch.delenv(name, raising=False)  # resolution sets them; restored after the test
     sa = _server_args(model_dir, rl_on_policy_target="fsdp")
     assert _resolved(sa).enable_deterministic_inference
-    assert SparseSpecConfig.from_server_args(pickle.loads(pickle.dumps(sa))).schedule == "lockstep"
+    assert sparsespec_config(pickle.loads(pickle.dumps(sa))).schedule == "lockstep"
 
 
 @pytest.mark.parametrize("kwargs, flag", [
@@ -345,7 +344,7 @@ def test_server_args_constructor_keywords(sglang_loaded, model_dir):
     if compat.init_takes_keywords():
         sa = ServerArgs(**kwargs)
         compat.resolve_server_args(sa)
-        assert SparseSpecConfig.from_server_args(sa).sparsity == 0.25
+        assert sparsespec_config(sa).sparsity == 0.25
     else:
         with pytest.raises(TypeError, match="Unexpected keyword argument 'sparsespec_sparsity'"):
             ServerArgs(**kwargs)

@@ -16,6 +16,7 @@ import torch
 from sglang.srt.model_executor.forward_batch_info import ForwardMode
 
 from sparsespec_sglang.attention import SparseSpecAttnBackend, plan_of
+from sparsespec_sglang.config import CONFIG_ATTR, SERVER_ARGS_ATTR, SparseSpecConfig
 from sparsespec_sglang.forward_plan import PlanKind
 
 VOCAB = 97
@@ -25,6 +26,13 @@ def toy_req(row: int, **fields) -> SimpleNamespace:
     """A scheduled request as the schedules read it: its req_to_token row where the installed SGLang
     keeps it (``Req.req_pool_idx``, or ``Req.kv.req_pool_idx`` from 0.5.19)."""
     return SimpleNamespace(req_pool_idx=row, kv=SimpleNamespace(req_pool_idx=row), **fields)
+
+
+def sparsespec_record(k: int, values: dict) -> SimpleNamespace:
+    """A resolved SPARSESPEC server record as the worker receives it: SGLang's fields, the
+    ``--sparsespec-*`` values and the SparseSpecConfig validation attached to it."""
+    return SimpleNamespace(speculative_algorithm="SPARSESPEC", speculative_num_steps=k,
+                           **{SERVER_ARGS_ATTR: values, CONFIG_ATTR: SparseSpecConfig.from_values(k, values)})
 
 
 def target_next(token: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
