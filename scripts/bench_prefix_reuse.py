@@ -65,6 +65,7 @@ SCRIPTS = Path(__file__).resolve().parent
 sys.path.insert(0, str(SCRIPTS))  # scripts/ is not a package
 
 import bench_saturated as bs  # noqa: E402  (launch, wait, stop, /metrics parsing)
+from cli import ArgumentError, OneLineParser, refuse  # noqa: E402
 from bench_real_weights import parse_result_file  # noqa: E402  (bench tools append one JSON line per run)
 
 PROG = "bench_prefix_reuse.py"
@@ -85,15 +86,6 @@ HIT_RATE_GAUGE = "sglang:cache_hit_rate"
 RESULT_FIELDS = ("completed", "duration", "total_input_tokens", "total_output_tokens", "request_throughput",
                  "output_throughput", "total_throughput", "mean_ttft_ms", "median_ttft_ms", "mean_e2e_latency_ms",
                  "accept_length")
-
-
-class ArgumentError(ValueError):
-    """A bad command-line value: reported as one line, exit status 2."""
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # argparse's own errors: one line too, no usage block
-        raise ArgumentError(message)
 
 
 # ---------------------------------------------------------------- results
@@ -273,7 +265,7 @@ def _positive_int(flag: str, text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = _Parser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = OneLineParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True, help="result JSON")
     model = ap.add_mutually_exclusive_group()
     model.add_argument("--model-path", default=None, help="a model directory with real weights")
@@ -345,8 +337,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         args = parse_args(argv)
     except ArgumentError as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
-        return 2
+        return refuse(PROG, e)
     import torch
 
     if not torch.cuda.is_available():

@@ -74,6 +74,8 @@ SCRIPTS = Path(__file__).resolve().parent
 REPO = SCRIPTS.parent
 sys.path.insert(0, str(SCRIPTS))  # scripts/ is not a package
 
+from cli import ArgumentError, refuse  # noqa: E402
+
 PROG = "bench_real_weights.py"
 TOOL_MODULE = "sglang.benchmark.offline_throughput"  # SGLang 0.5.17 to 0.5.23 (the old path is gone in 0.5.23)
 CONFIGS: dict[str, list[str]] = {
@@ -105,10 +107,6 @@ PRINTED_FIELDS = {
     "Total token throughput (tok/s):": "total_throughput",
 }
 INT_FIELDS = ("successful_requests", "total_input_tokens", "total_output_tokens")
-
-
-class ArgumentError(ValueError):
-    """A bad command-line value: reported as one line, exit status 2."""
 
 
 # ---------------------------------------------------------------- the dataset
@@ -541,8 +539,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(f"wrote {args.out}", flush=True)
             return 1 if any("error" in r for r in report["runs"]) else 0
     except ArgumentError as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
-        return 2
+        return refuse(PROG, e)
 
     from transformers import AutoTokenizer
 

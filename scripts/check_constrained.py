@@ -42,6 +42,8 @@ from typing import Any, Mapping, Optional, Sequence
 SCRIPTS = Path(__file__).resolve().parent
 sys.path.insert(0, str(SCRIPTS))  # scripts/ is not a package
 
+from cli import ArgumentError, OneLineParser, refuse  # noqa: E402
+
 PROG = "check_constrained.py"
 GRAMMAR_BACKENDS = ("xgrammar", "llguidance", "outlines")
 # (prompt, regex): bounded patterns a random-weight model completes within a few tokens.
@@ -67,15 +69,6 @@ SCHEMAS: tuple[tuple[str, dict], ...] = (
       "required": ["colours", "done"], "additionalProperties": False}),
 )
 FREE_PROMPT = "Write a short story about a lighthouse."
-
-
-class ArgumentError(ValueError):
-    """A bad command-line value: reported as one line, exit status 2."""
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # argparse's own errors: one line too, no usage block
-        raise ArgumentError(message)
 
 
 # ---------------------------------------------------------------- requests
@@ -218,7 +211,7 @@ def engine_kwargs(model_dir: str, args: argparse.Namespace, speculative: bool) -
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = _Parser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = OneLineParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True, help="result JSON")
     ap.add_argument("--model-dir", default=None, help="a model directory (default: random weights of --shape)")
     ap.add_argument("--shape", default="small",
@@ -262,8 +255,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         args = parse_args(argv)
     except ArgumentError as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
-        return 2
+        return refuse(PROG, e)
     import torch
 
     if not torch.cuda.is_available():
