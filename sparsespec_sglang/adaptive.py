@@ -39,8 +39,10 @@ Hysteresis: a request switches mode only when its ratio clears the step's time p
 ``margin`` in the switching direction and it has spent ``min_steps`` steps in its current one. A
 dense request yields no acceptance, so every ``probe_steps`` steps (one clock for the whole batch,
 so that the probes share their planned passes) the dense requests whose contexts have grown
-speculate again for ``min_steps`` steps to re-measure. With every request dense, a step is k + 1
-plain decode passes.
+speculate again for ``min_steps`` steps to re-measure (their acceptance, and the plan's cost),
+if the step would pay for that at the acceptance assumed of an unmeasured request with a free
+plan (so a weight-bound step never probes). With every
+request dense, a step is k + 1 plain decode passes.
 """
 
 from __future__ import annotations
@@ -197,13 +199,17 @@ class AdaptivePolicy:
         saved = self.saved_seconds(context_len)
         return self.k - saved / seconds_per_token if saved > 0 else float("inf")
 
-    def step_seconds_per_token(self, contexts: Mapping[Hashable, int], speculating: Mapping[Hashable, bool]) -> float:
-        """T / N of a step with the given modes (the acceptance EMAs for speculating requests)."""
-        t, n = self.fixed_seconds(any(speculating[rid] for rid in contexts)), 0.0
+    def step_seconds_per_token(self, contexts: Mapping[Hashable, int], speculating: Mapping[Hashable, bool],
+                               accepted: Mapping[Hashable, float] | None = None, free_plan: bool = False) -> float:
+        """T / N of a step with the given modes (for speculating requests, their ``accepted``
+        drafts per verify if given there, else their acceptance EMAs; ``free_plan``: as if a
+        plan cost nothing)."""
+        accepted = accepted or {}
+        t, n = self.fixed_seconds(not free_plan and any(speculating[rid] for rid in contexts)), 0.0
         for rid, c in contexts.items():
             if speculating[rid]:
                 t += self.speculative_seconds(c)
-                n += self._acceptance(rid) + 1
+                n += accepted.get(rid, self._acceptance(rid)) + 1
             else:
                 t += self.dense_seconds(c)
                 n += self.k + 1
@@ -252,8 +258,8 @@ class AdaptivePolicy:
         dense_step = not (chosen and n > 0 and t / n < all_dense)
         threshold = float("inf") if dense_step else t / n
         self._steps += 1
-        probe = self._steps % self.probe_steps == 0
         out: dict[Hashable, bool] = {}
+        grown: list[Hashable] = []  # dense requests whose contexts grew since they switched
         for rid, c in contexts.items():
             req = self._requests.get(rid)
             if req is None:
@@ -265,11 +271,28 @@ class AdaptivePolicy:
                         self._switch(req, False, c)
                     elif not req.speculating and ratios[rid] > threshold * (1 + self.margin):
                         self._switch(req, True, c)
-                    elif not req.speculating and probe and c > req.context_at_switch:
-                        # A dense request measures nothing: let it measure its acceptance again.
-                        self._switch(req, True, c)
+                    elif not req.speculating and c > req.context_at_switch:
+                        grown.append(rid)
             out[rid] = req.speculating
+        if grown and self._steps % self.probe_steps == 0:
+            self._probe(contexts, out, grown)
         return out
+
+    def _probe(self, contexts: Mapping[Hashable, int], modes: dict[Hashable, bool],
+               grown: list[Hashable]) -> None:
+        """A dense request measures nothing, so its acceptance ages as its context grows, and an
+        all-dense server never measures what a plan costs: the ``grown`` ones speculate again
+        (all together, sharing the planned passes) to re-measure both, if the step would pay for
+        that were both as good as assumed before measuring (the prior's acceptance, or their own
+        if higher; a free plan). Probes that could not pay even then (a weight-bound step, short
+        contexts) would only cost time."""
+        hoped = {rid: max(self._acceptance(rid), self.prior_accepted) for rid in grown}
+        trial = {**modes, **{rid: True for rid in grown}}
+        if (self.step_seconds_per_token(contexts, trial, hoped, free_plan=True)
+                < self.step_seconds_per_token(contexts, modes, free_plan=True)):
+            for rid in grown:
+                self._switch(self._requests[rid], True, contexts[rid])
+                modes[rid] = True
 
     @staticmethod
     def _switch(req: _Request, speculating: bool, context_len: int) -> None:
