@@ -26,7 +26,7 @@ batch, graph and logits code the forward is the plain DECODE forward it is.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
@@ -88,6 +88,10 @@ class MixedRows:
     verify_end: torch.Tensor  # [V_max] int32
     qo_indptr: torch.Tensor  # [V_max + 1] int32
     num_verify: int | None = None
+    # How far the last fill wrote rows / verify entries: everything past it is already empty, so
+    # a fill zeroes only what the previous one wrote beyond its own extent.
+    _rows_written: int = field(default=0, init=False)
+    _verify_written: int = field(default=0, init=False)
 
     @classmethod
     def allocate(cls, width: int, max_rows: int, device: torch.device) -> "MixedRows":
@@ -96,31 +100,39 @@ class MixedRows:
         return cls(width, z(max_rows), z(max_rows), z(max_rows), z(max_verify), z(max_verify),
                    z(max_verify), z(max_verify), z(max_verify + 1))
 
-    def fill(self, is_verify: torch.Tensor, pool: torch.Tensor, seq_lens: torch.Tensor,
-             dense_start: torch.Tensor, sel_lens: torch.Tensor, qo_indptr: torch.Tensor,
-             verify_pool: Optional[torch.Tensor], verify_prefix: Optional[torch.Tensor],
-             verify_lens: Optional[torch.Tensor],
-             is_dense: Optional[torch.Tensor] = None) -> "ForwardPlan":
-        """One pass's rows (``t = len(pool)``, the verify rows last) and its ``nv`` verifying
-        requests; ``dense_start`` / ``sel_lens`` are the drafting and dense requests' per-request
-        values (by row); ``is_dense`` marks the dense rows (None: there are none), which keep no
-        draft lse. Entries past the pass read as empty (no selection, no dense tail, no verify
-        tokens), so a graph replay of a larger bucket reads only no-op padding. Returns the
-        pass's plan."""
-        t, nv = pool.shape[0], qo_indptr.shape[0] - 1
-        self.dense_start[:t] = torch.where(is_verify, seq_lens, dense_start)
-        self.sel_lens[:t] = torch.where(is_verify, 0, sel_lens)
-        no_ring = is_verify if is_dense is None else is_verify | is_dense
-        self.ring_rows[:t] = torch.where(no_ring, 0, pool)
-        for buffer in (self.dense_start, self.sel_lens, self.ring_rows):
-            buffer[t:].zero_()
+    def fill(self, pool: torch.Tensor, seq_lens: torch.Tensor, dense_start: torch.Tensor,
+             sel_lens: torch.Tensor, qo_indptr: torch.Tensor, verify_pool: torch.Tensor,
+             verify_prefix: torch.Tensor, verify_lens: torch.Tensor, num_draft: int,
+             num_drafting: int) -> "ForwardPlan":
+        """One pass's rows (``t = len(pool)``): rows [0, ``num_drafting``) draft, rows
+        [``num_drafting``, ``num_draft``) are dense rows, which keep no draft lse, and the rest
+        are the chains of the pass's ``nv`` verifying requests. ``dense_start`` / ``sel_lens``
+        are the drafting and dense requests' per-request values (by row; read for the rows
+        before ``num_draft``). Entries past the pass read as empty (no selection, no dense tail,
+        no verify tokens), so a graph replay of a larger bucket reads only no-op padding. Returns
+        the pass's plan."""
+        t, nv, d = pool.shape[0], qo_indptr.shape[0] - 1, num_draft
+        # A verify row reads sinks only (dense from its own length, no selection); the verify
+        # kernel then overwrites its output.
+        self.dense_start[:d] = dense_start[:d]
+        self.dense_start[d:t] = seq_lens[d:]
+        self.sel_lens[:d] = sel_lens[:d]
+        self.sel_lens[d:t] = 0
+        self.ring_rows[:num_drafting] = pool[:num_drafting]
+        self.ring_rows[num_drafting:t] = 0
+        if self._rows_written > t:
+            for buffer in (self.dense_start, self.sel_lens, self.ring_rows):
+                buffer[t:self._rows_written].zero_()
+        self._rows_written = t
         if nv:
             self.verify_rows[:nv] = verify_pool
             self.verify_prefix[:nv] = verify_prefix
             self.verify_lens[:nv] = verify_lens
             self.verify_end[:nv] = verify_prefix + verify_lens
-        for buffer in (self.verify_rows, self.verify_prefix, self.verify_lens, self.verify_end):
-            buffer[nv:].zero_()
+        if self._verify_written > nv:
+            for buffer in (self.verify_rows, self.verify_prefix, self.verify_lens, self.verify_end):
+                buffer[nv:self._verify_written].zero_()
+        self._verify_written = nv
         self.qo_indptr[:nv + 1] = qo_indptr
         self.qo_indptr[nv + 1:] = t
         self.num_verify = nv

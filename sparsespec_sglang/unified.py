@@ -379,13 +379,12 @@ class UnifiedSchedule:
         if not layout.planned:
             batch.spec_info = None  # every row dense: SGLang's own decode forward, no plan
         else:
-            rows = torch.arange(t, device=self.device)
+            drafting = pool[:d]
             batch.spec_info = self.rows.fill(
-                is_verify=rows >= d, pool=pool, seq_lens=seq_lens,
-                dense_start=state.dense_start[pool], sel_lens=state.sel_lens[pool],
-                qo_indptr=indices[where["qo_indptr"]], verify_pool=verify_pool,
-                verify_prefix=verify_prefix, verify_lens=verify_lens,
-                is_dense=(rows >= nd) & (rows < d) if nr else None)
+                pool=pool, seq_lens=seq_lens, dense_start=state.dense_start[drafting],
+                sel_lens=state.sel_lens[drafting], qo_indptr=indices[where["qo_indptr"]],
+                verify_pool=verify_pool, verify_prefix=verify_prefix, verify_lens=verify_lens,
+                num_draft=d, num_drafting=nd)
         batch.input_ids = input_ids
         batch.req_pool_indices = pool
         batch.out_cache_loc = state.req_to_token[pool, pos].to(torch.int64)
