@@ -60,6 +60,38 @@ class ScheduleContext:
     adaptive: bool = False  # unified: each request speculates or decodes densely, chosen per step
     # The SGLang attention backend of all-dense passes (--sparsespec-dense-backend); None: ``backend``
     dense_backend: Any = None
+    # This rank's tensor-parallel group where it has several ranks (None: one rank)
+    tp_group: Optional["TPGroup"] = None
+
+
+@dataclass
+class TPGroup:
+    """A tensor-parallel group's ranks run each pass as one collective forward, so a choice that
+    shapes the passes (adaptive speculation's modes) must be the same on every rank: the group's
+    first rank makes it, from its own measurements, and the others receive it."""
+
+    cpu_group: Any  # the group's CPU (gloo) process group, as SGLang's scheduler broadcasts on
+    first_rank: int  # the global rank that chooses
+    rank: int  # this rank's global rank
+
+    @property
+    def chooses(self) -> bool:
+        return self.rank == self.first_rank
+
+    def agree(self, flags: Optional[list[bool]], n: int) -> list[bool]:
+        """The first rank's ``n`` flags on every rank (others pass None). Every rank must call
+        it at the same point of the same step."""
+        import torch
+        import torch.distributed as dist
+
+        if self.chooses:
+            if flags is None or len(flags) != n:
+                raise ValueError(f"TPGroup.agree: the first rank must give {n} flags")
+            values = torch.tensor(flags, dtype=torch.uint8)
+        else:
+            values = torch.empty((n,), dtype=torch.uint8)
+        dist.broadcast(values, src=self.first_rank, group=self.cpu_group)
+        return values.bool().tolist()
 
 
 class Schedule(Protocol):

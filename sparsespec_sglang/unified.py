@@ -152,13 +152,17 @@ class UnifiedSchedule:
         self._moved = False  # the planner moved requests between offsets at the last step's end
         # Adaptive speculation: the policy, the pool rows decoding densely (their PillarState
         # says so: PillarState.stop_speculating), and what the GPU measured, not yet read.
+        # Under tensor parallelism only the group's first rank has a policy; the others take
+        # its choices (ScheduleContext.tp_group).
+        self.adaptive = ctx.adaptive
+        self.tp_group = ctx.tp_group
         self.policy: Optional[AdaptivePolicy] = None
         self.dense: set[int] = set()
         self.plain = ForwardGraphs(ctx.model_runner, ctx.dense_backend or ctx.backend, label="plain-decode")
         self._measured: collections.deque = collections.deque()
         self._generation: dict[int, int] = collections.defaultdict(int)  # per pool row: forgets
         self._token_shares: list[float] = []  # read from finished steps, noted at a step's end
-        if ctx.adaptive:
+        if ctx.adaptive and (ctx.tp_group is None or ctx.tp_group.chooses):
             self.policy = AdaptivePolicy(self.k, ctx.state.selection,
                                          PassCostFit(model_shape_prior(ctx.model_runner)))
 
@@ -183,7 +187,7 @@ class UnifiedSchedule:
     def capture_graphs(self, max_batch_size: int) -> None:
         # Captured with empty verify entries: every entry a bucket has room for runs (num_verify None).
         self.graphs.capture(ForwardPlan.unified_pass(self.rows), self.capture_sizes(max_batch_size))
-        if self.policy is not None:
+        if self.adaptive:
             # All-dense passes are plain decode forwards: SGLang's own decode graphs, at the
             # server's decode batch sizes.
             self.plain.capture(None)
@@ -272,14 +276,21 @@ class UnifiedSchedule:
 
     def _choose_modes(self, batch: Any, rows: list[int]) -> tuple[bool, Optional[tuple]]:
         """Ask the policy which requests speculate in this step (what it measured so far folded
-        in first) and move the switching ones between the planner and the dense rows. Returns
-        whether any switched, and what :meth:`_pass_kv` needs (None without a policy)."""
-        if self.policy is None:
+        in first; under tensor parallelism the first rank asks, the others receive its answer)
+        and move the switching ones between the planner and the dense rows. Returns whether any
+        switched, and what :meth:`_pass_kv` needs (None on a rank without a policy)."""
+        if not self.adaptive:
             return False, None
-        self._read_measurements()
-        contexts = batch.seq_lens_cpu.tolist()
-        modes = self.policy.decide({row: int(c) for row, c in zip(rows, contexts)})
-        cost = self._kv_model(rows, modes, contexts)
+        chosen, cost = None, None
+        if self.policy is not None:
+            self._read_measurements()
+            contexts = batch.seq_lens_cpu.tolist()
+            decided = self.policy.decide({row: int(c) for row, c in zip(rows, contexts)})
+            cost = self._kv_model(rows, decided, contexts)
+            chosen = [decided[row] for row in rows]
+        if self.tp_group is not None:
+            chosen = self.tp_group.agree(chosen, len(rows))
+        modes = dict(zip(rows, chosen))
         stop = [i for i, row in enumerate(rows) if not modes[row] and row not in self.dense]
         start = [i for i, row in enumerate(rows) if modes[row] and row in self.dense]
         for i in stop:
@@ -324,8 +335,9 @@ class UnifiedSchedule:
         bs = len(rows)
         self.profiler.note("speculating_requests_share", 1 - len(dense) / bs)
         if self.policy is None:
-            self.profiler.note("speculating_tokens_share", 1.0)
-            return
+            if not self.adaptive:
+                self.profiler.note("speculating_tokens_share", 1.0)
+            return  # a rank that takes the first rank's choices measures nothing for them
         for share in self._token_shares:  # read at this step's start
             self.profiler.note("speculating_tokens_share", share)
         self._token_shares.clear()

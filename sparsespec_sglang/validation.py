@@ -145,11 +145,6 @@ def validate_server_args(server_args: Any) -> SparseSpecConfig:
         value = getattr(cfg, field, 1) or 1
         if value != 1:
             _fail("--" + field.replace("_", "-"), f"1 ({what} is not supported)", value)
-    if config.adaptive == "on" and (getattr(cfg, "tp_size", 1) or 1) != 1:
-        # Each rank would fit the pass costs from its own timings, and the ranks' choices of
-        # dense rows must agree (the passes are one collective forward).
-        _fail("--sparsespec-adaptive", "off with --tp-size above 1 (the ranks' choices of dense rows "
-              "would follow their own pass timings)", "on")
     dp = dp_attention(cfg)
     if dp is not None:
         flag, off, got = dp

@@ -29,6 +29,7 @@ from sparsespec_sglang.compat import (
     get_exec,
     get_observability,
     get_parallel,
+    get_tp_group,
     get_serving,
     record_stream_for_v2_verify,
     req_pool_row,
@@ -38,7 +39,7 @@ from sparsespec_sglang.attention import SparseSpecAttnBackend
 from sparsespec_sglang.config import SparseSpecConfig
 from sparsespec_sglang.pillar import PillarState
 from sparsespec_sglang.profiling import CycleProfiler
-from sparsespec_sglang.schedule import Schedule, ScheduleContext, StepResult, schedule_class
+from sparsespec_sglang.schedule import Schedule, ScheduleContext, StepResult, TPGroup, schedule_class
 from sparsespec_sglang.validation import sparsespec_config
 
 logger = logging.getLogger(__name__)
@@ -113,11 +114,16 @@ class SparseSpecWorker(BaseSpecWorker):
             dense_backend = ATTENTION_BACKENDS[self.config.dense_backend](self.model_runner)
             logger.info("SPARSESPEC: all-dense passes decode with SGLang's %s attention backend",
                         self.config.dense_backend)
+        adaptive = self.config.adaptive == "on"
+        tp_group = None
+        if adaptive and get_parallel().tp_size > 1:
+            group = get_tp_group()
+            tp_group = TPGroup(group.cpu_group, group.first_rank, group.rank)
         ctx = ScheduleContext(k=self.k, state=self.state, backend=backend,
                               model_runner=self.model_runner, target_worker=self.target_worker,
                               sampling_backend=get_exec().kernel.sampling_backend,
                               delayed_verification=self.config.delayed_verification,
-                              adaptive=self.config.adaptive == "on", dense_backend=dense_backend)
+                              adaptive=adaptive, dense_backend=dense_backend, tp_group=tp_group)
         for name in dict.fromkeys((FALLBACK_SCHEDULE, self.config.schedule)):
             cls = schedule_class(name)
             # The configured schedule's phase times are the ones exported and profiled.

@@ -27,7 +27,7 @@ from toy_model import VOCAB, ToyBackend, ToyModelRunner, greedy_chain_accept, pa
 NUM_ROWS, MAX_CTX = 24, 2048
 
 
-def make_schedule(k: int, adaptive: bool = True):
+def make_schedule(k: int, adaptive: bool = True, tp_group=None):
     config = SparseSpecConfig(num_draft_steps=k, schedule="unified", adaptive="on" if adaptive else "off")
     req_to_token = torch.arange(NUM_ROWS * MAX_CTX, dtype=torch.int32).view(NUM_ROWS, MAX_CTX)
     state = PillarState(config, 2, 4, 2, req_to_token, group_scores=UnifiedSchedule.group_scores(k, NUM_ROWS))
@@ -35,7 +35,8 @@ def make_schedule(k: int, adaptive: bool = True):
     model = ToyModelRunner(backend)
     model.state = state
     ctx = ScheduleContext(k=k, state=state, backend=backend, model_runner=model, target_worker=None,
-                          sampling_backend="flashinfer", delayed_verification=True, adaptive=adaptive)
+                          sampling_backend="flashinfer", delayed_verification=True, adaptive=adaptive,
+                          tp_group=tp_group)
     return UnifiedSchedule(ctx), state, model
 
 
@@ -299,3 +300,80 @@ def test_all_dense_passes_capture_and_replay_on_the_dense_backend(monkeypatch):
     fb = SimpleNamespace(spec_info=None, input_ids=torch.zeros(2, dtype=torch.int64), moe_num_token_non_padded=None)
     schedule.plain.run(fb)
     assert len(contexts) == 1 and isinstance(contexts[0], DenseBackend)
+
+
+class LoopbackGroup:
+    """Two TP ranks in one process: the first rank's flags reach the second in call order (as
+    TPGroup.agree's broadcast delivers them)."""
+
+    def __init__(self, rank: int, mailbox: list) -> None:
+        self.chooses, self.mailbox = rank == 0, mailbox
+
+    def agree(self, flags, n):
+        if self.chooses:
+            assert len(flags) == n
+            self.mailbox.append(list(flags))
+            return list(flags)
+        got = self.mailbox.pop(0)
+        assert len(got) == n
+        return got
+
+
+def test_tensor_parallel_ranks_take_the_first_ranks_modes(monkeypatch):
+    """Under tensor parallelism only the group's first rank has a policy; the other rank, whose
+    own pass timings would differ, runs exactly its modes: the same dense rows and planner in
+    every step, the same tokens, every one the target's."""
+    patch_sglang(monkeypatch)
+    mailbox: list = []
+    ranks = [make_schedule(3, tp_group=LoopbackGroup(r, mailbox)) for r in (0, 1)]
+    first, second = ranks[0][0], ranks[1][0]
+    assert first.policy is not None and second.policy is None and second.adaptive
+    rng = random.Random(5)
+    real_decide = first.policy.decide
+    # The first rank's choices, scripted on top of its real bookkeeping: each request flips
+    # with probability 0.3.
+    mode: dict[int, bool] = {}
+
+    def decide(contexts):
+        real_decide(contexts)
+        for row in contexts:
+            if row not in mode or rng.random() < 0.3:
+                mode[row] = rng.random() < 0.5
+        return {row: mode[row] for row in contexts}
+
+    monkeypatch.setattr(first.policy, "decide", decide)
+    live = {}
+    for row in range(1, 9):
+        prompt_len, last = rng.randint(5, 40), rng.randrange(VOCAB)
+        seq = [int(target_next(torch.tensor(last), torch.tensor(prompt_len - 1)))]
+        for p in range(prompt_len, prompt_len + 200):
+            seq.append(int(target_next(torch.tensor(seq[-1]), torch.tensor(p))))
+        live[row] = [prompt_len, seq, [seq[0]]]
+        for _, state, _ in ranks:
+            state.init_window(torch.tensor([row]), torch.tensor([prompt_len]))
+            state.set_pending(torch.tensor([row]), torch.tensor([seq[0]]))
+    switches = 0
+    for step in range(25):
+        order = list(live)
+        rng.shuffle(order)
+        results, before = [], set(first.dense)
+        for schedule, _, _ in ranks:
+            seq_lens = torch.tensor([live[r][0] for r in order])
+            batch = SimpleNamespace(
+                reqs=[toy_req(r) for r in order], req_pool_indices=torch.tensor(order), seq_lens=seq_lens,
+                seq_lens_cpu=seq_lens.clone(), seq_lens_sum=None, forward_mode=None, input_ids=None,
+                out_cache_loc=None, spec_info=None, return_logprob=False, sampling_info=SimpleNamespace(
+                    is_all_greedy=True, acc_additive_penalties=None, acc_scaling_penalties=None, logit_bias=None))
+            results.append(schedule.step(batch, order))
+        assert not mailbox
+        assert first.dense == second.dense and first.planner.offset == second.planner.offset
+        switches += len(before ^ first.dense)
+        assert torch.equal(results[0].accept_lens, results[1].accept_lens)
+        assert torch.equal(results[0].accept_tokens, results[1].accept_tokens)
+        tokens = results[0].accept_tokens.view(len(order), 4)
+        for i, row in enumerate(order):
+            n = int(results[0].accept_lens[i])
+            live[row][2] += tokens[i, :n].tolist()
+            live[row][0] += n
+            assert live[row][2] == live[row][1][:len(live[row][2])], f"step {step} request {row}"
+    assert switches > 10

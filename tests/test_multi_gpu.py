@@ -305,3 +305,41 @@ def test_dp_size_passes_the_sparsespec_checks(monkeypatch):
                         lambda cfg: ("--enable-dp-attention", "off", True))
     with pytest.raises(SparseSpecArgsError, match="DP attention is not supported"):
         validation.validate_server_args(server_args)
+
+
+def _agree_on_rank(rank: int, port: int, flags: list, out) -> None:
+    import torch.distributed as dist
+
+    from sparsespec_sglang.schedule import TPGroup
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        group = TPGroup(dist.new_group([0, 1], backend="gloo"), first_rank=0, rank=rank)
+        got = [group.agree(flags if group.chooses else None, len(flags)) for _ in range(3)]
+        out.put((rank, got))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_tp_groups_ranks_agree_on_the_first_ranks_flags():
+    """TPGroup.agree over a real two-process gloo group (SGLang's TP CPU group is one): every rank
+    returns the first rank's flags, call after call."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    flags = [True, False, False, True, True]
+    procs = [ctx.Process(target=_agree_on_rank, args=(r, port, flags if r == 0 else [False] * 5, out))
+             for r in (0, 1)]
+    for p in procs:
+        p.start()
+    results = dict(out.get(timeout=120) for _ in procs)
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    assert results == {0: [flags] * 3, 1: [flags] * 3}

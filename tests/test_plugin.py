@@ -217,7 +217,6 @@ def test_deterministic_inference_sglang_turns_on_makes_the_schedule_lockstep(sgl
      "--sparsespec-adaptive must be off with --sparsespec-schedule lockstep"),
     (dict(sparsespec_adaptive="on", enable_deterministic_inference=True),
      "--sparsespec-adaptive must be off with --sparsespec-schedule lockstep"),
-    (dict(sparsespec_adaptive="on", tp_size=2), "--sparsespec-adaptive must be off with --tp-size above 1"),
     (dict(sparsespec_adaptive="on", sparsespec_dense_backend="fa4"),
      "--sparsespec-dense-backend must be one of: triton, flashinfer (got 'fa4')"),
     (dict(sparsespec_dense_backend="flashinfer"),
@@ -247,6 +246,13 @@ def test_bad_values_rejected_with_one_line(sglang_loaded, model_dir, kwargs, fla
         _server_args(model_dir, **kwargs)
     message = str(err.value)
     assert flag in message and "\n" not in message
+
+
+def test_adaptive_speculation_runs_under_tensor_parallelism(sglang_loaded, model_dir):
+    """--sparsespec-adaptive on with --tp-size 2 resolves: the group's first rank chooses the modes
+    and the others take them (schedule.TPGroup)."""
+    config = sparsespec_config(_server_args(model_dir, sparsespec_adaptive="on", tp_size=2))
+    assert config.adaptive == "on" and config.schedule == "unified"
 
 
 @pytest.mark.parametrize("arch", ["BertModel", "Qwen3MoeForCausalLM"])

@@ -635,3 +635,18 @@ def test_what_adaptive_speculation_reads_of_sglang():
         assert f"self.{attr} =" in init, attr
     assert "forward_batch.batch_size * self.captured_req_width" in inspect.getsource(
         DecodeCudaGraphRunner.can_run_graph)
+
+
+def test_the_tp_group_the_first_rank_broadcasts_adaptive_modes_on():
+    """Under tensor parallelism the worker takes SGLang's TP group (``get_tp_group()``) for
+    ``schedule.TPGroup``: its CPU process group (what SGLang's scheduler broadcasts requests on),
+    its first rank's global rank and this rank's."""
+    from sglang.srt.distributed.parallel_state import GroupCoordinator
+
+    from sparsespec_sglang.compat import get_tp_group
+
+    assert get_tp_group.__module__ == "sglang.srt.distributed.parallel_state"
+    init = inspect.getsource(GroupCoordinator.__init__)
+    assert "self.cpu_group = " in init and "self.rank = " in init and "self.ranks = " in init
+    assert isinstance(GroupCoordinator.first_rank, property)
+    assert "self.ranks[0]" in inspect.getsource(GroupCoordinator.first_rank.fget)

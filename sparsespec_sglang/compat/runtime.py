@@ -54,6 +54,8 @@ LOCATIONS: dict[str, tuple[tuple[str, str], ...]] = {
     # The scheduler process's resolved configuration, as SGLang's own runtime reads it (the
     # ServerArgs record keeps the raw input from 0.5.19 on).
     "get_parallel": (("0.5.17", f"{_CTX}:get_parallel"),),
+    # The tensor-parallel group (its CPU process group: adaptive speculation's choices)
+    "get_tp_group": (("0.5.17", "sglang.srt.distributed.parallel_state:get_tp_group"),),
     "get_device": (("0.5.17", f"{_CTX}:get_device"),),
     "get_exec": (("0.5.17", f"{_CTX}:get_exec"),),
     "get_observability": (("0.5.17", f"{_CTX}:get_observability"),),
