@@ -41,8 +41,8 @@ dense request yields no acceptance, so every ``probe_steps`` steps (one clock fo
 so that the probes share their planned passes) the dense requests whose contexts have grown
 speculate again for ``min_steps`` steps to re-measure (their acceptance, and the plan's cost),
 if the step would pay for that at the acceptance assumed of an unmeasured request with a free
-plan (so a weight-bound step never probes). With every
-request dense, a step is k + 1 plain decode passes.
+plan (so a weight-bound step never probes). With every request dense, a step is k + 1 plain
+decode passes.
 """
 
 from __future__ import annotations
@@ -258,8 +258,9 @@ class AdaptivePolicy:
         dense_step = not (chosen and n > 0 and t / n < all_dense)
         threshold = float("inf") if dense_step else t / n
         self._steps += 1
+        probe = self._steps % self.probe_steps == 0
         out: dict[Hashable, bool] = {}
-        grown: list[Hashable] = []  # dense requests whose contexts grew since they switched
+        grown: list[Hashable] = []  # on a probe step: dense requests whose contexts grew since they switched
         for rid, c in contexts.items():
             req = self._requests.get(rid)
             if req is None:
@@ -271,10 +272,10 @@ class AdaptivePolicy:
                         self._switch(req, False, c)
                     elif not req.speculating and ratios[rid] > threshold * (1 + self.margin):
                         self._switch(req, True, c)
-                    elif not req.speculating and c > req.context_at_switch:
+                    elif not req.speculating and probe and c > req.context_at_switch:
                         grown.append(rid)
             out[rid] = req.speculating
-        if grown and self._steps % self.probe_steps == 0:
+        if grown:
             self._probe(contexts, out, grown)
         return out
 

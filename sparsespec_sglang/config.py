@@ -216,7 +216,6 @@ class SparseSpecConfig:
         return cls(**kwargs)
 
 
-
 def check_keep_retracted_kv(value: Any, *, sparsespec: bool, hierarchical_cache: bool) -> bool:
     """Validate ``--sparsespec-keep-retracted-kv`` (None/False: unset) for a server; True if set."""
     flag = KEEP_RETRACTED_KV.flag
