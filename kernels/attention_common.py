@@ -9,7 +9,6 @@ GPU's SM count, so the launch grid is fixed and a call can be captured in a CUDA
 from __future__ import annotations
 
 import functools
-import math
 
 import torch
 import triton
@@ -52,8 +51,18 @@ def sm_count(device: torch.device) -> int:
     return 1
 
 
-def pick_num_kv_splits(batch_size: int, num_kv_heads: int, num_sms: int, max_splits: int = 16,
-                       programs_per_sm: int = 2) -> int:
-    """A host-side split count that gives about ``programs_per_sm`` programs per SM (shape-only,
-    no sync)."""
-    return max(1, min(max_splits, math.ceil(programs_per_sm * num_sms / max(1, batch_size * num_kv_heads))))
+# Programs of the split kernels that run on one SM at once (their registers and shared memory
+# at the launch shapes used).
+PROGRAMS_PER_SM = 2
+
+
+def pick_num_kv_splits(batch_size: int, num_kv_heads: int, num_sms: int, max_splits: int = 16) -> int:
+    """A host-side split count (shape-only, no sync): the most splits whose programs, one per
+    (request, KV head, split), all run at once, :data:`PROGRAMS_PER_SM` to an SM.
+
+    Rounding down matters. One program too many starts a second round as long as the first: on
+    an H100 (132 SMs, 8 KV heads) 8 verifying requests ran in 0.13 ms with 4 splits (256 programs)
+    and 0.19 ms with 5 (320); 14 requests were fastest with 2 splits, 28 with 1
+    (``scripts/bench_kernels.py --sweep-verify``; docs/kernels.md).
+    """
+    return max(1, min(max_splits, PROGRAMS_PER_SM * num_sms // max(1, batch_size * num_kv_heads)))

@@ -37,6 +37,8 @@ from typing import Iterator
 import torch
 from tqdm import tqdm
 
+from sparsespec_sglang.testing import provenance
+
 RUNS = ("plain", "plain-flashinfer", "plain-hicache", "ngram", "sparsespec", "sparsespec-draftnorm", "sparsespec-draftnorm-hicache",
         "sparsespec-unified", "sparsespec-draftnorm-unified", "sparsespec-draftnorm-unified-nodelay",
         "sparsespec-unified-adaptive", "sparsespec-unified-adaptive-flashinfer")
@@ -204,7 +206,7 @@ def main() -> int:
             sparsespec_dense_backend="flashinfer", **spec),
     }
     report = {"command": " ".join(sys.argv), "gpu": torch.cuda.get_device_name(),
-              "torch": torch.__version__, "shape": args.shape, "k": args.k,
+              "torch": torch.__version__, "versions": provenance.versions(), "shape": args.shape, "k": args.k,
               "max_total_tokens": args.max_total_tokens, "points": []}
     num_engines = sum(len(args.forced_accept) if configs[n].get("speculative_algorithm") else 1 for n in names)
     progress = tqdm(total=num_engines * len(shapes), unit="point", desc="bench_throughput", disable=args.quiet)

@@ -200,8 +200,8 @@ class SparseSpecAttnBackend(TritonAttnBackend):
         """The verify rows of one layer of a unified pass, and the top-K of a finished group
         (``layers``: this layer's group; None: select this layer alone)."""
         state, config = self.state, self.state.config
-        # A graph's verify entries are about half spare: split the KV for the real ones, about
-        # one program per SM (H100 sweep at 14 and 28 requests: 2 splits, then 1, were fastest).
+        # A graph's verify entries are about half spare (their programs exit at once): split the
+        # KV for the real ones.
         real = nv if rows.num_verify is not None else max(1, nv // 2)
         lid = layer.layer_id
         group = state.group_scores
@@ -211,7 +211,7 @@ class SparseSpecAttnBackend(TritonAttnBackend):
             req_pool_indices=rows.verify_rows[:nv], prefix_lens=rows.verify_prefix[:nv],
             extend_lens=rows.verify_lens[:nv], qo_indptr=rows.qo_indptr[:nv + 1], scores=scores,
             sm_scale=layer.scaling, aggregation=config.aggregation, logit_cap=logit_cap,
-            num_kv_splits=pick_num_kv_splits(real, num_kv_heads, self._num_sms, programs_per_sm=1),
+            num_kv_splits=pick_num_kv_splits(real, num_kv_heads, self._num_sms),
             score_lse=ring, max_ext=rows.width,
             score_lse_rows=None if ring is None else rows.verify_rows[:nv],
         )

@@ -24,6 +24,7 @@ if not torch.cuda.is_available():
 import numpy as np  # noqa: E402
 import triton.language as tl  # noqa: E402
 
+from sparsespec_sglang.kernels.attention_common import PROGRAMS_PER_SM, pick_num_kv_splits  # noqa: E402
 from sparsespec_sglang.kernels.sparse_decode import (  # noqa: E402
     sparse_decode_attention,
     sparse_decode_attention_ref,
@@ -754,3 +755,19 @@ def test_gpu_topk_real_size():
     scores = torch.softmax(torch.randn(batch, 8, pool.req_to_token.shape[1], generator=gen) * 3, -1).to(DEVICE)
     out, lens, ref_out, ref_lens = _run_topk(pool, scores, seq_lens, cand_end, num_sink, 0.05, 64, 4096)
     assert torch.equal(lens, ref_lens) and torch.equal(out, ref_out)
+
+
+def test_split_count_is_the_most_that_runs_in_one_round():
+    """The split count of the attention kernels: the H100 sweeps' fastest counts (132 SMs, 8 KV
+    heads; verifying requests -> splits), and in general as many programs as run at once, never
+    one split more (a second round as long as the first)."""
+    fastest_on_h100 = {8: 4, 14: 2, 28: 1, 128: 1, 504: 1}
+    assert {b: pick_num_kv_splits(b, 8, 132) for b in fastest_on_h100} == fastest_on_h100
+    for num_sms in (1, 78, 132, 148):
+        slots = PROGRAMS_PER_SM * num_sms
+        for heads in (1, 2, 8):
+            for batch in range(1, 300):
+                splits = pick_num_kv_splits(batch, heads, num_sms)
+                assert 1 <= splits <= 16
+                assert splits == 1 or batch * heads * splits <= slots
+                assert splits == 16 or batch * heads * (splits + 1) > slots
