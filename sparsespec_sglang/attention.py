@@ -46,6 +46,17 @@ def plan_of(forward_batch: Any) -> Optional[ForwardPlan]:
     return spec_info if isinstance(spec_info, ForwardPlan) else None
 
 
+def graph_verify_splits(num_entries: int, num_kv_heads: int, num_sms: int) -> int:
+    """The KV split count of a captured unified pass's verify rows. The graph has ``num_entries``
+    verify entries, about half of them real, and how many are real varies from pass to pass (the
+    spare ones exit at once). Counted for half of them at one program per SM and rounded up, the
+    split count leaves room for more real entries than half before a second round of programs
+    starts, which ``pick_num_kv_splits`` (an exact count, two programs per SM, rounded down) would
+    not: with 4-6 real of 9 entries (H100) it gives 5 splits, one round up to 6 real, where 8
+    splits would run a second round for 5 or 6."""
+    return max(1, min(16, -(-num_sms // max(1, (num_entries // 2) * num_kv_heads))))
+
+
 class SparseSpecAttnBackend(TritonAttnBackend):
     def __init__(self, model_runner: Any, *args: Any, **kwargs: Any) -> None:
         super().__init__(model_runner, *args, **kwargs)
@@ -200,9 +211,6 @@ class SparseSpecAttnBackend(TritonAttnBackend):
         """The verify rows of one layer of a unified pass, and the top-K of a finished group
         (``layers``: this layer's group; None: select this layer alone)."""
         state, config = self.state, self.state.config
-        # A graph's verify entries are about half spare (their programs exit at once): split the
-        # KV for the real ones.
-        real = nv if rows.num_verify is not None else max(1, nv // 2)
         lid = layer.layer_id
         group = state.group_scores
         scores = group[lid - layers.start, :nv] if layers is not None else state.scores[:nv]
@@ -211,7 +219,8 @@ class SparseSpecAttnBackend(TritonAttnBackend):
             req_pool_indices=rows.verify_rows[:nv], prefix_lens=rows.verify_prefix[:nv],
             extend_lens=rows.verify_lens[:nv], qo_indptr=rows.qo_indptr[:nv + 1], scores=scores,
             sm_scale=layer.scaling, aggregation=config.aggregation, logit_cap=logit_cap,
-            num_kv_splits=pick_num_kv_splits(real, num_kv_heads, self._num_sms),
+            num_kv_splits=(pick_num_kv_splits(nv, num_kv_heads, self._num_sms) if rows.num_verify is not None
+                           else graph_verify_splits(nv, num_kv_heads, self._num_sms)),
             score_lse=ring, max_ext=rows.width,
             score_lse_rows=None if ring is None else rows.verify_rows[:nv],
         )
