@@ -24,6 +24,8 @@
 #   bash scripts/gpu_checks.sh adaptive16k # the B 16, 512/16384 ramp (speedup vs context from the log); RUNS= picks
 #                                          # the configurations (one or two per command: each takes ~3-4 min)
 #   bash scripts/gpu_checks.sh adaptivemix # a mixed batch: B 128, half 512-token and half 8192-token prompts, 1024 out
+#   bash scripts/gpu_checks.sh adaptiveprofile # the adaptive server of adaptive1k (dense passes on FlashInfer) with
+#                                          # --profile: per-cycle host/GPU split and a torch.profiler trace (~3 min)
 #   bash scripts/gpu_checks.sh prefix    # radix-cache hits: plain (Triton, FlashInfer) vs SPARSESPEC on bench_serving's
 #                                        # generated-shared-prefix dataset, 8B shape, 32 x 16 requests (~8 min)
 #   bash scripts/gpu_checks.sh constrained # regex / JSON-schema requests: SPARSESPEC equals plain, outputs obey (~3 min)
@@ -89,6 +91,11 @@ case "${1:-}" in
       --runs "${RUNS:-plain-flashinfer,sparsespec-unified,sparsespec-unified-adaptive}" --log-level info --quiet \
       --out "$out/bench_adaptive_mixed_b128.json" > "$out/bench_adaptive_mixed_b128.log" 2>&1 || true
     grep -E "^plain|^sparsespec|^speedup|Traceback" "$out/bench_adaptive_mixed_b128.log" ;;
+  adaptiveprofile)
+    python scripts/bench_throughput.py --batch 128 --input-len 512 --output-len 1024 --forced-accept 7 \
+      --runs sparsespec-unified-adaptive-flashinfer --profile --log-level info --quiet \
+      --out "$out/bench_adaptive_b128_1k_profile.json" > "$out/bench_adaptive_b128_1k_profile.log" 2>&1 || true
+    grep -E "^sparsespec|SPARSESPEC cycles|Traceback" "$out/bench_adaptive_b128_1k_profile.log" | tail -5 ;;
   unified)
     python -m pytest -q -p no:cacheprovider -m gpu \
       tests/test_e2e_gpu.py::test_unified_schedule_stays_lossless_as_requests_join_and_leave \
@@ -141,5 +148,5 @@ case "${1:-}" in
       > "$out/constrained.log" 2>&1 || true
     grep -E "^CONSTRAINED|^\[.* #|Traceback" "$out/constrained.log" | tail -20 ;;
   *)
-    echo "usage: $0 {tests|lossless|kernels|plain4k|spec4k|batches|accept|offload|sampling|tp2|unified|unified4k|ngram4k|pool50|pool50spec|long16k|shape14b|everytoken|adaptive1k|adaptive16k|adaptivemix|prefix|constrained}" >&2; exit 2 ;;
+    echo "usage: $0 {tests|lossless|kernels|plain4k|spec4k|batches|accept|offload|sampling|tp2|unified|unified4k|ngram4k|pool50|pool50spec|long16k|shape14b|everytoken|adaptive1k|adaptive16k|adaptivemix|adaptiveprofile|prefix|constrained}" >&2; exit 2 ;;
 esac
