@@ -54,9 +54,10 @@ def sm_count(device: torch.device) -> int:
 # Programs of the split kernels that run on one SM at once (their registers and shared memory
 # at the launch shapes used).
 PROGRAMS_PER_SM = 2
+MAX_KV_SPLITS = 16  # the most KV splits any launch gets
 
 
-def pick_num_kv_splits(batch_size: int, num_kv_heads: int, num_sms: int, max_splits: int = 16) -> int:
+def pick_num_kv_splits(batch_size: int, num_kv_heads: int, num_sms: int) -> int:
     """A host-side split count (shape-only, no sync): the most splits whose programs, one per
     (request, KV head, split), all run at once, :data:`PROGRAMS_PER_SM` to an SM.
 
@@ -65,4 +66,4 @@ def pick_num_kv_splits(batch_size: int, num_kv_heads: int, num_sms: int, max_spl
     and 0.19 ms with 5 (320); 14 requests were fastest with 2 splits, 28 with 1
     (``scripts/bench_kernels.py --sweep-verify``; docs/kernels.md).
     """
-    return max(1, min(max_splits, PROGRAMS_PER_SM * num_sms // max(1, batch_size * num_kv_heads)))
+    return max(1, min(MAX_KV_SPLITS, PROGRAMS_PER_SM * num_sms // max(1, batch_size * num_kv_heads)))

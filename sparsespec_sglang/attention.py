@@ -32,7 +32,7 @@ from sparsespec_sglang.compat import TritonAttnBackend, logit_capping_mod
 
 from sparsespec_sglang.deterministic import verify_as_decode_rows
 from sparsespec_sglang.forward_plan import ForwardPlan, MixedRows, PlanKind
-from sparsespec_sglang.kernels.attention_common import pick_num_kv_splits, sm_count
+from sparsespec_sglang.kernels.attention_common import MAX_KV_SPLITS, pick_num_kv_splits, sm_count
 from sparsespec_sglang.kernels.sparse_decode import sparse_decode_attention
 from sparsespec_sglang.kernels.topk_select import select_topk
 from sparsespec_sglang.kernels.verify_attention import verify_attention_with_scores, verify_scores
@@ -54,7 +54,7 @@ def graph_verify_splits(num_entries: int, num_kv_heads: int, num_sms: int) -> in
     starts, which ``pick_num_kv_splits`` (an exact count, two programs per SM, rounded down) would
     not: with 4-6 real of 9 entries (H100) it gives 5 splits, one round up to 6 real, where 8
     splits would run a second round for 5 or 6."""
-    return max(1, min(16, -(-num_sms // max(1, (num_entries // 2) * num_kv_heads))))
+    return max(1, min(MAX_KV_SPLITS, -(-num_sms // max(1, (num_entries // 2) * num_kv_heads))))
 
 
 class SparseSpecAttnBackend(TritonAttnBackend):

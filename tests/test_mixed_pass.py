@@ -21,6 +21,7 @@ if not torch.cuda.is_available():
 
 from sparsespec_sglang.attention import SparseSpecAttnBackend, graph_verify_splits  # noqa: E402
 from sparsespec_sglang.config import SparseSpecConfig  # noqa: E402
+from sparsespec_sglang.kernels.attention_common import PROGRAMS_PER_SM, pick_num_kv_splits  # noqa: E402
 from sparsespec_sglang.kernels.sparse_decode import sparse_decode_attention  # noqa: E402
 from sparsespec_sglang.kernels.verify_attention import verify_attention_with_scores  # noqa: E402
 from sparsespec_sglang.forward_plan import ForwardPlan, MixedRows  # noqa: E402
@@ -234,8 +235,6 @@ def test_a_graphs_verify_splits_leave_room_for_more_real_entries_than_half():
     exact-count rule for 4 would pick 8, a second round for 5 or 6). In general: one round of
     programs (2 per SM) for half of the entries, and never fewer splits than the exact-count rule
     gives for all of them."""
-    from sparsespec_sglang.kernels.attention_common import PROGRAMS_PER_SM, pick_num_kv_splits
-
     assert graph_verify_splits(9, 8, 132) == 5
     for num_sms in (78, 132, 148):
         for heads in (2, 8):
