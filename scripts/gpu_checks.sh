@@ -26,6 +26,9 @@
 #   bash scripts/gpu_checks.sh adaptivemix # a mixed batch: B 128, half 512-token and half 8192-token prompts, 1024 out
 #   bash scripts/gpu_checks.sh adaptiveprofile # the adaptive server of adaptive1k (dense passes on FlashInfer) with
 #                                          # --profile: per-cycle host/GPU split and a torch.profiler trace (~3 min)
+#   bash scripts/gpu_checks.sh satprofile # the paper's saturated workload, one SPARSESPEC server (CONFIG=, default
+#                                          # sparsespec) with --sparsespec-profile: per-cycle phases and the top CUDA
+#                                          # kernels of a few cycles at ~8K contexts (syncs: its tok/s is not a result)
 #   bash scripts/gpu_checks.sh prefix    # radix-cache hits: plain (Triton, FlashInfer) vs SPARSESPEC on bench_serving's
 #                                        # generated-shared-prefix dataset, 8B shape, 32 x 16 requests (~8 min)
 #   bash scripts/gpu_checks.sh constrained # regex / JSON-schema requests: SPARSESPEC equals plain, outputs obey (~3 min)
@@ -96,6 +99,14 @@ case "${1:-}" in
       --runs sparsespec-unified-adaptive-flashinfer --profile --log-level info --quiet \
       --out "$out/bench_adaptive_b128_1k_profile.json" > "$out/bench_adaptive_b128_1k_profile.log" 2>&1 || true
     grep -E "^sparsespec|SPARSESPEC cycles|Traceback" "$out/bench_adaptive_b128_1k_profile.log" | tail -5 ;;
+  satprofile)
+    cfg=${CONFIG:-sparsespec}
+    python scripts/bench_saturated.py --config "$cfg" --mode steady-state --window 10 --saturation-timeout 90 \
+      --server-args="--sparsespec-profile $out/satprofile_$cfg.json" \
+      --out "$out/satprofile_$cfg.run.json" > "$out/satprofile_$cfg.log" 2>&1 || true
+    tail -3 "$out/satprofile_$cfg.log"
+    gzip -f "$out/satprofile_$cfg.json.trace.json" 2>/dev/null || true
+    head -40 "$out/satprofile_$cfg.json.ops.txt" 2>/dev/null || echo "no ops table" ;;
   unified)
     python -m pytest -q -p no:cacheprovider -m gpu \
       tests/test_e2e_gpu.py::test_unified_schedule_stays_lossless_as_requests_join_and_leave \
