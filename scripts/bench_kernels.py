@@ -24,6 +24,7 @@ smaller than L2 (50 MB on H100) can still partly hit in L2 within one call.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import statistics
@@ -95,16 +96,38 @@ def _paged_req_to_token(batch: int, ctx: int, page_size: int, gen: torch.Generat
     return slots.int().to(DEVICE)
 
 
+def context_lengths(batch: int, ctx: int, spread: float) -> list[int]:
+    """Each request's context: ``ctx`` for all with ``spread`` 0, else evenly spaced from
+    (1 - spread) * ctx to (1 + spread) * ctx (mean ``ctx``), as in a running batch whose requests
+    are at different points of long outputs (the paper's workload)."""
+    if batch == 1 or spread == 0:
+        return [ctx] * batch
+    lo, hi = (1 - spread) * ctx, (1 + spread) * ctx
+    return [max(VERIFY_TOKENS + NUM_SINK + DRAFT_TOKENS + 1, round(lo + (hi - lo) * b / (batch - 1)))
+            for b in range(batch)]
+
+
+def _flat(req_to_token: torch.Tensor, ends: list[int], starts: list[int] | None = None) -> torch.Tensor:
+    """The slots of positions [starts[b], ends[b]) of every request, concatenated (kv_indices)."""
+    starts = starts or [0] * len(ends)
+    return torch.cat([req_to_token[b, s:e] for b, (s, e) in enumerate(zip(starts, ends))]).long()
+
+
+def _indptr(lens: list[int]) -> torch.Tensor:
+    return torch.tensor([0, *itertools.accumulate(lens)], dtype=torch.int32, device=DEVICE)
+
+
 def _bench_case(batch: int, ctx: int, sparsity: float, page_size: int, kv, flush, num_sms, peak_tbps, gen,
-                sweep_verify: bool = False):
+                sweep_verify: bool = False, spread: float = 0.0):
     k_buffer, v_buffer = kv
     sm_scale = 1.0 / math.sqrt(HEAD_DIM)
     kv_bytes_per_token = HKV * 2 * HEAD_DIM * k_buffer.element_size()
-    req_to_token = _paged_req_to_token(batch, ctx, page_size, gen)
+    ctxs = context_lengths(batch, ctx, spread)
+    req_to_token = _paged_req_to_token(batch, max(ctxs), page_size, gen)
     # Request b sits at pool row b: the kernels' whole-pool selection tables are then batch-sized.
     req_pool_indices = torch.arange(batch, dtype=torch.int32, device=DEVICE)
-    seq_lens = torch.full((batch,), ctx, dtype=torch.int32, device=DEVICE)
-    result = {"batch": batch, "context": ctx}
+    seq_lens = torch.tensor(ctxs, dtype=torch.int32, device=DEVICE)
+    result = {"batch": batch, "context": ctx, "spread": spread, "max_context": max(ctxs)}
 
     # ---- decode: SGLang full-context flash decoding vs sparse decode -------------------------
     from sparsespec_sglang.compat import decode_attention_fwd, get_num_kv_splits_triton
@@ -117,8 +140,8 @@ def _bench_case(batch: int, ctx: int, sparsity: float, page_size: int, kv, flush
         use_pdl = False
     q = torch.randn(batch, HQ, HEAD_DIM, dtype=DTYPE, device=DEVICE)
     o = torch.empty_like(q)
-    kv_indptr = torch.arange(0, (batch + 1) * ctx, ctx, dtype=torch.int32, device=DEVICE)
-    kv_indices = req_to_token.flatten().long()
+    kv_indptr = _indptr(ctxs)
+    kv_indices = _flat(req_to_token, ctxs)
     attn_logits = torch.empty(batch, HQ, SGLANG_MAX_KV_SPLITS, HEAD_DIM, dtype=torch.float32, device=DEVICE)
     attn_lse = torch.empty(batch, HQ, SGLANG_MAX_KV_SPLITS, dtype=torch.float32, device=DEVICE)
     num_kv_splits = torch.empty(batch, dtype=torch.int32, device=DEVICE)
@@ -132,12 +155,14 @@ def _bench_case(batch: int, ctx: int, sparsity: float, page_size: int, kv, flush
                              num_kv_splits, SGLANG_MAX_KV_SPLITS, sm_scale, 1.0, 1.0, use_pdl=use_pdl)
 
     policy = SelectionPolicy(sparsity_ppm(sparsity), min_selected=64, max_selected=4096, num_sink=NUM_SINK)
+    n_sels = [policy.num_selected(c) for c in ctxs]
     n_sel = policy.num_selected(ctx)
-    dense_start = torch.full((batch,), ctx - DRAFT_TOKENS, dtype=torch.int32, device=DEVICE)
-    positions = torch.argsort(torch.rand(batch, HKV, ctx - DRAFT_TOKENS - NUM_SINK, device=DEVICE), -1)
-    positions = positions[:, :, :n_sel] + NUM_SINK
-    sel_indices = torch.gather(req_to_token[:, None, :].expand(-1, HKV, -1), 2, positions).int().contiguous()
-    sel_lens = torch.full((batch,), n_sel, dtype=torch.int32, device=DEVICE)
+    dense_start = seq_lens - DRAFT_TOKENS
+    sel_indices = torch.zeros(batch, HKV, max(n_sels), dtype=torch.int32, device=DEVICE)
+    for b, (c, n) in enumerate(zip(ctxs, n_sels)):  # random positions, a different set per KV head
+        positions = torch.argsort(torch.rand(HKV, c - DRAFT_TOKENS - NUM_SINK, device=DEVICE), -1)[:, :n] + NUM_SINK
+        sel_indices[b, :, :n] = req_to_token[b][positions]
+    sel_lens = torch.tensor(n_sels, dtype=torch.int32, device=DEVICE)
     splits = pick_num_kv_splits(batch, HKV, num_sms)
     sparse_ws = (
         torch.empty(batch, HQ, splits, HEAD_DIM, dtype=torch.float32, device=DEVICE),
@@ -152,10 +177,10 @@ def _bench_case(batch: int, ctx: int, sparsity: float, page_size: int, kv, flush
     def sparse_decode():
         sparse_decode_attention(q, k_buffer, v_buffer, o_sparse, **decode_args)
 
-    attended = NUM_SINK + n_sel + DRAFT_TOKENS
+    attended = NUM_SINK + sum(n_sels) / batch + DRAFT_TOKENS
     dense_ms = _time_ms(sglang_decode, flush)
     sparse_ms = _time_ms(sparse_decode, flush)
-    dense_bytes = batch * ctx * kv_bytes_per_token
+    dense_bytes = sum(ctxs) * kv_bytes_per_token
     sparse_bytes = batch * attended * kv_bytes_per_token
     result["decode"] = {
         "selected": n_sel, "attended": attended, "sparse_num_kv_splits": splits,
@@ -167,23 +192,24 @@ def _bench_case(batch: int, ctx: int, sparsity: float, page_size: int, kv, flush
         "sglang_bw_fraction": dense_bytes / dense_ms / 1e9 / peak_tbps,
         "sparse_bw_fraction": sparse_bytes / sparse_ms / 1e9 / peak_tbps,
     }
-    del attn_logits, attn_lse, kv_indices, positions
+    del attn_logits, attn_lse, kv_indices
 
     # ---- verify: SGLang extend vs ours without / with the score pass ---------------------------
     from sparsespec_sglang.compat import extend_attention_fwd
 
+    prefixes = [c - VERIFY_TOKENS for c in ctxs]
     prefix = ctx - VERIFY_TOKENS
     tokens = batch * VERIFY_TOKENS
     qv = torch.randn(tokens, HQ, HEAD_DIM, dtype=DTYPE, device=DEVICE)
     ov = torch.empty_like(qv)
-    prefix_lens = torch.full((batch,), prefix, dtype=torch.int32, device=DEVICE)
+    prefix_lens = torch.tensor(prefixes, dtype=torch.int32, device=DEVICE)
     extend_lens = torch.full((batch,), VERIFY_TOKENS, dtype=torch.int32, device=DEVICE)
     qo_indptr = torch.arange(0, tokens + 1, VERIFY_TOKENS, dtype=torch.int32, device=DEVICE)
-    new_slots = req_to_token[:, prefix:].flatten().long()
+    new_slots = _flat(req_to_token, ctxs, prefixes)
     k_extend, v_extend = k_buffer[new_slots].contiguous(), v_buffer[new_slots].contiguous()
-    prefix_indptr = torch.arange(0, (batch + 1) * prefix, prefix, dtype=torch.int32, device=DEVICE)
-    prefix_indices = req_to_token[:, :prefix].flatten().long()
-    scores = torch.zeros(batch, HKV, ctx, dtype=torch.float32, device=DEVICE)
+    prefix_indptr = _indptr(prefixes)
+    prefix_indices = _flat(req_to_token, prefixes)
+    scores = torch.zeros(batch, HKV, max(ctxs), dtype=torch.float32, device=DEVICE)
 
     def sglang_verify():
         extend_attention_fwd(qv, k_extend, v_extend, ov, k_buffer, v_buffer, qo_indptr, prefix_indptr,
@@ -238,8 +264,8 @@ def _bench_case(batch: int, ctx: int, sparsity: float, page_size: int, kv, flush
         sweep["sparse_decode"] = _sweep(sparse_with, shapes, flush)
         for name, rows in sweep.items():
             tqdm.write(f"  sweep {name} B={batch} ctx={ctx}: best {rows[0] if rows else None}")
-    plain_bytes = batch * ctx * kv_bytes_per_token
-    scored_bytes = plain_bytes + batch * ctx * (HKV * HEAD_DIM * k_buffer.element_size() + HKV * 4)
+    plain_bytes = sum(ctxs) * kv_bytes_per_token
+    scored_bytes = plain_bytes + sum(ctxs) * (HKV * HEAD_DIM * k_buffer.element_size() + HKV * 4)
     result["verify"] = {
         "tokens_per_request": VERIFY_TOKENS, "max_abs_diff_plain_vs_sglang": max_diff,
         "sglang_extend_ms": ext_ms, "plain_ms": plain_ms, "with_scores_ms": scored_ms,
@@ -264,7 +290,7 @@ def _bench_case(batch: int, ctx: int, sparsity: float, page_size: int, kv, flush
 
     topk_ms = _time_ms(topk, flush)
     result["topk"] = {
-        "ms": topk_ms, "K": n_sel, "candidates": prefix - NUM_SINK,
+        "ms": topk_ms, "K": n_sel, "K_max": max(n_sels), "candidates": prefix - NUM_SINK,
         "pct_of_verify_with_scores": 100 * topk_ms / scored_ms,
     }
     return result
@@ -281,6 +307,9 @@ def main() -> None:
                         help="also time the verify kernel over its launch shapes (splits, BLOCK_N, warps, stages)")
     parser.add_argument("--peak-tbps", type=float, default=None,
                         help="HBM peak for the bandwidth fraction (default: 4.8 on H200, else 3.35)")
+    parser.add_argument("--spread", type=float, default=0.0,
+                        help="contexts of one batch evenly spaced over (1 -/+ SPREAD) x context (mean: the "
+                             "context); 0: all equal")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -295,7 +324,10 @@ def main() -> None:
     flush = torch.empty(256 * 1024 * 1024, dtype=torch.int8, device=DEVICE)
 
     # One KV layer big enough for the largest case; every case maps its requests into it.
-    max_tokens = max(b * math.ceil(c / args.page_size) * args.page_size for b in batches for c in contexts)
+    def pool_tokens(b: int, c: int) -> int:
+        return b * math.ceil(max(context_lengths(b, c, args.spread)) / args.page_size) * args.page_size
+
+    max_tokens = max(pool_tokens(b, c) for b in batches for c in contexts)
     free, _ = torch.cuda.mem_get_info()
     kv_bytes = max_tokens * HKV * HEAD_DIM * 2 * 2
     while kv_bytes > 0.6 * free:  # drop the biggest cases that cannot fit
@@ -308,12 +340,12 @@ def main() -> None:
     t0 = time.time()
     grid = [(b, c) for b in batches for c in contexts]
     for batch, ctx in tqdm(grid, unit="shape", desc="bench_kernels", disable=args.quiet):
-        if batch * math.ceil(ctx / args.page_size) * args.page_size > max_tokens:
+        if pool_tokens(batch, ctx) > max_tokens:
             skipped.append({"batch": batch, "context": ctx, "reason": "KV pool does not fit"})
             continue
         try:
             res = _bench_case(batch, ctx, args.sparsity, args.page_size, (k_buffer, v_buffer), flush,
-                              props.multi_processor_count, peak_tbps, gen, args.sweep_verify)
+                              props.multi_processor_count, peak_tbps, gen, args.sweep_verify, args.spread)
         except torch.cuda.OutOfMemoryError:
             torch.cuda.empty_cache()
             skipped.append({"batch": batch, "context": ctx, "reason": "out of memory"})
@@ -331,7 +363,7 @@ def main() -> None:
         "gpu": props.name, "num_sms": props.multi_processor_count, "peak_hbm_TBps": peak_tbps,
         "torch": torch.__version__, "triton": triton.__version__, "sglang": getattr(sys.modules.get("sglang"), "__version__", None),
         "model_shapes": {"num_q_heads": HQ, "num_kv_heads": HKV, "head_dim": HEAD_DIM, "dtype": str(DTYPE)},
-        "sparsity": args.sparsity, "page_size": args.page_size, "num_sink": NUM_SINK,
+        "sparsity": args.sparsity, "spread": args.spread, "page_size": args.page_size, "num_sink": NUM_SINK,
         "draft_tokens_in_dense_tail": DRAFT_TOKENS, "verify_tokens_per_request": VERIFY_TOKENS,
         "timing": "CUDA-graph replay after a 256 MB L2-evicting write, median",
         "plain_verify_baseline": "sglang extend_attention_fwd (causal, prefix via kv_indices, new tokens contiguous)"
