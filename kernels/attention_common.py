@@ -2,8 +2,11 @@
 
 Both are flash-decoding style: with several KV splits, each split writes an fp32 partial output
 and its log-sum-exp, and a second kernel merges the splits of every row (``merge_splits``).
-How many splits a launch gets is a host-side, shape-only choice (``pick_num_kv_splits``) from the
-GPU's SM count, so the launch grid is fixed and a call can be captured in a CUDA graph.
+How many splits a launch gets is a host-side, shape-only choice from the GPU's SM count, so the
+launch grid is fixed and a call can be captured in a CUDA graph: either every request gets the
+same count (``pick_num_kv_splits``), or the grid is an upper bound and each request's count
+follows its share of the batch's KV tokens, computed on the device (``pick_kv_split_grid`` and
+``kv_split_range``).
 """
 
 from __future__ import annotations
@@ -55,6 +58,56 @@ def sm_count(device: torch.device) -> int:
 # at the launch shapes used).
 PROGRAMS_PER_SM = 2
 MAX_KV_SPLITS = 16  # the most KV splits any launch gets
+
+
+# Length-proportional splits: a launch aims at this many rounds of programs, so that chunks are
+# small next to a round and a long request's programs end with the rest (list scheduling: the
+# launch takes at most the work / slots plus one chunk) ...
+SPLIT_ROUNDS = 4
+# ... and its grid leaves room for a request this many times the batch's mean context.
+SPLIT_SKEW = 4
+# Fewest KV tokens a program walks (its query load and partials amortise over them).
+MIN_CHUNK = tl.constexpr(256)
+
+
+@triton.jit
+def batch_sum(A, B, batch, BLOCK_B: tl.constexpr):
+    """sum(A[:batch] + B[:batch]) (int32 vectors): the batch's KV tokens, read by every program."""
+    offs = tl.arange(0, BLOCK_B)
+    mask = offs < batch
+    return tl.sum(tl.load(A + offs, mask=mask, other=0) + tl.load(B + offs, mask=mask, other=0), 0)
+
+
+@triton.jit
+def kv_split_range(work, batch_work, split, num_kv_splits, target_programs, num_kv_heads,
+                   BLOCK_N: tl.constexpr):
+    """[start, end) of KV split ``split`` of a row that walks ``work`` tokens.
+
+    ``target_programs`` 0: every row is cut into ``num_kv_splits`` equal chunks. Otherwise chunks
+    are about ``batch_work * num_kv_heads / target_programs`` tokens (at least MIN_CHUNK) in
+    every row of the batch, so a row gets splits in proportion to its length, at most
+    ``num_kv_splits`` (the grid); the programs past a row's count get an empty range. Chunks
+    are whole BLOCK_N blocks."""
+    if target_programs > 0:
+        target = tl.maximum(tl.cdiv(batch_work * num_kv_heads, target_programs), MIN_CHUNK)
+        splits = tl.minimum(tl.maximum(tl.cdiv(work, target), 1), num_kv_splits)
+    else:
+        splits = num_kv_splits
+    chunk = tl.cdiv(tl.cdiv(work, splits), BLOCK_N) * BLOCK_N
+    start = split * chunk
+    return start, tl.minimum(start + chunk, work)
+
+
+def pick_kv_split_grid(batch_size: int, num_kv_heads: int, num_sms: int) -> tuple[int, int]:
+    """(grid splits, target programs) of a length-proportional launch (``kv_split_range``).
+
+    A batch's contexts differ (the paper's workload: outputs of 1K-32K tokens), and with equal
+    split counts the longest request's programs set the launch's time. Here the chunk size is
+    the same across the batch, about SPLIT_ROUNDS rounds of programs in all, and the grid has
+    room for a request SPLIT_SKEW times the mean to get its share (at most MAX_KV_SPLITS)."""
+    target = SPLIT_ROUNDS * PROGRAMS_PER_SM * num_sms
+    rows = max(1, batch_size * num_kv_heads)
+    return max(1, min(MAX_KV_SPLITS, -(-SPLIT_SKEW * target // rows))), target
 
 
 def pick_num_kv_splits(batch_size: int, num_kv_heads: int, num_sms: int) -> int:

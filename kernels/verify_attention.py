@@ -57,7 +57,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .attention_common import merge_splits, pick_num_kv_splits, sm_count, tanh
+from .attention_common import batch_sum, kv_split_range, merge_splits, pick_kv_split_grid, sm_count, tanh
 
 AGGREGATIONS = ("sum", "max")  # how the score dump pools queries and GQA heads (AGG_MAX or a sum)
 
@@ -81,6 +81,8 @@ def _verify_fwd(
     Scores,
     sm_scale,
     num_kv_splits,
+    target_programs,
+    batch,
     stride_qt,
     stride_qh,
     stride_kbs,
@@ -104,6 +106,7 @@ def _verify_fwd(
     BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    BLOCK_B: tl.constexpr,
     LOGIT_CAP: tl.constexpr,
     SPLIT: tl.constexpr,
     RING: tl.constexpr,
@@ -125,9 +128,18 @@ def _verify_fwd(
     n_ext = tl.load(Extend_Lens + b)
     q_start = tl.load(Qo_Indptr + b).to(tl.int64)
     total = prefix + n_ext
-    chunk = tl.cdiv(tl.cdiv(total, num_kv_splits), BLOCK_N) * BLOCK_N
-    kv_start = split * chunk
-    kv_end = tl.minimum(kv_start + chunk, total)
+    batch_work = batch_sum(Prefix_Lens, Extend_Lens, batch, BLOCK_B)
+    kv_start, kv_end = kv_split_range(total, batch_work, split, num_kv_splits, target_programs,
+                                      tl.num_programs(1), BLOCK_N)
+    if SPLIT:
+        if kv_start >= kv_end:
+            # A split past this request's share: only its -inf lse, which the merge skips (its
+            # partial output is never read).
+            for m0 in range(0, n_ext * G, BLOCK_M):
+                rows = m0 + tl.arange(0, BLOCK_M)
+                tl.store(Lse + (q_start + rows // G) * stride_lt + (h * G + rows % G) * stride_lh + split,
+                         tl.full([BLOCK_M], float("-inf"), tl.float32), mask=rows < n_ext * G)
+            return
 
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
@@ -267,6 +279,8 @@ def _verify_scores(
     Scores,
     sm_scale,
     num_kv_splits,
+    target_programs,
+    batch,
     stride_qt,
     stride_qh,
     stride_kbs,
@@ -281,6 +295,7 @@ def _verify_scores(
     BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    BLOCK_B: tl.constexpr,
     LOGIT_CAP: tl.constexpr,
     AGG_MAX: tl.constexpr,
 ):
@@ -293,9 +308,9 @@ def _verify_scores(
     n_ext = tl.load(Extend_Lens + b)
     q_start = tl.load(Qo_Indptr + b).to(tl.int64)
     total = prefix + n_ext
-    chunk = tl.cdiv(tl.cdiv(total, num_kv_splits), BLOCK_N) * BLOCK_N
-    kv_start = split * chunk
-    kv_end = tl.minimum(kv_start + chunk, total)
+    batch_work = batch_sum(Prefix_Lens, Extend_Lens, batch, BLOCK_B)
+    kv_start, kv_end = kv_split_range(total, batch_work, split, num_kv_splits, target_programs,
+                                      tl.num_programs(1), BLOCK_N)
 
     offs_d = tl.arange(0, BLOCK_D)
     mask_d = offs_d < D
@@ -341,6 +356,15 @@ def _verify_scores(
                 else:
                     agg = agg + prev
             tl.store(score_row + pos, agg, mask=pos_ok)
+
+
+def _split_launch(num_kv_splits: int | None, batch: int, num_kv_heads: int,
+                  device: torch.device) -> tuple[int, int]:
+    """(grid splits, target programs): ``num_kv_splits`` None cuts each request in proportion to
+    its context (``pick_kv_split_grid``); an int gives every request that many equal splits."""
+    if num_kv_splits is None:
+        return pick_kv_split_grid(batch, num_kv_heads, sm_count(device))
+    return num_kv_splits, 0
 
 
 def _blocks(num_tokens: int, batch: int, group: int, dv: int) -> tuple[int, int]:
@@ -391,8 +415,7 @@ def verify_attention(
     assert k_buffer.stride(-1) == 1 and v_buffer.stride(-1) == 1 and q.stride(-1) == 1
     assert req_to_token.stride(1) == 1 and out.stride(-1) == 1
     group = num_q_heads // num_kv_heads
-    if num_kv_splits is None:
-        num_kv_splits = pick_num_kv_splits(batch, num_kv_heads, sm_count(q.device))
+    num_kv_splits, target_programs = _split_launch(num_kv_splits, batch, num_kv_heads, q.device)
     block_m, default_warps = _blocks(batch * max_ext if max_ext else num_tokens, batch, group, dv)
     block_dv = triton.next_power_of_2(dv)
     lse = torch.empty((num_tokens, num_q_heads), dtype=torch.float32, device=q.device)
@@ -416,13 +439,14 @@ def verify_attention(
     _verify_fwd[(batch, num_kv_heads, num_kv_splits)](
         q, k_buffer, v_buffer, req_to_token, req_pool_indices, prefix_lens, extend_lens, qo_indptr,
         fwd_out, fwd_lse, row_lse, score_lse_rows if score_lse_rows is not None else prefix_lens,
-        score_buf, sm_scale, num_kv_splits,
+        score_buf, sm_scale, num_kv_splits, target_programs, batch,
         q.stride(0), q.stride(1), k_buffer.stride(0), k_buffer.stride(1),
         v_buffer.stride(0), v_buffer.stride(1), req_to_token.stride(0),
         fwd_out.stride(0), fwd_out.stride(1), stride_os, fwd_lse.stride(0), fwd_lse.stride(1),
         row_lse.stride(0), row_lse.stride(1), score_buf.stride(0), score_buf.stride(1),
         G=group, D=head_dim, DV=dv, BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_DV=block_dv,
-        BLOCK_M=block_m, BLOCK_N=block_n, LOGIT_CAP=float(logit_cap), SPLIT=split,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_B=triton.next_power_of_2(batch),
+        LOGIT_CAP=float(logit_cap), SPLIT=split,
         RING=score_lse.shape[2] if fused else 0, RING_BY_ROWS=score_lse_rows is not None,
         AGG_MAX=aggregation == "max",
         num_warps=num_warps or default_warps, num_stages=num_stages,
@@ -468,8 +492,10 @@ def verify_attention_with_scores(
     are left alone, so a unified pass can keep draft rows in the same q/out); req_to_token
     [max_reqs, max_ctx] int32; req_pool_indices, prefix_lens, extend_lens [B] int32; qo_indptr [B+1] int32; scores [B, Hkv, >= max context] fp32, written
     for positions [0, prefix_lens[b] + extend_lens[b]) only (nothing for a request with no
-    verify tokens). ``num_kv_splits`` (optional) fixes the KV split count; by default it is
-    chosen from B * Hkv and the SM count (shape-only, no sync).
+    verify tokens). ``num_kv_splits`` (optional) gives every request that many equal KV
+    splits; by default each request gets splits in proportion to its context, from the batch's
+    total on the device (``pick_kv_split_grid``: shape-only grid, no sync), so one long
+    request does not set the launch's time.
 
     ``score_lse`` selects the normaliser of each row's probabilities:
 
@@ -492,8 +518,6 @@ def verify_attention_with_scores(
     assert scores.stride(2) == 1
     if batch == 0 or num_tokens == 0:
         return
-    if num_kv_splits is None:
-        num_kv_splits = pick_num_kv_splits(batch, num_kv_heads, sm_count(q.device))
     layout = dict(req_to_token=req_to_token, req_pool_indices=req_pool_indices, prefix_lens=prefix_lens,
                   extend_lens=extend_lens, qo_indptr=qo_indptr)
     lse = verify_attention(q, k_buffer, v_buffer, out, **layout, sm_scale=sm_scale, logit_cap=logit_cap,
@@ -531,17 +555,17 @@ def verify_scores(
     num_kv_heads = k_buffer.shape[1]
     if batch == 0 or num_tokens == 0:
         return
-    if num_kv_splits is None:
-        num_kv_splits = pick_num_kv_splits(batch, num_kv_heads, sm_count(q.device))
+    num_kv_splits, target_programs = _split_launch(num_kv_splits, batch, num_kv_heads, q.device)
     group = num_q_heads // num_kv_heads
     block_m, _ = _blocks(batch * max_ext if max_ext else num_tokens, batch, group, head_dim)
     _verify_scores[(batch, num_kv_heads, num_kv_splits)](
         q, k_buffer, req_to_token, req_pool_indices, prefix_lens, extend_lens, qo_indptr,
-        lse, scores, sm_scale, num_kv_splits,
+        lse, scores, sm_scale, num_kv_splits, target_programs, batch,
         q.stride(0), q.stride(1), k_buffer.stride(0), k_buffer.stride(1), req_to_token.stride(0),
         lse.stride(0), lse.stride(1), scores.stride(0), scores.stride(1),
         G=group, D=head_dim, BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_M=block_m,
-        BLOCK_N=_BLOCK_N, LOGIT_CAP=float(logit_cap), AGG_MAX=aggregation == "max",
+        BLOCK_N=_BLOCK_N, BLOCK_B=triton.next_power_of_2(batch), LOGIT_CAP=float(logit_cap),
+        AGG_MAX=aggregation == "max",
         num_warps=num_warps, num_stages=num_stages,
     )
 

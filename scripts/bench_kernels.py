@@ -231,12 +231,28 @@ def _bench_case(batch: int, ctx: int, sparsity: float, page_size: int, kv, flush
         verify_attention_with_scores(qv, k_buffer, v_buffer, ov, **layout, scores=scores, aggregation="sum",
                                      score_lse=score_lse)
 
+    # The same kernels with every request cut into the same number of splits (the rule before
+    # length-proportional splits), beside the default.
+    equal = pick_num_kv_splits(batch, HKV, num_sms)
+
+    def scored_equal_splits():
+        verify_attention_with_scores(qv, k_buffer, v_buffer, ov, **layout, scores=scores, aggregation="sum",
+                                     num_kv_splits=equal)
+
+    def fused_equal_splits():
+        verify_attention_with_scores(qv, k_buffer, v_buffer, ov, **layout, scores=scores, aggregation="sum",
+                                     score_lse=score_lse, num_kv_splits=equal)
+
     ext_ms = _time_ms(sglang_verify, flush)
     expected = ov.float().clone()
     plain_ms = _time_ms(plain_verify, flush)
     max_diff = (ov.float() - expected).abs().max().item()  # same attention, two kernels
     scored_ms = _time_ms(scored_verify, flush)
     fused_ms = _time_ms(fused_verify, flush)
+    plain_equal_ms = _time_ms(lambda: verify_attention(qv, k_buffer, v_buffer, ov, **layout, num_kv_splits=equal),
+                              flush)
+    scored_equal_ms = _time_ms(scored_equal_splits, flush)
+    fused_equal_ms = _time_ms(fused_equal_splits, flush)
     sweep = {}
     if sweep_verify:
         def plain_with(num_kv_splits=None, **launch):
@@ -273,6 +289,8 @@ def _bench_case(batch: int, ctx: int, sparsity: float, page_size: int, kv, flush
         "score_overhead_vs_sglang_pct": 100 * (scored_ms / ext_ms - 1),
         "with_draft_normalised_scores_ms": fused_ms,
         "draft_normalised_overhead_vs_plain_pct": 100 * (fused_ms / plain_ms - 1),
+        "equal_splits": {"num_kv_splits": equal, "plain_ms": plain_equal_ms, "with_scores_ms": scored_equal_ms,
+                         "with_draft_normalised_scores_ms": fused_equal_ms},
         "launch_sweep": sweep,
         "plain_bytes": plain_bytes, "with_scores_bytes": scored_bytes,
         "plain_TBps": plain_bytes / plain_ms / 1e9, "with_scores_TBps": scored_bytes / scored_ms / 1e9,
@@ -356,7 +374,9 @@ def main() -> None:
                    f"x{d['speedup']:.1f} (ideal x{d['ideal_speedup']:.1f}) | verify ext {v['sglang_extend_ms']:.3f} "
                    f"plain {v['plain_ms']:.3f} +scores {v['with_scores_ms']:.3f} ms "
                    f"(+{v['score_overhead_vs_plain_pct']:.0f}%) draft-normalised {v['with_draft_normalised_scores_ms']:.3f} ms "
-                   f"(+{v['draft_normalised_overhead_vs_plain_pct']:.0f}%) | topk {t['ms']:.3f} ms")
+                   f"(+{v['draft_normalised_overhead_vs_plain_pct']:.0f}%) | equal splits ({v['equal_splits']['num_kv_splits']}) "
+                   f"plain {v['equal_splits']['plain_ms']:.3f} +scores {v['equal_splits']['with_scores_ms']:.3f} "
+                   f"draft-normalised {v['equal_splits']['with_draft_normalised_scores_ms']:.3f} | topk {t['ms']:.3f} ms")
 
     report = {
         "command": " ".join([sys.executable, *sys.argv]),
