@@ -32,7 +32,7 @@ from sparsespec_sglang.compat import TritonAttnBackend, logit_capping_mod
 
 from sparsespec_sglang.deterministic import verify_as_decode_rows
 from sparsespec_sglang.forward_plan import ForwardPlan, MixedRows, PlanKind
-from sparsespec_sglang.kernels.attention_common import MAX_KV_SPLITS, pick_num_kv_splits, sm_count
+from sparsespec_sglang.kernels.attention_common import pick_num_kv_splits, sm_count
 from sparsespec_sglang.kernels.sparse_decode import sparse_decode_attention
 from sparsespec_sglang.kernels.topk_select import select_topk
 from sparsespec_sglang.kernels.verify_attention import verify_attention_with_scores, verify_scores
@@ -44,17 +44,6 @@ def plan_of(forward_batch: Any) -> Optional[ForwardPlan]:
     """The plan a forward batch carries as its ``spec_info``, or None (SGLang's own forward)."""
     spec_info = getattr(forward_batch, "spec_info", None)
     return spec_info if isinstance(spec_info, ForwardPlan) else None
-
-
-def graph_verify_splits(num_entries: int, num_kv_heads: int, num_sms: int) -> int:
-    """The KV split count of a captured unified pass's verify rows. The graph has ``num_entries``
-    verify entries, about half of them real, and how many are real varies from pass to pass (the
-    spare ones exit at once). Counted for half of them at one program per SM and rounded up, the
-    split count leaves room for more real entries than half before a second round of programs
-    starts, which ``pick_num_kv_splits`` (an exact count, two programs per SM, rounded down) would
-    not: with 4-6 real of 9 entries (H100) it gives 5 splits, one round up to 6 real, where 8
-    splits would run a second round for 5 or 6."""
-    return max(1, min(MAX_KV_SPLITS, -(-num_sms // max(1, (num_entries // 2) * num_kv_heads))))
 
 
 class SparseSpecAttnBackend(TritonAttnBackend):
@@ -219,8 +208,8 @@ class SparseSpecAttnBackend(TritonAttnBackend):
             req_pool_indices=rows.verify_rows[:nv], prefix_lens=rows.verify_prefix[:nv],
             extend_lens=rows.verify_lens[:nv], qo_indptr=rows.qo_indptr[:nv + 1], scores=scores,
             sm_scale=layer.scaling, aggregation=config.aggregation, logit_cap=logit_cap,
-            num_kv_splits=(pick_num_kv_splits(nv, num_kv_heads, self._num_sms) if rows.num_verify is not None
-                           else graph_verify_splits(nv, num_kv_heads, self._num_sms)),
+            # Splits follow each entry's context, counted on the device: a captured pass's spare
+            # entries (no tokens) take none, and one long request does not set the launch's time.
             score_lse=ring, max_ext=rows.width,
             score_lse_rows=None if ring is None else rows.verify_rows[:nv],
         )

@@ -24,7 +24,14 @@ if not torch.cuda.is_available():
 import numpy as np  # noqa: E402
 import triton.language as tl  # noqa: E402
 
-from sparsespec_sglang.kernels.attention_common import PROGRAMS_PER_SM, pick_num_kv_splits  # noqa: E402
+import importlib  # noqa: E402
+
+import triton  # noqa: E402
+
+from sparsespec_sglang.kernels.attention_common import (  # noqa: E402
+    MAX_KV_SPLITS, MIN_CHUNK, PROGRAMS_PER_SM, SPLIT_ROUNDS, SPLIT_SKEW, kv_split_range, pick_kv_split_grid,
+    pick_num_kv_splits,
+)
 from sparsespec_sglang.kernels.sparse_decode import (  # noqa: E402
     sparse_decode_attention,
     sparse_decode_attention_ref,
@@ -352,6 +359,80 @@ def test_verify_matches_ref(group, page_size, dtype, aggregation, splits, draft_
                                                    score_lse=score_lse)
     torch.testing.assert_close(out.float(), ref_out.float(), **_tol(dtype))
     torch.testing.assert_close(scores, ref_scores, **_score_tol(dtype))
+
+
+@pytest.mark.parametrize("draft_normalised", [False, True], ids=["exact", "draft"])
+def test_verify_splits_follow_each_requests_context(monkeypatch, draft_normalised):
+    """The default launch: each request's KV split count follows its context (the grid is an
+    upper bound, counts come from the batch's lengths on the device). A small target makes the
+    requests here take 4, 2 and 3 splits of a 4-split grid, so empty programs, ragged chunks and
+    the merge of unequal counts are all exercised."""
+    verify_module = importlib.import_module("sparsespec_sglang.kernels.verify_attention")
+    monkeypatch.setattr(verify_module, "pick_kv_split_grid", lambda batch, heads, sms: (4, 16))
+    prefix_lens, extend_lens = [1200, 251, 597], [9, 9, 3]
+    pool, q, qo = _verify_case(prefix_lens, extend_lens, group=2, seed=5)
+    score_lse = _ring_lse(prefix_lens, q.shape[1], 9, seed=5) if draft_normalised else None
+    out, scores, ref_out, ref_scores = _run_verify(pool, q, prefix_lens, extend_lens, qo, "sum", None,
+                                                   score_lse=score_lse)
+    torch.testing.assert_close(out, ref_out, **_tol(torch.float32))
+    torch.testing.assert_close(scores, ref_scores, **_score_tol(torch.float32))
+
+
+@triton.jit
+def _split_ranges_kernel(Work, Out, batch, num_kv_splits, target_programs, num_kv_heads,
+                         BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr):
+    b = tl.program_id(0)
+    split = tl.program_id(1)
+    offs = tl.arange(0, BLOCK_B)
+    batch_work = tl.sum(tl.load(Work + offs, mask=offs < batch, other=0), 0)
+    start, end = kv_split_range(tl.load(Work + b), batch_work, split, num_kv_splits, target_programs,
+                                num_kv_heads, BLOCK_N)
+    tl.store(Out + (b * num_kv_splits + split) * 2, start)
+    tl.store(Out + (b * num_kv_splits + split) * 2 + 1, end)
+
+
+def _split_ranges(work: list[int], grid: int, target: int, heads: int, block_n: int = 64) -> torch.Tensor:
+    out = torch.empty(len(work), grid, 2, dtype=torch.int32, device=DEVICE)
+    _split_ranges_kernel[(len(work), grid)](_ints(work), out, len(work), grid, target, heads,
+                                            BLOCK_N=block_n, BLOCK_B=triton.next_power_of_2(len(work)))
+    return out.cpu()
+
+
+def test_kv_split_ranges_cut_long_requests_into_more_chunks():
+    """Every row's non-empty ranges tile [0, work) in order; with a target, chunks are about the
+    same size across the batch (a longer request gets more splits, up to the grid) and
+    never below MIN_CHUNK; without one, every row gets the grid's count."""
+    work = [8192, 1024, 4096, 300, 0, 65536]
+    grid, target, heads = 16, 64, 2
+    ranges = _split_ranges(work, grid, target, heads)
+    chunk = max(MIN_CHUNK, -(-sum(work) * heads // target))
+    counts = []
+    for w, row in zip(work, ranges.tolist()):
+        spans = [(a, e) for a, e in row if a < e]
+        assert [a for a, _ in spans] == [0] + [e for _, e in spans[:-1]] if w else spans == []
+        assert (spans[-1][1] if spans else 0) == w
+        assert all(a % 64 == 0 for a, _ in spans)
+        counts.append(len(spans))
+        assert len(spans) == min(grid, max(1, -(-w // chunk))) or w == 0
+    assert counts[3] == counts[1] == 1 < counts[2] < counts[0] < counts[5] == grid  # by length, capped
+    equal = _split_ranges(work, 3, 0, heads)
+    for w, row in zip(work, equal.tolist()):
+        assert sum(e - a for a, e in row if a < e) == w
+        assert len([1 for a, e in row if a < e]) == (min(3, -(-w // 64)) if w < 3 * 64 else 3)
+
+
+def test_proportional_split_grid_leaves_room_for_long_requests():
+    """The grid of a length-proportional launch: SPLIT_ROUNDS rounds of programs in all, room
+    for a request SPLIT_SKEW times the mean, never past MAX_KV_SPLITS."""
+    assert pick_kv_split_grid(40, 8, 132) == (14, SPLIT_ROUNDS * PROGRAMS_PER_SM * 132)
+    for num_sms in (1, 78, 132):
+        for heads in (1, 8):
+            for batch in range(1, 300):
+                grid, target = pick_kv_split_grid(batch, heads, num_sms)
+                assert target == SPLIT_ROUNDS * PROGRAMS_PER_SM * num_sms
+                assert 1 <= grid <= MAX_KV_SPLITS
+                assert grid == MAX_KV_SPLITS or grid * batch * heads >= SPLIT_SKEW * target
+                assert grid == 1 or (grid - 1) * batch * heads < SPLIT_SKEW * target
 
 
 @pytest.mark.parametrize("splits", [1, 3])
