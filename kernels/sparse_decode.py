@@ -14,7 +14,9 @@ three sources, so nothing is materialised per step:
   written since the last verify, including the current draft token).
 
 It is flash-decoding (split-K): the concatenated attended list of each (request, KV head) is cut
-into ``num_kv_splits`` chunks; one program handles one chunk for all ``G = Hq // Hkv`` query heads
+into chunks of about the same size across the batch, so a request attending to more tokens (a
+longer context, or a dense row of a unified pass) gets more of them (``num_kv_splits`` given:
+that many chunks for every request); one program handles one chunk for all ``G = Hq // Hkv`` query heads
 of the GQA group, so each K/V row is read from HBM once per group (as SGLang's grouped decode
 kernel does). Partial results go to ``attn_logits``/``attn_lse`` and a second kernel merges them
 with their log-sum-exps. With a preallocated workspace the call allocates nothing, never syncs
@@ -38,7 +40,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .attention_common import merge_splits, pick_num_kv_splits, tanh
+from .attention_common import kv_split_range, merge_splits, pick_kv_split_grid, pick_num_kv_splits, sm_count, tanh
 
 __all__ = ["pick_num_kv_splits", "sparse_decode_attention", "sparse_decode_attention_ref"]
 
@@ -66,6 +68,8 @@ def _sparse_decode_stage1(
     sm_scale,
     num_sink,
     num_kv_splits,
+    target_programs,
+    batch,
     skip_last,
     stride_qb,
     stride_qh,
@@ -92,6 +96,7 @@ def _sparse_decode_stage1(
     BLOCK_D: tl.constexpr,
     BLOCK_DV: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    BLOCK_B: tl.constexpr,
     LOGIT_CAP: tl.constexpr,
     FINAL: tl.constexpr,
     RING: tl.constexpr,
@@ -115,9 +120,17 @@ def _sparse_decode_stage1(
     sel_end = n_sink + n_sel
     total = sel_end + n_dense
 
-    chunk = tl.cdiv(tl.cdiv(total, num_kv_splits), BLOCK_N) * BLOCK_N
-    start = split * chunk
-    end = tl.minimum(start + chunk, total)
+    # The batch's attended tokens (its skipped rows left out), for splits in proportion to them.
+    offs_b = tl.arange(0, BLOCK_B)
+    in_batch = offs_b < batch
+    if SKIP:
+        in_batch = in_batch & ((offs_b < tl.load(Skip_Indptr)) | (offs_b >= tl.load(Skip_Indptr + skip_last)))
+    all_start = tl.load(Dense_Start + offs_b, mask=in_batch, other=0)
+    all_work = (tl.minimum(num_sink, all_start) + tl.load(Sel_Lens + offs_b, mask=in_batch, other=0)
+                + tl.maximum(tl.load(Seq_Lens + offs_b, mask=in_batch, other=0) - all_start, 0))
+    batch_work = tl.sum(tl.where(in_batch, all_work, 0), 0)
+    start, end = kv_split_range(total, batch_work, split, num_kv_splits, target_programs,
+                                tl.num_programs(1), BLOCK_N)
 
     offs_h = tl.arange(0, BLOCK_H)
     heads = h * G + offs_h
@@ -187,7 +200,7 @@ def _sparse_decode_stage1(
             pos = tl.maximum(seq_len - 1, 0)
             ring_b = tl.load(Ring_Rows + b).to(tl.int64) if RING_BY_ROWS else b
             tl.store(Lse_Ring + ring_b * stride_rb + heads * stride_rh + pos % RING, lse, mask=mask_h)
-    else:
+    elif end > start:  # an empty split's partial is never read (its lse is -inf)
         tl.store(
             Att_Out + b * stride_ob + heads[:, None] * stride_oh + split * stride_os + offs_dv[None, :],
             acc,
@@ -259,7 +272,7 @@ def sparse_decode_attention(
     num_sink: int,
     sm_scale: float,
     logit_cap: float = 0.0,
-    num_kv_splits: int = 8,
+    num_kv_splits: int | None = None,
     workspace: tuple[torch.Tensor, torch.Tensor] | None = None,
     lse_ring: torch.Tensor | None = None,
     block_n: int = _BLOCK_N,
@@ -274,7 +287,10 @@ def sparse_decode_attention(
     [slots, Hkv, Dv]; req_to_token [max_reqs, max_ctx] int32; req_pool_indices, seq_lens,
     dense_start, sel_lens [B] int32; sel_indices [rows, Hkv, max_sel] int32 slot ids, the whole
     pool's table, read at row ``req_pool_indices[b]`` (no per-step gather of the batch's rows).
-    ``workspace = (attn_logits [>=B, Hq, >=num_kv_splits, Dv] fp32, attn_lse [>=B, Hq, same] fp32)``.
+    ``num_kv_splits`` None (the default): KV splits in proportion to each row's attended tokens,
+    counted on the device from the batch (``pick_kv_split_grid`` bounds them); an int: that many
+    equal splits for every row.
+    ``workspace = (attn_logits [>=B, Hq, >=splits, Dv] fp32, attn_lse [>=B, Hq, same] fp32)``.
 
     Returns the log-sum-exp [B, Hq] fp32 of each row. It is a view of ``attn_lse[:B, :, 0]``
     (no allocation), valid until the workspace is reused. ``lse_ring [>=B, Hq, W]`` fp32, if
@@ -293,6 +309,10 @@ def sparse_decode_attention(
     assert k_buffer.stride(-1) == 1 and v_buffer.stride(-1) == 1 and q.stride(-1) == 1
     assert req_to_token.stride(1) == 1 and sel_indices.stride(2) == 1 and out.stride(-1) == 1
     group = num_q_heads // num_kv_heads
+    if num_kv_splits is None:
+        num_kv_splits, target_programs = pick_kv_split_grid(batch, num_kv_heads, sm_count(q.device))
+    else:
+        target_programs = 0
 
     if workspace is None:
         attn_logits = torch.empty(
@@ -335,6 +355,8 @@ def sparse_decode_attention(
         sm_scale,
         num_sink,
         num_kv_splits,
+        target_programs,
+        batch,
         skip_last,
         q.stride(0),
         q.stride(1),
@@ -361,6 +383,7 @@ def sparse_decode_attention(
         BLOCK_D=triton.next_power_of_2(head_dim),
         BLOCK_DV=triton.next_power_of_2(dv),
         BLOCK_N=block_n,
+        BLOCK_B=triton.next_power_of_2(batch),
         LOGIT_CAP=float(logit_cap),
         FINAL=final,
         RING=ring_width,

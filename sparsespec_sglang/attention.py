@@ -32,7 +32,6 @@ from sparsespec_sglang.compat import TritonAttnBackend, logit_capping_mod
 
 from sparsespec_sglang.deterministic import verify_as_decode_rows
 from sparsespec_sglang.forward_plan import ForwardPlan, MixedRows, PlanKind
-from sparsespec_sglang.kernels.attention_common import pick_num_kv_splits, sm_count
 from sparsespec_sglang.kernels.sparse_decode import sparse_decode_attention
 from sparsespec_sglang.kernels.topk_select import select_topk
 from sparsespec_sglang.kernels.verify_attention import verify_attention_with_scores, verify_scores
@@ -52,7 +51,6 @@ class SparseSpecAttnBackend(TritonAttnBackend):
         self.state: Optional[PillarState] = None
         self._verify_consts: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
         self._graph_state_size: tuple[int, int] = (0, 0)
-        self._num_sms = sm_count(torch.device(self.device))
         self.make_streams(torch.device(self.device))
 
     def make_streams(self, device: torch.device) -> None:
@@ -131,7 +129,6 @@ class SparseSpecAttnBackend(TritonAttnBackend):
             num_sink=state.config.num_sink_tokens,
             sm_scale=layer.scaling,
             logit_cap=logit_capping_mod(layer.logit_capping_method, layer.logit_cap),
-            num_kv_splits=pick_num_kv_splits(bs, self.token_to_kv_pool.head_num, self._num_sms),
             # the lse ring is keyed by pool row, as in a unified pass (PillarState.draft_lse)
             lse_ring=None if state.draft_lse is None else state.draft_lse[layer.layer_id],
             ring_rows=None if state.draft_lse is None else forward_batch.req_pool_indices,
@@ -159,7 +156,6 @@ class SparseSpecAttnBackend(TritonAttnBackend):
         v_buffer = self.token_to_kv_pool.get_value_buffer(layer.layer_id)
         logit_cap = logit_capping_mod(layer.logit_capping_method, layer.logit_cap)
         ring = None if state.draft_lse is None else state.draft_lse[layer.layer_id]
-        num_kv_heads = self.token_to_kv_pool.head_num
         # Verify entries: exact when eager; a captured graph runs every entry its bucket has room
         # for (the spare ones empty, MixedRows.fill).
         nv = rows.num_verify if rows.num_verify is not None else bs // rows.width
@@ -178,14 +174,13 @@ class SparseSpecAttnBackend(TritonAttnBackend):
                 self._verify_stream.wait_stream(self._topk_stream)
             with self._streams.stream(self._verify_stream):
                 self._verify_rows(q.view(-1, hq, d), k_buffer, v_buffer, o.view(-1, hq, dv), layer,
-                                  rows, logit_cap, ring, nv, num_kv_heads, layers if grouped else None)
+                                  rows, logit_cap, ring, nv, layers if grouped else None)
         sparse_decode_attention(
             q.view(-1, hq, d), k_buffer, v_buffer, o.view(-1, hq, dv), req_to_token=state.req_to_token,
             req_pool_indices=forward_batch.req_pool_indices, seq_lens=forward_batch.seq_lens,
             dense_start=rows.dense_start[:bs], sel_indices=state.sel_indices[layer.layer_id],
             sel_lens=rows.sel_lens[:bs], num_sink=config.num_sink_tokens, sm_scale=layer.scaling,
             logit_cap=logit_cap,
-            num_kv_splits=pick_num_kv_splits(bs, num_kv_heads, self._num_sms),
             lse_ring=ring, ring_rows=None if ring is None else rows.ring_rows[:bs],
             skip_rows=(rows.qo_indptr, nv) if nv else None,
         )
@@ -196,7 +191,7 @@ class SparseSpecAttnBackend(TritonAttnBackend):
         return o
 
     def _verify_rows(self, q, k_buffer, v_buffer, o, layer, rows: MixedRows, logit_cap, ring,
-                     nv: int, num_kv_heads: int, layers: Optional[range]) -> None:
+                     nv: int, layers: Optional[range]) -> None:
         """The verify rows of one layer of a unified pass, and the top-K of a finished group
         (``layers``: this layer's group; None: select this layer alone)."""
         state, config = self.state, self.state.config

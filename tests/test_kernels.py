@@ -178,8 +178,9 @@ def _by_row(pool, sel):
 
 
 def _run_decode(pool, q, seq_lens, dense_start, sel, sel_lens, num_sink, splits, logit_cap=0.0,
-                extra_rows=1, extra_splits=2):
-    """Kernel vs reference; outputs and workspace are views into larger sentinel buffers."""
+                extra_rows=1, extra_splits=2, proportional=False):
+    """Kernel vs reference; outputs and workspace are views into larger sentinel buffers.
+    ``proportional``: the default launch (splits by each row's share, ``splits`` is its grid)."""
     batch, hq, _ = q.shape
     dv = pool.v.shape[-1]
     out_big = torch.full((batch + extra_rows, hq, dv), 7.0, dtype=q.dtype, device=DEVICE)
@@ -191,7 +192,8 @@ def _run_decode(pool, q, seq_lens, dense_start, sel, sel_lens, num_sink, splits,
                 sm_scale=sm_scale, logit_cap=logit_cap)
     kernel_args = {**args, "sel_indices": _by_row(pool, sel)}  # the reference reads batch order
     ring = torch.full((batch + extra_rows, hq, 5), -3.0, device=DEVICE)
-    lse = sparse_decode_attention(q, pool.k, pool.v, out_big[:batch], **kernel_args, num_kv_splits=splits,
+    lse = sparse_decode_attention(q, pool.k, pool.v, out_big[:batch], **kernel_args,
+                                  num_kv_splits=None if proportional else splits,
                                   workspace=(logits, lse_ws), lse_ring=ring)
     ref_out = torch.empty(batch, hq, dv, dtype=q.dtype, device=DEVICE)
     ref_lse = sparse_decode_attention_ref(q, pool.k, pool.v, ref_out, **args)
@@ -227,6 +229,20 @@ def test_sparse_decode_matches_ref(group, page_size, num_sink, dtype, splits):
     out, lse, ref_out, ref_lse = _run_decode(pool, q, seq_lens, dense_start, sel, sel_lens, num_sink, splits)
     torch.testing.assert_close(out.float(), ref_out.float(), **_tol(dtype))
     torch.testing.assert_close(lse, ref_lse, **_tol(dtype))
+
+
+def test_sparse_decode_splits_follow_each_rows_attended_tokens(monkeypatch):
+    """The default launch: a row's KV split count follows how many tokens it attends to (a dense
+    row of a unified pass, dense_start 0, reads its whole context). A small target gives the rows
+    here 4, 1, 1 and 2 splits of a 4-split grid: empty programs and unequal merges."""
+    decode_module = importlib.import_module("sparsespec_sglang.kernels.sparse_decode")
+    monkeypatch.setattr(decode_module, "pick_kv_split_grid", lambda batch, heads, sms: (4, 16))
+    seq_lens, dense_start, sel_counts = [1100, 300, 40, 700], [0, 290, 30, 500], [0, 100, 5, 200]
+    pool, q, sel, sel_lens = _decode_case(seq_lens, dense_start, sel_counts, 4, 2, seed=11)
+    out, lse, ref_out, ref_lse = _run_decode(pool, q, seq_lens, dense_start, sel, sel_lens, 4, 4,
+                                             proportional=True)
+    torch.testing.assert_close(out, ref_out, **_tol(torch.float32))
+    torch.testing.assert_close(lse, ref_lse, **_tol(torch.float32))
 
 
 def test_sparse_decode_head_dim_128_and_logit_cap():

@@ -68,7 +68,7 @@ def _run_pass(keep_group: tuple[int, int] | None, score_norm: str, streams=None,
     rows.num_verify = 2
 
     backend = object.__new__(SparseSpecAttnBackend)
-    backend.state, backend._num_sms = state, 4
+    backend.state = state
     backend.make_streams(DEVICE)
     if streams is not None:  # a recorder of the streams' ordering (see StreamLog)
         backend._streams = streams
