@@ -172,19 +172,24 @@ def _bench_case(batch: int, ctx: int, sparsity: float, page_size: int, kv, flush
 
     decode_args = dict(req_to_token=req_to_token, req_pool_indices=req_pool_indices, seq_lens=seq_lens,
                        dense_start=dense_start, sel_indices=sel_indices, sel_lens=sel_lens, num_sink=NUM_SINK,
-                       sm_scale=sm_scale, num_kv_splits=splits, workspace=sparse_ws)
+                       sm_scale=sm_scale)
 
-    def sparse_decode():
+    def sparse_decode():  # the default launch: splits in proportion to each row's attended tokens
         sparse_decode_attention(q, k_buffer, v_buffer, o_sparse, **decode_args)
+
+    def sparse_decode_equal_splits():
+        sparse_decode_attention(q, k_buffer, v_buffer, o_sparse, **decode_args, num_kv_splits=splits,
+                                workspace=sparse_ws)
 
     attended = NUM_SINK + sum(n_sels) / batch + DRAFT_TOKENS
     dense_ms = _time_ms(sglang_decode, flush)
     sparse_ms = _time_ms(sparse_decode, flush)
+    sparse_equal_ms = _time_ms(sparse_decode_equal_splits, flush)
     dense_bytes = sum(ctxs) * kv_bytes_per_token
     sparse_bytes = batch * attended * kv_bytes_per_token
     result["decode"] = {
-        "selected": n_sel, "attended": attended, "sparse_num_kv_splits": splits,
-        "sglang_full_ms": dense_ms, "sparse_ms": sparse_ms,
+        "selected": n_sel, "attended": attended, "equal_num_kv_splits": splits,
+        "sglang_full_ms": dense_ms, "sparse_ms": sparse_ms, "sparse_equal_splits_ms": sparse_equal_ms,
         "speedup": dense_ms / sparse_ms, "ideal_speedup": ctx / attended,
         "speedup_over_ideal": (dense_ms / sparse_ms) / (ctx / attended),
         "sglang_kv_bytes": dense_bytes, "sparse_kv_bytes": sparse_bytes,
@@ -267,7 +272,8 @@ def _bench_case(batch: int, ctx: int, sparsity: float, page_size: int, kv, flush
                                          **launch)
 
         def sparse_with(**launch):
-            sparse_decode_attention(q, k_buffer, v_buffer, o_sparse, **decode_args, **launch)
+            sparse_decode_attention(q, k_buffer, v_buffer, o_sparse, **decode_args, num_kv_splits=splits,
+                                    workspace=sparse_ws, **launch)
 
         shapes = [dict(block_n=n, num_warps=w, num_stages=st) for n in (32, 64) for w in (4, 8) for st in (2, 3, 4)]
         sweep["verify_plain"] = _sweep(plain_with, [dict(num_kv_splits=x, **c) for x in (1, 2) for c in shapes
@@ -371,6 +377,7 @@ def main() -> None:
         cases.append(res)
         d, v, t = res["decode"], res["verify"], res["topk"]
         tqdm.write(f"B={batch:4d} ctx={ctx:6d} | decode sglang {d['sglang_full_ms']:.3f} ms sparse {d['sparse_ms']:.3f} ms "
+                   f"(equal splits {d['sparse_equal_splits_ms']:.3f}) "
                    f"x{d['speedup']:.1f} (ideal x{d['ideal_speedup']:.1f}) | verify ext {v['sglang_extend_ms']:.3f} "
                    f"plain {v['plain_ms']:.3f} +scores {v['with_scores_ms']:.3f} ms "
                    f"(+{v['score_overhead_vs_plain_pct']:.0f}%) draft-normalised {v['with_draft_normalised_scores_ms']:.3f} ms "
