@@ -14,9 +14,9 @@ three sources, so nothing is materialised per step:
   written since the last verify, including the current draft token).
 
 It is flash-decoding (split-K): the concatenated attended list of each (request, KV head) is cut
-into chunks of about the same size across the batch, so a request attending to more tokens (a
-longer context, or a dense row of a unified pass) gets more of them (``num_kv_splits`` given:
-that many chunks for every request); one program handles one chunk for all ``G = Hq // Hkv`` query heads
+into ``num_kv_splits`` chunks, or (``split_by_length``) into chunks of about the same size across
+the batch, so a request attending to more tokens (a longer context, or a dense row of a unified
+pass) gets more of them; one program handles one chunk for all ``G = Hq // Hkv`` query heads
 of the GQA group, so each K/V row is read from HBM once per group (as SGLang's grouped decode
 kernel does). Partial results go to ``attn_logits``/``attn_lse`` and a second kernel merges them
 with their log-sum-exps. With a preallocated workspace the call allocates nothing, never syncs
@@ -280,6 +280,7 @@ def sparse_decode_attention(
     num_stages: int = 2,
     ring_rows: torch.Tensor | None = None,
     skip_rows: tuple[torch.Tensor, int] | None = None,
+    split_by_length: bool = False,
 ) -> torch.Tensor:
     """Attention of one decode token per request over sink + selected + dense KV slots.
 
@@ -287,9 +288,9 @@ def sparse_decode_attention(
     [slots, Hkv, Dv]; req_to_token [max_reqs, max_ctx] int32; req_pool_indices, seq_lens,
     dense_start, sel_lens [B] int32; sel_indices [rows, Hkv, max_sel] int32 slot ids, the whole
     pool's table, read at row ``req_pool_indices[b]`` (no per-step gather of the batch's rows).
-    ``num_kv_splits`` None (the default): KV splits in proportion to each row's attended tokens,
-    counted on the device from the batch (``pick_kv_split_grid`` bounds them); an int: that many
-    equal splits for every row.
+    ``num_kv_splits``: that many equal KV splits for every row (None: ``pick_num_kv_splits``).
+    ``split_by_length``: instead, splits in proportion to each row's attended tokens, counted on
+    the device from the batch (``pick_kv_split_grid`` bounds them).
     ``workspace = (attn_logits [>=B, Hq, >=splits, Dv] fp32, attn_lse [>=B, Hq, same] fp32)``.
 
     Returns the log-sum-exp [B, Hq] fp32 of each row. It is a view of ``attn_lse[:B, :, 0]``
@@ -309,9 +310,12 @@ def sparse_decode_attention(
     assert k_buffer.stride(-1) == 1 and v_buffer.stride(-1) == 1 and q.stride(-1) == 1
     assert req_to_token.stride(1) == 1 and sel_indices.stride(2) == 1 and out.stride(-1) == 1
     group = num_q_heads // num_kv_heads
-    if num_kv_splits is None:
+    if split_by_length:
+        assert num_kv_splits is None, "split_by_length chooses the split counts itself"
         num_kv_splits, target_programs = pick_kv_split_grid(batch, num_kv_heads, sm_count(q.device))
     else:
+        if num_kv_splits is None:
+            num_kv_splits = pick_num_kv_splits(batch, num_kv_heads, sm_count(q.device))
         target_programs = 0
 
     if workspace is None:

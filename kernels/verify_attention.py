@@ -57,7 +57,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .attention_common import batch_sum, kv_split_range, merge_splits, pick_kv_split_grid, sm_count, tanh
+from .attention_common import (batch_sum, kv_split_range, merge_splits, pick_kv_split_grid, pick_num_kv_splits,
+                               sm_count, tanh)
 
 AGGREGATIONS = ("sum", "max")  # how the score dump pools queries and GQA heads (AGG_MAX or a sum)
 
@@ -358,12 +359,16 @@ def _verify_scores(
             tl.store(score_row + pos, agg, mask=pos_ok)
 
 
-def _split_launch(num_kv_splits: int | None, batch: int, num_kv_heads: int,
+def _split_launch(num_kv_splits: int | None, split_by_length: bool, batch: int, num_kv_heads: int,
                   device: torch.device) -> tuple[int, int]:
-    """(grid splits, target programs): ``num_kv_splits`` None cuts each request in proportion to
-    its context (``pick_kv_split_grid``); an int gives every request that many equal splits."""
-    if num_kv_splits is None:
+    """(grid splits, target programs). ``split_by_length``: each request gets splits in proportion
+    to its context (``pick_kv_split_grid`` bounds them). Otherwise every request gets
+    ``num_kv_splits`` equal splits (None: ``pick_num_kv_splits``)."""
+    if split_by_length:
+        assert num_kv_splits is None, "split_by_length chooses the split counts itself"
         return pick_kv_split_grid(batch, num_kv_heads, sm_count(device))
+    if num_kv_splits is None:
+        num_kv_splits = pick_num_kv_splits(batch, num_kv_heads, sm_count(device))
     return num_kv_splits, 0
 
 
@@ -398,6 +403,7 @@ def verify_attention(
     num_stages: int = 3,
     max_ext: int | None = None,
     score_lse_rows: torch.Tensor | None = None,
+    split_by_length: bool = False,
 ) -> torch.Tensor:
     """Causal verify attention (passes 1-2); writes ``out``, returns lse [T, Hq].
 
@@ -415,7 +421,8 @@ def verify_attention(
     assert k_buffer.stride(-1) == 1 and v_buffer.stride(-1) == 1 and q.stride(-1) == 1
     assert req_to_token.stride(1) == 1 and out.stride(-1) == 1
     group = num_q_heads // num_kv_heads
-    num_kv_splits, target_programs = _split_launch(num_kv_splits, batch, num_kv_heads, q.device)
+    num_kv_splits, target_programs = _split_launch(num_kv_splits, split_by_length, batch, num_kv_heads,
+                                                   q.device)
     block_m, default_warps = _blocks(batch * max_ext if max_ext else num_tokens, batch, group, dv)
     block_dv = triton.next_power_of_2(dv)
     lse = torch.empty((num_tokens, num_q_heads), dtype=torch.float32, device=q.device)
@@ -483,6 +490,7 @@ def verify_attention_with_scores(
     score_pass_stages: int = 3,
     max_ext: int | None = None,
     score_lse_rows: torch.Tensor | None = None,
+    split_by_length: bool = False,
     **launch: int,
 ) -> None:
     """Causal verify attention over the paged KV plus the per-position PillarAttn scores.
@@ -493,9 +501,10 @@ def verify_attention_with_scores(
     [max_reqs, max_ctx] int32; req_pool_indices, prefix_lens, extend_lens [B] int32; qo_indptr [B+1] int32; scores [B, Hkv, >= max context] fp32, written
     for positions [0, prefix_lens[b] + extend_lens[b]) only (nothing for a request with no
     verify tokens). ``num_kv_splits`` (optional) gives every request that many equal KV
-    splits; by default each request gets splits in proportion to its context, from the batch's
-    total on the device (``pick_kv_split_grid``: shape-only grid, no sync), so one long
-    request does not set the launch's time.
+    splits (default: ``pick_num_kv_splits``, shape-only, no sync). ``split_by_length`` instead
+    gives each request splits in proportion to its context, counted on the device from the
+    batch's total (``pick_kv_split_grid``: shape-only grid, no sync), so one long request does
+    not set the launch's time.
 
     ``score_lse`` selects the normaliser of each row's probabilities:
 
@@ -518,15 +527,19 @@ def verify_attention_with_scores(
     assert scores.stride(2) == 1
     if batch == 0 or num_tokens == 0:
         return
+    if not split_by_length and num_kv_splits is None:
+        num_kv_splits = pick_num_kv_splits(batch, num_kv_heads, sm_count(q.device))
     layout = dict(req_to_token=req_to_token, req_pool_indices=req_pool_indices, prefix_lens=prefix_lens,
                   extend_lens=extend_lens, qo_indptr=qo_indptr)
     lse = verify_attention(q, k_buffer, v_buffer, out, **layout, sm_scale=sm_scale, logit_cap=logit_cap,
                            num_kv_splits=num_kv_splits, scores=scores, score_lse=score_lse,
-                           aggregation=aggregation, max_ext=max_ext, score_lse_rows=score_lse_rows, **launch)
+                           aggregation=aggregation, max_ext=max_ext, score_lse_rows=score_lse_rows,
+                           split_by_length=split_by_length, **launch)
     if score_lse is None:
         verify_scores(q, k_buffer, **layout, lse=lse, scores=scores, sm_scale=sm_scale,
                       aggregation=aggregation, logit_cap=logit_cap, num_kv_splits=num_kv_splits,
-                      num_warps=score_pass_warps, num_stages=score_pass_stages, max_ext=max_ext)
+                      num_warps=score_pass_warps, num_stages=score_pass_stages, max_ext=max_ext,
+                      split_by_length=split_by_length)
 
 
 def verify_scores(
@@ -547,6 +560,7 @@ def verify_scores(
     num_warps: int = 4,
     num_stages: int = 3,
     max_ext: int | None = None,
+    split_by_length: bool = False,
 ) -> None:
     """Pass 3 alone: exact scores from the rows' final lse [T, Hq] (fp32, natural log), for a
     verify whose attention output came from elsewhere (the deterministic-inference path)."""
@@ -555,7 +569,8 @@ def verify_scores(
     num_kv_heads = k_buffer.shape[1]
     if batch == 0 or num_tokens == 0:
         return
-    num_kv_splits, target_programs = _split_launch(num_kv_splits, batch, num_kv_heads, q.device)
+    num_kv_splits, target_programs = _split_launch(num_kv_splits, split_by_length, batch, num_kv_heads,
+                                                   q.device)
     group = num_q_heads // num_kv_heads
     block_m, _ = _blocks(batch * max_ext if max_ext else num_tokens, batch, group, head_dim)
     _verify_scores[(batch, num_kv_heads, num_kv_splits)](

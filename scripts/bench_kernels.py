@@ -14,6 +14,10 @@ context 4K/16K/32K, sparsity s = 0.05. Per (batch, context) it measures
   the score pass) and ``verify_attention_with_scores``; overhead of the score pass;
 * top-K: ``select_topk`` on the verify's scores (candidates = the prefix, K = ceil(s * ctx)).
 
+Each attention kernel is timed with the server's split rule (equal splits, ``pick_num_kv_splits``)
+and with ``split_by_length`` (splits in proportion to each request's context); ``--spread F``
+gives the requests of a batch unequal contexts, evenly spaced over (1 -/+ F) x the context.
+
 Timing: each call is captured in a CUDA graph (no Python launch overhead in the numbers) and
 replayed after a 256 MB write that evicts L2; the median over replays is reported. Working sets
 smaller than L2 (50 MB on H100) can still partly hit in L2 within one call.
@@ -37,7 +41,7 @@ import torch
 import triton
 from tqdm import tqdm
 
-from sparsespec_sglang.kernels.attention_common import pick_num_kv_splits
+from sparsespec_sglang.kernels.attention_common import pick_kv_split_grid, pick_num_kv_splits
 from sparsespec_sglang.kernels.sparse_decode import sparse_decode_attention
 from sparsespec_sglang.kernels.topk_select import select_topk
 from sparsespec_sglang.kernels.verify_attention import verify_attention, verify_attention_with_scores
@@ -174,22 +178,22 @@ def _bench_case(batch: int, ctx: int, sparsity: float, page_size: int, kv, flush
                        dense_start=dense_start, sel_indices=sel_indices, sel_lens=sel_lens, num_sink=NUM_SINK,
                        sm_scale=sm_scale)
 
-    def sparse_decode():  # the default launch: splits in proportion to each row's attended tokens
-        sparse_decode_attention(q, k_buffer, v_buffer, o_sparse, **decode_args)
-
-    def sparse_decode_equal_splits():
+    def sparse_decode():  # the server's launch: equal splits for every row
         sparse_decode_attention(q, k_buffer, v_buffer, o_sparse, **decode_args, num_kv_splits=splits,
                                 workspace=sparse_ws)
+
+    def sparse_decode_by_length():  # splits in proportion to each row's attended tokens
+        sparse_decode_attention(q, k_buffer, v_buffer, o_sparse, **decode_args, split_by_length=True)
 
     attended = NUM_SINK + sum(n_sels) / batch + DRAFT_TOKENS
     dense_ms = _time_ms(sglang_decode, flush)
     sparse_ms = _time_ms(sparse_decode, flush)
-    sparse_equal_ms = _time_ms(sparse_decode_equal_splits, flush)
+    sparse_by_length_ms = _time_ms(sparse_decode_by_length, flush)
     dense_bytes = sum(ctxs) * kv_bytes_per_token
     sparse_bytes = batch * attended * kv_bytes_per_token
     result["decode"] = {
         "selected": n_sel, "attended": attended, "equal_num_kv_splits": splits,
-        "sglang_full_ms": dense_ms, "sparse_ms": sparse_ms, "sparse_equal_splits_ms": sparse_equal_ms,
+        "sglang_full_ms": dense_ms, "sparse_ms": sparse_ms, "sparse_split_by_length_ms": sparse_by_length_ms,
         "speedup": dense_ms / sparse_ms, "ideal_speedup": ctx / attended,
         "speedup_over_ideal": (dense_ms / sparse_ms) / (ctx / attended),
         "sglang_kv_bytes": dense_bytes, "sparse_kv_bytes": sparse_bytes,
@@ -236,17 +240,15 @@ def _bench_case(batch: int, ctx: int, sparsity: float, page_size: int, kv, flush
         verify_attention_with_scores(qv, k_buffer, v_buffer, ov, **layout, scores=scores, aggregation="sum",
                                      score_lse=score_lse)
 
-    # The same kernels with every request cut into the same number of splits (the rule before
-    # length-proportional splits), beside the default.
-    equal = pick_num_kv_splits(batch, HKV, num_sms)
-
-    def scored_equal_splits():
+    # The same kernels with each request's splits in proportion to its context, beside the
+    # server's launch (equal splits, pick_num_kv_splits).
+    def scored_by_length():
         verify_attention_with_scores(qv, k_buffer, v_buffer, ov, **layout, scores=scores, aggregation="sum",
-                                     num_kv_splits=equal)
+                                     split_by_length=True)
 
-    def fused_equal_splits():
+    def fused_by_length():
         verify_attention_with_scores(qv, k_buffer, v_buffer, ov, **layout, scores=scores, aggregation="sum",
-                                     score_lse=score_lse, num_kv_splits=equal)
+                                     score_lse=score_lse, split_by_length=True)
 
     ext_ms = _time_ms(sglang_verify, flush)
     expected = ov.float().clone()
@@ -254,10 +256,10 @@ def _bench_case(batch: int, ctx: int, sparsity: float, page_size: int, kv, flush
     max_diff = (ov.float() - expected).abs().max().item()  # same attention, two kernels
     scored_ms = _time_ms(scored_verify, flush)
     fused_ms = _time_ms(fused_verify, flush)
-    plain_equal_ms = _time_ms(lambda: verify_attention(qv, k_buffer, v_buffer, ov, **layout, num_kv_splits=equal),
-                              flush)
-    scored_equal_ms = _time_ms(scored_equal_splits, flush)
-    fused_equal_ms = _time_ms(fused_equal_splits, flush)
+    plain_by_length_ms = _time_ms(lambda: verify_attention(qv, k_buffer, v_buffer, ov, **layout,
+                                                           split_by_length=True), flush)
+    scored_by_length_ms = _time_ms(scored_by_length, flush)
+    fused_by_length_ms = _time_ms(fused_by_length, flush)
     sweep = {}
     if sweep_verify:
         def plain_with(num_kv_splits=None, **launch):
@@ -295,8 +297,10 @@ def _bench_case(batch: int, ctx: int, sparsity: float, page_size: int, kv, flush
         "score_overhead_vs_sglang_pct": 100 * (scored_ms / ext_ms - 1),
         "with_draft_normalised_scores_ms": fused_ms,
         "draft_normalised_overhead_vs_plain_pct": 100 * (fused_ms / plain_ms - 1),
-        "equal_splits": {"num_kv_splits": equal, "plain_ms": plain_equal_ms, "with_scores_ms": scored_equal_ms,
-                         "with_draft_normalised_scores_ms": fused_equal_ms},
+        "num_kv_splits": pick_num_kv_splits(batch, HKV, num_sms),
+        "split_by_length": {"grid": pick_kv_split_grid(batch, HKV, num_sms)[0], "plain_ms": plain_by_length_ms,
+                            "with_scores_ms": scored_by_length_ms,
+                            "with_draft_normalised_scores_ms": fused_by_length_ms},
         "launch_sweep": sweep,
         "plain_bytes": plain_bytes, "with_scores_bytes": scored_bytes,
         "plain_TBps": plain_bytes / plain_ms / 1e9, "with_scores_TBps": scored_bytes / scored_ms / 1e9,
@@ -377,13 +381,13 @@ def main() -> None:
         cases.append(res)
         d, v, t = res["decode"], res["verify"], res["topk"]
         tqdm.write(f"B={batch:4d} ctx={ctx:6d} | decode sglang {d['sglang_full_ms']:.3f} ms sparse {d['sparse_ms']:.3f} ms "
-                   f"(equal splits {d['sparse_equal_splits_ms']:.3f}) "
+                   f"(by length {d['sparse_split_by_length_ms']:.3f}) "
                    f"x{d['speedup']:.1f} (ideal x{d['ideal_speedup']:.1f}) | verify ext {v['sglang_extend_ms']:.3f} "
                    f"plain {v['plain_ms']:.3f} +scores {v['with_scores_ms']:.3f} ms "
                    f"(+{v['score_overhead_vs_plain_pct']:.0f}%) draft-normalised {v['with_draft_normalised_scores_ms']:.3f} ms "
-                   f"(+{v['draft_normalised_overhead_vs_plain_pct']:.0f}%) | equal splits ({v['equal_splits']['num_kv_splits']}) "
-                   f"plain {v['equal_splits']['plain_ms']:.3f} +scores {v['equal_splits']['with_scores_ms']:.3f} "
-                   f"draft-normalised {v['equal_splits']['with_draft_normalised_scores_ms']:.3f} | topk {t['ms']:.3f} ms")
+                   f"(+{v['draft_normalised_overhead_vs_plain_pct']:.0f}%) | by length: plain {v['split_by_length']['plain_ms']:.3f} "
+                   f"+scores {v['split_by_length']['with_scores_ms']:.3f} "
+                   f"draft-normalised {v['split_by_length']['with_draft_normalised_scores_ms']:.3f} | topk {t['ms']:.3f} ms")
 
     report = {
         "command": " ".join([sys.executable, *sys.argv]),

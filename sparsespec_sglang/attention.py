@@ -32,6 +32,7 @@ from sparsespec_sglang.compat import TritonAttnBackend, logit_capping_mod
 
 from sparsespec_sglang.deterministic import verify_as_decode_rows
 from sparsespec_sglang.forward_plan import ForwardPlan, MixedRows, PlanKind
+from sparsespec_sglang.kernels.attention_common import MAX_KV_SPLITS, pick_num_kv_splits, sm_count
 from sparsespec_sglang.kernels.sparse_decode import sparse_decode_attention
 from sparsespec_sglang.kernels.topk_select import select_topk
 from sparsespec_sglang.kernels.verify_attention import verify_attention_with_scores, verify_scores
@@ -45,12 +46,24 @@ def plan_of(forward_batch: Any) -> Optional[ForwardPlan]:
     return spec_info if isinstance(spec_info, ForwardPlan) else None
 
 
+def graph_verify_splits(num_entries: int, num_kv_heads: int, num_sms: int) -> int:
+    """The KV split count of a captured unified pass's verify rows. The graph has ``num_entries``
+    verify entries, about half of them real, and how many are real varies from pass to pass (the
+    spare ones exit at once). Counted for half of them at one program per SM and rounded up, the
+    split count leaves room for more real entries than half before a second round of programs
+    starts, which ``pick_num_kv_splits`` (an exact count, two programs per SM, rounded down) would
+    not: with 4-6 real of 9 entries (H100) it gives 5 splits, one round up to 6 real, where 8
+    splits would run a second round for 5 or 6."""
+    return max(1, min(MAX_KV_SPLITS, -(-num_sms // max(1, (num_entries // 2) * num_kv_heads))))
+
+
 class SparseSpecAttnBackend(TritonAttnBackend):
     def __init__(self, model_runner: Any, *args: Any, **kwargs: Any) -> None:
         super().__init__(model_runner, *args, **kwargs)
         self.state: Optional[PillarState] = None
         self._verify_consts: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
         self._graph_state_size: tuple[int, int] = (0, 0)
+        self._num_sms = sm_count(torch.device(self.device))
         self.make_streams(torch.device(self.device))
 
     def make_streams(self, device: torch.device) -> None:
@@ -129,6 +142,7 @@ class SparseSpecAttnBackend(TritonAttnBackend):
             num_sink=state.config.num_sink_tokens,
             sm_scale=layer.scaling,
             logit_cap=logit_capping_mod(layer.logit_capping_method, layer.logit_cap),
+            num_kv_splits=pick_num_kv_splits(bs, self.token_to_kv_pool.head_num, self._num_sms),
             # the lse ring is keyed by pool row, as in a unified pass (PillarState.draft_lse)
             lse_ring=None if state.draft_lse is None else state.draft_lse[layer.layer_id],
             ring_rows=None if state.draft_lse is None else forward_batch.req_pool_indices,
@@ -156,6 +170,7 @@ class SparseSpecAttnBackend(TritonAttnBackend):
         v_buffer = self.token_to_kv_pool.get_value_buffer(layer.layer_id)
         logit_cap = logit_capping_mod(layer.logit_capping_method, layer.logit_cap)
         ring = None if state.draft_lse is None else state.draft_lse[layer.layer_id]
+        num_kv_heads = self.token_to_kv_pool.head_num
         # Verify entries: exact when eager; a captured graph runs every entry its bucket has room
         # for (the spare ones empty, MixedRows.fill).
         nv = rows.num_verify if rows.num_verify is not None else bs // rows.width
@@ -174,13 +189,14 @@ class SparseSpecAttnBackend(TritonAttnBackend):
                 self._verify_stream.wait_stream(self._topk_stream)
             with self._streams.stream(self._verify_stream):
                 self._verify_rows(q.view(-1, hq, d), k_buffer, v_buffer, o.view(-1, hq, dv), layer,
-                                  rows, logit_cap, ring, nv, layers if grouped else None)
+                                  rows, logit_cap, ring, nv, num_kv_heads, layers if grouped else None)
         sparse_decode_attention(
             q.view(-1, hq, d), k_buffer, v_buffer, o.view(-1, hq, dv), req_to_token=state.req_to_token,
             req_pool_indices=forward_batch.req_pool_indices, seq_lens=forward_batch.seq_lens,
             dense_start=rows.dense_start[:bs], sel_indices=state.sel_indices[layer.layer_id],
             sel_lens=rows.sel_lens[:bs], num_sink=config.num_sink_tokens, sm_scale=layer.scaling,
             logit_cap=logit_cap,
+            num_kv_splits=pick_num_kv_splits(bs, num_kv_heads, self._num_sms),
             lse_ring=ring, ring_rows=None if ring is None else rows.ring_rows[:bs],
             skip_rows=(rows.qo_indptr, nv) if nv else None,
         )
@@ -191,7 +207,7 @@ class SparseSpecAttnBackend(TritonAttnBackend):
         return o
 
     def _verify_rows(self, q, k_buffer, v_buffer, o, layer, rows: MixedRows, logit_cap, ring,
-                     nv: int, layers: Optional[range]) -> None:
+                     nv: int, num_kv_heads: int, layers: Optional[range]) -> None:
         """The verify rows of one layer of a unified pass, and the top-K of a finished group
         (``layers``: this layer's group; None: select this layer alone)."""
         state, config = self.state, self.state.config
@@ -203,8 +219,8 @@ class SparseSpecAttnBackend(TritonAttnBackend):
             req_pool_indices=rows.verify_rows[:nv], prefix_lens=rows.verify_prefix[:nv],
             extend_lens=rows.verify_lens[:nv], qo_indptr=rows.qo_indptr[:nv + 1], scores=scores,
             sm_scale=layer.scaling, aggregation=config.aggregation, logit_cap=logit_cap,
-            # Splits follow each entry's context, counted on the device: a captured pass's spare
-            # entries (no tokens) take none, and one long request does not set the launch's time.
+            num_kv_splits=(pick_num_kv_splits(nv, num_kv_heads, self._num_sms) if rows.num_verify is not None
+                           else graph_verify_splits(nv, num_kv_heads, self._num_sms)),
             score_lse=ring, max_ext=rows.width,
             score_lse_rows=None if ring is None else rows.verify_rows[:nv],
         )

@@ -225,3 +225,37 @@ def test_check_lossless_calls_equal_only_when_every_token_was_compared():
     assert cl.verdict([same, same]) == "EQUAL"
     assert cl.verdict([same, tie]) == "DIVERGED-AT-NEAR-TIES"
     assert cl.verdict([tie, clear]) == "MISMATCH"
+
+
+def test_bench_kernels_case_with_unequal_contexts_runs_off_the_gpu(monkeypatch):
+    """One bench_kernels shape with unequal contexts (``--spread``), the kernels interpreted on
+    the CPU and each timing replaced by one call: every launch it times runs (equal splits and
+    split_by_length), and our verify kernel's output equals SGLang's extend kernel on the same
+    unequal batch."""
+    import os
+
+    import torch
+
+    if torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("the interpreted CPU run (a GPU host runs the bench itself)")
+    import bench_kernels
+
+    monkeypatch.setattr(bench_kernels, "DEVICE", "cpu")
+    monkeypatch.setattr(bench_kernels, "DTYPE", torch.float32)
+    monkeypatch.setattr(bench_kernels, "HQ", 4)
+    monkeypatch.setattr(bench_kernels, "HKV", 2)
+    monkeypatch.setattr(bench_kernels, "HEAD_DIM", 32)
+    timed = []
+
+    def call_once(fn, flush, **kwargs) -> float:
+        fn()
+        timed.append(fn)
+        return 1.0
+
+    monkeypatch.setattr(bench_kernels, "_time_ms", call_once)
+    gen = torch.Generator().manual_seed(0)
+    kv = torch.randn(4096, 2, 32, generator=gen), torch.randn(4096, 2, 32, generator=gen)
+    res = bench_kernels._bench_case(3, 400, 0.05, 16, kv, None, 1, 1.0, gen, spread=0.5)
+    assert bench_kernels.context_lengths(3, 400, 0.5) == [200, 400, 600] and res["max_context"] == 600
+    assert len(timed) == 11
+    assert res["verify"]["max_abs_diff_plain_vs_sglang"] < 1e-4

@@ -178,9 +178,9 @@ def _by_row(pool, sel):
 
 
 def _run_decode(pool, q, seq_lens, dense_start, sel, sel_lens, num_sink, splits, logit_cap=0.0,
-                extra_rows=1, extra_splits=2, proportional=False):
+                extra_rows=1, extra_splits=2, split_by_length=False):
     """Kernel vs reference; outputs and workspace are views into larger sentinel buffers.
-    ``proportional``: the default launch (splits by each row's share, ``splits`` is its grid)."""
+    ``split_by_length``: splits by each row's share of the batch's tokens, ``splits`` is its grid."""
     batch, hq, _ = q.shape
     dv = pool.v.shape[-1]
     out_big = torch.full((batch + extra_rows, hq, dv), 7.0, dtype=q.dtype, device=DEVICE)
@@ -193,7 +193,8 @@ def _run_decode(pool, q, seq_lens, dense_start, sel, sel_lens, num_sink, splits,
     kernel_args = {**args, "sel_indices": _by_row(pool, sel)}  # the reference reads batch order
     ring = torch.full((batch + extra_rows, hq, 5), -3.0, device=DEVICE)
     lse = sparse_decode_attention(q, pool.k, pool.v, out_big[:batch], **kernel_args,
-                                  num_kv_splits=None if proportional else splits,
+                                  num_kv_splits=None if split_by_length else splits,
+                                  split_by_length=split_by_length,
                                   workspace=(logits, lse_ws), lse_ring=ring)
     ref_out = torch.empty(batch, hq, dv, dtype=q.dtype, device=DEVICE)
     ref_lse = sparse_decode_attention_ref(q, pool.k, pool.v, ref_out, **args)
@@ -232,7 +233,7 @@ def test_sparse_decode_matches_ref(group, page_size, num_sink, dtype, splits):
 
 
 def test_sparse_decode_splits_follow_each_rows_attended_tokens(monkeypatch):
-    """The default launch: a row's KV split count follows how many tokens it attends to (a dense
+    """``split_by_length``: a row's KV split count follows how many tokens it attends to (a dense
     row of a unified pass, dense_start 0, reads its whole context). A small target gives the rows
     here 4, 1, 1 and 2 splits of a 4-split grid: empty programs and unequal merges."""
     decode_module = importlib.import_module("sparsespec_sglang.kernels.sparse_decode")
@@ -240,7 +241,7 @@ def test_sparse_decode_splits_follow_each_rows_attended_tokens(monkeypatch):
     seq_lens, dense_start, sel_counts = [1100, 300, 40, 700], [0, 290, 30, 500], [0, 100, 5, 200]
     pool, q, sel, sel_lens = _decode_case(seq_lens, dense_start, sel_counts, 4, 2, seed=11)
     out, lse, ref_out, ref_lse = _run_decode(pool, q, seq_lens, dense_start, sel, sel_lens, 4, 4,
-                                             proportional=True)
+                                             split_by_length=True)
     torch.testing.assert_close(out, ref_out, **_tol(torch.float32))
     torch.testing.assert_close(lse, ref_lse, **_tol(torch.float32))
 
@@ -323,7 +324,7 @@ def _verify_layout(pool, prefix_lens, extend_lens, qo, rows=None) -> dict:
 
 
 def _run_verify(pool, q, prefix_lens, extend_lens, qo, aggregation, splits, logit_cap=0.0, extra_rows=2,
-                score_lse=None):
+                score_lse=None, split_by_length=False):
     """Kernel vs reference; out and scores start as sentinels so untouched entries can be checked."""
     tokens, hq, _ = q.shape
     batch, num_kv_heads = len(prefix_lens), pool.k.shape[1]
@@ -334,7 +335,7 @@ def _run_verify(pool, q, prefix_lens, extend_lens, qo, aggregation, splits, logi
     args = _verify_layout(pool, prefix_lens, extend_lens, qo)
     verify_attention_with_scores(q, pool.k, pool.v, out_big[:tokens], **args, scores=scores, sm_scale=sm_scale,
                                  aggregation=aggregation, logit_cap=logit_cap, num_kv_splits=splits,
-                                 score_lse=score_lse)
+                                 score_lse=score_lse, split_by_length=split_by_length)
     ref_out = torch.empty_like(out_big[:tokens])
     ref_scores = torch.full_like(scores, -1.0)
     verify_attention_with_scores_ref(q, pool.k, pool.v, ref_out, **args, scores=ref_scores, sm_scale=sm_scale,
@@ -379,7 +380,7 @@ def test_verify_matches_ref(group, page_size, dtype, aggregation, splits, draft_
 
 @pytest.mark.parametrize("draft_normalised", [False, True], ids=["exact", "draft"])
 def test_verify_splits_follow_each_requests_context(monkeypatch, draft_normalised):
-    """The default launch: each request's KV split count follows its context (the grid is an
+    """``split_by_length``: each request's KV split count follows its context (the grid is an
     upper bound, counts come from the batch's lengths on the device). A small target makes the
     requests here take 4, 2 and 3 splits of a 4-split grid, so empty programs, ragged chunks and
     the merge of unequal counts are all exercised."""
@@ -389,7 +390,7 @@ def test_verify_splits_follow_each_requests_context(monkeypatch, draft_normalise
     pool, q, qo = _verify_case(prefix_lens, extend_lens, group=2, seed=5)
     score_lse = _ring_lse(prefix_lens, q.shape[1], 9, seed=5) if draft_normalised else None
     out, scores, ref_out, ref_scores = _run_verify(pool, q, prefix_lens, extend_lens, qo, "sum", None,
-                                                   score_lse=score_lse)
+                                                   score_lse=score_lse, split_by_length=True)
     torch.testing.assert_close(out, ref_out, **_tol(torch.float32))
     torch.testing.assert_close(scores, ref_scores, **_score_tol(torch.float32))
 

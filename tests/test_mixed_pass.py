@@ -19,8 +19,9 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from sparsespec_sglang.attention import SparseSpecAttnBackend  # noqa: E402
+from sparsespec_sglang.attention import SparseSpecAttnBackend, graph_verify_splits  # noqa: E402
 from sparsespec_sglang.config import SparseSpecConfig  # noqa: E402
+from sparsespec_sglang.kernels.attention_common import PROGRAMS_PER_SM, pick_num_kv_splits  # noqa: E402
 from sparsespec_sglang.kernels.sparse_decode import sparse_decode_attention  # noqa: E402
 from sparsespec_sglang.kernels.verify_attention import verify_attention_with_scores  # noqa: E402
 from sparsespec_sglang.forward_plan import ForwardPlan, MixedRows  # noqa: E402
@@ -68,7 +69,7 @@ def _run_pass(keep_group: tuple[int, int] | None, score_norm: str, streams=None,
     rows.num_verify = 2
 
     backend = object.__new__(SparseSpecAttnBackend)
-    backend.state = state
+    backend.state, backend._num_sms = state, 4
     backend.make_streams(DEVICE)
     if streams is not None:  # a recorder of the streams' ordering (see StreamLog)
         backend._streams = streams
@@ -226,3 +227,18 @@ def test_a_dense_row_attends_to_its_whole_context_exactly():
         torch.testing.assert_close(got[0], want, rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(got[1:], base[lid].view(-1, HQ, D)[1:], rtol=0, atol=0)
     assert not torch.allclose(out[0].view(-1, HQ, D)[0], base[0].view(-1, HQ, D)[0])
+
+
+def test_a_graphs_verify_splits_leave_room_for_more_real_entries_than_half():
+    """A captured pass's verify split count: about half of its entries are real, a varying number.
+    H100 (132 SMs, 8 KV heads): 9 entries, 4-6 real, give 5 splits (one round up to 6 real; the
+    exact-count rule for 4 would pick 8, a second round for 5 or 6). In general: one round of
+    programs (2 per SM) for half of the entries, and never fewer splits than the exact-count rule
+    gives for all of them."""
+    assert graph_verify_splits(9, 8, 132) == 5
+    for num_sms in (78, 132, 148):
+        for heads in (2, 8):
+            for entries in range(2, 120):
+                splits = graph_verify_splits(entries, heads, num_sms)
+                assert splits == 1 or (entries // 2) * heads * splits <= PROGRAMS_PER_SM * num_sms
+                assert splits >= pick_num_kv_splits(entries, heads, num_sms)
