@@ -26,6 +26,8 @@
 #   bash scripts/gpu_checks.sh adaptivemix # a mixed batch: B 128, half 512-token and half 8192-token prompts, 1024 out
 #   bash scripts/gpu_checks.sh adaptiveprofile # the adaptive server of adaptive1k (dense passes on FlashInfer) with
 #                                          # --profile: per-cycle host/GPU split and a torch.profiler trace (~3 min)
+#   bash scripts/gpu_checks.sh splits    # equal vs length-proportional KV splits (split_by_length), B 8/40 x 8K/16K,
+#                                        # equal and unequal contexts (--spread 0.75), all kernels (~3 min)
 #   bash scripts/gpu_checks.sh satprofile # the paper's saturated workload, one SPARSESPEC server (CONFIG=, default
 #                                          # sparsespec) with --sparsespec-profile: per-cycle phases and the top CUDA
 #                                          # kernels of a few cycles at ~8K contexts (syncs: its tok/s is not a result)
@@ -99,6 +101,12 @@ case "${1:-}" in
       --runs sparsespec-unified-adaptive-flashinfer --profile --log-level info --quiet \
       --out "$out/bench_adaptive_b128_1k_profile.json" > "$out/bench_adaptive_b128_1k_profile.log" 2>&1 || true
     grep -E "^sparsespec|SPARSESPEC cycles|Traceback" "$out/bench_adaptive_b128_1k_profile.log" | tail -5 ;;
+  splits)
+    python -m pytest -q -p no:cacheprovider -m gpu tests/test_kernels.py -k split_by_length 2>&1 | tail -2
+    for sp in 0 0.75; do
+      python scripts/bench_kernels.py --batches 8,40 --contexts 8192,16384 --spread $sp --quiet \
+        --out "$out/bench_kernels_split_by_length_spread$sp.json" 2>&1 | grep -E "^B=|Traceback"
+    done ;;
   satprofile)
     cfg=${CONFIG:-sparsespec}
     python scripts/bench_saturated.py --config "$cfg" --mode steady-state --window 10 --saturation-timeout 90 \

@@ -843,6 +843,30 @@ def test_gpu_verify_real_size(aggregation):
 
 @pytest.mark.gpu
 @gpu
+def test_gpu_split_by_length_at_real_size_with_unequal_contexts():
+    """``split_by_length`` on the GPU: 32 requests from 512 to 16K tokens (the grid's 16 splits,
+    counts from 1 to 16), sparse decode and exact verify against their references."""
+    batch, num_sink = 32, 4
+    seq_lens = [512 + (16384 - 512) * b // (batch - 1) for b in range(batch)]
+    dense_start = [s - 3 for s in seq_lens]
+    sel_counts = [math.ceil(0.05 * s) for s in seq_lens]
+    pool, q, sel, sel_lens = _decode_case(seq_lens, dense_start, sel_counts, num_sink, 4, num_kv_heads=8,
+                                          head_dim=128, page_size=16, dtype=torch.bfloat16, seed=4)
+    out, lse, ref_out, ref_lse = _run_decode(pool, q, seq_lens, dense_start, sel, sel_lens, num_sink, 16,
+                                             split_by_length=True)
+    torch.testing.assert_close(out.float(), ref_out.float(), **_tol(torch.bfloat16))
+    torch.testing.assert_close(lse, ref_lse, atol=1e-2, rtol=1e-3)
+    prefix_lens = [s - 9 for s in seq_lens]
+    pool, q, qo = _verify_case(prefix_lens, [9] * batch, 4, num_kv_heads=8, head_dim=128, page_size=16,
+                               dtype=torch.bfloat16, seed=5)
+    out, scores, ref_out, ref_scores = _run_verify(pool, q, prefix_lens, [9] * batch, qo, "sum", None,
+                                                   split_by_length=True)
+    torch.testing.assert_close(out.float(), ref_out.float(), **_tol(torch.bfloat16))
+    torch.testing.assert_close(scores, ref_scores, **_score_tol(torch.bfloat16))
+
+
+@pytest.mark.gpu
+@gpu
 def test_gpu_topk_real_size():
     batch, ctx, num_sink = 32, 4096, 4
     gen = torch.Generator().manual_seed(3)
