@@ -183,6 +183,23 @@ def mid_run_mean_context(workload: Sequence[Request]) -> float:
     return float((prompts * outs).sum() / outs.sum() + (outs ** 2).sum() / (2 * outs.sum()))
 
 
+def batch_context_skew(workload: Sequence[Request], batch: int, *, draws: int = 2000, seed: int = 0) -> dict:
+    """How unequal the contexts of one running batch are at steady state: ``draws`` batches of
+    ``batch`` mid-run requests (drawn as :func:`mid_run` draws them, without the filler ids),
+    and the quantiles of max / mean context over them. A kernel that gives every request the
+    same work takes as long as the longest request's share, about this factor over the mean."""
+    outs = np.array([r.output_len for r in workload], dtype=np.float64)
+    prompts = np.array([r.prompt_len for r in workload], dtype=np.float64)
+    cdf = np.cumsum(outs) / outs.sum()
+    rng = np.random.default_rng([seed, 2])
+    idx = np.minimum(np.searchsorted(cdf, rng.random((draws, batch)), side="right"), len(workload) - 1)
+    ctx = prompts[idx] + np.minimum(np.floor(rng.random((draws, batch)) * outs[idx]), outs[idx] - 1)
+    ratio = ctx.max(axis=1) / ctx.mean(axis=1)
+    return {"batch": batch, "draws": draws, "mean_context": float(ctx.mean()),
+            "max_over_mean": {q: float(np.quantile(ratio, f)) for q, f in (("p10", 0.1), ("median", 0.5),
+                                                                             ("p90", 0.9))}}
+
+
 def summary(reqs: Sequence[Request]) -> dict:
     """Length statistics of a request list (for the result JSON)."""
     p = np.array([r.prompt_len for r in reqs])

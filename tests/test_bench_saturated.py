@@ -116,6 +116,19 @@ def test_mid_run_requests_sit_at_a_uniform_fraction_of_a_length_biased_output():
     assert 8500 < wl.mid_run_mean_context(wl.make_workload(2048, seed=0)) < 9300
 
 
+def test_a_running_batch_of_the_paper_workload_holds_contexts_of_very_unequal_length():
+    """The longest of 40 running requests holds ~2.8x the batch's mean context (the account's
+    case for splitting KV work by length); equal output lengths give less skew, one request none."""
+    paper = wl.make_workload(2048, seed=0)
+    skew = wl.batch_context_skew(paper, 40)
+    assert 8500 < skew["mean_context"] < 9300
+    assert 2.3 < skew["max_over_mean"]["median"] < 3.3
+    assert skew["max_over_mean"]["p10"] < skew["max_over_mean"]["median"] < skew["max_over_mean"]["p90"]
+    fixed = wl.batch_context_skew(wl.make_workload(2048, seed=0, fixed_output_len=13185), 40)
+    assert 1.5 < fixed["max_over_mean"]["median"] < skew["max_over_mean"]["median"]
+    assert wl.batch_context_skew(paper, 1)["max_over_mean"] == {"p10": 1.0, "median": 1.0, "p90": 1.0}
+
+
 def test_mid_run_prompts_extend_the_picked_requests_prompt():
     fresh = wl.make_workload(600, seed=2)
     prompts = {tuple(r.input_ids) for r in fresh}
