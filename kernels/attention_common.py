@@ -80,15 +80,15 @@ def batch_sum(A, B, batch, BLOCK_B: tl.constexpr):
 
 @triton.jit
 def kv_split_range(work, batch_work, split, num_kv_splits, target_programs, num_kv_heads,
-                   BLOCK_N: tl.constexpr):
+                   BLOCK_N: tl.constexpr, BY_LENGTH: tl.constexpr):
     """[start, end) of KV split ``split`` of a row that walks ``work`` tokens.
 
-    ``target_programs`` 0: every row is cut into ``num_kv_splits`` equal chunks. Otherwise chunks
-    are about ``batch_work * num_kv_heads / target_programs`` tokens (at least MIN_CHUNK) in
-    every row of the batch, so a row gets splits in proportion to its length, at most
-    ``num_kv_splits`` (the grid); the programs past a row's count get an empty range. Chunks
-    are whole BLOCK_N blocks."""
-    if target_programs > 0:
+    Without BY_LENGTH every row is cut into ``num_kv_splits`` equal chunks (``batch_work`` and
+    ``target_programs`` unused). With it chunks are about ``batch_work * num_kv_heads /
+    target_programs`` tokens (at least MIN_CHUNK) in every row of the batch, so a row gets splits
+    in proportion to its length, at most ``num_kv_splits`` (the grid); the programs past a row's
+    count get an empty range. Chunks are whole BLOCK_N blocks."""
+    if BY_LENGTH:
         target = tl.maximum(tl.cdiv(batch_work * num_kv_heads, target_programs), MIN_CHUNK)
         splits = tl.minimum(tl.maximum(tl.cdiv(work, target), 1), num_kv_splits)
     else:
@@ -108,6 +108,19 @@ def pick_kv_split_grid(batch_size: int, num_kv_heads: int, num_sms: int) -> tupl
     target = SPLIT_ROUNDS * PROGRAMS_PER_SM * num_sms
     rows = max(1, batch_size * num_kv_heads)
     return max(1, min(MAX_KV_SPLITS, -(-SPLIT_SKEW * target // rows))), target
+
+
+def pick_split_launch(num_kv_splits: int | None, split_by_length: bool, batch_size: int, num_kv_heads: int,
+                      device: torch.device) -> tuple[int, int]:
+    """(grid splits, target programs) of a launch. ``split_by_length``: each request gets splits
+    in proportion to its KV tokens (``pick_kv_split_grid`` bounds them). Otherwise every request
+    gets ``num_kv_splits`` equal splits (None: ``pick_num_kv_splits``) and the target is 0."""
+    if split_by_length:
+        assert num_kv_splits is None, "split_by_length chooses the split counts itself"
+        return pick_kv_split_grid(batch_size, num_kv_heads, sm_count(device))
+    if num_kv_splits is None:
+        num_kv_splits = pick_num_kv_splits(batch_size, num_kv_heads, sm_count(device))
+    return num_kv_splits, 0
 
 
 def pick_num_kv_splits(batch_size: int, num_kv_heads: int, num_sms: int) -> int:

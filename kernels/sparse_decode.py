@@ -40,7 +40,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .attention_common import kv_split_range, merge_splits, pick_kv_split_grid, pick_num_kv_splits, sm_count, tanh
+from .attention_common import kv_split_range, merge_splits, pick_num_kv_splits, pick_split_launch, tanh
 
 __all__ = ["pick_num_kv_splits", "sparse_decode_attention", "sparse_decode_attention_ref"]
 
@@ -97,6 +97,7 @@ def _sparse_decode_stage1(
     BLOCK_DV: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_B: tl.constexpr,
+    BY_LENGTH: tl.constexpr,
     LOGIT_CAP: tl.constexpr,
     FINAL: tl.constexpr,
     RING: tl.constexpr,
@@ -120,17 +121,20 @@ def _sparse_decode_stage1(
     sel_end = n_sink + n_sel
     total = sel_end + n_dense
 
-    # The batch's attended tokens (its skipped rows left out), for splits in proportion to them.
-    offs_b = tl.arange(0, BLOCK_B)
-    in_batch = offs_b < batch
-    if SKIP:
-        in_batch = in_batch & ((offs_b < tl.load(Skip_Indptr)) | (offs_b >= tl.load(Skip_Indptr + skip_last)))
-    all_start = tl.load(Dense_Start + offs_b, mask=in_batch, other=0)
-    all_work = (tl.minimum(num_sink, all_start) + tl.load(Sel_Lens + offs_b, mask=in_batch, other=0)
-                + tl.maximum(tl.load(Seq_Lens + offs_b, mask=in_batch, other=0) - all_start, 0))
-    batch_work = tl.sum(tl.where(in_batch, all_work, 0), 0)
+    if BY_LENGTH:
+        # The batch's attended tokens (its skipped rows left out), for splits in proportion to them.
+        offs_b = tl.arange(0, BLOCK_B)
+        in_batch = offs_b < batch
+        if SKIP:
+            in_batch = in_batch & ((offs_b < tl.load(Skip_Indptr)) | (offs_b >= tl.load(Skip_Indptr + skip_last)))
+        all_start = tl.load(Dense_Start + offs_b, mask=in_batch, other=0)
+        all_work = (tl.minimum(num_sink, all_start) + tl.load(Sel_Lens + offs_b, mask=in_batch, other=0)
+                    + tl.maximum(tl.load(Seq_Lens + offs_b, mask=in_batch, other=0) - all_start, 0))
+        batch_work = tl.sum(tl.where(in_batch, all_work, 0), 0)
+    else:
+        batch_work = 0
     start, end = kv_split_range(total, batch_work, split, num_kv_splits, target_programs,
-                                tl.num_programs(1), BLOCK_N)
+                                tl.num_programs(1), BLOCK_N, BY_LENGTH)
 
     offs_h = tl.arange(0, BLOCK_H)
     heads = h * G + offs_h
@@ -310,13 +314,8 @@ def sparse_decode_attention(
     assert k_buffer.stride(-1) == 1 and v_buffer.stride(-1) == 1 and q.stride(-1) == 1
     assert req_to_token.stride(1) == 1 and sel_indices.stride(2) == 1 and out.stride(-1) == 1
     group = num_q_heads // num_kv_heads
-    if split_by_length:
-        assert num_kv_splits is None, "split_by_length chooses the split counts itself"
-        num_kv_splits, target_programs = pick_kv_split_grid(batch, num_kv_heads, sm_count(q.device))
-    else:
-        if num_kv_splits is None:
-            num_kv_splits = pick_num_kv_splits(batch, num_kv_heads, sm_count(q.device))
-        target_programs = 0
+    num_kv_splits, target_programs = pick_split_launch(num_kv_splits, split_by_length, batch, num_kv_heads,
+                                                       q.device)
 
     if workspace is None:
         attn_logits = torch.empty(
@@ -388,6 +387,7 @@ def sparse_decode_attention(
         BLOCK_DV=triton.next_power_of_2(dv),
         BLOCK_N=block_n,
         BLOCK_B=triton.next_power_of_2(batch),
+        BY_LENGTH=split_by_length,
         LOGIT_CAP=float(logit_cap),
         FINAL=final,
         RING=ring_width,

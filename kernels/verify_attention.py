@@ -57,8 +57,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .attention_common import (batch_sum, kv_split_range, merge_splits, pick_kv_split_grid, pick_num_kv_splits,
-                               sm_count, tanh)
+from .attention_common import batch_sum, kv_split_range, merge_splits, pick_split_launch, tanh
 
 AGGREGATIONS = ("sum", "max")  # how the score dump pools queries and GQA heads (AGG_MAX or a sum)
 
@@ -108,6 +107,7 @@ def _verify_fwd(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_B: tl.constexpr,
+    BY_LENGTH: tl.constexpr,
     LOGIT_CAP: tl.constexpr,
     SPLIT: tl.constexpr,
     RING: tl.constexpr,
@@ -129,9 +129,12 @@ def _verify_fwd(
     n_ext = tl.load(Extend_Lens + b)
     q_start = tl.load(Qo_Indptr + b).to(tl.int64)
     total = prefix + n_ext
-    batch_work = batch_sum(Prefix_Lens, Extend_Lens, batch, BLOCK_B)
+    if BY_LENGTH:
+        batch_work = batch_sum(Prefix_Lens, Extend_Lens, batch, BLOCK_B)
+    else:
+        batch_work = 0
     kv_start, kv_end = kv_split_range(total, batch_work, split, num_kv_splits, target_programs,
-                                      tl.num_programs(1), BLOCK_N)
+                                      tl.num_programs(1), BLOCK_N, BY_LENGTH)
     if SPLIT:
         if kv_start >= kv_end:
             # A split past this request's share: only its -inf lse, which the merge skips (its
@@ -297,6 +300,7 @@ def _verify_scores(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_B: tl.constexpr,
+    BY_LENGTH: tl.constexpr,
     LOGIT_CAP: tl.constexpr,
     AGG_MAX: tl.constexpr,
 ):
@@ -309,9 +313,12 @@ def _verify_scores(
     n_ext = tl.load(Extend_Lens + b)
     q_start = tl.load(Qo_Indptr + b).to(tl.int64)
     total = prefix + n_ext
-    batch_work = batch_sum(Prefix_Lens, Extend_Lens, batch, BLOCK_B)
+    if BY_LENGTH:
+        batch_work = batch_sum(Prefix_Lens, Extend_Lens, batch, BLOCK_B)
+    else:
+        batch_work = 0
     kv_start, kv_end = kv_split_range(total, batch_work, split, num_kv_splits, target_programs,
-                                      tl.num_programs(1), BLOCK_N)
+                                      tl.num_programs(1), BLOCK_N, BY_LENGTH)
 
     offs_d = tl.arange(0, BLOCK_D)
     mask_d = offs_d < D
@@ -357,19 +364,6 @@ def _verify_scores(
                 else:
                     agg = agg + prev
             tl.store(score_row + pos, agg, mask=pos_ok)
-
-
-def _split_launch(num_kv_splits: int | None, split_by_length: bool, batch: int, num_kv_heads: int,
-                  device: torch.device) -> tuple[int, int]:
-    """(grid splits, target programs). ``split_by_length``: each request gets splits in proportion
-    to its context (``pick_kv_split_grid`` bounds them). Otherwise every request gets
-    ``num_kv_splits`` equal splits (None: ``pick_num_kv_splits``)."""
-    if split_by_length:
-        assert num_kv_splits is None, "split_by_length chooses the split counts itself"
-        return pick_kv_split_grid(batch, num_kv_heads, sm_count(device))
-    if num_kv_splits is None:
-        num_kv_splits = pick_num_kv_splits(batch, num_kv_heads, sm_count(device))
-    return num_kv_splits, 0
 
 
 def _blocks(num_tokens: int, batch: int, group: int, dv: int) -> tuple[int, int]:
@@ -421,8 +415,8 @@ def verify_attention(
     assert k_buffer.stride(-1) == 1 and v_buffer.stride(-1) == 1 and q.stride(-1) == 1
     assert req_to_token.stride(1) == 1 and out.stride(-1) == 1
     group = num_q_heads // num_kv_heads
-    num_kv_splits, target_programs = _split_launch(num_kv_splits, split_by_length, batch, num_kv_heads,
-                                                   q.device)
+    num_kv_splits, target_programs = pick_split_launch(num_kv_splits, split_by_length, batch, num_kv_heads,
+                                                       q.device)
     block_m, default_warps = _blocks(batch * max_ext if max_ext else num_tokens, batch, group, dv)
     block_dv = triton.next_power_of_2(dv)
     lse = torch.empty((num_tokens, num_q_heads), dtype=torch.float32, device=q.device)
@@ -452,7 +446,7 @@ def verify_attention(
         fwd_out.stride(0), fwd_out.stride(1), stride_os, fwd_lse.stride(0), fwd_lse.stride(1),
         row_lse.stride(0), row_lse.stride(1), score_buf.stride(0), score_buf.stride(1),
         G=group, D=head_dim, DV=dv, BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_DV=block_dv,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_B=triton.next_power_of_2(batch),
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_B=triton.next_power_of_2(batch), BY_LENGTH=split_by_length,
         LOGIT_CAP=float(logit_cap), SPLIT=split,
         RING=score_lse.shape[2] if fused else 0, RING_BY_ROWS=score_lse_rows is not None,
         AGG_MAX=aggregation == "max",
@@ -527,8 +521,6 @@ def verify_attention_with_scores(
     assert scores.stride(2) == 1
     if batch == 0 or num_tokens == 0:
         return
-    if not split_by_length and num_kv_splits is None:
-        num_kv_splits = pick_num_kv_splits(batch, num_kv_heads, sm_count(q.device))
     layout = dict(req_to_token=req_to_token, req_pool_indices=req_pool_indices, prefix_lens=prefix_lens,
                   extend_lens=extend_lens, qo_indptr=qo_indptr)
     lse = verify_attention(q, k_buffer, v_buffer, out, **layout, sm_scale=sm_scale, logit_cap=logit_cap,
@@ -569,8 +561,8 @@ def verify_scores(
     num_kv_heads = k_buffer.shape[1]
     if batch == 0 or num_tokens == 0:
         return
-    num_kv_splits, target_programs = _split_launch(num_kv_splits, split_by_length, batch, num_kv_heads,
-                                                   q.device)
+    num_kv_splits, target_programs = pick_split_launch(num_kv_splits, split_by_length, batch, num_kv_heads,
+                                                       q.device)
     group = num_q_heads // num_kv_heads
     block_m, _ = _blocks(batch * max_ext if max_ext else num_tokens, batch, group, head_dim)
     _verify_scores[(batch, num_kv_heads, num_kv_splits)](
@@ -579,7 +571,8 @@ def verify_scores(
         q.stride(0), q.stride(1), k_buffer.stride(0), k_buffer.stride(1), req_to_token.stride(0),
         lse.stride(0), lse.stride(1), scores.stride(0), scores.stride(1),
         G=group, D=head_dim, BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_M=block_m,
-        BLOCK_N=_BLOCK_N, BLOCK_B=triton.next_power_of_2(batch), LOGIT_CAP=float(logit_cap),
+        BLOCK_N=_BLOCK_N, BLOCK_B=triton.next_power_of_2(batch), BY_LENGTH=split_by_length,
+        LOGIT_CAP=float(logit_cap),
         AGG_MAX=aggregation == "max",
         num_warps=num_warps, num_stages=num_stages,
     )

@@ -28,6 +28,9 @@ import importlib  # noqa: E402
 
 import triton  # noqa: E402
 
+# The module (kernels/__init__ re-exports functions under some of the modules' names).
+attention_common = importlib.import_module("sparsespec_sglang.kernels.attention_common")
+
 from sparsespec_sglang.kernels.attention_common import (  # noqa: E402
     MAX_KV_SPLITS, MIN_CHUNK, PROGRAMS_PER_SM, SPLIT_ROUNDS, SPLIT_SKEW, kv_split_range, pick_kv_split_grid,
     pick_num_kv_splits,
@@ -236,8 +239,7 @@ def test_sparse_decode_splits_follow_each_rows_attended_tokens(monkeypatch):
     """``split_by_length``: a row's KV split count follows how many tokens it attends to (a dense
     row of a unified pass, dense_start 0, reads its whole context). A small target gives the rows
     here 4, 1, 1 and 2 splits of a 4-split grid: empty programs and unequal merges."""
-    decode_module = importlib.import_module("sparsespec_sglang.kernels.sparse_decode")
-    monkeypatch.setattr(decode_module, "pick_kv_split_grid", lambda batch, heads, sms: (4, 16))
+    monkeypatch.setattr(attention_common, "pick_kv_split_grid", lambda batch, heads, sms: (4, 16))
     seq_lens, dense_start, sel_counts = [1100, 300, 40, 700], [0, 290, 30, 500], [0, 100, 5, 200]
     pool, q, sel, sel_lens = _decode_case(seq_lens, dense_start, sel_counts, 4, 2, seed=11)
     out, lse, ref_out, ref_lse = _run_decode(pool, q, seq_lens, dense_start, sel, sel_lens, 4, 4,
@@ -384,8 +386,7 @@ def test_verify_splits_follow_each_requests_context(monkeypatch, draft_normalise
     upper bound, counts come from the batch's lengths on the device). A small target makes the
     requests here take 4, 2 and 3 splits of a 4-split grid, so empty programs, ragged chunks and
     the merge of unequal counts are all exercised."""
-    verify_module = importlib.import_module("sparsespec_sglang.kernels.verify_attention")
-    monkeypatch.setattr(verify_module, "pick_kv_split_grid", lambda batch, heads, sms: (4, 16))
+    monkeypatch.setattr(attention_common, "pick_kv_split_grid", lambda batch, heads, sms: (4, 16))
     prefix_lens, extend_lens = [1200, 251, 597], [9, 9, 3]
     pool, q, qo = _verify_case(prefix_lens, extend_lens, group=2, seed=5)
     score_lse = _ring_lse(prefix_lens, q.shape[1], 9, seed=5) if draft_normalised else None
@@ -397,13 +398,13 @@ def test_verify_splits_follow_each_requests_context(monkeypatch, draft_normalise
 
 @triton.jit
 def _split_ranges_kernel(Work, Out, batch, num_kv_splits, target_programs, num_kv_heads,
-                         BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr):
+                         BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr, BY_LENGTH: tl.constexpr):
     b = tl.program_id(0)
     split = tl.program_id(1)
     offs = tl.arange(0, BLOCK_B)
     batch_work = tl.sum(tl.load(Work + offs, mask=offs < batch, other=0), 0)
     start, end = kv_split_range(tl.load(Work + b), batch_work, split, num_kv_splits, target_programs,
-                                num_kv_heads, BLOCK_N)
+                                num_kv_heads, BLOCK_N, BY_LENGTH)
     tl.store(Out + (b * num_kv_splits + split) * 2, start)
     tl.store(Out + (b * num_kv_splits + split) * 2 + 1, end)
 
@@ -411,7 +412,8 @@ def _split_ranges_kernel(Work, Out, batch, num_kv_splits, target_programs, num_k
 def _split_ranges(work: list[int], grid: int, target: int, heads: int, block_n: int = 64) -> torch.Tensor:
     out = torch.empty(len(work), grid, 2, dtype=torch.int32, device=DEVICE)
     _split_ranges_kernel[(len(work), grid)](_ints(work), out, len(work), grid, target, heads,
-                                            BLOCK_N=block_n, BLOCK_B=triton.next_power_of_2(len(work)))
+                                            BLOCK_N=block_n, BLOCK_B=triton.next_power_of_2(len(work)),
+                                            BY_LENGTH=target > 0)
     return out.cpu()
 
 
