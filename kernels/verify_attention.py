@@ -65,6 +65,19 @@ _BLOCK_N = 64
 
 
 @triton.jit
+def _request_split_range(Prefix_Lens, Extend_Lens, batch, total, split, num_kv_splits, target_programs,
+                         BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr, BY_LENGTH: tl.constexpr):
+    """This program's [start, end) of a request's ``total`` KV positions (``kv_split_range``; with
+    BY_LENGTH the batch's tokens are summed from the length vectors, grid axis 1 is the KV heads)."""
+    if BY_LENGTH:
+        batch_work = batch_sum(Prefix_Lens, Extend_Lens, batch, BLOCK_B)
+    else:
+        batch_work = 0
+    return kv_split_range(total, batch_work, split, num_kv_splits, target_programs, tl.num_programs(1),
+                          BLOCK_N, BY_LENGTH)
+
+
+@triton.jit
 def _verify_fwd(
     Q,
     K_Buffer,
@@ -129,12 +142,8 @@ def _verify_fwd(
     n_ext = tl.load(Extend_Lens + b)
     q_start = tl.load(Qo_Indptr + b).to(tl.int64)
     total = prefix + n_ext
-    if BY_LENGTH:
-        batch_work = batch_sum(Prefix_Lens, Extend_Lens, batch, BLOCK_B)
-    else:
-        batch_work = 0
-    kv_start, kv_end = kv_split_range(total, batch_work, split, num_kv_splits, target_programs,
-                                      tl.num_programs(1), BLOCK_N, BY_LENGTH)
+    kv_start, kv_end = _request_split_range(Prefix_Lens, Extend_Lens, batch, total, split, num_kv_splits,
+                                            target_programs, BLOCK_N, BLOCK_B, BY_LENGTH)
     if SPLIT:
         if kv_start >= kv_end:
             # A split past this request's share: only its -inf lse, which the merge skips (its
@@ -313,12 +322,8 @@ def _verify_scores(
     n_ext = tl.load(Extend_Lens + b)
     q_start = tl.load(Qo_Indptr + b).to(tl.int64)
     total = prefix + n_ext
-    if BY_LENGTH:
-        batch_work = batch_sum(Prefix_Lens, Extend_Lens, batch, BLOCK_B)
-    else:
-        batch_work = 0
-    kv_start, kv_end = kv_split_range(total, batch_work, split, num_kv_splits, target_programs,
-                                      tl.num_programs(1), BLOCK_N, BY_LENGTH)
+    kv_start, kv_end = _request_split_range(Prefix_Lens, Extend_Lens, batch, total, split, num_kv_splits,
+                                            target_programs, BLOCK_N, BLOCK_B, BY_LENGTH)
 
     offs_d = tl.arange(0, BLOCK_D)
     mask_d = offs_d < D
